@@ -1,0 +1,336 @@
+//! Configuration: the TOML schema, loading and validation.
+//!
+//! A config file is parsed into the raw `schema` structs (serde, `deny_unknown_fields`), then
+//! validated and compiled into a [`Config`]: an immutable snapshot the proxy holds in an
+//! `ArcSwap` and every request reads from start to end. `tokentap check-config` and `serve` go
+//! through the same [`load`] function, so a file that checks also runs.
+//!
+//! Every error names the file, the key and what to change.
+
+mod schema;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::meter::pricing::{PriceTable, PricingError};
+
+pub use schema::AccessLogTarget;
+
+/// A validated, compiled configuration snapshot.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main config file this snapshot was loaded from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub access_log: AccessLogConfig,
+    pub pricing: PriceTable,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    /// How long to keep accepting after SIGTERM before the listeners close.
+    pub grace_period: Duration,
+    /// How long in-flight requests get to finish once the listeners are closed.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub dns_refresh: Duration,
+    /// Extra PEM bundle of trusted roots (in addition to the system store), e.g. a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The upstream base URL, split into what the connector needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix prepended to every proxied path ("" when the URL has no path).
+    pub base_path: String,
+    /// The value of the `Host` header sent upstream (`host` or `host:port` for a non-default port).
+    pub host_header: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_request_body_bytes: usize,
+    /// Largest non-streaming response body the usage tap reads (the client always gets all bytes).
+    pub max_response_tap_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    pub target: AccessLogTarget,
+}
+
+/// A configuration error: which file, where, and what to do about it.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn new(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads, parses and validates the config file at `path` (and the files it includes).
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, format!("cannot read the config file: {e}")))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    parse(&text, path, dir)
+}
+
+/// Parses and validates config text; `dir` resolves relative paths (included files, CA file).
+pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Config, ConfigError> {
+    let raw: schema::RawConfig =
+        toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(&e, text)))?;
+    compile(raw, file, dir)
+}
+
+/// Formats a TOML error as "line L, column C: message" plus the offending line, so the operator
+/// sees the key in context.
+pub(crate) fn toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let src = text.lines().nth(line - 1).unwrap_or("").trim_end();
+            format!("line {line}, column {col}: {msg}\n    | {src}")
+        }
+        None => msg.to_string(),
+    }
+}
+
+fn compile(raw: schema::RawConfig, file: &Path, dir: &Path) -> Result<Config, ConfigError> {
+    let err = |key: &str, msg: String| ConfigError::new(file, format!("{key}: {msg}"));
+
+    let server = {
+        let s = raw.server;
+        let listen = parse_addr(&s.listen).map_err(|m| err("server.listen", m))?;
+        let admin_listen =
+            parse_addr(&s.admin_listen).map_err(|m| err("server.admin_listen", m))?;
+        if listen == admin_listen {
+            return Err(err(
+                "server.admin_listen",
+                "must differ from server.listen".into(),
+            ));
+        }
+        if s.threads == 0 || s.threads > 1024 {
+            return Err(err(
+                "server.threads",
+                format!("{} is out of range: use 1 to 1024", s.threads),
+            ));
+        }
+        ServerConfig {
+            listen,
+            admin_listen,
+            threads: s.threads,
+            grace_period: Duration::from_millis(s.grace_period_ms),
+            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+        }
+    };
+
+    let upstream = {
+        let u = raw.upstream;
+        let url = parse_upstream_url(&u.url).map_err(|m| err("upstream.url", m))?;
+        let ms = |key: &str, v: u64| -> Result<Duration, ConfigError> {
+            if v == 0 {
+                Err(err(key, "must be greater than 0".into()))
+            } else {
+                Ok(Duration::from_millis(v))
+            }
+        };
+        let ca_file = match u.ca_file {
+            Some(p) => {
+                let p = dir.join(p);
+                if !p.is_file() {
+                    return Err(err(
+                        "upstream.ca_file",
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        UpstreamConfig {
+            url,
+            connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms)?,
+            read_timeout: ms("upstream.read_timeout_ms", u.read_timeout_ms)?,
+            write_timeout: ms("upstream.write_timeout_ms", u.write_timeout_ms)?,
+            idle_timeout: ms("upstream.idle_timeout_ms", u.idle_timeout_ms)?,
+            dns_refresh: ms("upstream.dns_refresh_ms", u.dns_refresh_ms)?,
+            ca_file,
+        }
+    };
+
+    let limits = {
+        let l = raw.limits;
+        if l.max_request_body_bytes == 0 {
+            return Err(err(
+                "limits.max_request_body_bytes",
+                "must be greater than 0".into(),
+            ));
+        }
+        LimitsConfig {
+            max_request_body_bytes: l.max_request_body_bytes,
+            max_response_tap_bytes: l.max_response_tap_bytes,
+        }
+    };
+
+    let access_log = AccessLogConfig {
+        enabled: raw.access_log.enabled,
+        target: raw.access_log.path.resolve(dir),
+    };
+
+    let pricing = crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
+        PricingError::InFile { file, message } => ConfigError { file, message },
+        PricingError::Here(message) => ConfigError::new(file, message),
+    })?;
+
+    Ok(Config {
+        source: file.to_path_buf(),
+        server,
+        upstream,
+        limits,
+        access_log,
+        pricing,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?} is not an IP address and port: write it like \"127.0.0.1:8080\" or \"[::1]:8080\"")
+    })
+}
+
+/// Parses `http[s]://host[:port][/base/path]`.
+pub fn parse_upstream_url(s: &str) -> Result<UpstreamUrl, String> {
+    let uri: http::Uri = s.parse().map_err(|e| {
+        format!("{s:?} is not a URL ({e}): write it like \"https://api.example.com\"")
+    })?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("{s:?} must start with https:// or http://")),
+    };
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    if auth.as_str().contains('@') {
+        return Err(format!(
+            "{s:?} contains credentials: put API keys in headers, not in the URL"
+        ));
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let port = auth.port_u16().unwrap_or(default_port);
+    if uri.query().is_some() {
+        return Err(format!("{s:?} has a query string; the base URL takes none"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    let host_header = if port == default_port {
+        auth.host().to_string()
+    } else {
+        format!("{}:{}", auth.host(), port)
+    };
+    Ok(UpstreamUrl {
+        tls,
+        host: host.to_string(),
+        port,
+        base_path,
+        host_header,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("t.toml"), Path::new("."))
+    }
+
+    const MIN: &str = r#"
+[upstream]
+url = "http://127.0.0.1:9000"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse_str(MIN).unwrap();
+        assert_eq!(c.limits.max_request_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.upstream.url.port, 9000);
+        assert!(!c.upstream.url.tls);
+        assert_eq!(c.upstream.url.host_header, "127.0.0.1:9000");
+        assert!(c.access_log.enabled);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse_str("[upstream]\nurl = \"http://a\"\nconect_timeout_ms = 5\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("t.toml: line 3"), "{s}");
+        assert!(s.contains("conect_timeout_ms"), "{s}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse_str("[upstream]\nurl = \"ftp://a\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.url"), "{e}");
+        let e =
+            parse_str("[server]\nlisten = \"nope\"\n[upstream]\nurl = \"http://a\"\n").unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = parse_str("[upstream]\nurl = \"http://a\"\nread_timeout_ms = 0\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.read_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn upstream_url_forms() {
+        let u = parse_upstream_url("https://api.example.com/api/v1/").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.port, 443);
+        assert_eq!(u.base_path, "/api/v1");
+        assert_eq!(u.host_header, "api.example.com");
+        let u = parse_upstream_url("http://[::1]:8081").unwrap();
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.host_header, "[::1]:8081");
+        assert!(parse_upstream_url("https://user:pw@x").is_err());
+        assert!(parse_upstream_url("api.example.com").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! The raw TOML schema. Every table denies unknown keys so a typo is an error, not a silent
+//! default. Defaults live here, next to the field they fill.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::meter::pricing::RawPricing;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub access_log: RawAccessLog,
+    #[serde(default)]
+    pub pricing: RawPricing,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: String,
+    pub threads: usize,
+    pub grace_period_ms: u64,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            grace_period_ms: 0,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: String,
+    #[serde(default = "d_connect")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "d_read")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "d_write")]
+    pub write_timeout_ms: u64,
+    #[serde(default = "d_idle")]
+    pub idle_timeout_ms: u64,
+    #[serde(default = "d_dns")]
+    pub dns_refresh_ms: u64,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn d_connect() -> u64 {
+    5_000
+}
+fn d_read() -> u64 {
+    // Reasoning models can think for minutes before the first byte.
+    600_000
+}
+fn d_write() -> u64 {
+    60_000
+}
+fn d_idle() -> u64 {
+    60_000
+}
+fn d_dns() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_request_body_bytes: usize,
+    pub max_response_tap_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_request_body_bytes: 32 * 1024 * 1024,
+            max_response_tap_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccessLog {
+    pub enabled: bool,
+    /// `"-"` for stdout, otherwise a file path (relative to the config file's directory).
+    pub path: AccessLogTarget,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        RawAccessLog {
+            enabled: true,
+            path: AccessLogTarget::Stdout,
+        }
+    }
+}
+
+/// Where JSON-lines access records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+impl AccessLogTarget {
+    pub(super) fn resolve(self, dir: &Path) -> Self {
+        match self {
+            AccessLogTarget::File(p) => AccessLogTarget::File(dir.join(p)),
+            t => t,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLogTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "-" | "stdout" => AccessLogTarget::Stdout,
+            "" => return Err(serde::de::Error::custom("empty path: use \"-\" for stdout")),
+            p => AccessLogTarget::File(PathBuf::from(p)),
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! Metering: token usage, money, and the [`UsageRecord`], the one seam between the proxy and
+//! everything that observes it (access log, metrics, traces, ledger).
+
+pub mod pricing;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+/// Money in integer pico-USD (10^-12 USD). Never summed as floating point.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pico(pub u64);
+
+impl Pico {
+    pub const PER_USD: u64 = 1_000_000_000_000;
+
+    pub fn saturating_add(self, o: Pico) -> Pico {
+        Pico(self.0.saturating_add(o.0))
+    }
+
+    /// The amount in USD as a float, for display and for Prometheus (which only has floats).
+    pub fn as_usd_f64(self) -> f64 {
+        self.0 as f64 / Self::PER_USD as f64
+    }
+}
+
+/// Exact decimal USD, e.g. `0.000123450000` is printed as `0.00012345`.
+impl fmt::Display for Pico {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let int = self.0 / Self::PER_USD;
+        let frac = self.0 % Self::PER_USD;
+        if frac == 0 {
+            return write!(f, "{int}");
+        }
+        let digits = format!("{frac:012}");
+        write!(f, "{int}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// Token usage of one call, as the upstream reported it (or as estimated).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Input tokens, cached ones included.
+    pub prompt: u64,
+    /// Output tokens, reasoning ones included.
+    pub completion: u64,
+    /// The part of `prompt` served from cache.
+    pub cached: u64,
+    /// The part of `completion` spent on reasoning.
+    pub reasoning: u64,
+    /// Web searches the upstream ran and bills.
+    pub web_searches: u64,
+}
+
+/// Where the usage figures of a record come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The upstream's own `usage` object.
+    Reported,
+    /// Estimated by tokentap: the call was cut off before the upstream reported usage.
+    Estimated,
+    /// No usage: not a chat call, or the upstream answered with an error and billed nothing.
+    None,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered (2xx/3xx) and the whole response reached the client.
+    Complete,
+    /// The upstream answered with an error status, or could not be reached.
+    UpstreamError,
+    /// The upstream connection broke before the response was complete.
+    UpstreamReset,
+    /// The client went away before the response was complete.
+    ClientDisconnected,
+    /// The upstream did not answer within the configured timeout.
+    Timeout,
+    /// tokentap answered itself (bad request, body too large, over budget) without the upstream.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamReset => "upstream_reset",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// Everything tokentap learned about one call. Built once, at the end of the call.
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub started_at: SystemTime,
+    pub method: String,
+    pub path: String,
+    /// True for `POST /v1/chat/completions` whose body was a JSON object.
+    pub chat: bool,
+    pub model: Option<String>,
+    pub response_model: Option<String>,
+    pub response_id: Option<String>,
+    pub user: Option<String>,
+    pub stream: bool,
+    pub max_tokens: Option<u64>,
+    /// Tools requested: `octen_search`, `octen_broad_search`, `function:<name>`, ...
+    pub tools: Vec<String>,
+    pub web_search_requested: bool,
+    /// HTTP status the client received (0 when none was sent).
+    pub status: u16,
+    pub outcome: Outcome,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    /// Cost from the price table; `None` when the model is unpriced.
+    pub cost: Option<Pico>,
+    /// A cost the upstream reported itself (`usage.cost`), in USD as sent.
+    pub upstream_cost_usd: Option<f64>,
+    pub finish_reasons: Vec<String>,
+    /// Web search ran (`search_results` or a `search_done` chunk/event).
+    pub search_ran: bool,
+    pub search_results: u64,
+    pub warning: Option<String>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub content_chunks: u64,
+    /// Time to the upstream's response head.
+    pub ttfb: Option<Duration>,
+    /// Time to the first content token (streams: first non-empty delta).
+    pub ttft: Option<Duration>,
+    pub duration: Duration,
+    /// A short description of what went wrong, for the log; never user content.
+    pub error: Option<String>,
+}
+
+/// Token estimate for text the upstream did not count for us: about four bytes of UTF-8 per
+/// token, never zero for non-empty text.
+pub fn estimate_tokens(text_bytes: u64) -> u64 {
+    text_bytes.div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pico_prints_exact_decimal_usd() {
+        assert_eq!(Pico(0).to_string(), "0");
+        assert_eq!(Pico(1).to_string(), "0.000000000001");
+        assert_eq!(Pico(123_450_000).to_string(), "0.00012345");
+        assert_eq!(Pico(2 * Pico::PER_USD + 500_000_000_000).to_string(), "2.5");
+    }
+
+    #[test]
+    fn estimates_are_never_zero_for_text() {
+        assert_eq!(estimate_tokens(0), 0);
+        assert_eq!(estimate_tokens(1), 1);
+        assert_eq!(estimate_tokens(8), 2);
+        assert_eq!(estimate_tokens(9), 3);
+    }
+}

@@ -1,0 +1,100 @@
+//! The wire format of OpenAI-compatible Chat Completions APIs: which paths are chat calls,
+//! request inspection, the SSE decoder, usage extraction and OpenAI-shaped error bodies.
+
+pub mod request;
+pub mod response;
+pub mod sse;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// True for the Chat Completions endpoint (`/v1/chat/completions` or `/chat/completions`),
+/// ignoring a query string and one trailing slash.
+pub fn is_chat_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("");
+    let path = path.strip_suffix('/').unwrap_or(path);
+    path == "/v1/chat/completions" || path == "/chat/completions"
+}
+
+/// An error answered by tokentap itself, in the shape OpenAI clients parse:
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            code: None,
+            param: None,
+        }
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        let v = Outer {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param,
+                code: self.code,
+            },
+        };
+        Bytes::from(serde_json::to_vec(&v).expect("error body serializes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_paths() {
+        assert!(is_chat_path("/v1/chat/completions"));
+        assert!(is_chat_path("/chat/completions"));
+        assert!(is_chat_path("/v1/chat/completions/"));
+        assert!(is_chat_path("/v1/chat/completions?x=1"));
+        assert!(!is_chat_path("/v1/completions"));
+        assert!(!is_chat_path("/v1/chat/completions/abc"));
+    }
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let e =
+            ApiError::new(413, "invalid_request_error", "too \"big\"").code("request_too_large");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["message"], "too \"big\"");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], serde_json::Value::Null);
+        assert_eq!(v["error"]["code"], "request_too_large");
+    }
+}

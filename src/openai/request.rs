@@ -1,0 +1,349 @@
+//! Request inspection: what a Chat Completions request asks for, read from the whole body in
+//! one pass without building a JSON tree.
+//!
+//! The body is forwarded unchanged whatever this finds; inspection only feeds metering and
+//! budget decisions. A field of the wrong type is left out and noted (the upstream will answer
+//! the request as it sees fit). Duplicate keys resolve to the last one, as the common JSON
+//! parsers upstreams use do.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+/// What the request asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestMeta {
+    pub model: Option<String>,
+    pub user: Option<String>,
+    pub stream: bool,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    /// `stream_options.include_usage`, when given.
+    pub include_usage: Option<bool>,
+    /// `octen_search`, `octen_broad_search`, `function:<name>`, or the type of any other tool.
+    pub tools: Vec<String>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub messages: u64,
+    /// Bytes of text in `messages` (every string in them), the basis of the prompt estimate.
+    pub prompt_text_bytes: u64,
+    /// Fields present with a type tokentap did not expect, e.g. `user (number)`.
+    pub type_errors: Vec<String>,
+}
+
+impl RequestMeta {
+    /// The built-in web search tool was offered to the model.
+    pub fn web_search_requested(&self) -> bool {
+        self.tools
+            .iter()
+            .any(|t| t == "octen_search" || t == "octen_broad_search")
+    }
+
+    /// The output cap the request sets: `max_completion_tokens` wins over `max_tokens`.
+    pub fn output_cap(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotAnObject(pub String);
+
+impl fmt::Display for NotAnObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Inspects a whole request body.
+pub fn inspect(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let meta = de
+        .deserialize_any(MetaVisitor)
+        .map_err(|e| NotAnObject(format!("request body is not a JSON object: {e}")))?;
+    de.end()
+        .map_err(|e| NotAnObject(format!("request body has trailing data: {e}")))?;
+    Ok(meta)
+}
+
+struct MetaVisitor;
+
+impl<'de> Visitor<'de> for MetaVisitor {
+    type Value = RequestMeta;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestMeta, A::Error> {
+        let mut m = RequestMeta::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "messages" => {
+                    let (n, bytes) = map.next_value_seed(MessagesSeed)?;
+                    m.messages = n;
+                    m.prompt_text_bytes = bytes;
+                }
+                "model" => m.model = string(&key, map.next_value()?, &mut m.type_errors),
+                "user" => m.user = string(&key, map.next_value()?, &mut m.type_errors),
+                "stream" => {
+                    m.stream = match map.next_value::<Value>()? {
+                        Value::Bool(b) => b,
+                        Value::Null => false,
+                        v => {
+                            m.type_errors.push(type_error(&key, &v));
+                            false
+                        }
+                    }
+                }
+                "max_tokens" => m.max_tokens = uint(&key, map.next_value()?, &mut m.type_errors),
+                "max_completion_tokens" => {
+                    m.max_completion_tokens = uint(&key, map.next_value()?, &mut m.type_errors)
+                }
+                "temperature" => m.temperature = float(&key, map.next_value()?, &mut m.type_errors),
+                "top_p" => m.top_p = float(&key, map.next_value()?, &mut m.type_errors),
+                "stream_options" => {
+                    m.include_usage = match map.next_value::<Value>()? {
+                        Value::Object(o) => o.get("include_usage").and_then(Value::as_bool),
+                        _ => None,
+                    }
+                }
+                "tools" => {
+                    m.tools = match map.next_value::<Value>()? {
+                        Value::Array(a) => a.iter().filter_map(tool_name).collect(),
+                        Value::Null => Vec::new(),
+                        v => {
+                            m.type_errors.push(type_error(&key, &v));
+                            Vec::new()
+                        }
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+fn tool_name(t: &Value) -> Option<String> {
+    let ty = t.get("type")?.as_str()?;
+    if ty == "function" {
+        let name = t.get("function")?.get("name")?.as_str()?;
+        Some(format!("function:{name}"))
+    } else {
+        Some(ty.to_string())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn type_error(key: &str, v: &Value) -> String {
+    format!("{key} ({})", kind(v))
+}
+
+fn string(key: &str, v: Value, errs: &mut Vec<String>) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Null => None,
+        v => {
+            errs.push(type_error(key, &v));
+            None
+        }
+    }
+}
+
+fn uint(key: &str, v: Value, errs: &mut Vec<String>) -> Option<u64> {
+    match v {
+        Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
+        Value::Null => None,
+        v => {
+            errs.push(type_error(key, &v));
+            None
+        }
+    }
+}
+
+fn float(key: &str, v: Value, errs: &mut Vec<String>) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::Null => None,
+        v => {
+            errs.push(type_error(key, &v));
+            None
+        }
+    }
+}
+
+/// Walks `messages` counting messages and the bytes of every string inside them, without
+/// allocating a tree (a long conversation can be many megabytes).
+struct MessagesSeed;
+
+impl<'de> DeserializeSeed<'de> for MessagesSeed {
+    type Value = (u64, u64);
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(u64, u64), D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = (u64, u64);
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(u64, u64), A::Error> {
+                let (mut n, mut bytes) = (0, 0);
+                while let Some(b) = seq.next_element_seed(TextBytes)? {
+                    n += 1;
+                    bytes += b;
+                }
+                Ok((n, bytes))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<(u64, u64), E> {
+                Ok((0, 0))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(u64, u64), A::Error> {
+                let b = TextBytes.visit_map(map)?;
+                Ok((1, b))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<(u64, u64), E> {
+                Ok((1, s.len() as u64))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<(u64, u64), E> {
+                Ok((0, 0))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<(u64, u64), E> {
+                Ok((0, 0))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<(u64, u64), E> {
+                Ok((0, 0))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<(u64, u64), E> {
+                Ok((0, 0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Sums the byte length of every string (object values, not keys) in a JSON value.
+struct TextBytes;
+
+impl<'de> DeserializeSeed<'de> for TextBytes {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(TextBytes)
+    }
+}
+
+impl<'de> Visitor<'de> for TextBytes {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
+        Ok(s.len() as u64)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut n = 0;
+        while let Some(b) = seq.next_element_seed(TextBytes)? {
+            n += b;
+        }
+        Ok(n)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut n = 0;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            n += map.next_value_seed(TextBytes)?;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_metering_needs() {
+        let body = br#"{"model":"anthropic/claude-opus-4.6","messages":[{"role":"system","content":"be brief"},
+            {"role":"user","content":[{"type":"text","text":"hello"}]}],"stream":true,
+            "stream_options":{"include_usage":true},"max_tokens":100,"max_completion_tokens":50,
+            "tools":[{"type":"octen_search","parameters":{"max_searches":3}},
+                     {"type":"function","function":{"name":"get_weather"}}],
+            "temperature":0.5,"top_p":1,"user":"alice"}"#;
+        let m = inspect(body).unwrap();
+        assert_eq!(m.model.as_deref(), Some("anthropic/claude-opus-4.6"));
+        assert_eq!(m.user.as_deref(), Some("alice"));
+        assert!(m.stream);
+        assert_eq!(m.include_usage, Some(true));
+        assert_eq!(m.output_cap(), Some(50));
+        assert_eq!(m.tools, vec!["octen_search", "function:get_weather"]);
+        assert!(m.web_search_requested());
+        assert_eq!(m.messages, 2);
+        // "system" + "be brief" + "user" + "text" + "hello"
+        assert_eq!(m.prompt_text_bytes, 6 + 8 + 4 + 4 + 5);
+        assert_eq!(m.temperature, Some(0.5));
+        assert!(m.type_errors.is_empty());
+    }
+
+    #[test]
+    fn wrong_types_are_noted_not_fatal() {
+        let m = inspect(br#"{"user":123,"stream":"yes","max_tokens":-5,"model":"m"}"#).unwrap();
+        assert_eq!(m.user, None);
+        assert!(!m.stream);
+        assert_eq!(m.max_tokens, None);
+        assert_eq!(m.model.as_deref(), Some("m"));
+        assert_eq!(
+            m.type_errors,
+            vec!["user (number)", "stream (string)", "max_tokens (number)"]
+        );
+    }
+
+    #[test]
+    fn last_duplicate_key_wins() {
+        let m = inspect(br#"{"user":"alice","user":"bob"}"#).unwrap();
+        assert_eq!(m.user.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn user_may_be_the_last_field_of_a_large_body() {
+        let big = "x".repeat(5 << 20);
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{big}"}}],"user":"zed"}}"#);
+        let m = inspect(body.as_bytes()).unwrap();
+        assert_eq!(m.user.as_deref(), Some("zed"));
+        assert_eq!(m.prompt_text_bytes, 4 + (5 << 20));
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        assert!(inspect(b"[1,2]").is_err());
+        assert!(inspect(b"not json").is_err());
+        assert!(inspect(b"{\"a\":1").is_err());
+        assert!(inspect(b"{} x").is_err());
+        assert!(inspect(b"").is_err());
+    }
+}

@@ -1,0 +1,563 @@
+//! The response tap: reads a copy of the upstream's response and extracts what metering needs.
+//!
+//! The client always gets the upstream's bytes untouched; the tap sees the same bytes, inflates
+//! its own copy when the body is compressed, and feeds either the SSE decoder (streams) or a
+//! buffer parsed once at the end (JSON). It never fails the request: what it cannot read it
+//! reports in [`Observed::tap_error`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Write;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::sse::{SseDecoder, SseEvent};
+use crate::meter::Usage;
+
+/// What the tap learned from a response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub response_id: Option<String>,
+    pub response_model: Option<String>,
+    pub finish_reasons: Vec<String>,
+    /// The last `usage` object the upstream sent.
+    pub usage: Option<Usage>,
+    pub upstream_cost_usd: Option<f64>,
+    pub search_ran: bool,
+    /// Search query groups seen (`search_results` entries); each is one search.
+    pub search_queries: u64,
+    /// Individual results across all groups.
+    pub search_results: u64,
+    pub warning: Option<String>,
+    /// SSE events carrying content (text, reasoning, refusal or tool-call arguments).
+    pub content_chunks: u64,
+    /// Bytes of that content, the basis of the completion estimate for cut-off streams.
+    pub content_bytes: u64,
+    /// `data: [DONE]` arrived.
+    pub done: bool,
+    /// An `error` object the upstream sent (status error body or mid-stream error event).
+    pub upstream_error: Option<String>,
+    /// Why the tap could not read (part of) the response, if it could not.
+    pub tap_error: Option<String>,
+}
+
+/// How the response body is framed, decided from its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Sse,
+    Json,
+}
+
+pub struct ResponseTap {
+    kind: BodyKind,
+    decoding: Decoding,
+    sse: SseDecoder,
+    /// JSON body chunks: refcounted clones of the upstream's buffers when not compressed.
+    json: Vec<Bytes>,
+    json_len: usize,
+    limit: usize,
+    pub observed: Observed,
+}
+
+impl fmt::Debug for ResponseTap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseTap")
+            .field("kind", &self.kind)
+            .field("observed", &self.observed)
+            .finish()
+    }
+}
+
+impl ResponseTap {
+    /// `content_encoding` is the response's `Content-Encoding`; `limit` caps how many
+    /// (inflated) bytes of a JSON body the tap keeps.
+    pub fn new(kind: BodyKind, content_encoding: Option<&str>, limit: usize) -> Self {
+        let mut observed = Observed::default();
+        let decoding = Decoding::new(content_encoding).unwrap_or_else(|e| {
+            observed.tap_error = Some(e);
+            Decoding::Off
+        });
+        ResponseTap {
+            kind,
+            decoding,
+            sse: SseDecoder::new(),
+            json: Vec::new(),
+            json_len: 0,
+            limit,
+            observed,
+        }
+    }
+
+    /// Feeds one body read. Returns true when this read carried the first content of the call.
+    pub fn feed(&mut self, chunk: &Bytes) -> bool {
+        let before = self.observed.content_chunks;
+        match &mut self.decoding {
+            Decoding::Off => {}
+            Decoding::Identity => match self.kind {
+                BodyKind::Sse => {
+                    let obs = &mut self.observed;
+                    self.sse.feed(chunk, &mut |e| on_event(obs, e));
+                }
+                BodyKind::Json => {
+                    if self.json_len + chunk.len() <= self.limit {
+                        self.json_len += chunk.len();
+                        self.json.push(chunk.clone());
+                    } else {
+                        self.overflow();
+                    }
+                }
+            },
+            d => match d.inflate(chunk) {
+                Ok(out) => self.take_inflated(&out),
+                Err(e) => {
+                    self.observed.tap_error = Some(format!("cannot decompress response: {e}"));
+                    self.decoding = Decoding::Off;
+                }
+            },
+        }
+        before == 0 && self.observed.content_chunks > 0
+    }
+
+    fn take_inflated(&mut self, out: &[u8]) {
+        match self.kind {
+            BodyKind::Sse => {
+                let obs = &mut self.observed;
+                self.sse.feed(out, &mut |e| on_event(obs, e));
+            }
+            BodyKind::Json => {
+                if self.json_len + out.len() <= self.limit {
+                    self.json_len += out.len();
+                    self.json.push(Bytes::copy_from_slice(out));
+                } else {
+                    self.overflow();
+                }
+            }
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.observed.tap_error = Some(format!(
+            "response body larger than limits.max_response_tap_bytes ({} bytes); usage not read",
+            self.limit
+        ));
+        self.json.clear();
+        self.decoding = Decoding::Off;
+    }
+
+    /// The body ended (completely or not). Parses a JSON body and flushes the SSE decoder.
+    pub fn finish(&mut self) -> &Observed {
+        if let Ok(Some(rest)) = self.decoding.finish() {
+            self.take_inflated(&rest);
+        }
+        match self.kind {
+            BodyKind::Sse => {
+                let obs = &mut self.observed;
+                self.sse.finish(&mut |e| on_event(obs, e));
+            }
+            BodyKind::Json => {
+                if !matches!(self.decoding, Decoding::Off) && !self.json.is_empty() {
+                    let body: Cow<[u8]> = if self.json.len() == 1 {
+                        Cow::Borrowed(&self.json[0])
+                    } else {
+                        Cow::Owned(self.json.concat())
+                    };
+                    if let Err(e) = apply_json(&mut self.observed, &body, false) {
+                        self.observed.tap_error = Some(format!("response body is not JSON: {e}"));
+                    }
+                }
+                self.json = Vec::new();
+            }
+        }
+        &self.observed
+    }
+}
+
+fn on_event(obs: &mut Observed, e: SseEvent<'_>) {
+    if e.event == b"search_done" {
+        obs.search_ran = true;
+    }
+    let data = trim_ascii(e.data);
+    if data == b"[DONE]" {
+        obs.done = true;
+        return;
+    }
+    if data.first() == Some(&b'{') {
+        // A chunk that does not parse is skipped; the rest of the stream still counts.
+        let _ = apply_json(obs, data, true);
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &b[start..end]
+}
+
+/// The top level of a response or chunk. Fields are kept raw and parsed one by one, so a field
+/// of an unexpected shape loses only itself.
+#[derive(Deserialize)]
+struct View<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    request_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    choices: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    meta: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    search_results: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    warning: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Message<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Message<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Message<'a> {
+    #[serde(default)]
+    content: StrLen,
+    #[serde(default)]
+    reasoning: StrLen,
+    #[serde(default)]
+    refusal: StrLen,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    #[serde(borrow, default)]
+    function: Option<ToolFn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolFn<'a> {
+    #[serde(default)]
+    arguments: StrLen,
+    #[serde(borrow, default)]
+    #[allow(dead_code)]
+    name: Option<Cow<'a, str>>,
+}
+
+/// The byte length of a string field (0 for null/absent), without allocating it.
+#[derive(Default, Clone, Copy)]
+struct StrLen(u64);
+
+impl<'de> Deserialize<'de> for StrLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrLen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or null")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StrLen, E> {
+                Ok(StrLen(s.len() as u64))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<StrLen, E> {
+                Ok(StrLen(0))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<StrLen, E> {
+                Ok(StrLen(0))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<StrLen, D::Error> {
+                d.deserialize_any(V)
+            }
+        }
+        d.deserialize_option(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageView {
+    #[serde(default)]
+    prompt_tokens: Option<Count>,
+    #[serde(default)]
+    completion_tokens: Option<Count>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+    #[serde(default)]
+    num_search_queries: Option<Count>,
+    #[serde(default)]
+    cost: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<Count>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<Count>,
+}
+
+/// A token count: a non-negative integer, also when written as `12.0`.
+#[derive(Clone, Copy)]
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                u64::try_from(v)
+                    .map(Count)
+                    .map_err(|_| E::custom("negative count"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                if v >= 0.0 && v.fract() == 0.0 && v < u64::MAX as f64 {
+                    Ok(Count(v as u64))
+                } else {
+                    Err(E::custom("not a whole count"))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct SearchGroup {
+    #[serde(default)]
+    results: Option<Vec<IgnoredAny>>,
+}
+
+#[derive(Deserialize)]
+struct MetaView<'a> {
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ErrorView<'a> {
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, Option<f64>)> {
+    let u: UsageView = field(raw)?;
+    if u.prompt_tokens.is_none() && u.completion_tokens.is_none() {
+        return None;
+    }
+    let c = |c: Option<Count>| c.map_or(0, |c| c.0);
+    Some((
+        Usage {
+            prompt: c(u.prompt_tokens),
+            completion: c(u.completion_tokens),
+            cached: c(u.prompt_tokens_details.and_then(|d| d.cached_tokens)),
+            reasoning: c(u.completion_tokens_details.and_then(|d| d.reasoning_tokens)),
+            web_searches: c(u.num_search_queries),
+        },
+        u.cost,
+    ))
+}
+
+/// Longest upstream error message kept in a record.
+const MAX_ERROR_CHARS: usize = 300;
+
+/// Applies one JSON object (a whole response, or one stream chunk) to `obs`.
+fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
+    let v: View = serde_json::from_slice(json)?;
+    if obs.response_id.is_none() {
+        obs.response_id = field::<Cow<str>>(v.id)
+            .or_else(|| field(v.request_id))
+            .map(Cow::into_owned);
+    }
+    if obs.response_model.is_none() {
+        obs.response_model = field::<Cow<str>>(v.model).map(Cow::into_owned);
+    }
+    if field::<Cow<str>>(v.kind).as_deref() == Some("search_done") {
+        obs.search_ran = true;
+    }
+    if let Some(groups) = field::<Vec<SearchGroup>>(v.search_results) {
+        if !groups.is_empty() {
+            obs.search_ran = true;
+        }
+        obs.search_queries += groups.len() as u64;
+        obs.search_results += groups
+            .iter()
+            .map(|g| g.results.as_ref().map_or(0, |r| r.len() as u64))
+            .sum::<u64>();
+    }
+    if let Some(choices) = field::<Vec<Choice>>(v.choices) {
+        let mut bytes = 0;
+        for c in &choices {
+            if let Some(m) = if chunk { &c.delta } else { &c.message } {
+                bytes += m.content.0 + m.reasoning.0 + m.refusal.0;
+                for t in m.tool_calls.iter().flatten() {
+                    bytes += t.function.as_ref().map_or(0, |f| f.arguments.0);
+                }
+            }
+            if let Some(r) = &c.finish_reason {
+                if !obs.finish_reasons.iter().any(|x| x == r) {
+                    obs.finish_reasons.push(r.to_string());
+                }
+            }
+        }
+        if bytes > 0 {
+            obs.content_chunks += 1;
+            obs.content_bytes += bytes;
+        }
+    }
+    let usage = usage_from(v.usage).or_else(|| {
+        let meta: MetaView = field(v.meta)?;
+        usage_from(meta.usage)
+    });
+    if let Some((u, cost)) = usage {
+        obs.usage = Some(u);
+        if cost.is_some() {
+            obs.upstream_cost_usd = cost;
+        }
+    }
+    if let Some(w) = field::<Cow<str>>(v.warning) {
+        obs.warning = Some(truncate(&w, MAX_ERROR_CHARS));
+    }
+    if let Some(e) = field::<ErrorView>(v.error) {
+        let msg = match (e.kind, e.message) {
+            (Some(k), Some(m)) => format!("{k}: {m}"),
+            (None, Some(m)) => m.into_owned(),
+            (Some(k), None) => k.into_owned(),
+            (None, None) => "error".into(),
+        };
+        obs.upstream_error = Some(truncate(&msg, MAX_ERROR_CHARS));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// The response's `Content-Encoding`, inflated for the tap only.
+enum Decoding {
+    Identity,
+    Off,
+    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    /// HTTP "deflate" is zlib-wrapped, but some servers send raw deflate: decided on the first
+    /// two bytes.
+    DeflatePending(Vec<u8>),
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    RawDeflate(flate2::write::DeflateDecoder<Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+}
+
+impl Decoding {
+    fn new(content_encoding: Option<&str>) -> Result<Self, String> {
+        let enc = content_encoding.map(str::trim).unwrap_or("");
+        Ok(match enc.to_ascii_lowercase().as_str() {
+            "" | "identity" => Decoding::Identity,
+            "gzip" | "x-gzip" => Decoding::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+            "deflate" => Decoding::DeflatePending(Vec::new()),
+            "br" => Decoding::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 8192))),
+            other => {
+                return Err(format!(
+                    "content-encoding {other:?} is not supported by the usage tap"
+                ))
+            }
+        })
+    }
+
+    fn output(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Decoding::Gzip(d) => Some(d.get_mut()),
+            Decoding::Zlib(d) => Some(d.get_mut()),
+            Decoding::RawDeflate(d) => Some(d.get_mut()),
+            Decoding::Brotli(d) => Some(d.get_mut()),
+            _ => None,
+        }
+    }
+
+    /// Writes compressed bytes; returns what they inflated to.
+    fn inflate(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
+        if let Decoding::DeflatePending(buf) = self {
+            buf.extend_from_slice(input);
+            if buf.len() < 2 {
+                return Ok(Vec::new());
+            }
+            let head = std::mem::take(buf);
+            let zlib =
+                head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
+            *self = if zlib {
+                Decoding::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+            } else {
+                Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()))
+            };
+            return self.inflate(&head);
+        }
+        match self {
+            Decoding::Gzip(d) => d.write_all(input)?,
+            Decoding::Zlib(d) => d.write_all(input)?,
+            Decoding::RawDeflate(d) => d.write_all(input)?,
+            Decoding::Brotli(d) => d.write_all(input)?,
+            _ => {}
+        }
+        Ok(self.output().map(std::mem::take).unwrap_or_default())
+    }
+
+    /// Flushes what the decoder still holds at the end of the body.
+    fn finish(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if let Decoding::DeflatePending(buf) = self {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let head = std::mem::take(buf);
+            *self = Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()));
+            self.inflate(&head)?;
+        }
+        match self {
+            Decoding::Gzip(d) => d.try_finish()?,
+            Decoding::Zlib(d) => d.try_finish()?,
+            Decoding::RawDeflate(d) => d.try_finish()?,
+            Decoding::Brotli(d) => d.flush()?,
+            _ => return Ok(None),
+        }
+        Ok(self.output().map(std::mem::take))
+    }
+}

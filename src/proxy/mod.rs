@@ -1,0 +1,448 @@
+//! The Pingora `ProxyHttp` implementation: each phase reads like one step of a request's story
+//! and delegates the work to `openai`, `meter` and `telemetry`.
+//!
+//! 1. `request_filter`: take the config snapshot; refuse a declared body over the limit.
+//! 2. `upstream_peer`: resolve the upstream asynchronously (see `dns`).
+//! 3. `request_body_filter`: for chat calls, hold the body until it is complete, inspect it, and
+//!    only then release it in one piece, so the decision about a call is made before the
+//!    upstream has seen a byte of its body. Other paths stream through.
+//! 4. `response_filter` / `response_body_filter`: the client gets the upstream's bytes untouched;
+//!    a copy feeds the usage tap.
+//! 5. `logging`: exactly one `UsageRecord` per call, handed to the sinks.
+
+pub mod dns;
+mod record;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::config::Config;
+use crate::openai::request::{self, RequestMeta};
+use crate::openai::response::{BodyKind, ResponseTap};
+use crate::openai::{is_chat_path, ApiError};
+use crate::telemetry::Sinks;
+
+/// Largest error body (4xx/5xx) the tap reads to learn the upstream's error message.
+const ERROR_TAP_LIMIT: usize = 64 * 1024;
+
+/// State shared by all requests; outlives config reloads.
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub resolver: Arc<dns::Resolver>,
+    pub sinks: Sinks,
+    ids: RequestIds,
+}
+
+impl Shared {
+    pub fn new(config: Config, sinks: Sinks) -> Arc<Self> {
+        Arc::new(Shared {
+            config: ArcSwap::from_pointee(config),
+            resolver: dns::Resolver::new(),
+            sinks,
+            ids: RequestIds::new(),
+        })
+    }
+}
+
+/// Request ids unique across restarts: the process start time and a counter.
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        RequestIds {
+            prefix: format!("{:x}{:05x}", t.as_secs(), t.subsec_micros()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "tt-{}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+pub struct TokenTap {
+    pub shared: Arc<Shared>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    cfg: Arc<Config>,
+    start: Instant,
+    started_at: SystemTime,
+    request_id: String,
+    /// `POST` to the Chat Completions endpoint.
+    chat: bool,
+    /// Chat request body held back until complete.
+    held: Vec<Bytes>,
+    request_bytes: u64,
+    /// The held body went to the upstream.
+    body_released: bool,
+    meta: Option<RequestMeta>,
+    meta_error: Option<String>,
+    upstream_addr: Option<SocketAddr>,
+    /// The upstream's status (the last non-1xx head).
+    upstream_status: Option<u16>,
+    ttfb: Option<Duration>,
+    ttft: Option<Duration>,
+    tap: Option<ResponseTap>,
+    response_bytes: u64,
+    response_done: bool,
+    /// tokentap refused the call itself (the upstream did not process it).
+    rejection: Option<ApiError>,
+    /// Why tokentap could not complete the call with the upstream.
+    failure: Option<ApiError>,
+}
+
+impl TokenTap {
+    fn reject(&self, ctx: &mut Ctx, e: ApiError) -> Box<Error> {
+        let err = Error::explain(ErrorType::HTTPStatus(e.status), e.message.clone());
+        ctx.rejection = Some(e);
+        err
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for TokenTap {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            cfg: self.shared.config.load_full(),
+            start: Instant::now(),
+            started_at: SystemTime::now(),
+            request_id: self.shared.ids.next(),
+            chat: false,
+            held: Vec::new(),
+            request_bytes: 0,
+            body_released: false,
+            meta: None,
+            meta_error: None,
+            upstream_addr: None,
+            upstream_status: None,
+            ttfb: None,
+            ttft: None,
+            tap: None,
+            response_bytes: 0,
+            response_done: false,
+            rejection: None,
+            failure: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A connection kept alive across a reload must use the config current for this request.
+        ctx.cfg = self.shared.config.load_full();
+        ctx.start = Instant::now();
+        ctx.started_at = SystemTime::now();
+        let req = session.req_header();
+        ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
+        let limit = ctx.cfg.limits.max_request_body_bytes;
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(self.reject(ctx, too_large(limit)));
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let u = &ctx.cfg.upstream;
+        let addr = match self
+            .shared
+            .resolver
+            .resolve(&u.url.host, u.url.port, u.dns_refresh, u.connect_timeout)
+            .await
+        {
+            Ok(a) => a,
+            Err(msg) => {
+                ctx.failure = Some(
+                    ApiError::new(
+                        502,
+                        "upstream_error",
+                        format!("tokentap could not resolve the upstream: {msg}"),
+                    )
+                    .code("upstream_unresolvable"),
+                );
+                return Err(Error::explain(ErrorType::ConnectNoRoute, msg).into_up());
+            }
+        };
+        ctx.upstream_addr = Some(addr);
+        let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(u.connect_timeout);
+        o.total_connection_timeout = Some(u.connect_timeout * 2);
+        o.read_timeout = Some(u.read_timeout);
+        o.write_timeout = Some(u.write_timeout);
+        o.idle_timeout = Some(u.idle_timeout);
+        o.verify_cert = true;
+        o.verify_hostname = true;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let url = &ctx.cfg.upstream.url;
+        req.insert_header(header::HOST, url.host_header.as_str())?;
+        if !url.base_path.is_empty() {
+            let pq = req
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string();
+            let uri = format!("{}{}", url.base_path, pq)
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InternalError, "rewriting path", e))?;
+            req.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body.as_ref() {
+            ctx.request_bytes += b.len() as u64;
+            let limit = ctx.cfg.limits.max_request_body_bytes;
+            if ctx.request_bytes > limit as u64 {
+                ctx.held = Vec::new();
+                return Err(self.reject(ctx, too_large(limit)));
+            }
+        }
+        if !ctx.chat || ctx.body_released {
+            return Ok(());
+        }
+        if let Some(b) = body.take() {
+            if !b.is_empty() {
+                ctx.held.push(b);
+            }
+            // An empty chunk is not written upstream; the body goes out in one piece below.
+            *body = Some(Bytes::new());
+        }
+        if end_of_stream {
+            let whole = match ctx.held.len() {
+                0 => Bytes::new(),
+                1 => ctx.held.pop().unwrap_or_default(),
+                _ => Bytes::from(std::mem::take(&mut ctx.held).concat()),
+            };
+            match request::inspect(&whole) {
+                Ok(m) => ctx.meta = Some(m),
+                Err(e) => ctx.meta_error = Some(e.0),
+            }
+            // The decision point: everything about the call is known, nothing reached the
+            // upstream yet.
+            ctx.body_released = true;
+            *body = if whole.is_empty() { None } else { Some(whole) };
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if (100..200).contains(&status) {
+            return Ok(());
+        }
+        ctx.upstream_status = Some(status);
+        ctx.ttfb = Some(ctx.start.elapsed());
+        if ctx.chat {
+            let header = |name| resp.headers.get(name).and_then(|v| v.to_str().ok());
+            let ctype = header(header::CONTENT_TYPE).unwrap_or("");
+            let kind = if ctype.starts_with("text/event-stream") {
+                BodyKind::Sse
+            } else {
+                BodyKind::Json
+            };
+            let limit = if status >= 400 {
+                ERROR_TAP_LIMIT
+            } else {
+                ctx.cfg.limits.max_response_tap_bytes
+            };
+            ctx.tap = Some(ResponseTap::new(
+                kind,
+                header(header::CONTENT_ENCODING),
+                limit,
+            ));
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(b) = body {
+            ctx.response_bytes += b.len() as u64;
+            if let Some(tap) = ctx.tap.as_mut() {
+                if tap.feed(b) {
+                    ctx.ttft = Some(ctx.start.elapsed());
+                }
+            }
+        }
+        if end_of_stream {
+            ctx.response_done = true;
+        }
+        Ok(None)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        // Retrying is only safe on a reused (possibly stale) upstream connection when nothing of
+        // the request has been read from the client yet: a request is never sent twice.
+        let safe = client_reused
+            && ctx.request_bytes == 0
+            && ctx.upstream_status.is_none()
+            && session.response_written().is_none();
+        e.set_retry(safe);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let api = ctx
+            .rejection
+            .clone()
+            .or_else(|| ctx.failure.clone())
+            .or_else(|| failure_for(e));
+        let code = match (&api, session.response_written()) {
+            (_, Some(resp)) => resp.status.as_u16(),
+            (None, None) => 0,
+            (Some(api), None) => {
+                if ctx.failure.is_none() && ctx.rejection.is_none() {
+                    ctx.failure = Some(api.clone());
+                }
+                match write_error(session, api).await {
+                    Ok(()) => api.status,
+                    Err(_) => 0,
+                }
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let rec = record::build(session, e, ctx);
+        self.shared.sinks.record(Arc::new(rec));
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        // Refusals and clients hanging up are outcomes, recorded in the access log.
+        ctx.rejection.is_some() || *e.esource() == ErrorSource::Downstream
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        413,
+        "invalid_request_error",
+        format!(
+            "Request body is larger than this proxy accepts ({limit} bytes). Send a smaller \
+             request, or ask the operator to raise limits.max_request_body_bytes."
+        ),
+    )
+    .code("request_too_large")
+}
+
+/// The answer for a Pingora error tokentap did not raise itself.
+fn failure_for(e: &Error) -> Option<ApiError> {
+    use ErrorType::*;
+    let timeout = |what: &str| {
+        ApiError::new(
+            504,
+            "upstream_error",
+            format!("The upstream did not {what} in time. Retry later."),
+        )
+        .code("upstream_timeout")
+    };
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(code)) => Some(ApiError::new(*code, "api_error", e.to_string())),
+        (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed) => None,
+        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+        (ErrorSource::Downstream, _) => Some(ApiError::new(
+            400,
+            "invalid_request_error",
+            format!(
+                "tokentap could not read the request: {}",
+                e.etype().as_str()
+            ),
+        )),
+        (ErrorSource::Upstream, ConnectTimedout) => Some(timeout("accept the connection")),
+        (ErrorSource::Upstream, ReadTimedout) => Some(timeout("answer")),
+        (ErrorSource::Upstream, WriteTimedout) => Some(timeout("read the request")),
+        (ErrorSource::Upstream, _) => Some(
+            ApiError::new(
+                502,
+                "upstream_error",
+                format!(
+                    "tokentap could not get a complete answer from the upstream ({}). Retry later.",
+                    e.etype().as_str()
+                ),
+            )
+            .code("upstream_unavailable"),
+        ),
+        _ => Some(ApiError::new(
+            500,
+            "api_error",
+            "tokentap failed internally while proxying this request.",
+        )),
+    }
+}
+
+async fn write_error(session: &mut Session, e: &ApiError) -> Result<()> {
+    let body = e.body();
+    let mut resp = ResponseHeader::build(e.status, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::CONNECTION, "close")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Turns what a request's context saw into its one [`UsageRecord`]: how the call ended, the
+//! usage (reported, or estimated for a cut-off call), and its cost.
+
+use pingora::prelude::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use super::Ctx;
+use crate::meter::{estimate_tokens, Outcome, Usage, UsageRecord, UsageSource};
+use crate::openai::response::Observed;
+
+pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> UsageRecord {
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let outcome = outcome(e, ctx, status);
+    let observed = ctx
+        .tap
+        .as_mut()
+        .map(|t| t.finish().clone())
+        .unwrap_or_default();
+    let (usage, usage_source) = usage(ctx, &observed, outcome);
+    let meta = ctx.meta.as_ref();
+    let model = meta.and_then(|m| m.model.clone());
+    let price = ctx
+        .cfg
+        .pricing
+        .lookup(observed.response_model.as_deref(), model.as_deref());
+    let error = ctx
+        .rejection
+        .as_ref()
+        .or(ctx.failure.as_ref())
+        .map(|a| a.message.clone())
+        .or_else(|| observed.upstream_error.clone())
+        .or_else(|| e.map(|e| format!("{:?}: {}", e.esource(), e.etype().as_str())))
+        .or_else(|| observed.tap_error.clone())
+        .or_else(|| ctx.meta_error.clone());
+    let req = session.req_header();
+    UsageRecord {
+        request_id: std::mem::take(&mut ctx.request_id),
+        started_at: ctx.started_at,
+        method: req.method.as_str().to_string(),
+        path: req.uri.path().to_string(),
+        chat: ctx.chat,
+        model,
+        response_model: observed.response_model,
+        response_id: observed.response_id,
+        user: meta.and_then(|m| m.user.clone()),
+        stream: meta.is_some_and(|m| m.stream),
+        max_tokens: meta.and_then(|m| m.output_cap()),
+        tools: meta.map(|m| m.tools.clone()).unwrap_or_default(),
+        web_search_requested: meta.is_some_and(|m| m.web_search_requested()),
+        status,
+        outcome,
+        usage,
+        usage_source,
+        cost: price.map(|p| p.cost(&usage)),
+        upstream_cost_usd: observed.upstream_cost_usd,
+        finish_reasons: observed.finish_reasons,
+        search_ran: observed.search_ran,
+        search_results: observed.search_results,
+        warning: observed.warning,
+        request_bytes: ctx.request_bytes,
+        response_bytes: ctx.response_bytes,
+        content_chunks: observed.content_chunks,
+        ttfb: ctx.ttfb,
+        ttft: ctx.ttft,
+        duration: ctx.start.elapsed(),
+        error,
+    }
+}
+
+fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
+    use ErrorType::*;
+    if ctx.rejection.is_some() {
+        return Outcome::Rejected;
+    }
+    let Some(e) = e else {
+        return match ctx.upstream_status {
+            Some(s) if s >= 400 => Outcome::UpstreamError,
+            Some(_) if ctx.response_done => Outcome::Complete,
+            // No error, yet the body did not end: the client hung up as it ended.
+            Some(_) => Outcome::ClientDisconnected,
+            None if status >= 400 => Outcome::UpstreamError,
+            None => Outcome::Complete,
+        };
+    };
+    match (e.esource(), e.etype()) {
+        (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed)
+        | (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => Outcome::ClientDisconnected,
+        (ErrorSource::Downstream, _) => Outcome::Rejected,
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => Outcome::Timeout,
+        (ErrorSource::Upstream, _) => {
+            if ctx.upstream_status.is_some() || ctx.body_released {
+                // The upstream had the request; the connection broke before the answer ended.
+                Outcome::UpstreamReset
+            } else {
+                Outcome::UpstreamError
+            }
+        }
+        _ => Outcome::UpstreamError,
+    }
+}
+
+/// The usage of the call. What the upstream reported always wins (an explicit zero is a real
+/// zero). Without it, a chat call the upstream processed is estimated: the prompt from the
+/// request, the completion from the content delivered; never zero when content was delivered.
+fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
+    if let Some(u) = obs.usage {
+        return (u, UsageSource::Reported);
+    }
+    let Some(meta) = ctx.meta.as_ref() else {
+        return (Usage::default(), UsageSource::None);
+    };
+    let processed = match outcome {
+        Outcome::Complete => ctx.upstream_status.is_some_and(|s| s < 400),
+        Outcome::UpstreamReset | Outcome::ClientDisconnected | Outcome::Timeout => {
+            ctx.body_released && ctx.upstream_status.is_none_or(|s| s < 400)
+        }
+        Outcome::UpstreamError | Outcome::Rejected => false,
+    };
+    if !processed {
+        return (Usage::default(), UsageSource::None);
+    }
+    let usage = Usage {
+        prompt: estimate_tokens(meta.prompt_text_bytes),
+        completion: estimate_tokens(obs.content_bytes),
+        cached: 0,
+        reasoning: 0,
+        web_searches: if obs.search_ran {
+            obs.search_queries.max(1)
+        } else {
+            0
+        },
+    };
+    (usage, UsageSource::Estimated)
+}

@@ -1,0 +1,94 @@
+//! Wiring: builds the Pingora server from a config (proxy and admin services, sinks), runs it
+//! until SIGTERM/SIGINT, then drains in-flight calls and flushes the sinks.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::{Shared, TokenTap};
+use crate::telemetry::{access_log::AccessLog, Sinks};
+
+/// Runs tokentap until it is told to stop. Returns an error only for start-up problems.
+pub fn run(config: Config) -> Result<(), String> {
+    let mut sinks = Sinks::new();
+    if config.access_log.enabled {
+        let log = AccessLog::open(&config.access_log.target).map_err(|e| e.to_string())?;
+        sinks.push(Box::new(log));
+    }
+
+    let conf = server_conf(&config);
+    let listen = config.server.listen;
+    let admin_listen = config.server.admin_listen;
+    let shared = Shared::new(config, sinks);
+
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        TokenTap {
+            shared: Arc::clone(&shared),
+        },
+        "tokentap proxy",
+    );
+    proxy.add_tcp(&listen.to_string());
+    let mut admin = Service::new(
+        "tokentap admin".to_string(),
+        Admin {
+            shared: Arc::clone(&shared),
+        },
+    );
+    admin.add_tcp(&admin_listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.bootstrap();
+
+    log::info!("tokentap listening on {listen}, admin on {admin_listen}");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    // The runtimes are gone: flush what the sinks still hold.
+    shared.sinks.shutdown();
+    log::info!("tokentap stopped");
+    Ok(())
+}
+
+fn server_conf(c: &Config) -> ServerConf {
+    let secs = |d: std::time::Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    ServerConf {
+        threads: c.server.threads,
+        grace_period_seconds: Some(secs(c.server.grace_period)),
+        graceful_shutdown_timeout_seconds: Some(secs(c.server.shutdown_timeout)),
+        // Retries only happen where nothing of the request was sent (see error_while_proxy).
+        max_retries: 2,
+        upstream_keepalive_pool_size: 1024,
+        ca_file: c
+            .upstream
+            .ca_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        ..ServerConf::default()
+    }
+}
+
+/// SIGTERM and SIGINT both stop gracefully: stop accepting, let in-flight calls finish (up to
+/// `server.shutdown_timeout_ms`), so that every call still gets its record.
+struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down gracefully"),
+            _ = int.recv() => log::info!("SIGINT: shutting down gracefully"),
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}

@@ -1,0 +1,196 @@
+//! The JSON-lines access log: one line per call with who, what, how it ended, tokens, cost and
+//! timings. Never an API key, never prompt or completion text.
+//!
+//! Records are queued to a dedicated writer thread that serializes and writes them in batches,
+//! flushing whenever the queue runs dry; a full queue drops (and counts) rather than stall
+//! requests.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::Sink;
+use crate::config::AccessLogTarget;
+use crate::meter::{Outcome, UsageRecord, UsageSource};
+
+const QUEUE: usize = 65_536;
+
+pub struct AccessLog {
+    tx: Mutex<Option<SyncSender<Arc<UsageRecord>>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    pub fn open(target: &AccessLogTarget) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match target {
+            AccessLogTarget::Stdout => Box::new(std::io::stdout()),
+            AccessLogTarget::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("access log {}: {e}", p.display()))
+                    })?,
+            ),
+        };
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let worker = std::thread::Builder::new()
+            .name("tokentap-access-log".into())
+            .spawn(move || write_loop(rx, out))?;
+        Ok(AccessLog {
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+impl Sink for AccessLog {
+    fn record(&self, rec: &Arc<UsageRecord>) {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            match tx.try_send(Arc::clone(rec)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                        log::warn!("access log queue full: records are being dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<Arc<UsageRecord>>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut line = Vec::with_capacity(1024);
+    while let Ok(rec) = rx.recv() {
+        let mut next = Some(rec);
+        while let Some(rec) = next {
+            line.clear();
+            if serde_json::to_writer(&mut line, &Line::from(&*rec)).is_ok() {
+                line.push(b'\n');
+                if out.write_all(&line).is_err() {
+                    return;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
+    }
+    let _ = out.flush();
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The line's shape. Field names are part of tokentap's interface: add, never rename.
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: f64,
+    request_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    user: Option<&'a str>,
+    model: Option<&'a str>,
+    response_model: Option<&'a str>,
+    response_id: Option<&'a str>,
+    stream: bool,
+    status: u16,
+    outcome: Outcome,
+    usage_source: UsageSource,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cached_tokens: u64,
+    reasoning_tokens: u64,
+    web_searches: u64,
+    /// Exact decimal USD (from integer pico-USD); null when the model is unpriced.
+    cost_usd: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: &'a [String],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    finish_reasons: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    search: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    search_results: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<&'a str>,
+    content_chunks: u64,
+    request_bytes: u64,
+    response_bytes: u64,
+    ttfb_ms: Option<f64>,
+    ttft_ms: Option<f64>,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl<'a> From<&'a UsageRecord> for Line<'a> {
+    fn from(r: &'a UsageRecord) -> Self {
+        let ts = r
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        Line {
+            ts: (ts * 1e6).round() / 1e6,
+            request_id: &r.request_id,
+            method: &r.method,
+            path: &r.path,
+            user: r.user.as_deref(),
+            model: r.model.as_deref(),
+            response_model: r.response_model.as_deref(),
+            response_id: r.response_id.as_deref(),
+            stream: r.stream,
+            status: r.status,
+            outcome: r.outcome,
+            usage_source: r.usage_source,
+            prompt_tokens: r.usage.prompt,
+            completion_tokens: r.usage.completion,
+            cached_tokens: r.usage.cached,
+            reasoning_tokens: r.usage.reasoning,
+            web_searches: r.usage.web_searches,
+            cost_usd: r
+                .cost
+                .and_then(|c| RawValue::from_string(c.to_string()).ok()),
+            upstream_cost_usd: r.upstream_cost_usd,
+            tools: &r.tools,
+            finish_reasons: &r.finish_reasons,
+            search: r.search_ran,
+            search_results: r.search_results,
+            warning: r.warning.as_deref(),
+            content_chunks: r.content_chunks,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            ttfb_ms: r.ttfb.map(ms),
+            ttft_ms: r.ttft.map(ms),
+            duration_ms: ms(r.duration),
+            error: r.error.as_deref(),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Sinks of the [`UsageRecord`]: everything that observes calls. The proxy hands each record to
+//! [`Sinks::record`] and never learns which sinks exist; a sink never blocks the byte path
+//! (it queues, or updates atomics).
+
+pub mod access_log;
+
+use std::sync::Arc;
+
+use crate::meter::UsageRecord;
+
+pub trait Sink: Send + Sync {
+    /// Called once per call, on the request's task, after the response ended. Must not block.
+    fn record(&self, rec: &Arc<UsageRecord>);
+    /// Called once at shutdown, off the async runtime: flush what is queued.
+    fn shutdown(&self) {}
+}
+
+#[derive(Default)]
+pub struct Sinks(Vec<Box<dyn Sink>>);
+
+impl Sinks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, s: Box<dyn Sink>) {
+        self.0.push(s);
+    }
+
+    pub fn record(&self, rec: Arc<UsageRecord>) {
+        for s in &self.0 {
+            s.record(&rec);
+        }
+    }
+
+    pub fn shutdown(&self) {
+        for s in &self.0 {
+            s.shutdown();
+        }
+    }
+}
