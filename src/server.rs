@@ -1,11 +1,13 @@
 //! Wiring: builds the Pingora server from a config (proxy and admin services, sinks), runs it
 //! until SIGTERM/SIGINT, then drains in-flight calls and flushes the sinks.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
@@ -24,6 +26,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let conf = server_conf(&config);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
+    let drain_timeout = config.server.drain_timeout;
     let shared = Shared::new(config, sinks);
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -46,6 +49,7 @@ pub fn run(config: Config) -> Result<(), String> {
     server.add_service(proxy);
     server.add_service(admin);
     server.bootstrap();
+    spawn_drain_watch(&server, Arc::clone(&shared), drain_timeout);
 
     log::info!("tokentap listening on {listen}, admin on {admin_listen}");
     server.run(RunArgs {
@@ -57,12 +61,36 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Pingora, once told to stop, closes its listeners and then sleeps the whole grace period
+/// before dropping its runtimes, however few calls are left. This watcher ends the process as
+/// soon as the last in-flight call has been recorded (sinks flushed first), so a stop takes as
+/// long as the slowest call, at most `server.drain_timeout_ms`.
+fn spawn_drain_watch(server: &Server, shared: Arc<Shared>, timeout: Duration) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownStarted) => {
+                let deadline = Instant::now() + timeout;
+                while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                log::info!("drained in-flight calls; flushing sinks");
+                shared.sinks.shutdown();
+                std::process::exit(0);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(_) => return,
+        }
+    });
+}
+
 fn server_conf(c: &Config) -> ServerConf {
-    let secs = |d: std::time::Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     ServerConf {
         threads: c.server.threads,
-        grace_period_seconds: Some(secs(c.server.grace_period)),
-        graceful_shutdown_timeout_seconds: Some(secs(c.server.shutdown_timeout)),
+        // The drain watch usually exits well before this ends.
+        grace_period_seconds: Some(secs(c.server.drain_timeout)),
+        graceful_shutdown_timeout_seconds: Some(1),
         // Retries only happen where nothing of the request was sent (see error_while_proxy).
         max_retries: 2,
         upstream_keepalive_pool_size: 1024,

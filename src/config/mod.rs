@@ -35,10 +35,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub threads: usize,
-    /// How long to keep accepting after SIGTERM before the listeners close.
-    pub grace_period: Duration,
-    /// How long in-flight requests get to finish once the listeners are closed.
-    pub shutdown_timeout: Duration,
+    /// After SIGTERM, how long in-flight calls get to finish once the listeners are closed.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -157,8 +155,7 @@ fn compile(raw: schema::RawConfig, file: &Path, dir: &Path) -> Result<Config, Co
             listen,
             admin_listen,
             threads: s.threads,
-            grace_period: Duration::from_millis(s.grace_period_ms),
-            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+            drain_timeout: Duration::from_millis(s.drain_timeout_ms),
         }
     };
 

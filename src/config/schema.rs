@@ -27,8 +27,8 @@ pub struct RawServer {
     pub listen: String,
     pub admin_listen: String,
     pub threads: usize,
-    pub grace_period_ms: u64,
-    pub shutdown_timeout_ms: u64,
+    /// After SIGTERM: stop accepting, then wait up to this long for in-flight calls to finish.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -37,8 +37,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            grace_period_ms: 0,
-            shutdown_timeout_ms: 30_000,
+            drain_timeout_ms: 30_000,
         }
     }
 }

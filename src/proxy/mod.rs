@@ -14,7 +14,7 @@ pub mod dns;
 mod record;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,6 +41,8 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub resolver: Arc<dns::Resolver>,
     pub sinks: Sinks,
+    /// Calls between their request head and their record.
+    pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
 }
 
@@ -50,8 +52,25 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             resolver: dns::Resolver::new(),
             sinks,
+            in_flight: Arc::new(AtomicI64::new(0)),
             ids: RequestIds::new(),
         })
+    }
+}
+
+/// Counts a call as in flight for as long as its context lives, whatever path it ends on.
+struct InFlight(Arc<AtomicI64>);
+
+impl InFlight {
+    fn new(c: &Arc<AtomicI64>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(c))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -112,6 +131,7 @@ pub struct Ctx {
     rejection: Option<ApiError>,
     /// Why tokentap could not complete the call with the upstream.
     failure: Option<ApiError>,
+    _in_flight: InFlight,
 }
 
 impl TokenTap {
@@ -147,6 +167,7 @@ impl ProxyHttp for TokenTap {
             response_done: false,
             rejection: None,
             failure: None,
+            _in_flight: InFlight::new(&self.shared.in_flight),
         }
     }
 

@@ -1,0 +1,707 @@
+//! `tokentap-mock`: a mock of the target Chat Completions API, for tests and the README tour.
+//!
+//! It speaks the target's format: non-streaming `chat.completion` objects with `usage`,
+//! `search_results` and `warning`; streams of `search_done`, `content`, `finish` and `usage`
+//! chunks followed by `data: [DONE]`. Request headers choose a scenario:
+//!
+//! | header                  | effect                                                         |
+//! |-------------------------|----------------------------------------------------------------|
+//! | `x-mock-status: 429`    | answer with that error status and an OpenAI-style error body   |
+//! | `x-mock-chunks: N`      | N content chunks (default 5); each is one token of 4 bytes      |
+//! | `x-mock-delay-ms: D`    | wait D ms before each chunk (and before a non-streaming answer) |
+//! | `x-mock-reset-after: K` | reset the connection after K content chunks (mid-body if JSON)  |
+//! | `x-mock-encoding: gzip` | compress a non-streaming answer (`gzip`, `deflate`, `br`)       |
+//! | `x-mock-crlf: 1`        | end SSE lines with CRLF                                         |
+//! | `x-mock-split: 1`       | write every SSE event in three separate small writes            |
+//! | `x-mock-event-lines: 1` | add `event:` lines (`event: search_done`, ...)                  |
+//! | `x-mock-cached: N`      | report N cached prompt tokens                                   |
+//! | `x-mock-reasoning: N`   | report N reasoning tokens (added to completion tokens)          |
+//! | `x-mock-warning: text`  | add a `warning`                                                  |
+//!
+//! Web search runs when the request offers the `octen_search` (or `octen_broad_search`) tool.
+//! The mock's tokenizer: prompt tokens = ceil(bytes of every string in `messages` / 4).
+//!
+//! `GET /__mock/requests` lists what it received (method, path, headers, body SHA-256) and what
+//! it billed; `POST /__mock/reset` clears that list.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Default)]
+struct State {
+    log: Mutex<Vec<Value>>,
+    seq: AtomicU64,
+}
+
+const MODELS: &[&str] = &[
+    "anthropic/claude-opus-4.8",
+    "anthropic/claude-opus-4.6",
+    "anthropic/claude-sonnet-4.6",
+    "anthropic/claude-haiku-4.5",
+    "google/gemini-3.5-flash",
+    "google/gemini-3.1-pro-preview",
+    "google/gemini-3.1-flash-lite",
+    "google/gemini-3-flash-preview",
+    "openai/gpt-5.5-pro",
+    "openai/gpt-5.5",
+    "openai/gpt-5.4",
+    "moonshotai/kimi-k2.6",
+    "moonshotai/kimi-k2.5",
+    "minimax/minimax-m2.5",
+    "qwen/qwen3.6-plus",
+];
+
+#[tokio::main]
+async fn main() {
+    let mut listen = "127.0.0.1:8000".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listen = args.next().expect("--listen ADDR"),
+            "-h" | "--help" => {
+                println!("usage: tokentap-mock [--listen 127.0.0.1:8000]\nSee the module docs of src/bin/tokentap-mock.rs for the x-mock-* headers.");
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}; try --help");
+                std::process::exit(2);
+            }
+        }
+    }
+    let listener = TcpListener::bind(&listen)
+        .await
+        .unwrap_or_else(|e| panic!("cannot listen on {listen}: {e}"));
+    let addr = listener.local_addr().expect("local addr");
+    println!("tokentap-mock listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let state = Arc::new(State::default());
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let _ = serve_conn(sock, state).await;
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn num(&self, name: &str) -> Option<u64> {
+        self.header(name).and_then(|v| v.trim().parse().ok())
+    }
+}
+
+type Conn = BufReader<TcpStream>;
+
+async fn serve_conn(sock: TcpStream, state: Arc<State>) -> std::io::Result<()> {
+    let mut conn = BufReader::with_capacity(64 * 1024, sock);
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let Some(req) = read_request(&mut conn, &mut buf).await? else {
+            return Ok(());
+        };
+        let close = req
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let keep = handle(&mut conn, req, &state).await?;
+        if close || !keep {
+            conn.get_mut().shutdown().await.ok();
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one request; `None` at a clean end of the connection.
+async fn read_request(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        if let httparse::Status::Complete(n) = req
+            .parse(buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+        {
+            let method = req.method.unwrap_or("").to_string();
+            let path = req.path.unwrap_or("").to_string();
+            let headers: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            buf.drain(..n);
+            let mut r = Request {
+                method,
+                path,
+                headers,
+                body: Vec::new(),
+            };
+            if r.header("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+            {
+                conn.get_mut()
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await?;
+            }
+            let chunked = r
+                .header("transfer-encoding")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+            if chunked {
+                r.body = read_chunked(conn, buf).await?;
+            } else if let Some(len) = r.num("content-length") {
+                let len = len as usize;
+                while buf.len() < len {
+                    if fill(conn, buf).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                r.body = buf.drain(..len).collect();
+            }
+            return Ok(Some(r));
+        }
+        if fill(conn, buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+async fn fill(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut tmp = [0u8; 65536];
+    let n = conn.read(&mut tmp).await?;
+    buf.extend_from_slice(&tmp[..n]);
+    Ok(n)
+}
+
+async fn read_chunked(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if fill(conn, buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        let size_str = String::from_utf8_lossy(&buf[..line_end]).to_string();
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| std::io::Error::other("bad chunk size"))?;
+        buf.drain(..line_end + 2);
+        while buf.len() < size + 2 {
+            if fill(conn, buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
+}
+
+/// Handles one request; returns whether the connection may be kept.
+async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<bool> {
+    let path = req.path.split('?').next().unwrap_or("").to_string();
+    match (req.method.as_str(), path.as_str()) {
+        ("GET", "/__mock/requests") => {
+            let body = serde_json::to_vec(&*state.log.lock().unwrap()).unwrap();
+            respond(conn, 200, "application/json", &[], &body).await?;
+            Ok(true)
+        }
+        ("POST", "/__mock/reset") => {
+            state.log.lock().unwrap().clear();
+            respond(conn, 200, "application/json", &[], b"{}").await?;
+            Ok(true)
+        }
+        ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
+            chat(conn, req, state).await
+        }
+        ("GET", "/v1/models") | ("GET", "/models") => {
+            let data: Vec<Value> = MODELS
+                .iter()
+                .map(|m| json!({"id": m, "object": "model", "created": 1764000000, "owned_by": m.split('/').next()}))
+                .collect();
+            let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap();
+            respond(conn, 200, "application/json", &[], &body).await?;
+            log_request(state, &req, json!(null), "complete", &body);
+            Ok(true)
+        }
+        _ => {
+            let body = error_body(404, "Model or resource not found");
+            respond(conn, 404, "application/json", &[], &body).await?;
+            log_request(state, &req, json!(null), "not_found", &body);
+            Ok(true)
+        }
+    }
+}
+
+fn log_request(state: &State, req: &Request, billed: Value, outcome: &str, response: &[u8]) {
+    let seq = state.seq.fetch_add(1, Ordering::Relaxed);
+    let headers: serde_json::Map<String, Value> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let user = serde_json::from_slice::<Value>(&req.body)
+        .ok()
+        .and_then(|v| v.get("user").cloned())
+        .unwrap_or(Value::Null);
+    state.log.lock().unwrap().push(json!({
+        "seq": seq,
+        "method": req.method,
+        "path": req.path,
+        "headers": headers,
+        "body_len": req.body.len(),
+        "body_sha256": hex(&Sha256::digest(&req.body)),
+        "user": user,
+        "billed": billed,
+        "outcome": outcome,
+        "response_len": response.len(),
+        "response_sha256": hex(&Sha256::digest(response)),
+        "response_hex": hex(response),
+    }));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn error_body(status: u16, message: &str) -> Vec<u8> {
+    let kind = match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        _ => "api_error",
+    };
+    serde_json::to_vec(
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+    )
+    .unwrap()
+}
+
+async fn respond(
+    conn: &mut Conn,
+    status: u16,
+    ctype: &str,
+    extra: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let s = conn.get_mut();
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    s.flush().await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Bytes of every string in `messages`: the mock tokenizer's input.
+fn text_bytes(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.len() as u64,
+        Value::Array(a) => a.iter().map(text_bytes).sum(),
+        Value::Object(o) => o.values().map(text_bytes).sum(),
+        _ => 0,
+    }
+}
+
+struct Plan {
+    id: String,
+    model: String,
+    created: u64,
+    chunks: u64,
+    delay: Duration,
+    reset_after: Option<u64>,
+    prompt: u64,
+    cached: u64,
+    reasoning: u64,
+    search: bool,
+    warning: Option<String>,
+    nl: &'static str,
+    split: bool,
+    event_lines: bool,
+}
+
+impl Plan {
+    fn usage(&self, completed_chunks: u64) -> Value {
+        let completion = completed_chunks + self.reasoning;
+        let mut u = json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt + completion,
+        });
+        if self.cached > 0 {
+            u["prompt_tokens_details"] = json!({"cached_tokens": self.cached});
+        }
+        if self.reasoning > 0 {
+            u["completion_tokens_details"] = json!({"reasoning_tokens": self.reasoning});
+        }
+        if self.search {
+            u["num_search_queries"] = json!(2);
+        }
+        u
+    }
+
+    fn billed(&self, completed_chunks: u64) -> Value {
+        json!({
+            "prompt": self.prompt,
+            "completion": completed_chunks + self.reasoning,
+            "cached": self.cached,
+            "reasoning": self.reasoning,
+            "web_searches": if self.search { 2 } else { 0 },
+        })
+    }
+
+    fn search_results(&self) -> Value {
+        json!([
+            {"query": "mock query one", "results": [
+                {"title": "Mock result A", "url": "https://example.com/a", "highlights": "alpha", "authors": "example.com"},
+                {"title": "Mock result B", "url": "https://example.com/b", "highlights": "beta", "authors": "example.com"}
+            ]},
+            {"query": "mock query two", "results": [
+                {"title": "Mock result C", "url": "https://example.com/c", "highlights": "gamma", "authors": "example.com"}
+            ]}
+        ])
+    }
+
+    fn word(i: u64) -> String {
+        format!("w{:02} ", i % 100)
+    }
+}
+
+async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<bool> {
+    if let Some(status) = req.num("x-mock-status") {
+        let status = status as u16;
+        let msg = match status {
+            429 => "Exceeding the rate limit",
+            500 => "Internal error",
+            _ => "Mock error",
+        };
+        let extra: Vec<(&str, String)> = if status == 429 {
+            vec![("retry-after", "7".into())]
+        } else {
+            vec![]
+        };
+        let body = error_body(status, msg);
+        respond(conn, status, "application/json", &extra, &body).await?;
+        log_request(state, &req, json!(null), "error", &body);
+        return Ok(true);
+    }
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            let b = error_body(400, "Missing or invalid parameter");
+            respond(conn, 400, "application/json", &[], &b).await?;
+            log_request(state, &req, json!(null), "error", &b);
+            return Ok(true);
+        }
+    };
+    let search = body["tools"].as_array().is_some_and(|t| {
+        t.iter().any(|t| {
+            matches!(
+                t["type"].as_str(),
+                Some("octen_search") | Some("octen_broad_search")
+            )
+        })
+    });
+    let prompt = text_bytes(&body["messages"]).div_ceil(4);
+    // Deterministic ids: the same request gets the same answer, directly or through a proxy.
+    let digest = Sha256::digest(&req.body);
+    let plan = Plan {
+        id: format!("gen-mock-{}", hex(&digest[..8])),
+        model: body["model"].as_str().unwrap_or("mock/model").to_string(),
+        created: 1_764_000_000,
+        chunks: req.num("x-mock-chunks").unwrap_or(5),
+        delay: Duration::from_millis(req.num("x-mock-delay-ms").unwrap_or(0)),
+        reset_after: req.num("x-mock-reset-after"),
+        prompt,
+        cached: req.num("x-mock-cached").unwrap_or(0).min(prompt),
+        reasoning: req.num("x-mock-reasoning").unwrap_or(0),
+        search,
+        warning: req.header("x-mock-warning").map(str::to_string),
+        nl: if req.header("x-mock-crlf").is_some() {
+            "\r\n"
+        } else {
+            "\n"
+        },
+        split: req.header("x-mock-split").is_some(),
+        event_lines: req.header("x-mock-event-lines").is_some(),
+    };
+    if body["stream"].as_bool() == Some(true) {
+        stream(conn, &req, &plan, state).await
+    } else {
+        non_stream(conn, &req, &plan, state).await
+    }
+}
+
+async fn non_stream(
+    conn: &mut Conn,
+    req: &Request,
+    plan: &Plan,
+    state: &State,
+) -> std::io::Result<bool> {
+    if !plan.delay.is_zero() {
+        tokio::time::sleep(plan.delay).await;
+    }
+    let content: String = (0..plan.chunks).map(Plan::word).collect();
+    let mut v = json!({
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": content, "refusal": null, "reasoning": null}}],
+        "usage": plan.usage(plan.chunks),
+    });
+    if plan.search {
+        v["search_results"] = plan.search_results();
+    }
+    if let Some(w) = &plan.warning {
+        v["warning"] = json!(w);
+    }
+    let raw = serde_json::to_vec(&v).unwrap();
+    let (body, enc) = match req.header("x-mock-encoding") {
+        Some("gzip") => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&raw)?;
+            (e.finish()?, Some("gzip"))
+        }
+        Some("deflate") => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&raw)?;
+            (e.finish()?, Some("deflate"))
+        }
+        Some("br") => {
+            let mut out = Vec::new();
+            {
+                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                w.write_all(&raw)?;
+            }
+            (out, Some("br"))
+        }
+        _ => (raw, None),
+    };
+    let extra: Vec<(&str, String)> = enc
+        .map(|e| vec![("content-encoding", e.to_string())])
+        .unwrap_or_default();
+    if plan.reset_after.is_some() {
+        // Headers and half the body, then a reset.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let half = &body[..body.len() / 2];
+        let s = conn.get_mut();
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(half).await?;
+        s.flush().await?;
+        log_request(state, req, plan.billed(plan.chunks), "reset", half);
+        reset(conn);
+        return Ok(false);
+    }
+    respond(conn, 200, "application/json", &extra, &body).await?;
+    log_request(state, req, plan.billed(plan.chunks), "complete", &body);
+    Ok(true)
+}
+
+/// Aborts the connection with a TCP RST.
+fn reset(conn: &mut Conn) {
+    let _ = conn.get_ref().set_zero_linger();
+}
+
+fn event(plan: &Plan, name: Option<&str>, data: &str) -> String {
+    let nl = plan.nl;
+    let mut s = String::new();
+    if let (true, Some(n)) = (plan.event_lines, name) {
+        s.push_str(&format!("event: {n}{nl}"));
+    }
+    s.push_str(&format!("data: {data}{nl}{nl}"));
+    s
+}
+
+/// Writes one payload as HTTP chunks, appending what was written to `sent`.
+async fn write_chunk(
+    conn: &mut Conn,
+    plan: &Plan,
+    payload: &str,
+    sent: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let s = conn.get_mut();
+    let bytes = payload.as_bytes();
+    let parts: Vec<&[u8]> = if plan.split && bytes.len() >= 3 {
+        // Cut inside the payload, including (for non-ASCII content) inside a character.
+        let a = bytes.len() / 3;
+        let b = 2 * bytes.len() / 3;
+        vec![&bytes[..a], &bytes[a..b], &bytes[b..]]
+    } else {
+        vec![bytes]
+    };
+    for p in parts {
+        s.write_all(format!("{:x}\r\n", p.len()).as_bytes()).await?;
+        s.write_all(p).await?;
+        s.write_all(b"\r\n").await?;
+        s.flush().await?;
+        sent.extend_from_slice(p);
+        if plan.split {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn stream(
+    conn: &mut Conn,
+    req: &Request,
+    plan: &Plan,
+    state: &State,
+) -> std::io::Result<bool> {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+    conn.get_mut().write_all(head.as_bytes()).await?;
+    let chunk = |kind: &str, extra: Value| {
+        let mut v = json!({"type": kind, "id": plan.id, "object": "chat.completion.chunk",
+            "created": plan.created, "model": plan.model});
+        if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+            m.extend(e);
+        }
+        serde_json::to_string(&v).unwrap()
+    };
+    let mut out = Vec::new();
+    let result: std::io::Result<()> = async {
+        write_chunk(
+            conn,
+            plan,
+            &format!(": mock stream{}{}", plan.nl, plan.nl),
+            &mut out,
+        )
+        .await?;
+        if plan.search {
+            let data = chunk(
+                "search_done",
+                json!({"search_results": plan.search_results()}),
+            );
+            write_chunk(
+                conn,
+                plan,
+                &event(plan, Some("search_done"), &data),
+                &mut out,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        log_request(state, req, plan.billed(0), "client_gone", &out);
+        return Err(e);
+    }
+    let mut sent = 0;
+    for i in 0..plan.chunks {
+        if plan.reset_after == Some(sent) {
+            log_request(state, req, plan.billed(sent), "reset", &out);
+            reset(conn);
+            return Ok(false);
+        }
+        if !plan.delay.is_zero() {
+            tokio::time::sleep(plan.delay).await;
+        }
+        let mut delta = json!({"content": Plan::word(i)});
+        if i == 0 {
+            delta["role"] = json!("assistant");
+        }
+        let data = chunk(
+            "content",
+            json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}),
+        );
+        if let Err(e) = write_chunk(conn, plan, &event(plan, None, &data), &mut out).await {
+            // The client (tokentap) went away: bill what was generated and delivered.
+            log_request(state, req, plan.billed(sent), "client_gone", &out);
+            return Err(e);
+        }
+        sent += 1;
+    }
+    if plan.reset_after.is_some_and(|k| k >= sent) {
+        log_request(state, req, plan.billed(sent), "reset", &out);
+        reset(conn);
+        return Ok(false);
+    }
+    let mut fin = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    if let Some(w) = &plan.warning {
+        fin["warning"] = json!(w);
+    }
+    let finish = chunk("finish", fin);
+    let usage = chunk("usage", json!({"usage": plan.usage(sent)}));
+    let tail = format!(
+        "{}{}{}",
+        event(plan, None, &finish),
+        event(plan, None, &usage),
+        event(plan, None, "[DONE]")
+    );
+    let r = write_chunk(conn, plan, &tail, &mut out).await;
+    let r = match r {
+        Ok(()) => {
+            let s = conn.get_mut();
+            match s.write_all(b"0\r\n\r\n").await {
+                Ok(()) => s.flush().await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = if r.is_ok() { "complete" } else { "client_gone" };
+    log_request(state, req, plan.billed(sent), outcome, &out);
+    r.map(|()| true)
+}

@@ -1,0 +1,394 @@
+//! Test harness: starts the real `tokentap` and `tokentap-mock` binaries on free loopback
+//! ports, talks raw HTTP/1.1 to them (so bytes can be compared exactly), and reads the access
+//! log and the mock's request log. Every process is killed when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// How long a test waits for something that must happen (a process to listen, a record to be
+/// written). Waiting is bounded; nothing asserts on how long it took.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap()
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub struct Mock {
+    _proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Mock {
+    pub fn start() -> Mock {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tokentap-mock"))
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tokentap-mock");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("mock said {line:?}"));
+        Mock {
+            _proc: Proc { child },
+            addr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The mock's request log.
+    pub fn requests(&self) -> Vec<Value> {
+        let r = request(self.addr, "GET", "/__mock/requests", &[], b"");
+        serde_json::from_slice::<Value>(&r.body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Waits until the mock has logged `n` requests, and returns them.
+    pub fn wait_requests(&self, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let r = self.requests();
+            if r.len() >= n || start.elapsed() > PATIENCE {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub struct Tap {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+/// Pricing used by the tests: one model priced with every field.
+pub const TEST_PRICING: &str = r#"
+[pricing]
+unknown_model = "unpriced"
+[pricing.models."anthropic/claude-opus-4.6"]
+input_per_mtok = 5
+cached_input_per_mtok = 0.5
+output_per_mtok = 25
+per_web_search = 0.005
+"#;
+
+impl Tap {
+    /// Starts tokentap in front of `upstream` with extra config text appended.
+    pub fn start(upstream: &str, extra: &str) -> Tap {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let log = dir.path().join("access.log");
+        let config = dir.path().join("tokentap.toml");
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+threads = 2
+drain_timeout_ms = 10000
+
+[upstream]
+url = "{upstream}"
+connect_timeout_ms = 2000
+read_timeout_ms = 10000
+
+[access_log]
+path = "access.log"
+{extra}
+"#
+        );
+        std::fs::write(&config, text).unwrap();
+        Self::start_with(dir, config, log, port, admin_port)
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        log: PathBuf,
+        port: u16,
+        admin_port: u16,
+    ) -> Tap {
+        let child = Command::new(env!("CARGO_BIN_EXE_tokentap"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tokentap");
+        let tap = Tap {
+            proc: Proc { child },
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            dir,
+            log,
+            config,
+        };
+        let start = Instant::now();
+        while TcpStream::connect(tap.admin).is_err() || TcpStream::connect(tap.addr).is_err() {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "tokentap did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tap
+    }
+
+    pub fn records(&self) -> Vec<Value> {
+        read_records(&self.log)
+    }
+
+    /// Waits until the access log holds `n` records, and returns them.
+    pub fn wait_records(&self, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let r = self.records();
+            if r.len() >= n || start.elapsed() > PATIENCE {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| l.ends_with('}'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))
+        .collect()
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The body payload (chunked framing removed, content encoding kept).
+    pub body: Vec<u8>,
+    /// The body ended by its own framing (not by a broken connection).
+    pub complete: bool,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One request on a fresh connection.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    send_request(&mut s, method, path, headers, body);
+    read_response(&mut s, usize::MAX)
+}
+
+pub fn send_request(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: test.local\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        head.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // A write can fail when the server answered early (e.g. 413) and closed.
+    let _ = s.write_all(body);
+}
+
+/// Reads one response; stops (incomplete) after `max_body` body bytes.
+pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let (status, headers, consumed) = loop {
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Response::new(&mut hs);
+        if let httparse::Status::Complete(n) = r.parse(&buf).unwrap() {
+            let status = r.code.unwrap();
+            let headers: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            if (100..200).contains(&status) {
+                buf.drain(..n);
+                continue;
+            }
+            break (status, headers, n);
+        }
+        let n = s.read(&mut tmp).unwrap_or(0);
+        assert!(n > 0, "connection closed before a response head");
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    buf.drain(..consumed);
+    let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let chunked = get("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    let mut body = Vec::new();
+    let mut complete = false;
+    if chunked {
+        // Decode chunks as they come; stop on the last chunk or a broken connection.
+        'outer: loop {
+            while let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(String::from_utf8_lossy(&buf[..i]).trim(), 16).unwrap();
+                if buf.len() < i + 2 + size + 2 {
+                    break;
+                }
+                body.extend_from_slice(&buf[i + 2..i + 2 + size]);
+                buf.drain(..i + 2 + size + 2);
+                if size == 0 {
+                    complete = true;
+                    break 'outer;
+                }
+                if body.len() >= max_body {
+                    break 'outer;
+                }
+            }
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body = buf;
+        while body.len() < len && body.len() < max_body {
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&tmp[..n]),
+            }
+        }
+        complete = body.len() == len;
+    } else {
+        body = buf;
+        loop {
+            match s.read(&mut tmp) {
+                Ok(0) => {
+                    complete = true;
+                    break;
+                }
+                Err(_) => break,
+                Ok(n) => body.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+    Resp {
+        status,
+        headers,
+        body,
+        complete,
+    }
+}
+
+/// A chat request body.
+pub fn chat_body(model: &str, user: &str, stream: bool, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"model":"{model}","messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"Say something about tokens, please."}}],"stream":{stream},"user":"{user}"{extra}}}"#
+    )
+    .into_bytes()
+}
