@@ -561,3 +561,185 @@ impl Decoding {
         Ok(self.output().map(std::mem::take))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A stream as the target API sends it, with CRLF line ends, an `event:` line, a comment,
+    /// multi-byte UTF-8 content and a usage chunk.
+    const STREAM: &str = concat!(
+        ": ping\r\n\r\n",
+        "event: search_done\r\n",
+        "data: {\"type\":\"search_done\",\"id\":\"gen-1\",\"object\":\"chat.completion.chunk\",\"model\":\"m/x\",",
+        "\"search_results\":[{\"query\":\"q\",\"results\":[{\"title\":\"a\"},{\"title\":\"b\"}]}]}\r\n\r\n",
+        "data: {\"type\":\"content\",\"id\":\"gen-1\",\"model\":\"m/x\",\"choices\":[{\"index\":0,",
+        "\"delta\":{\"role\":\"assistant\",\"content\":\"h\u{e9}llo \u{1F600}\"},\"finish_reason\":null}]}\r\n\r\n",
+        "data: {\"type\":\"content\",\"id\":\"gen-1\",\"model\":\"m/x\",\"choices\":[{\"index\":0,",
+        "\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":1}\"}}]},\"finish_reason\":null}]}\r\n\r\n",
+        "data: {\"type\":\"finish\",\"id\":\"gen-1\",\"model\":\"m/x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],",
+        "\"warning\":\"w\"}\r\n\r\n",
+        "data: {\"type\":\"usage\",\"id\":\"gen-1\",\"model\":\"m/x\",\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20,",
+        "\"total_tokens\":30,\"prompt_tokens_details\":{\"cached_tokens\":4},",
+        "\"completion_tokens_details\":{\"reasoning_tokens\":5},\"num_search_queries\":1,\"cost\":0.25}}\r\n\r\n",
+        "data: [DONE]\r\n\r\n",
+    );
+
+    fn run(kind: BodyKind, enc: Option<&str>, parts: &[&[u8]]) -> Observed {
+        let mut tap = ResponseTap::new(kind, enc, 1 << 20);
+        for p in parts {
+            tap.feed(&Bytes::copy_from_slice(p));
+        }
+        tap.finish().clone()
+    }
+
+    fn split<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut parts = Vec::new();
+        let mut last = 0;
+        for c in cuts {
+            parts.push(&data[last..c]);
+            last = c;
+        }
+        parts.push(&data[last..]);
+        parts
+    }
+
+    #[test]
+    fn stream_yields_everything_metering_needs() {
+        let o = run(BodyKind::Sse, None, &[STREAM.as_bytes()]);
+        assert_eq!(o.response_id.as_deref(), Some("gen-1"));
+        assert_eq!(o.response_model.as_deref(), Some("m/x"));
+        assert_eq!(
+            o.usage,
+            Some(Usage {
+                prompt: 10,
+                completion: 20,
+                cached: 4,
+                reasoning: 5,
+                web_searches: 1
+            })
+        );
+        assert_eq!(o.upstream_cost_usd, Some(0.25));
+        assert!(o.search_ran);
+        assert_eq!((o.search_queries, o.search_results), (1, 2));
+        assert_eq!(o.finish_reasons, vec!["stop"]);
+        assert_eq!(o.warning.as_deref(), Some("w"));
+        assert_eq!(o.content_chunks, 2);
+        assert_eq!(o.content_bytes, "héllo 😀".len() as u64 + 7);
+        assert!(o.done);
+        assert_eq!(o.tap_error, None);
+    }
+
+    #[test]
+    fn explicit_zero_usage_is_a_real_zero() {
+        let s = "data: {\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0}}\n\n";
+        let o = run(BodyKind::Sse, None, &[s.as_bytes()]);
+        assert_eq!(o.usage, Some(Usage::default()));
+    }
+
+    #[test]
+    fn a_chunk_of_unexpected_shape_loses_only_itself() {
+        let s = concat!(
+            "data: {\"choices\":\"weird\",\"warning\":{\"not\":\"a string\"}}\n\n",
+            "data: {not json}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":3.0,\"completion_tokens\":2}}\n\n",
+        );
+        let o = run(BodyKind::Sse, None, &[s.as_bytes()]);
+        assert_eq!(o.usage.map(|u| (u.prompt, u.completion)), Some((3, 2)));
+        assert_eq!(o.warning, None);
+    }
+
+    #[test]
+    fn non_streaming_body_in_web_chat_shape() {
+        let body = br#"{"request_id":"r1","model":"m","choices":[{"finish_reason":"length","message":{"content":"x"}}],
+            "search_results":[{"query":"q","results":[{"title":"t"}]}],
+            "meta":{"usage":{"num_search_queries":1,"prompt_tokens":58,"completion_tokens":32,"total_tokens":90}}}"#;
+        let o = run(BodyKind::Json, None, &[body]);
+        assert_eq!(o.response_id.as_deref(), Some("r1"));
+        assert_eq!(
+            o.usage.map(|u| (u.prompt, u.completion, u.web_searches)),
+            Some((58, 32, 1))
+        );
+        assert_eq!(o.finish_reasons, vec!["length"]);
+    }
+
+    #[test]
+    fn oversized_body_is_reported_not_parsed() {
+        let mut tap = ResponseTap::new(BodyKind::Json, None, 10);
+        tap.feed(&Bytes::from_static(b"{\"usage\":{\"prompt_tokens\":1}}"));
+        let o = tap.finish();
+        assert!(o.usage.is_none());
+        assert!(o
+            .tap_error
+            .as_deref()
+            .unwrap()
+            .contains("max_response_tap_bytes"));
+    }
+
+    #[test]
+    fn unsupported_encoding_is_reported() {
+        let o = run(BodyKind::Json, Some("zstd"), &[b"\x28\xb5\x2f\xfd"]);
+        assert!(o.tap_error.as_deref().unwrap().contains("zstd"));
+    }
+
+    fn compress(enc: &str, data: &[u8]) -> Vec<u8> {
+        match enc {
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "deflate" => {
+                let mut e =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "raw-deflate" => {
+                let mut e =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            "br" => {
+                let mut out = Vec::new();
+                {
+                    let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                    w.write_all(data).unwrap();
+                }
+                out
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn usage_split_across_reads_is_counted_once(cuts in proptest::collection::vec(any::<usize>(), 0..16)) {
+            let whole = run(BodyKind::Sse, None, &[STREAM.as_bytes()]);
+            let parts = split(STREAM.as_bytes(), &cuts);
+            prop_assert_eq!(run(BodyKind::Sse, None, &parts), whole);
+        }
+
+        #[test]
+        fn compressed_bodies_split_anywhere_give_the_same_record(
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+            enc in prop_oneof![Just("gzip"), Just("deflate"), Just("raw-deflate"), Just("br")],
+            sse in any::<bool>(),
+        ) {
+            let (kind, plain): (BodyKind, &[u8]) = if sse {
+                (BodyKind::Sse, STREAM.as_bytes())
+            } else {
+                (BodyKind::Json, br#"{"id":"x","usage":{"prompt_tokens":7,"completion_tokens":9}}"#)
+            };
+            let whole = run(kind, None, &[plain]);
+            let z = compress(enc, plain);
+            let header = if enc == "raw-deflate" { "deflate" } else { enc };
+            let parts = split(&z, &cuts);
+            prop_assert_eq!(run(kind, Some(header), &parts), whole);
+        }
+    }
+}

@@ -60,7 +60,11 @@ impl Sink for AccessLog {
             match tx.try_send(Arc::clone(rec)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                    if self
+                        .dropped
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(10_000)
+                    {
                         log::warn!("access log queue full: records are being dropped");
                     }
                 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and property tests, and integration tests that
+# start the real tokentap binary against the mock upstream (and the official openai Python SDK).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+need_rust
+need_deb cmake cmake   # Pingora's zlib-ng (flate2) builds with cmake
+need_deb cc gcc
+need_deb python3 python3
+
+# The openai SDK, for the "same objects through tokentap" test: use the system's if it has one,
+# else a private virtualenv (Debian's own Python refuses system-wide pip installs).
+if python3 -c 'import openai' 2>/dev/null; then
+    TOKENTAP_PYTHON=python3
+else
+    venv=target/sdk-venv
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv" 2>/dev/null || {
+            rm -rf "$venv"
+            install_deb python3-venv
+            python3 -m venv "$venv"
+        }
+    fi
+    "$venv/bin/python" -c 'import openai' 2>/dev/null ||
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai
+    TOKENTAP_PYTHON="$PWD/$venv/bin/python"
+fi
+export TOKENTAP_PYTHON
+
+# Integration tests open many sockets.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --all-targets 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo ends with per-binary lines, some of them empty).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
