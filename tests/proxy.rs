@@ -499,3 +499,92 @@ fn openai_python_sdk_gets_the_same_objects_through_tokentap() {
     // Every proxied call (5 cases + the 429) has its record.
     assert_eq!(tap.wait_records(6).len(), 6);
 }
+
+#[test]
+fn upstream_connections_are_pooled() {
+    let (mock, tap) = setup();
+    for i in 0..10 {
+        // A new client connection each time: reuse can only come from tokentap's pool.
+        let body = chat_body(MODEL, &format!("p{i}"), i % 2 == 0, "");
+        let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        assert_eq!(resp.status, 200);
+    }
+    let reqs = mock.wait_requests(10);
+    let mut conns: Vec<u64> = reqs.iter().map(|r| r["conn"].as_u64().unwrap()).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    // Two worker threads may each hold a connection; ten calls must not open ten.
+    assert!(
+        conns.len() <= 2,
+        "10 calls used {} upstream connections",
+        conns.len()
+    );
+}
+
+#[test]
+fn streams_are_passed_on_chunk_by_chunk() {
+    let (mock, tap) = setup();
+    let body = chat_body(MODEL, "stream", true, "");
+    let mut s = TcpStream::connect(tap.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    send_request(
+        &mut s,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-chunks", "30"), ("x-mock-delay-ms", "40")],
+        &body,
+    );
+    // Read until the first content token arrives...
+    let mut seen = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("w00 ") {
+        let n = std::io::Read::read(&mut s, &mut tmp).unwrap();
+        assert!(n > 0, "stream ended before its first token");
+        seen.extend_from_slice(&tmp[..n]);
+    }
+    // ...while the upstream is still generating the rest (it logs a stream when it ends).
+    assert!(
+        mock.requests().is_empty(),
+        "the first token arrived only after the whole stream was sent"
+    );
+    drop(s);
+}
+
+#[test]
+fn upstream_silence_beyond_the_read_timeout_is_a_504_or_a_cut_stream() {
+    let mock = Mock::start();
+    let tap = TapBuilder::new(&mock.url())
+        .read_timeout_ms(300)
+        .extra(TEST_PRICING)
+        .start();
+    let body = chat_body(MODEL, "slow", false, "");
+    let resp = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-delay-ms", "3000")],
+        &body,
+    );
+    assert_eq!(resp.status, 504);
+    assert_eq!(resp.json()["error"]["code"], "upstream_timeout");
+    let r = &tap.wait_records(1)[0];
+    assert_eq!(r["outcome"], "timeout");
+    assert_eq!(r["status"], 504);
+    // The upstream had the request and may bill it: the prompt is estimated.
+    assert_eq!(r["usage_source"], "estimated");
+    assert!(r["prompt_tokens"].as_u64().unwrap() > 0);
+
+    let body = chat_body(MODEL, "slow-stream", true, "");
+    let resp = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-delay-ms", "3000")],
+        &body,
+    );
+    assert_eq!(resp.status, 200, "the stream's head was already sent");
+    assert!(!resp.complete);
+    let r = &tap.wait_records(2)[1];
+    assert_eq!(r["outcome"], "timeout");
+    assert_eq!(r["user"], "slow-stream");
+}

@@ -21,23 +21,66 @@
 //! Web search runs when the request offers the `octen_search` (or `octen_broad_search`) tool.
 //! The mock's tokenizer: prompt tokens = ceil(bytes of every string in `messages` / 4).
 //!
-//! `GET /__mock/requests` lists what it received (method, path, headers, body SHA-256) and what
-//! it billed; `POST /__mock/reset` clears that list.
+//! `GET /__mock/requests` lists what it received (method, path, headers, body SHA-256, the TLS
+//! server name and the connection it came on) and what it billed; `POST /__mock/reset` clears
+//! that list. `--tls-cert FILE --tls-key FILE` serves HTTPS instead of HTTP, and then also
+//! plain HTTP on a second, printed address, for those two control paths.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls;
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 #[derive(Default)]
 struct State {
     log: Mutex<Vec<Value>>,
     seq: AtomicU64,
+    conns: AtomicU64,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One client connection: the (maybe TLS) stream, its socket for resets, and what identifies it.
+struct Conn {
+    io: BufReader<Pin<Box<dyn Io>>>,
+    fd: RawFd,
+    id: u64,
+    sni: Option<String>,
+}
+
+impl Conn {
+    fn get_mut(&mut self) -> &mut Pin<Box<dyn Io>> {
+        self.io.get_mut()
+    }
+}
+
+fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap_or_else(|e| panic!("{cert}: {e}"))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{cert}: {e}"));
+    let key = PrivateKeyDer::from_pem_file(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("certificate and key match");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 const MODELS: &[&str] = &[
@@ -61,12 +104,15 @@ const MODELS: &[&str] = &[
 #[tokio::main]
 async fn main() {
     let mut listen = "127.0.0.1:8000".to_string();
+    let (mut cert, mut key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().expect("--listen ADDR"),
+            "--tls-cert" => cert = Some(args.next().expect("--tls-cert FILE")),
+            "--tls-key" => key = Some(args.next().expect("--tls-key FILE")),
             "-h" | "--help" => {
-                println!("usage: tokentap-mock [--listen 127.0.0.1:8000]\nSee the module docs of src/bin/tokentap-mock.rs for the x-mock-* headers.");
+                println!("usage: tokentap-mock [--listen 127.0.0.1:8000] [--tls-cert FILE --tls-key FILE]\nSee the module docs of src/bin/tokentap-mock.rs for the x-mock-* headers.");
                 return;
             }
             other => {
@@ -78,18 +124,60 @@ async fn main() {
     let listener = TcpListener::bind(&listen)
         .await
         .unwrap_or_else(|e| panic!("cannot listen on {listen}: {e}"));
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(&c, &k)),
+        (None, None) => None,
+        _ => panic!("--tls-cert and --tls-key go together"),
+    };
     let addr = listener.local_addr().expect("local addr");
     println!("tokentap-mock listening on {addr}");
-    let _ = std::io::stdout().flush();
     let state = Arc::new(State::default());
+    if tls.is_some() {
+        let control = TcpListener::bind((addr.ip(), 0))
+            .await
+            .expect("control listener");
+        println!(
+            "tokentap-mock control on {}",
+            control.local_addr().expect("addr")
+        );
+        tokio::spawn(accept_loop(control, None, Arc::clone(&state)));
+    }
+    let _ = std::io::stdout().flush();
+    accept_loop(listener, tls, state).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
         let state = Arc::clone(&state);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
-            let _ = serve_conn(sock, state).await;
+            let fd = sock.as_raw_fd();
+            let id = state.conns.fetch_add(1, Ordering::Relaxed);
+            let (io, sni): (Pin<Box<dyn Io>>, _) = match tls {
+                None => (Box::pin(sock), None),
+                Some(acceptor) => match acceptor.accept(sock).await {
+                    Ok(s) => {
+                        let sni = s.get_ref().1.server_name().map(str::to_string);
+                        (Box::pin(s), sni)
+                    }
+                    Err(_) => return,
+                },
+            };
+            let conn = Conn {
+                io: BufReader::with_capacity(64 * 1024, io),
+                fd,
+                id,
+                sni,
+            };
+            let _ = serve_conn(conn, state).await;
         });
     }
 }
@@ -114,10 +202,7 @@ impl Request {
     }
 }
 
-type Conn = BufReader<TcpStream>;
-
-async fn serve_conn(sock: TcpStream, state: Arc<State>) -> std::io::Result<()> {
-    let mut conn = BufReader::with_capacity(64 * 1024, sock);
+async fn serve_conn(mut conn: Conn, state: Arc<State>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     loop {
         let Some(req) = read_request(&mut conn, &mut buf).await? else {
@@ -197,7 +282,7 @@ async fn read_request(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Opt
 
 async fn fill(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut tmp = [0u8; 65536];
-    let n = conn.read(&mut tmp).await?;
+    let n = conn.io.read(&mut tmp).await?;
     buf.extend_from_slice(&tmp[..n]);
     Ok(n)
 }
@@ -254,19 +339,26 @@ async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result
                 .collect();
             let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap();
             respond(conn, 200, "application/json", &[], &body).await?;
-            log_request(state, &req, json!(null), "complete", &body);
+            log_request(state, conn, &req, json!(null), "complete", &body);
             Ok(true)
         }
         _ => {
             let body = error_body(404, "Model or resource not found");
             respond(conn, 404, "application/json", &[], &body).await?;
-            log_request(state, &req, json!(null), "not_found", &body);
+            log_request(state, conn, &req, json!(null), "not_found", &body);
             Ok(true)
         }
     }
 }
 
-fn log_request(state: &State, req: &Request, billed: Value, outcome: &str, response: &[u8]) {
+fn log_request(
+    state: &State,
+    conn: &Conn,
+    req: &Request,
+    billed: Value,
+    outcome: &str,
+    response: &[u8],
+) {
     let seq = state.seq.fetch_add(1, Ordering::Relaxed);
     let headers: serde_json::Map<String, Value> = req
         .headers
@@ -290,6 +382,8 @@ fn log_request(state: &State, req: &Request, billed: Value, outcome: &str, respo
         "response_len": response.len(),
         "response_sha256": hex(&Sha256::digest(response)),
         "response_hex": hex(response),
+        "conn": conn.id,
+        "sni": conn.sni,
     }));
 }
 
@@ -438,7 +532,7 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
         };
         let body = error_body(status, msg);
         respond(conn, status, "application/json", &extra, &body).await?;
-        log_request(state, &req, json!(null), "error", &body);
+        log_request(state, conn, &req, json!(null), "error", &body);
         return Ok(true);
     }
     let body: Value = match serde_json::from_slice(&req.body) {
@@ -446,7 +540,7 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
         _ => {
             let b = error_body(400, "Missing or invalid parameter");
             respond(conn, 400, "application/json", &[], &b).await?;
-            log_request(state, &req, json!(null), "error", &b);
+            log_request(state, conn, &req, json!(null), "error", &b);
             return Ok(true);
         }
     };
@@ -549,18 +643,27 @@ async fn non_stream(
         s.write_all(head.as_bytes()).await?;
         s.write_all(half).await?;
         s.flush().await?;
-        log_request(state, req, plan.billed(plan.chunks), "reset", half);
+        log_request(state, conn, req, plan.billed(plan.chunks), "reset", half);
         reset(conn);
         return Ok(false);
     }
     respond(conn, 200, "application/json", &extra, &body).await?;
-    log_request(state, req, plan.billed(plan.chunks), "complete", &body);
+    log_request(
+        state,
+        conn,
+        req,
+        plan.billed(plan.chunks),
+        "complete",
+        &body,
+    );
     Ok(true)
 }
 
-/// Aborts the connection with a TCP RST.
+/// Aborts the connection with a TCP RST (the socket is closed when the connection drops).
 fn reset(conn: &mut Conn) {
-    let _ = conn.get_ref().set_zero_linger();
+    // SAFETY: the fd belongs to this connection's socket, which is still open here.
+    let fd = unsafe { BorrowedFd::borrow_raw(conn.fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
 }
 
 fn event(plan: &Plan, name: Option<&str>, data: &str) -> String {
@@ -645,13 +748,13 @@ async fn stream(
     }
     .await;
     if let Err(e) = result {
-        log_request(state, req, plan.billed(0), "client_gone", &out);
+        log_request(state, conn, req, plan.billed(0), "client_gone", &out);
         return Err(e);
     }
     let mut sent = 0;
     for i in 0..plan.chunks {
         if plan.reset_after == Some(sent) {
-            log_request(state, req, plan.billed(sent), "reset", &out);
+            log_request(state, conn, req, plan.billed(sent), "reset", &out);
             reset(conn);
             return Ok(false);
         }
@@ -668,13 +771,13 @@ async fn stream(
         );
         if let Err(e) = write_chunk(conn, plan, &event(plan, None, &data), &mut out).await {
             // The client (tokentap) went away: bill what was generated and delivered.
-            log_request(state, req, plan.billed(sent), "client_gone", &out);
+            log_request(state, conn, req, plan.billed(sent), "client_gone", &out);
             return Err(e);
         }
         sent += 1;
     }
     if plan.reset_after.is_some_and(|k| k >= sent) {
-        log_request(state, req, plan.billed(sent), "reset", &out);
+        log_request(state, conn, req, plan.billed(sent), "reset", &out);
         reset(conn);
         return Ok(false);
     }
@@ -702,6 +805,6 @@ async fn stream(
         Err(e) => Err(e),
     };
     let outcome = if r.is_ok() { "complete" } else { "client_gone" };
-    log_request(state, req, plan.billed(sent), outcome, &out);
+    log_request(state, conn, req, plan.billed(sent), outcome, &out);
     r.map(|()| true)
 }

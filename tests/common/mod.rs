@@ -71,30 +71,50 @@ fn unsafe_kill(pid: u32, sig: &str) {
 pub struct Mock {
     _proc: Proc,
     pub addr: SocketAddr,
+    /// Where the control paths (`/__mock/*`) answer in plain HTTP.
+    control: SocketAddr,
 }
 
 impl Mock {
     pub fn start() -> Mock {
+        Self::start_with(&[])
+    }
+
+    /// An HTTPS mock serving `cert`/`key` (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Mock {
+        Self::start_with(&[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ])
+    }
+
+    fn start_with(extra: &[&std::ffi::OsStr]) -> Mock {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tokentap-mock"))
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start tokentap-mock");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap_or_else(|_| panic!("mock said {line:?}"));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut read_addr = || -> SocketAddr {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line.trim()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("mock said {line:?}"))
+        };
+        let addr = read_addr();
+        let control = if extra.is_empty() { addr } else { read_addr() };
         Mock {
             _proc: Proc { child },
             addr,
+            control,
         }
     }
 
@@ -104,7 +124,7 @@ impl Mock {
 
     /// The mock's request log.
     pub fn requests(&self) -> Vec<Value> {
-        let r = request(self.addr, "GET", "/__mock/requests", &[], b"");
+        let r = request(self.control, "GET", "/__mock/requests", &[], b"");
         serde_json::from_slice::<Value>(&r.body)
             .unwrap()
             .as_array()
@@ -145,14 +165,53 @@ output_per_mtok = 25
 per_web_search = 0.005
 "#;
 
-impl Tap {
-    /// Starts tokentap in front of `upstream` with extra config text appended.
-    pub fn start(upstream: &str, extra: &str) -> Tap {
+/// Builds a tokentap config around an upstream URL and starts the binary.
+pub struct TapBuilder {
+    upstream: String,
+    upstream_extra: String,
+    extra: String,
+    read_timeout_ms: u64,
+}
+
+impl TapBuilder {
+    pub fn new(upstream: &str) -> Self {
+        TapBuilder {
+            upstream: upstream.to_string(),
+            upstream_extra: String::new(),
+            extra: String::new(),
+            read_timeout_ms: 10_000,
+        }
+    }
+
+    pub fn read_timeout_ms(mut self, ms: u64) -> Self {
+        self.read_timeout_ms = ms;
+        self
+    }
+
+    /// Lines added to the `[upstream]` table.
+    pub fn upstream_extra(mut self, lines: &str) -> Self {
+        self.upstream_extra = lines.to_string();
+        self
+    }
+
+    /// Tables appended to the config.
+    pub fn extra(mut self, text: &str) -> Self {
+        self.extra = text.to_string();
+        self
+    }
+
+    pub fn start(self) -> Tap {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
         let log = dir.path().join("access.log");
         let config = dir.path().join("tokentap.toml");
+        let TapBuilder {
+            upstream,
+            upstream_extra,
+            extra,
+            read_timeout_ms,
+        } = self;
         let text = format!(
             r#"
 [server]
@@ -164,7 +223,8 @@ drain_timeout_ms = 10000
 [upstream]
 url = "{upstream}"
 connect_timeout_ms = 2000
-read_timeout_ms = 10000
+read_timeout_ms = {read_timeout_ms}
+{upstream_extra}
 
 [access_log]
 path = "access.log"
@@ -172,7 +232,14 @@ path = "access.log"
 "#
         );
         std::fs::write(&config, text).unwrap();
-        Self::start_with(dir, config, log, port, admin_port)
+        Tap::start_with(dir, config, log, port, admin_port)
+    }
+}
+
+impl Tap {
+    /// Starts tokentap in front of `upstream` with extra config tables appended.
+    pub fn start(upstream: &str, extra: &str) -> Tap {
+        TapBuilder::new(upstream).extra(extra).start()
     }
 
     fn start_with(
