@@ -172,10 +172,8 @@ impl ProxyHttp for TokenTap {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        // A connection kept alive across a reload must use the config current for this request.
-        ctx.cfg = self.shared.config.load_full();
-        ctx.start = Instant::now();
-        ctx.started_at = SystemTime::now();
+        // (Pingora makes a context per request, after its head was read: `new_ctx` took the
+        // config snapshot and the start time.)
         let req = session.req_header();
         ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
         let limit = ctx.cfg.limits.max_request_body_bytes;
