@@ -147,8 +147,9 @@ impl ResponseTap {
         self.decoding = Decoding::Off;
     }
 
-    /// The body ended (completely or not). Parses a JSON body and flushes the SSE decoder.
-    pub fn finish(&mut self) -> &Observed {
+    /// The body ended (completely or not). Parses a JSON body, flushes the SSE decoder and
+    /// hands over what was observed.
+    pub fn finish(&mut self) -> Observed {
         if let Ok(Some(rest)) = self.decoding.finish() {
             self.take_inflated(&rest);
         }
@@ -171,7 +172,7 @@ impl ResponseTap {
                 self.json = Vec::new();
             }
         }
-        &self.observed
+        std::mem::take(&mut self.observed)
     }
 }
 
@@ -591,7 +592,7 @@ mod tests {
         for p in parts {
             tap.feed(&Bytes::copy_from_slice(p));
         }
-        tap.finish().clone()
+        tap.finish()
     }
 
     fn split<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {

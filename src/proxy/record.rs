@@ -11,11 +11,7 @@ use crate::openai::response::Observed;
 pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> UsageRecord {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let outcome = outcome(e, ctx, status);
-    let observed = ctx
-        .tap
-        .as_mut()
-        .map(|t| t.finish().clone())
-        .unwrap_or_default();
+    let observed = ctx.tap.as_mut().map(|t| t.finish()).unwrap_or_default();
     let (usage, usage_source) = usage(ctx, &observed, outcome);
     let meta = ctx.meta.as_ref();
     let model = meta.and_then(|m| m.model.clone());
