@@ -4,9 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-need_rust
-need_deb cmake cmake   # Pingora's zlib-ng (flate2) builds with cmake
-need_deb cc gcc
+need_rust fmt clippy
+need_build_tools
 need_deb python3 python3
 
 # The openai SDK, for the "same objects through tokentap" test: use the system's if it has one,

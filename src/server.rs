@@ -74,7 +74,13 @@ fn spawn_drain_watch(server: &Server, shared: Arc<Shared>, timeout: Duration) {
                 while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                log::info!("drained in-flight calls; flushing sinks");
+                match shared.in_flight.load(Ordering::Acquire) {
+                    0 => log::info!("drained in-flight calls; flushing records"),
+                    n => log::warn!(
+                        "{n} calls still in flight after server.drain_timeout_ms ({timeout:?}): \
+                         they are cut and get no record"
+                    ),
+                }
                 shared.sinks.shutdown();
                 std::process::exit(0);
             }

@@ -588,3 +588,134 @@ fn upstream_silence_beyond_the_read_timeout_is_a_504_or_a_cut_stream() {
     assert_eq!(r["outcome"], "timeout");
     assert_eq!(r["user"], "slow-stream");
 }
+
+#[test]
+fn responses_without_a_body_are_complete() {
+    let (_mock, tap) = setup();
+    let resp = request(tap.addr, "HEAD", "/v1/models", &[], b"");
+    assert_eq!(resp.status, 200);
+    let resp = request(
+        tap.addr,
+        "DELETE",
+        "/v1/files/f1",
+        &[("x-mock-status", "204")],
+        b"",
+    );
+    assert_eq!(resp.status, 204);
+    let recs = tap.wait_records(2);
+    for r in &recs {
+        assert_eq!(r["outcome"], "complete", "{r}");
+        assert_eq!(r["usage_source"], "none");
+    }
+    assert_eq!(recs[1]["status"], 204);
+}
+
+#[test]
+fn a_request_is_never_sent_twice() {
+    let mock = Mock::start();
+    let tap = TapBuilder::new(&mock.url())
+        .read_timeout_ms(300)
+        .extra(TEST_PRICING)
+        .start();
+    // Warm the pool, so the next calls go out on a reused connection (where Pingora would
+    // consider a retry).
+    assert_eq!(request(tap.addr, "GET", "/v1/models", &[], b"").status, 200);
+    let slow = [("x-mock-delay-ms", "2000")];
+    let cases: [(&str, &str, Vec<u8>); 3] = [
+        ("POST", "/v1/files", Vec::new()),
+        ("GET", "/v1/models", Vec::new()),
+        (
+            "POST",
+            "/v1/chat/completions",
+            chat_body(MODEL, "once", false, ""),
+        ),
+    ];
+    for (i, (method, path, body)) in cases.iter().enumerate() {
+        let resp = request(tap.addr, method, path, &slow, body);
+        assert_eq!(resp.status, 504, "{method} {path}");
+        // Every attempt was made before the client got its answer.
+        // Calls so far: one warm-up per case and each case once.
+        assert_eq!(
+            mock.received(),
+            2 + 2 * i as u64,
+            "{method} {path} reached the upstream twice"
+        );
+        // Reuse the pool again for the next case.
+        assert_eq!(request(tap.addr, "GET", "/v1/models", &[], b"").status, 200);
+    }
+}
+
+/// A bare upstream that accepts one connection and reports every byte it received until the
+/// connection closed (or nothing, if none came).
+fn raw_upstream() -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        l.set_nonblocking(true).unwrap();
+        let start = std::time::Instant::now();
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if start.elapsed() < PATIENCE => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(_) => return Vec::new(),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        got
+    });
+    (addr, h)
+}
+
+fn body_bytes_after_head(got: &[u8]) -> usize {
+    match got.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => got.len() - (i + 4),
+        None => 0,
+    }
+}
+
+#[test]
+fn a_chat_body_is_held_until_complete_and_none_of_it_leaks_when_refused() {
+    // The limit is crossed by the body's last chunk: a refusal at the decision point, after
+    // tokentap has read (and held) everything before it.
+    let body = chat_body(MODEL, "held", false, "");
+    let limit = body.len() - 1;
+    let mut chunked = Vec::new();
+    for part in body.chunks(16) {
+        write!(chunked, "{:x}\r\n", part.len()).unwrap();
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    for (path, held) in [("/v1/chat/completions", true), ("/v1/embeddings", false)] {
+        let (up, got) = raw_upstream();
+        let tap = Tap::start(
+            &format!("http://{up}"),
+            &format!("[limits]\nmax_request_body_bytes = {limit}\n"),
+        );
+        let resp = request(
+            tap.addr,
+            "POST",
+            path,
+            &[("transfer-encoding", "chunked")],
+            &chunked,
+        );
+        assert_eq!(resp.status, 413);
+        drop(tap);
+        let got = got.join().unwrap();
+        let leaked = body_bytes_after_head(&got);
+        if held {
+            assert_eq!(
+                leaked, 0,
+                "{path}: {leaked} body bytes reached the upstream"
+            );
+        } else {
+            // The control case: other paths stream through, so the same test sees bytes.
+            assert!(leaked > 0, "{path}: expected streamed body bytes upstream");
+        }
+    }
+}

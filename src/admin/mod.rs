@@ -25,7 +25,11 @@ impl ServeHttp for Admin {
                 let cfg = self.shared.config.load();
                 text(
                     StatusCode::OK,
-                    &format!("ready: upstream {}\n", cfg.upstream.url.host_header),
+                    &format!(
+                        "ready pid={} upstream={}\n",
+                        std::process::id(),
+                        cfg.upstream.url.host_header
+                    ),
                 )
             }
             _ => text(

@@ -6,9 +6,10 @@
 //!
 //! | header                  | effect                                                         |
 //! |-------------------------|----------------------------------------------------------------|
-//! | `x-mock-status: 429`    | answer with that error status and an OpenAI-style error body   |
+//! | `x-mock-status: 429`    | answer with that status (any path) and an OpenAI-style error    |
+//! |                         | body (none for 204 and 304)                                     |
 //! | `x-mock-chunks: N`      | N content chunks (default 5); each is one token of 4 bytes      |
-//! | `x-mock-delay-ms: D`    | wait D ms before each chunk (and before a non-streaming answer) |
+//! | `x-mock-delay-ms: D`    | wait D ms before each chunk, or before any non-streaming answer |
 //! | `x-mock-reset-after: K` | reset the connection after K content chunks (mid-body if JSON)  |
 //! | `x-mock-encoding: gzip` | compress a non-streaming answer (`gzip`, `deflate`, `br`)       |
 //! | `x-mock-crlf: 1`        | end SSE lines with CRLF                                         |
@@ -21,6 +22,7 @@
 //! Web search runs when the request offers the `octen_search` (or `octen_broad_search`) tool.
 //! The mock's tokenizer: prompt tokens = ceil(bytes of every string in `messages` / 4).
 //!
+//! `GET /__mock/received` counts the requests read so far (answered or not);
 //! `GET /__mock/requests` lists what it received (method, path, headers, body SHA-256, the TLS
 //! server name and the connection it came on) and what it billed; `POST /__mock/reset` clears
 //! that list. `--tls-cert FILE --tls-key FILE` serves HTTPS instead of HTTP, and then also
@@ -48,6 +50,8 @@ struct State {
     log: Mutex<Vec<Value>>,
     seq: AtomicU64,
     conns: AtomicU64,
+    /// Requests read in full, before they are answered.
+    received: AtomicU64,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -318,7 +322,25 @@ async fn read_chunked(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Vec
 /// Handles one request; returns whether the connection may be kept.
 async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<bool> {
     let path = req.path.split('?').next().unwrap_or("").to_string();
+    if !path.starts_with("/__mock/") {
+        state.received.fetch_add(1, Ordering::Relaxed);
+    }
+    let is_chat = req.method == "POST"
+        && matches!(path.as_str(), "/v1/chat/completions" | "/chat/completions");
+    if !is_chat && !path.starts_with("/__mock/") {
+        if let Some(ms) = req.num("x-mock-delay-ms") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(status) = req.num("x-mock-status") {
+            return status_answer(conn, &req, state, status as u16).await;
+        }
+    }
     match (req.method.as_str(), path.as_str()) {
+        ("GET", "/__mock/received") => {
+            let n = state.received.load(Ordering::Relaxed).to_string();
+            respond(conn, 200, "application/json", &[], n.as_bytes()).await?;
+            Ok(true)
+        }
         ("GET", "/__mock/requests") => {
             let body = serde_json::to_vec(&*state.log.lock().unwrap()).unwrap();
             respond(conn, 200, "application/json", &[], &body).await?;
@@ -332,14 +354,24 @@ async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result
         ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
             chat(conn, req, state).await
         }
-        ("GET", "/v1/models") | ("GET", "/models") => {
+        ("GET" | "HEAD", "/v1/models") | ("GET" | "HEAD", "/models") => {
             let data: Vec<Value> = MODELS
                 .iter()
                 .map(|m| json!({"id": m, "object": "model", "created": 1764000000, "owned_by": m.split('/').next()}))
                 .collect();
             let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap();
-            respond(conn, 200, "application/json", &[], &body).await?;
-            log_request(state, conn, &req, json!(null), "complete", &body);
+            if req.method == "HEAD" {
+                respond_head(conn, 200, "application/json", body.len()).await?;
+                log_request(state, conn, &req, json!(null), "complete", b"");
+            } else {
+                respond(conn, 200, "application/json", &[], &body).await?;
+                log_request(state, conn, &req, json!(null), "complete", &body);
+            }
+            Ok(true)
+        }
+        _ if req.method == "HEAD" => {
+            respond_head(conn, 404, "application/json", 0).await?;
+            log_request(state, conn, &req, json!(null), "not_found", b"");
             Ok(true)
         }
         _ => {
@@ -391,6 +423,43 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The answer to `x-mock-status` on a non-chat path.
+async fn status_answer(
+    conn: &mut Conn,
+    req: &Request,
+    state: &State,
+    status: u16,
+) -> std::io::Result<bool> {
+    if matches!(status, 204 | 304) || req.method == "HEAD" {
+        let head = format!("HTTP/1.1 {status} {}\r\n\r\n", reason(status));
+        let s = conn.get_mut();
+        s.write_all(head.as_bytes()).await?;
+        s.flush().await?;
+        log_request(state, conn, req, json!(null), "complete", b"");
+    } else {
+        let body = error_body(status, "Mock status");
+        respond(conn, status, "application/json", &[], &body).await?;
+        log_request(state, conn, req, json!(null), "error", &body);
+    }
+    Ok(true)
+}
+
+/// A response head announcing `len` bytes that are not sent (the answer to HEAD).
+async fn respond_head(
+    conn: &mut Conn,
+    status: u16,
+    ctype: &str,
+    len: usize,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\n\r\n",
+        reason(status)
+    );
+    let s = conn.get_mut();
+    s.write_all(head.as_bytes()).await?;
+    s.flush().await
+}
+
 fn error_body(status: u16, message: &str) -> Vec<u8> {
     let kind = match status {
         400 => "invalid_request_error",
@@ -431,6 +500,8 @@ async fn respond(
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

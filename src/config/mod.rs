@@ -47,7 +47,7 @@ pub struct UpstreamConfig {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub dns_refresh: Duration,
-    /// Extra PEM bundle of trusted roots (in addition to the system store), e.g. a private CA.
+    /// A PEM bundle of trusted roots used instead of the system store, e.g. a private CA.
     pub ca_file: Option<PathBuf>,
 }
 

@@ -8,12 +8,54 @@ pub mod sse;
 use bytes::Bytes;
 use serde::Serialize;
 
-/// True for the Chat Completions endpoint (`/v1/chat/completions` or `/chat/completions`),
-/// ignoring a query string and one trailing slash.
+/// True for the Chat Completions endpoint (`/v1/chat/completions` or `/chat/completions`).
+///
+/// The path is compared the way a lenient upstream router might read it (percent-decoded,
+/// repeated slashes and `.` / `..` segments resolved, any case, query ignored), so that a
+/// disguised path cannot slip a chat call past inspection.
 pub fn is_chat_path(path: &str) -> bool {
-    let path = path.split('?').next().unwrap_or("");
-    let path = path.strip_suffix('/').unwrap_or(path);
-    path == "/v1/chat/completions" || path == "/chat/completions"
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let decoded = percent_decode(path);
+    let mut segs: Vec<&str> = Vec::with_capacity(4);
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let is = |want: &[&str]| {
+        segs.len() == want.len()
+            && segs
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.eq_ignore_ascii_case(b))
+    };
+    is(&["v1", "chat", "completions"]) || is(&["chat", "completions"])
+}
+
+fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('%') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// An error answered by tokentap itself, in the shape OpenAI clients parse:
@@ -85,6 +127,14 @@ mod tests {
         assert!(is_chat_path("/v1/chat/completions?x=1"));
         assert!(!is_chat_path("/v1/completions"));
         assert!(!is_chat_path("/v1/chat/completions/abc"));
+        // Disguises a lenient upstream would still route to the chat endpoint.
+        assert!(is_chat_path("/v1//chat/completions"));
+        assert!(is_chat_path("/v1/chat/%63ompletions"));
+        assert!(is_chat_path("/V1/Chat/Completions"));
+        assert!(is_chat_path("/v1/x/../chat/./completions"));
+        assert!(is_chat_path("/v1/chat/completions%2F"));
+        assert!(!is_chat_path("/v1/chat/completions%"));
+        assert!(!is_chat_path("/v1/chat/completions%2"));
     }
 
     #[test]

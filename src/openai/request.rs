@@ -55,6 +55,39 @@ impl fmt::Display for NotAnObject {
     }
 }
 
+/// Inspects a whole request body sent with `Content-Encoding: encoding` (gzip, deflate, br or
+/// none): a compressed body is inflated (a copy, at most `limit` bytes) for inspection only.
+pub fn inspect_encoded(
+    body: &[u8],
+    encoding: Option<&str>,
+    limit: usize,
+) -> Result<RequestMeta, NotAnObject> {
+    use std::io::Read;
+    let enc = encoding.map(|e| e.trim().to_ascii_lowercase());
+    let reader: Box<dyn Read + '_> = match enc.as_deref() {
+        None | Some("") | Some("identity") => return inspect(body),
+        Some("gzip") | Some("x-gzip") => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Some("deflate") => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Some("br") => Box::new(brotli::Decompressor::new(body, 8192)),
+        Some(other) => {
+            return Err(NotAnObject(format!(
+                "request content-encoding {other:?} cannot be inspected"
+            )))
+        }
+    };
+    let mut plain = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut plain)
+        .map_err(|e| NotAnObject(format!("compressed request body does not inflate: {e}")))?;
+    if plain.len() > limit {
+        return Err(NotAnObject(format!(
+            "compressed request body inflates to more than {limit} bytes"
+        )));
+    }
+    inspect(&plain)
+}
+
 /// Inspects a whole request body.
 pub fn inspect(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -234,8 +267,12 @@ impl<'de> DeserializeSeed<'de> for MessagesSeed {
     }
 }
 
-/// Sums the byte length of every string (object values, not keys) in a JSON value.
+/// Sums the byte length of every string (object values, not keys) in a JSON value, except
+/// inline media (`image`, `image_url`, `input_audio`, `file`): base64 data is not text, and a
+/// cut-off call's prompt estimate must not count it as such.
 struct TextBytes;
+
+const MEDIA_KEYS: [&str; 4] = ["image", "image_url", "input_audio", "file"];
 
 impl<'de> DeserializeSeed<'de> for TextBytes {
     type Value = u64;
@@ -276,8 +313,12 @@ impl<'de> Visitor<'de> for TextBytes {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
         let mut n = 0;
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            n += map.next_value_seed(TextBytes)?;
+        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if MEDIA_KEYS.contains(&k.as_ref()) {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                n += map.next_value_seed(TextBytes)?;
+            }
         }
         Ok(n)
     }
@@ -336,6 +377,34 @@ mod tests {
         let m = inspect(body.as_bytes()).unwrap();
         assert_eq!(m.user.as_deref(), Some("zed"));
         assert_eq!(m.prompt_text_bytes, 4 + (5 << 20));
+    }
+
+    #[test]
+    fn inline_media_is_not_counted_as_prompt_text() {
+        let m = inspect(
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"},
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}}]}]}"#,
+        )
+        .unwrap();
+        // "user" + "text" + "hi" + "image_url" (the part's type)
+        assert_eq!(m.prompt_text_bytes, 4 + 4 + 2 + 9);
+    }
+
+    #[test]
+    fn compressed_request_bodies_are_inspected() {
+        use std::io::Write;
+        let body = br#"{"model":"m","user":"zoe","messages":[]}"#;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(body).unwrap();
+        let z = e.finish().unwrap();
+        let m = inspect_encoded(&z, Some("gzip"), 1000).unwrap();
+        assert_eq!(m.user.as_deref(), Some("zoe"));
+        assert!(
+            inspect_encoded(&z, Some("gzip"), 10).is_err(),
+            "inflating is bounded"
+        );
+        assert!(inspect_encoded(&z, Some("zstd"), 1000).is_err());
+        assert!(inspect_encoded(b"garbage", Some("gzip"), 1000).is_err());
     }
 
     #[test]

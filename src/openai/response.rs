@@ -38,8 +38,12 @@ pub struct Observed {
     pub content_bytes: u64,
     /// `data: [DONE]` arrived.
     pub done: bool,
-    /// An `error` object the upstream sent (status error body or mid-stream error event).
+    /// The `type` (and `code`) of an `error` object the upstream sent (error body or
+    /// mid-stream error event). Its message is not kept: some providers echo request content.
     pub upstream_error: Option<String>,
+    /// Bytes of a JSON body that could not be parsed (cut off, or not JSON): the basis of the
+    /// completion estimate when a non-streaming answer was cut.
+    pub unparsed_body_bytes: u64,
     /// Why the tap could not read (part of) the response, if it could not.
     pub tap_error: Option<String>,
 }
@@ -83,7 +87,7 @@ impl ResponseTap {
         ResponseTap {
             kind,
             decoding,
-            sse: SseDecoder::new(),
+            sse: SseDecoder::new(limit),
             json: Vec::new(),
             json_len: 0,
             limit,
@@ -100,6 +104,7 @@ impl ResponseTap {
                 BodyKind::Sse => {
                     let obs = &mut self.observed;
                     self.sse.feed(chunk, &mut |e| on_event(obs, e));
+                    self.check_sse_overflow();
                 }
                 BodyKind::Json => {
                     if self.json_len + chunk.len() <= self.limit {
@@ -111,7 +116,7 @@ impl ResponseTap {
                 }
             },
             d => match d.inflate(chunk) {
-                Ok(out) => self.take_inflated(&out),
+                Ok(out) => self.take_inflated(out),
                 Err(e) => {
                     self.observed.tap_error = Some(format!("cannot decompress response: {e}"));
                     self.decoding = Decoding::Off;
@@ -121,20 +126,33 @@ impl ResponseTap {
         before == 0 && self.observed.content_chunks > 0
     }
 
-    fn take_inflated(&mut self, out: &[u8]) {
+    fn take_inflated(&mut self, out: Vec<u8>) {
+        if out.is_empty() {
+            return;
+        }
         match self.kind {
             BodyKind::Sse => {
                 let obs = &mut self.observed;
-                self.sse.feed(out, &mut |e| on_event(obs, e));
+                self.sse.feed(&out, &mut |e| on_event(obs, e));
+                self.check_sse_overflow();
             }
             BodyKind::Json => {
                 if self.json_len + out.len() <= self.limit {
                     self.json_len += out.len();
-                    self.json.push(Bytes::copy_from_slice(out));
+                    self.json.push(Bytes::from(out));
                 } else {
                     self.overflow();
                 }
             }
+        }
+    }
+
+    fn check_sse_overflow(&mut self) {
+        if self.sse.overflowed && self.observed.tap_error.is_none() {
+            self.observed.tap_error = Some(format!(
+                "an SSE line or event longer than limits.max_response_tap_bytes ({} bytes) was skipped",
+                self.limit
+            ));
         }
     }
 
@@ -150,8 +168,11 @@ impl ResponseTap {
     /// The body ended (completely or not). Parses a JSON body, flushes the SSE decoder and
     /// hands over what was observed.
     pub fn finish(&mut self) -> Observed {
-        if let Ok(Some(rest)) = self.decoding.finish() {
-            self.take_inflated(&rest);
+        // A cut-off compressed body does not finish cleanly; what it inflated to still counts.
+        let (rest, err) = self.decoding.finish();
+        self.take_inflated(rest);
+        if let (Some(e), None) = (err, &self.observed.tap_error) {
+            self.observed.tap_error = Some(format!("compressed body ended early: {e}"));
         }
         match self.kind {
             BodyKind::Sse => {
@@ -166,7 +187,11 @@ impl ResponseTap {
                         Cow::Owned(self.json.concat())
                     };
                     if let Err(e) = apply_json(&mut self.observed, &body, false) {
-                        self.observed.tap_error = Some(format!("response body is not JSON: {e}"));
+                        self.observed.unparsed_body_bytes = body.len() as u64;
+                        if self.observed.tap_error.is_none() {
+                            self.observed.tap_error =
+                                Some(format!("response body is not (whole) JSON: {e}"));
+                        }
                     }
                 }
                 self.json = Vec::new();
@@ -270,9 +295,59 @@ struct ToolFn<'a> {
     name: Option<Cow<'a, str>>,
 }
 
-/// The byte length of a string field (0 for null/absent), without allocating it.
+/// The byte length of a text field without allocating it: a string, or an array of content
+/// parts (`[{"type": "text", "text": "..."}]` or strings); 0 for null, absent or other shapes.
 #[derive(Default, Clone, Copy)]
 struct StrLen(u64);
+
+/// One content part: the length of its `text` (or of the part itself when it is a string).
+struct PartLen(u64);
+
+impl<'de> Deserialize<'de> for PartLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PartLen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a content part")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PartLen, E> {
+                Ok(PartLen(s.len() as u64))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<PartLen, A::Error> {
+                let mut n = 0;
+                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                    if k == "text" {
+                        n += map.next_value::<StrLen>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(PartLen(n))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PartLen, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(PartLen(0))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<PartLen, E> {
+                Ok(PartLen(0))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<PartLen, E> {
+                Ok(PartLen(0))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<PartLen, E> {
+                Ok(PartLen(0))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<PartLen, E> {
+                Ok(PartLen(0))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<PartLen, E> {
+                Ok(PartLen(0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 impl<'de> Deserialize<'de> for StrLen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -294,37 +369,52 @@ impl<'de> Deserialize<'de> for StrLen {
             fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<StrLen, D::Error> {
                 d.deserialize_any(V)
             }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrLen, A::Error> {
+                let mut n = 0;
+                while let Some(p) = seq.next_element::<PartLen>()? {
+                    n += p.0;
+                }
+                Ok(StrLen(n))
+            }
         }
         d.deserialize_option(V)
     }
 }
 
+/// `usage`, every field kept raw so that one odd field (a string `cost`, a detail object of
+/// another shape) does not lose the token counts.
 #[derive(Deserialize)]
-struct UsageView {
-    #[serde(default)]
-    prompt_tokens: Option<Count>,
-    #[serde(default)]
-    completion_tokens: Option<Count>,
-    #[serde(default)]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<CompletionDetails>,
-    #[serde(default)]
-    num_search_queries: Option<Count>,
-    #[serde(default)]
-    cost: Option<f64>,
+struct UsageView<'a> {
+    #[serde(borrow, default)]
+    prompt_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt_tokens_details: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    completion_tokens_details: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    num_search_queries: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    cost: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct PromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<Count>,
+struct PromptDetails<'a> {
+    #[serde(borrow, default)]
+    cached_tokens: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct CompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<Count>,
+struct CompletionDetails<'a> {
+    #[serde(borrow, default)]
+    reasoning_tokens: Option<&'a RawValue>,
+}
+
+/// A cost as a number or a numeric string.
+fn cost_from(raw: Option<&RawValue>) -> Option<f64> {
+    let raw = raw?;
+    field::<f64>(Some(raw)).or_else(|| field::<Cow<str>>(Some(raw))?.trim().parse().ok())
 }
 
 /// A token count: a non-negative integer, also when written as `12.0`.
@@ -373,27 +463,32 @@ struct MetaView<'a> {
 
 #[derive(Deserialize)]
 struct ErrorView<'a> {
-    #[serde(borrow, default)]
-    message: Option<Cow<'a, str>>,
     #[serde(borrow, default, rename = "type")]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    code: Option<&'a RawValue>,
 }
 
 fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, Option<f64>)> {
     let u: UsageView = field(raw)?;
-    if u.prompt_tokens.is_none() && u.completion_tokens.is_none() {
+    let count = |r: Option<&RawValue>| field::<Count>(r).map(|c| c.0);
+    let (prompt, completion) = (count(u.prompt_tokens), count(u.completion_tokens));
+    if prompt.is_none() && completion.is_none() {
         return None;
     }
-    let c = |c: Option<Count>| c.map_or(0, |c| c.0);
+    let cached =
+        field::<PromptDetails>(u.prompt_tokens_details).and_then(|d| count(d.cached_tokens));
+    let reasoning = field::<CompletionDetails>(u.completion_tokens_details)
+        .and_then(|d| count(d.reasoning_tokens));
     Some((
         Usage {
-            prompt: c(u.prompt_tokens),
-            completion: c(u.completion_tokens),
-            cached: c(u.prompt_tokens_details.and_then(|d| d.cached_tokens)),
-            reasoning: c(u.completion_tokens_details.and_then(|d| d.reasoning_tokens)),
-            web_searches: c(u.num_search_queries),
+            prompt: prompt.unwrap_or(0),
+            completion: completion.unwrap_or(0),
+            cached: cached.unwrap_or(0),
+            reasoning: reasoning.unwrap_or(0),
+            web_searches: count(u.num_search_queries).unwrap_or(0),
         },
-        u.cost,
+        cost_from(u.cost),
     ))
 }
 
@@ -424,9 +519,10 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
             .map(|g| g.results.as_ref().map_or(0, |r| r.len() as u64))
             .sum::<u64>();
     }
-    if let Some(choices) = field::<Vec<Choice>>(v.choices) {
+    if let Some(choices) = field::<Vec<&RawValue>>(v.choices) {
         let mut bytes = 0;
-        for c in &choices {
+        // One choice of an unexpected shape loses only itself.
+        for c in choices.iter().filter_map(|c| field::<Choice>(Some(c))) {
             if let Some(m) = if chunk { &c.delta } else { &c.message } {
                 bytes += m.content.0 + m.reasoning.0 + m.refusal.0;
                 for t in m.tool_calls.iter().flatten() {
@@ -457,12 +553,21 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
     if let Some(w) = field::<Cow<str>>(v.warning) {
         obs.warning = Some(truncate(&w, MAX_ERROR_CHARS));
     }
-    if let Some(e) = field::<ErrorView>(v.error) {
-        let msg = match (e.kind, e.message) {
-            (Some(k), Some(m)) => format!("{k}: {m}"),
-            (None, Some(m)) => m.into_owned(),
-            (Some(k), None) => k.into_owned(),
-            (None, None) => "error".into(),
+    if let Some(raw) = v.error {
+        let e = field::<ErrorView>(Some(raw));
+        let part = |r: Option<&RawValue>| -> Option<String> {
+            let r = r?;
+            field::<Cow<str>>(Some(r))
+                .map(Cow::into_owned)
+                .or_else(|| field::<i64>(Some(r)).map(|n| n.to_string()))
+        };
+        let kind = e.as_ref().and_then(|e| part(e.kind));
+        let code = e.as_ref().and_then(|e| part(e.code));
+        let msg = match (kind, code) {
+            (Some(k), Some(c)) => format!("upstream error {k} ({c})"),
+            (Some(k), None) => format!("upstream error {k}"),
+            (None, Some(c)) => format!("upstream error ({c})"),
+            (None, None) => "upstream error".into(),
         };
         obs.upstream_error = Some(truncate(&msg, MAX_ERROR_CHARS));
     }
@@ -532,34 +637,44 @@ impl Decoding {
             };
             return self.inflate(&head);
         }
+        // flush() makes the decoders hand out everything the input so far inflates to, so the
+        // tap is never a read behind the client.
         match self {
-            Decoding::Gzip(d) => d.write_all(input)?,
-            Decoding::Zlib(d) => d.write_all(input)?,
-            Decoding::RawDeflate(d) => d.write_all(input)?,
-            Decoding::Brotli(d) => d.write_all(input)?,
+            Decoding::Gzip(d) => d.write_all(input).and_then(|()| d.flush())?,
+            Decoding::Zlib(d) => d.write_all(input).and_then(|()| d.flush())?,
+            Decoding::RawDeflate(d) => d.write_all(input).and_then(|()| d.flush())?,
+            Decoding::Brotli(d) => d.write_all(input).and_then(|()| d.flush())?,
             _ => {}
         }
         Ok(self.output().map(std::mem::take).unwrap_or_default())
     }
 
-    /// Flushes what the decoder still holds at the end of the body.
-    fn finish(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    /// Flushes what the decoder still holds at the end of the body: the output, and the error
+    /// if the compressed stream did not end cleanly (its output still counts).
+    fn finish(&mut self) -> (Vec<u8>, Option<std::io::Error>) {
+        let mut out = Vec::new();
         if let Decoding::DeflatePending(buf) = self {
             if buf.is_empty() {
-                return Ok(None);
+                return (out, None);
             }
             let head = std::mem::take(buf);
             *self = Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()));
-            self.inflate(&head)?;
+            match self.inflate(&head) {
+                Ok(o) => out = o,
+                Err(e) => return (out, Some(e)),
+            }
         }
-        match self {
-            Decoding::Gzip(d) => d.try_finish()?,
-            Decoding::Zlib(d) => d.try_finish()?,
-            Decoding::RawDeflate(d) => d.try_finish()?,
-            Decoding::Brotli(d) => d.flush()?,
-            _ => return Ok(None),
+        let r = match self {
+            Decoding::Gzip(d) => d.try_finish(),
+            Decoding::Zlib(d) => d.try_finish(),
+            Decoding::RawDeflate(d) => d.try_finish(),
+            Decoding::Brotli(d) => d.flush(),
+            _ => return (out, None),
+        };
+        if let Some(rest) = self.output() {
+            out.append(rest);
         }
-        Ok(self.output().map(std::mem::take))
+        (out, r.err())
     }
 }
 
@@ -684,6 +799,102 @@ mod tests {
     fn unsupported_encoding_is_reported() {
         let o = run(BodyKind::Json, Some("zstd"), &[b"\x28\xb5\x2f\xfd"]);
         assert!(o.tap_error.as_deref().unwrap().contains("zstd"));
+    }
+
+    #[test]
+    fn one_odd_usage_field_does_not_lose_the_counts() {
+        let s = concat!(
+            "data: {\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"cost\":\"0.0042\",",
+            "\"prompt_tokens_details\":[1,2],\"completion_tokens_details\":{\"reasoning_tokens\":-1}}}\n\n"
+        );
+        let o = run(BodyKind::Sse, None, &[s.as_bytes()]);
+        assert_eq!(
+            o.usage
+                .map(|u| (u.prompt, u.completion, u.cached, u.reasoning)),
+            Some((12, 3, 0, 0))
+        );
+        assert_eq!(o.upstream_cost_usd, Some(0.0042));
+    }
+
+    #[test]
+    fn content_parts_and_odd_choices_are_counted_choice_by_choice() {
+        let s = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":[{\"type\":\"text\",\"text\":\"abcd\"},\"ef\"]}},",
+            "{\"delta\":{\"content\":{\"weird\":1}}},{\"delta\":{\"content\":\"gh\"}}]}\n\n"
+        );
+        let o = run(BodyKind::Sse, None, &[s.as_bytes()]);
+        assert_eq!(o.content_chunks, 1);
+        assert_eq!(o.content_bytes, 4 + 2 + 2);
+    }
+
+    #[test]
+    fn upstream_error_keeps_type_and_code_not_the_message() {
+        let body = br#"{"error":{"message":"you said: my secret prompt","type":"invalid_request_error","code":"bad"}}"#;
+        let o = run(BodyKind::Json, None, &[body]);
+        let e = o.upstream_error.unwrap();
+        assert_eq!(e, "upstream error invalid_request_error (bad)");
+    }
+
+    #[test]
+    fn compressed_stream_is_tapped_without_lagging_a_read_behind() {
+        let first = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let rest = b"data: {\"choices\":[{\"delta\":{\"content\":\"more\"}}]}\n\n";
+        for enc in ["gzip", "deflate", "br"] {
+            // An upstream that streams compressed SSE flushes its encoder after each event: the
+            // first read holds exactly the first event's compressed bytes.
+            let (head, tail) = compress_flushed(enc, first, rest);
+            let mut tap = ResponseTap::new(BodyKind::Sse, Some(enc), 1 << 20);
+            assert!(
+                tap.feed(&Bytes::from(head)),
+                "{enc}: the first event's content was not seen on the read that carried it"
+            );
+            tap.feed(&Bytes::from(tail));
+            assert_eq!(tap.finish().content_chunks, 2, "{enc}");
+        }
+    }
+
+    /// Compresses `a`, flushes the encoder (a sync point), then `b`; returns the bytes up to
+    /// the flush and the rest.
+    fn compress_flushed(enc: &str, a: &[u8], b: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        fn go<W: Write>(
+            mut w: W,
+            a: &[u8],
+            b: &[u8],
+            take: impl Fn(&mut W) -> Vec<u8>,
+        ) -> (Vec<u8>, W) {
+            w.write_all(a).unwrap();
+            w.flush().unwrap();
+            let head = take(&mut w);
+            w.write_all(b).unwrap();
+            (head, w)
+        }
+        match enc {
+            "gzip" => {
+                let w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let (head, w) = go(w, a, b, |w| std::mem::take(w.get_mut()));
+                (head, w.finish().unwrap())
+            }
+            "deflate" => {
+                let w = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+                let (head, w) = go(w, a, b, |w| std::mem::take(w.get_mut()));
+                (head, w.finish().unwrap())
+            }
+            _ => {
+                let w = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+                let (head, w) = go(w, a, b, |w| std::mem::take(w.get_mut()));
+                (head, w.into_inner())
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_compressed_json_still_reports_what_arrived() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"a long answer that was cut"}}],"usage":{"prompt_tokens":7}}"#;
+        let z = compress("gzip", body);
+        let o = run(BodyKind::Json, Some("gzip"), &[&z[..z.len() - 12]]);
+        assert!(o.usage.is_none());
+        assert!(o.unparsed_body_bytes > 0);
+        assert!(o.tap_error.is_some());
     }
 
     fn compress(enc: &str, data: &[u8]) -> Vec<u8> {

@@ -12,7 +12,7 @@ pub struct SseEvent<'a> {
     pub data: &'a [u8],
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseDecoder {
     /// The current line when it spans reads.
     line: Vec<u8>,
@@ -22,11 +22,33 @@ pub struct SseDecoder {
     event: Vec<u8>,
     /// The previous read ended in CR: a LF at the start of the next one belongs to it.
     skip_lf: bool,
+    /// Longest line or event kept; a longer one is dropped (and `overflowed` set), so a
+    /// stream without line ends cannot grow memory without bound.
+    max: usize,
+    pub overflowed: bool,
+    /// Dropping the rest of an overlong line.
+    discard: bool,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
 }
 
 impl SseDecoder {
-    pub fn new() -> Self {
-        Self::default()
+    /// A decoder keeping at most `max` bytes of one line or one event.
+    pub fn new(max: usize) -> Self {
+        SseDecoder {
+            line: Vec::new(),
+            data: Vec::new(),
+            has_data: false,
+            event: Vec::new(),
+            skip_lf: false,
+            max,
+            overflowed: false,
+            discard: false,
+        }
     }
 
     /// Feeds one read; calls `on_event` for every event it completes.
@@ -39,11 +61,15 @@ impl SseDecoder {
                 self.skip_lf = false;
             }
         }
-        while let Some(pos) = input.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', input) {
             let (head, rest) = input.split_at(pos);
             let cr = rest[0] == b'\r';
             input = &rest[1..];
-            if self.line.is_empty() {
+            if self.discard {
+                // The overlong line ends here.
+                self.discard = false;
+                self.line.clear();
+            } else if self.line.is_empty() {
                 self.process_line(head, on_event);
             } else {
                 self.line.extend_from_slice(head);
@@ -59,6 +85,17 @@ impl SseDecoder {
                     None => self.skip_lf = true,
                 }
             }
+        }
+        if self.discard {
+            return;
+        }
+        if self.line.len() + input.len() > self.max {
+            self.overflowed = true;
+            self.discard = true;
+            self.line.clear();
+            self.data.clear();
+            self.has_data = false;
+            return;
         }
         self.line.extend_from_slice(input);
     }
@@ -100,6 +137,11 @@ impl SseDecoder {
         };
         match field {
             b"data" => {
+                if self.data.len() + value.len() >= self.max {
+                    self.overflowed = true;
+                    self.data.clear();
+                    return;
+                }
                 self.data.extend_from_slice(value);
                 self.data.push(b'\n');
                 self.has_data = true;
@@ -119,7 +161,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn decode_in(parts: &[&[u8]]) -> Vec<(String, String)> {
-        let mut d = SseDecoder::new();
+        let mut d = SseDecoder::default();
         let mut out = Vec::new();
         let mut f = |e: SseEvent<'_>| {
             out.push((
@@ -166,6 +208,19 @@ data: {\"b\":\"\xc3\xa9\"}\n\ndata: line1\ndata: line2\n\nid: 7\nretry: 10\ndata
             decode_in(&[b"data: a\r", b"\n\r", b"\n"]),
             vec![(String::new(), "a".into())]
         );
+    }
+
+    #[test]
+    fn a_stream_without_line_ends_is_bounded() {
+        let mut d = SseDecoder::new(100);
+        let mut n = 0;
+        for _ in 0..1000 {
+            d.feed(&[b'x'; 64], &mut |_| n += 1);
+        }
+        assert!(d.overflowed);
+        assert!(d.line.capacity() <= 256);
+        d.feed(b"\n\ndata: ok\n\n", &mut |_| n += 1);
+        assert_eq!(n, 1, "the decoder recovers at the next line end");
     }
 
     proptest! {

@@ -25,9 +25,32 @@ pub struct Resolver {
 }
 
 struct Entry {
-    addrs: Vec<SocketAddr>,
+    addrs: Arc<[SocketAddr]>,
     fetched: Instant,
     refreshing: AtomicBool,
+}
+
+/// The addresses a name resolved to, and where this request starts in them: calls are spread
+/// over all addresses, and a request whose connection fails moves on to the next one.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    addrs: Arc<[SocketAddr]>,
+    start: usize,
+}
+
+impl Resolved {
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// The address for the request's `attempt`-th connection (0-based).
+    pub fn pick(&self, attempt: usize) -> SocketAddr {
+        self.addrs[(self.start + attempt) % self.addrs.len()]
+    }
 }
 
 impl Resolver {
@@ -50,16 +73,19 @@ impl Resolver {
         })
     }
 
-    /// One address for `host:port`, rotating over all the name resolves to.
+    /// The addresses of `host:port`, each call starting at the next one.
     pub async fn resolve(
         self: &Arc<Self>,
         host: &str,
         port: u16,
         refresh: Duration,
         timeout: Duration,
-    ) -> Result<SocketAddr, String> {
+    ) -> Result<Resolved, String> {
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(SocketAddr::new(ip, port));
+            return Ok(Resolved {
+                addrs: Arc::new([SocketAddr::new(ip, port)]),
+                start: 0,
+            });
         }
         let key = (host.to_string(), port);
         let cached = self.cache.get(&key).map(|e| Arc::clone(e.value()));
@@ -71,15 +97,18 @@ impl Resolver {
                     tokio::spawn(async move {
                         match this.lookup_once(&key.0, key.1, timeout).await {
                             Ok(addrs) => {
-                                this.store(key, addrs);
+                                this.store(key, addrs.into());
                             }
                             Err(err) => {
                                 log::warn!(
                                     "refreshing DNS for {}: {err}; keeping the last answer",
                                     key.0
                                 );
-                                if let Some(e) = this.cache.get(&key) {
-                                    e.refreshing.store(false, Ordering::Release);
+                                // Keep the last answer for another refresh interval, so an
+                                // outage does not start a lookup on every request.
+                                let last = this.cache.get(&key).map(|e| Arc::clone(&e.addrs));
+                                if let Some(addrs) = last {
+                                    this.store(key, addrs);
                                 }
                             }
                         }
@@ -89,14 +118,16 @@ impl Resolver {
             }
             None => {
                 let addrs = self.lookup_once(host, port, timeout).await?;
-                self.store(key, addrs)
+                self.store(key, addrs.into())
             }
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(entry.addrs[i % entry.addrs.len()])
+        Ok(Resolved {
+            addrs: Arc::clone(&entry.addrs),
+            start: self.next.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
-    fn store(&self, key: (String, u16), addrs: Vec<SocketAddr>) -> Arc<Entry> {
+    fn store(&self, key: (String, u16), addrs: Arc<[SocketAddr]>) -> Arc<Entry> {
         let e = Arc::new(Entry {
             addrs,
             fetched: Instant::now(),
@@ -136,7 +167,7 @@ mod tests {
     async fn ip_literals_need_no_lookup() {
         let r = Resolver::with_lookup(Box::new(|_, _| panic!("no lookup expected")));
         let a = r.resolve("::1", 8080, LONG, LONG).await.unwrap();
-        assert_eq!(a, "[::1]:8080".parse().unwrap());
+        assert_eq!(a.pick(0), "[::1]:8080".parse().unwrap());
     }
 
     #[tokio::test]
@@ -145,7 +176,7 @@ mod tests {
             .resolve("localhost", 1, LONG, LONG)
             .await
             .unwrap();
-        assert!(a.ip().is_loopback());
+        assert!(a.pick(0).ip().is_loopback());
     }
 
     #[tokio::test]
@@ -158,28 +189,72 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn answers_are_cached_and_a_failed_refresh_keeps_the_last_one() {
+    async fn answers_are_cached_refreshed_and_kept_through_a_failed_refresh() {
         let calls = Arc::new(AtomicU32::new(0));
         let c = Arc::clone(&calls);
         let r = Resolver::with_lookup(Box::new(move |_, port| {
             let n = c.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                if n == 0 {
-                    Ok(vec![SocketAddr::from(([127, 0, 0, 7], port))])
-                } else {
-                    Err(std::io::Error::other("down"))
+                match n {
+                    0 => Ok(vec![SocketAddr::from(([127, 0, 0, 7], port))]),
+                    1 => Err(std::io::Error::other("down")),
+                    _ => Ok(vec![SocketAddr::from(([127, 0, 0, 8], port))]),
                 }
+            })
+        }));
+        let first: SocketAddr = "127.0.0.7:1".parse().unwrap();
+        assert_eq!(r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0), first);
+        assert_eq!(r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0), first);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a fresh answer is served from cache"
+        );
+        // Stale: the old answer is served while a background refresh runs (and fails).
+        assert_eq!(
+            r.resolve("h", 1, Duration::ZERO, LONG)
+                .await
+                .unwrap()
+                .pick(0),
+            first
+        );
+        while calls.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0), first);
+        // The failed refresh counts as a refresh: no new lookup until the interval passes.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The next refresh succeeds and its answer replaces the old one.
+        r.resolve("h", 1, Duration::ZERO, LONG).await.unwrap();
+        while calls.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        let mut fresh = r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0);
+        for _ in 0..100 {
+            if fresh != first {
+                break;
+            }
+            tokio::task::yield_now().await;
+            fresh = r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0);
+        }
+        assert_eq!(fresh, "127.0.0.8:1".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn each_request_starts_at_the_next_address_and_can_fail_over() {
+        let r = Resolver::with_lookup(Box::new(|_, port| {
+            Box::pin(async move {
+                Ok(vec![
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                    SocketAddr::from(([127, 0, 0, 2], port)),
+                ])
             })
         }));
         let a = r.resolve("h", 1, LONG, LONG).await.unwrap();
         let b = r.resolve("h", 1, LONG, LONG).await.unwrap();
-        assert_eq!(a, b);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        // Stale: a background refresh is started, fails, and the old answer is still served.
-        let c = r.resolve("h", 1, Duration::ZERO, LONG).await.unwrap();
-        assert_eq!(c, a);
-        tokio::task::yield_now().await;
-        let d = r.resolve("h", 1, LONG, LONG).await.unwrap();
-        assert_eq!(d, a);
+        assert_ne!(a.pick(0), b.pick(0));
+        assert_eq!(a.pick(1), b.pick(0));
+        assert_eq!(a.pick(2), a.pick(0));
     }
 }

@@ -36,6 +36,10 @@ use crate::telemetry::Sinks;
 /// Largest error body (4xx/5xx) the tap reads to learn the upstream's error message.
 const ERROR_TAP_LIMIT: usize = 64 * 1024;
 
+/// How long a refused request's remaining body is read and dropped before the connection
+/// closes.
+const DRAIN_REJECTED_BODY: Duration = Duration::from_secs(2);
+
 /// State shared by all requests; outlives config reloads.
 pub struct Shared {
     pub config: ArcSwap<Config>,
@@ -114,11 +118,16 @@ pub struct Ctx {
     chat: bool,
     /// Chat request body held back until complete.
     held: Vec<Bytes>,
+    /// The request's `Content-Encoding`, if any.
+    request_encoding: Option<String>,
     request_bytes: u64,
     /// The held body went to the upstream.
     body_released: bool,
     meta: Option<RequestMeta>,
     meta_error: Option<String>,
+    /// The upstream's addresses for this request, and how many connections were tried.
+    addrs: Option<dns::Resolved>,
+    attempts: usize,
     upstream_addr: Option<SocketAddr>,
     /// The upstream's status (the last non-1xx head).
     upstream_status: Option<u16>,
@@ -126,7 +135,6 @@ pub struct Ctx {
     ttft: Option<Duration>,
     tap: Option<ResponseTap>,
     response_bytes: u64,
-    response_done: bool,
     /// tokentap refused the call itself (the upstream did not process it).
     rejection: Option<ApiError>,
     /// Why tokentap could not complete the call with the upstream.
@@ -154,17 +162,19 @@ impl ProxyHttp for TokenTap {
             request_id: self.shared.ids.next(),
             chat: false,
             held: Vec::new(),
+            request_encoding: None,
             request_bytes: 0,
             body_released: false,
             meta: None,
             meta_error: None,
+            addrs: None,
+            attempts: 0,
             upstream_addr: None,
             upstream_status: None,
             ttfb: None,
             ttft: None,
             tap: None,
             response_bytes: 0,
-            response_done: false,
             rejection: None,
             failure: None,
             _in_flight: InFlight::new(&self.shared.in_flight),
@@ -185,30 +195,45 @@ impl ProxyHttp for TokenTap {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(self.reject(ctx, too_large(limit)));
         }
+        if ctx.chat {
+            ctx.request_encoding = req
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
         Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &ctx.cfg.upstream;
-        let addr = match self
-            .shared
-            .resolver
-            .resolve(&u.url.host, u.url.port, u.dns_refresh, u.connect_timeout)
-            .await
-        {
-            Ok(a) => a,
-            Err(msg) => {
-                ctx.failure = Some(
-                    ApiError::new(
-                        502,
-                        "upstream_error",
-                        format!("tokentap could not resolve the upstream: {msg}"),
-                    )
-                    .code("upstream_unresolvable"),
-                );
-                return Err(Error::explain(ErrorType::ConnectNoRoute, msg).into_up());
+        if ctx.addrs.is_none() {
+            match self
+                .shared
+                .resolver
+                .resolve(&u.url.host, u.url.port, u.dns_refresh, u.connect_timeout)
+                .await
+            {
+                Ok(a) => ctx.addrs = Some(a),
+                Err(msg) => {
+                    ctx.failure = Some(
+                        ApiError::new(
+                            502,
+                            "upstream_error",
+                            format!("tokentap could not resolve the upstream: {msg}"),
+                        )
+                        .code("upstream_unresolvable"),
+                    );
+                    return Err(Error::explain(ErrorType::ConnectNoRoute, msg).into_up());
+                }
             }
-        };
+        }
+        // A retry after a failed connection moves on to the name's next address.
+        let addr = ctx
+            .addrs
+            .as_ref()
+            .map_or_else(|| unreachable!("resolved above"), |a| a.pick(ctx.attempts));
+        ctx.attempts += 1;
         ctx.upstream_addr = Some(addr);
         let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.clone());
         let o = &mut peer.options;
@@ -275,7 +300,8 @@ impl ProxyHttp for TokenTap {
                 1 => ctx.held.pop().unwrap_or_default(),
                 _ => Bytes::from(std::mem::take(&mut ctx.held).concat()),
             };
-            match request::inspect(&whole) {
+            let limit = ctx.cfg.limits.max_request_body_bytes;
+            match request::inspect_encoded(&whole, ctx.request_encoding.as_deref(), limit) {
                 Ok(m) => ctx.meta = Some(m),
                 Err(e) => ctx.meta_error = Some(e.0),
             }
@@ -325,7 +351,7 @@ impl ProxyHttp for TokenTap {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        end_of_stream: bool,
+        _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if let Some(b) = body {
@@ -336,10 +362,22 @@ impl ProxyHttp for TokenTap {
                 }
             }
         }
-        if end_of_stream {
-            ctx.response_done = true;
-        }
         Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent on a connection that never opened: try the name's next address, if
+        // there is one this request has not tried.
+        if ctx.addrs.as_ref().is_some_and(|a| ctx.attempts < a.len()) {
+            e.set_retry(true);
+        }
+        e
     }
 
     fn error_while_proxy(
@@ -351,13 +389,23 @@ impl ProxyHttp for TokenTap {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
-        // Retrying is only safe on a reused (possibly stale) upstream connection when nothing of
-        // the request has been read from the client yet: a request is never sent twice.
-        let safe = client_reused
+        // A request is never sent twice. Pingora's rule (retry an idempotent request whose
+        // reused connection turned out stale) stands, with two more conditions: nothing of a
+        // body was read from the client (a body consumed here cannot be replayed beyond
+        // Pingora's 64 KiB buffer), and the upstream did not simply take too long.
+        let replayable = session.req_header().method.is_idempotent()
             && ctx.request_bytes == 0
+            && !ctx.body_released
             && ctx.upstream_status.is_none()
-            && session.response_written().is_none();
-        e.set_retry(safe);
+            && !matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
+        if replayable {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
         e
     }
 
@@ -375,7 +423,15 @@ impl ProxyHttp for TokenTap {
                     ctx.failure = Some(api.clone());
                 }
                 match write_error(session, api).await {
-                    Ok(()) => api.status,
+                    Ok(()) => {
+                        if ctx.rejection.is_some() {
+                            // Read (and drop) what the client is still sending, for a while,
+                            // so it sees the answer rather than a reset connection.
+                            let drain = session.downstream_session.drain_request_body();
+                            let _ = tokio::time::timeout(DRAIN_REJECTED_BODY, drain).await;
+                        }
+                        api.status
+                    }
                     Err(_) => 0,
                 }
             }

@@ -19,6 +19,8 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .cfg
         .pricing
         .lookup(observed.response_model.as_deref(), model.as_deref());
+    // The upstream's error is logged by type and code only: some providers echo request
+    // content in their messages.
     let error = ctx
         .rejection
         .as_ref()
@@ -69,13 +71,11 @@ fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
         return Outcome::Rejected;
     }
     let Some(e) = e else {
-        return match ctx.upstream_status {
-            Some(s) if s >= 400 => Outcome::UpstreamError,
-            Some(_) if ctx.response_done => Outcome::Complete,
-            // No error, yet the body did not end: the client hung up as it ended.
-            Some(_) => Outcome::ClientDisconnected,
-            None if status >= 400 => Outcome::UpstreamError,
-            None => Outcome::Complete,
+        // Pingora reports an error for every response it could not finish (bodiless ones,
+        // HEAD, 204 and 304, end with their head and never reach the body filter).
+        return match ctx.upstream_status.unwrap_or(status) {
+            s if s >= 400 => Outcome::UpstreamError,
+            _ => Outcome::Complete,
         };
     };
     match (e.esource(), e.etype()) {
@@ -117,7 +117,13 @@ fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
     }
     let usage = Usage {
         prompt: estimate_tokens(meta.prompt_text_bytes),
-        completion: estimate_tokens(obs.content_bytes),
+        // Content the tap could attribute; for a JSON body cut before it could be parsed, the
+        // bytes that arrived (a whole answer had been generated before it was sent).
+        completion: estimate_tokens(if obs.content_bytes > 0 {
+            obs.content_bytes
+        } else {
+            obs.unparsed_body_bytes
+        }),
         cached: 0,
         reasoning: 0,
         web_searches: if obs.search_ran {

@@ -6,7 +6,7 @@
 //! requests.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,10 +21,19 @@ use crate::meter::{Outcome, UsageRecord, UsageSource};
 
 const QUEUE: usize = 65_536;
 
+enum Msg {
+    Record(Arc<UsageRecord>),
+    Stop,
+}
+
 pub struct AccessLog {
-    tx: Mutex<Option<SyncSender<Arc<UsageRecord>>>>,
+    tx: SyncSender<Msg>,
+    stopped: AtomicBool,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// Records not written: the queue was full, or the log was already shut down.
     pub dropped: Arc<AtomicU64>,
+    /// Records (or flushes) the output refused, e.g. a full disk or a closed pipe.
+    pub write_errors: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -42,64 +51,89 @@ impl AccessLog {
             ),
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let write_errors = Arc::new(AtomicU64::new(0));
+        let errors = Arc::clone(&write_errors);
         let worker = std::thread::Builder::new()
             .name("tokentap-access-log".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn(move || write_loop(rx, out, &errors))?;
         Ok(AccessLog {
-            tx: Mutex::new(Some(tx)),
+            tx,
+            stopped: AtomicBool::new(false),
             worker: Mutex::new(Some(worker)),
             dropped: Arc::new(AtomicU64::new(0)),
+            write_errors,
         })
+    }
+
+    fn drop_one(&self, why: &str) {
+        if self
+            .dropped
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(10_000)
+        {
+            log::warn!("access log: dropping records ({why})");
+        }
     }
 }
 
 impl Sink for AccessLog {
     fn record(&self, rec: &Arc<UsageRecord>) {
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = guard.as_ref() {
-            match tx.try_send(Arc::clone(rec)) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    if self
-                        .dropped
-                        .fetch_add(1, Ordering::Relaxed)
-                        .is_multiple_of(10_000)
-                    {
-                        log::warn!("access log queue full: records are being dropped");
-                    }
-                }
-            }
+        if self.stopped.load(Ordering::Acquire) {
+            return self.drop_one("already shut down");
+        }
+        match self.tx.try_send(Msg::Record(Arc::clone(rec))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.drop_one("queue full: the output is too slow"),
+            Err(TrySendError::Disconnected(_)) => self.drop_one("writer stopped"),
         }
     }
 
     fn shutdown(&self) {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.tx.send(Msg::Stop);
         if let Some(w) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = w.join();
         }
     }
 }
 
-fn write_loop(rx: Receiver<Arc<UsageRecord>>, out: Box<dyn Write + Send>) {
+/// Writes records in batches, flushing whenever the queue runs dry. A failing output is
+/// reported and counted, and writing goes on (a full disk may free up).
+fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, errors: &AtomicU64) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(1024);
-    while let Ok(rec) = rx.recv() {
-        let mut next = Some(rec);
-        while let Some(rec) = next {
+    let failed = |e: std::io::Error| {
+        if errors
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(10_000)
+        {
+            log::error!("access log: cannot write: {e}");
+        }
+    };
+    while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(msg) = next {
+            let Msg::Record(rec) = msg else {
+                if let Err(e) = out.flush() {
+                    failed(e);
+                }
+                return;
+            };
             line.clear();
             if serde_json::to_writer(&mut line, &Line::from(&*rec)).is_ok() {
                 line.push(b'\n');
-                if out.write_all(&line).is_err() {
-                    return;
+                if let Err(e) = out.write_all(&line) {
+                    failed(e);
                 }
             }
             next = rx.try_recv().ok();
         }
-        if out.flush().is_err() {
-            return;
+        if let Err(e) = out.flush() {
+            failed(e);
         }
     }
-    let _ = out.flush();
 }
 
 fn ms(d: Duration) -> f64 {

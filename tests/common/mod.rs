@@ -40,7 +40,7 @@ pub fn free_port() -> u16 {
 }
 
 pub struct Proc {
-    child: Child,
+    pub child: Child,
 }
 
 impl Drop for Proc {
@@ -132,6 +132,12 @@ impl Mock {
             .clone()
     }
 
+    /// How many requests the mock has read (answered or not).
+    pub fn received(&self) -> u64 {
+        let r = request(self.control, "GET", "/__mock/received", &[], b"");
+        String::from_utf8_lossy(&r.body).trim().parse().unwrap()
+    }
+
     /// Waits until the mock has logged `n` requests, and returns them.
     pub fn wait_requests(&self, n: usize) -> Vec<Value> {
         let start = Instant::now();
@@ -201,6 +207,17 @@ impl TapBuilder {
     }
 
     pub fn start(self) -> Tap {
+        // A free port can be taken by another test between picking it and binding it: then
+        // this tokentap exits (or another answers), and it is started again on new ports.
+        for _ in 0..5 {
+            if let Some(tap) = self.try_start() {
+                return tap;
+            }
+        }
+        panic!("tokentap did not start on free ports five times");
+    }
+
+    fn try_start(&self) -> Option<Tap> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
@@ -232,23 +249,6 @@ path = "access.log"
 "#
         );
         std::fs::write(&config, text).unwrap();
-        Tap::start_with(dir, config, log, port, admin_port)
-    }
-}
-
-impl Tap {
-    /// Starts tokentap in front of `upstream` with extra config tables appended.
-    pub fn start(upstream: &str, extra: &str) -> Tap {
-        TapBuilder::new(upstream).extra(extra).start()
-    }
-
-    fn start_with(
-        dir: tempfile::TempDir,
-        config: PathBuf,
-        log: PathBuf,
-        port: u16,
-        admin_port: u16,
-    ) -> Tap {
         let child = Command::new(env!("CARGO_BIN_EXE_tokentap"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -257,7 +257,7 @@ impl Tap {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start tokentap");
-        let tap = Tap {
+        let mut tap = Tap {
             proc: Proc { child },
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
@@ -265,15 +265,35 @@ impl Tap {
             log,
             config,
         };
+        let me = format!("pid={} ", tap.proc.pid());
         let start = Instant::now();
-        while TcpStream::connect(tap.admin).is_err() || TcpStream::connect(tap.addr).is_err() {
+        loop {
+            if tap.proc.child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            if TcpStream::connect(tap.admin).is_ok() {
+                let ready = request(tap.admin, "GET", "/readyz", &[], b"");
+                if !String::from_utf8_lossy(&ready.body).contains(&me) {
+                    return None; // another process holds the admin port
+                }
+                if TcpStream::connect(tap.addr).is_ok() {
+                    break;
+                }
+            }
             assert!(
                 start.elapsed() < PATIENCE,
                 "tokentap did not start listening"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        tap
+        Some(tap)
+    }
+}
+
+impl Tap {
+    /// Starts tokentap in front of `upstream` with extra config tables appended.
+    pub fn start(upstream: &str, extra: &str) -> Tap {
+        TapBuilder::new(upstream).extra(extra).start()
     }
 
     pub fn records(&self) -> Vec<Value> {
@@ -338,7 +358,11 @@ pub fn request(
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     send_request(&mut s, method, path, headers, body);
-    read_response(&mut s, usize::MAX)
+    if method == "HEAD" {
+        read_response(&mut s, 0)
+    } else {
+        read_response(&mut s, usize::MAX)
+    }
 }
 
 pub fn send_request(
@@ -364,7 +388,8 @@ pub fn send_request(
     let _ = s.write_all(body);
 }
 
-/// Reads one response; stops (incomplete) after `max_body` body bytes.
+/// Reads one response; stops (incomplete) after `max_body` body bytes. A response that has no
+/// body by its status (204, 304), or a `max_body` of 0 (the answer to HEAD), reads none.
 pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 65536];
@@ -394,6 +419,14 @@ pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
         buf.extend_from_slice(&tmp[..n]);
     };
     buf.drain(..consumed);
+    if max_body == 0 || status == 204 || status == 304 {
+        return Resp {
+            status,
+            headers,
+            body: Vec::new(),
+            complete: true,
+        };
+    }
     let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let chunked = get("transfer-encoding").is_some_and(|v| v.contains("chunked"));
     let mut body = Vec::new();
