@@ -32,6 +32,14 @@ fn assert_byte_exact(entry: &Value, sent: &[u8], resp: &Resp) {
     );
 }
 
+/// Sends a chat request and returns the connection, for reading the answer bit by bit.
+fn open_chat(tap: &Tap, body: &[u8], headers: &[(&str, &str)]) -> TcpStream {
+    let mut s = TcpStream::connect(tap.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    send_request(&mut s, "POST", "/v1/chat/completions", headers, body);
+    s
+}
+
 fn pico(record: &Value) -> u64 {
     // cost_usd is an exact decimal; turn it back into integer pico-USD.
     let s = record["cost_usd"].to_string();
@@ -237,14 +245,10 @@ fn crlf_stream_with_search_done_events_counts_searches() {
 fn client_disconnect_mid_stream_is_estimated_and_not_zero() {
     let (mock, tap) = setup();
     let body = chat_body(MODEL, "frank", true, "");
-    let mut s = TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    send_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-chunks", "200"), ("x-mock-delay-ms", "20")],
+    let mut s = open_chat(
+        &tap,
         &body,
+        &[("x-mock-chunks", "200"), ("x-mock-delay-ms", "20")],
     );
     // Read a few content chunks, then hang up.
     let resp = read_response(&mut s, 1500);
@@ -525,14 +529,10 @@ fn upstream_connections_are_pooled() {
 fn streams_are_passed_on_chunk_by_chunk() {
     let (mock, tap) = setup();
     let body = chat_body(MODEL, "stream", true, "");
-    let mut s = TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    send_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-chunks", "30"), ("x-mock-delay-ms", "40")],
+    let mut s = open_chat(
+        &tap,
         &body,
+        &[("x-mock-chunks", "30"), ("x-mock-delay-ms", "40")],
     );
     // Read until the first content token arrives...
     let mut seen = Vec::new();

@@ -207,14 +207,15 @@ impl ProxyHttp for TokenTap {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &ctx.cfg.upstream;
-        if ctx.addrs.is_none() {
-            match self
+        let addrs = match ctx.addrs.take() {
+            Some(a) => a,
+            None => match self
                 .shared
                 .resolver
                 .resolve(&u.url.host, u.url.port, u.dns_refresh, u.connect_timeout)
                 .await
             {
-                Ok(a) => ctx.addrs = Some(a),
+                Ok(a) => a,
                 Err(msg) => {
                     ctx.failure = Some(
                         ApiError::new(
@@ -226,13 +227,11 @@ impl ProxyHttp for TokenTap {
                     );
                     return Err(Error::explain(ErrorType::ConnectNoRoute, msg).into_up());
                 }
-            }
-        }
+            },
+        };
         // A retry after a failed connection moves on to the name's next address.
-        let addr = ctx
-            .addrs
-            .as_ref()
-            .map_or_else(|| unreachable!("resolved above"), |a| a.pick(ctx.attempts));
+        let addr = addrs.pick(ctx.attempts);
+        ctx.addrs = Some(addrs);
         ctx.attempts += 1;
         ctx.upstream_addr = Some(addr);
         let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.clone());
