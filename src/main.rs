@@ -35,9 +35,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
-        .init();
+    // RUST_LOG, when set, governs logging; otherwise server.log_level does, and a reload can
+    // change it (the logger lets everything through and log's max level filters).
+    let log_from_env = std::env::var_os("RUST_LOG").is_some();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default());
+    if !log_from_env {
+        logger.filter_level(log::LevelFilter::Trace);
+    }
+    logger.target(env_logger::Target::Stderr).init();
+    if !log_from_env {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match tokentap::config::load(&config) {
@@ -63,7 +71,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match tokentap::server::run(c) {
+            if !log_from_env {
+                log::set_max_level(c.server.log_level);
+            }
+            match tokentap::server::run(c, config, log_from_env) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tokentap: {e}");

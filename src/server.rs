@@ -1,6 +1,7 @@
-//! Wiring: builds the Pingora server from a config (proxy and admin services, sinks), runs it
-//! until SIGTERM/SIGINT, then drains in-flight calls and flushes the sinks.
+//! Wiring: builds the Pingora server from a config (proxy and admin services, sinks, reload
+//! triggers), runs it until SIGTERM/SIGINT, then drains in-flight calls and flushes the sinks.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,23 +12,31 @@ use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownS
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::config::reload::{Reloader, Trigger};
 use crate::config::Config;
 use crate::proxy::{Shared, TokenTap};
 use crate::telemetry::{access_log::AccessLog, Sinks};
 
+/// Longest Pingora waits after SIGTERM; the drain watch ends the process as soon as the
+/// in-flight calls are done or `server.drain_timeout_ms` (reloadable) has passed.
+const MAX_GRACE: Duration = Duration::from_secs(3600);
+
 /// Runs tokentap until it is told to stop. Returns an error only for start-up problems.
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(), String> {
     let mut sinks = Sinks::new();
-    if config.access_log.enabled {
-        let log = AccessLog::open(&config.access_log.target).map_err(|e| e.to_string())?;
-        sinks.push(Box::new(log));
-    }
+    sinks.push(Box::new(
+        AccessLog::new(&config.access_log).map_err(|e| e.to_string())?,
+    ));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
-    let drain_timeout = config.server.drain_timeout;
     let shared = Shared::new(config, sinks);
+    let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
+    // SIGHUP would end the process by default: take it over before anything else runs.
+    spawn_sighup(Arc::clone(&reloader))?;
+    crate::config::watch::spawn(Arc::clone(&reloader), Arc::clone(&shared))
+        .map_err(|e| format!("cannot watch the config files: {e}"))?;
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -42,6 +51,7 @@ pub fn run(config: Config) -> Result<(), String> {
         "tokentap admin".to_string(),
         Admin {
             shared: Arc::clone(&shared),
+            reloader,
         },
     );
     admin.add_tcp(&admin_listen.to_string());
@@ -49,7 +59,7 @@ pub fn run(config: Config) -> Result<(), String> {
     server.add_service(proxy);
     server.add_service(admin);
     server.bootstrap();
-    spawn_drain_watch(&server, Arc::clone(&shared), drain_timeout);
+    spawn_drain_watch(&server, Arc::clone(&shared));
 
     log::info!("tokentap listening on {listen}, admin on {admin_listen}");
     server.run(RunArgs {
@@ -61,15 +71,39 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// SIGHUP reloads the config. Handled on its own thread and runtime, apart from Pingora's.
+fn spawn_sighup(reloader: Arc<Reloader>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut hup = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
+        .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    std::thread::Builder::new()
+        .name("tokentap-sighup".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                while hup.recv().await.is_some() {
+                    let r = Arc::clone(&reloader);
+                    let _ = tokio::task::spawn_blocking(move || r.reload(Trigger::Signal)).await;
+                }
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Pingora, once told to stop, closes its listeners and then sleeps the whole grace period
 /// before dropping its runtimes, however few calls are left. This watcher ends the process as
 /// soon as the last in-flight call has been recorded (sinks flushed first), so a stop takes as
-/// long as the slowest call, at most `server.drain_timeout_ms`.
-fn spawn_drain_watch(server: &Server, shared: Arc<Shared>, timeout: Duration) {
+/// long as the slowest call, at most `server.drain_timeout_ms` of the running config.
+fn spawn_drain_watch(server: &Server, shared: Arc<Shared>) {
     let mut phases = server.watch_execution_phase();
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
             Ok(ExecutionPhase::ShutdownStarted) => {
+                let timeout = shared.config.load().server.drain_timeout;
                 let deadline = Instant::now() + timeout;
                 while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
@@ -91,11 +125,9 @@ fn spawn_drain_watch(server: &Server, shared: Arc<Shared>, timeout: Duration) {
 }
 
 fn server_conf(c: &Config) -> ServerConf {
-    let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     ServerConf {
         threads: c.server.threads,
-        // The drain watch usually exits well before this ends.
-        grace_period_seconds: Some(secs(c.server.drain_timeout)),
+        grace_period_seconds: Some(MAX_GRACE.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         // Retries only happen where nothing of the request was sent (see error_while_proxy).
         max_retries: 2,
@@ -110,7 +142,7 @@ fn server_conf(c: &Config) -> ServerConf {
 }
 
 /// SIGTERM and SIGINT both stop gracefully: stop accepting, let in-flight calls finish (up to
-/// `server.shutdown_timeout_ms`), so that every call still gets its record.
+/// `server.drain_timeout_ms`), so that every call still gets its record.
 struct Signals;
 
 #[async_trait]

@@ -7,7 +7,9 @@
 //!
 //! Every error names the file, the key and what to change.
 
+pub mod reload;
 mod schema;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -23,6 +25,10 @@ pub use schema::AccessLogTarget;
 pub struct Config {
     /// The main config file this snapshot was loaded from.
     pub source: PathBuf,
+    /// Every file it was built from (the main file first, then included ones).
+    pub files: Vec<PathBuf>,
+    /// A digest of those files' contents: which config is running.
+    pub hash: String,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
@@ -37,6 +43,7 @@ pub struct ServerConfig {
     pub threads: usize,
     /// After SIGTERM, how long in-flight calls get to finish once the listeners are closed.
     pub drain_timeout: Duration,
+    pub log_level: log::LevelFilter,
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +119,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Config, ConfigError> {
     let raw: schema::RawConfig =
         toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(&e, text)))?;
-    compile(raw, file, dir)
+    compile(raw, text, file, dir)
 }
 
 /// Formats a TOML error as "line L, column C: message" plus the offending line, so the operator
@@ -131,7 +138,13 @@ pub(crate) fn toml_error(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-fn compile(raw: schema::RawConfig, file: &Path, dir: &Path) -> Result<Config, ConfigError> {
+fn compile(
+    raw: schema::RawConfig,
+    text: &str,
+    file: &Path,
+    dir: &Path,
+) -> Result<Config, ConfigError> {
+    use sha2::Digest;
     let err = |key: &str, msg: String| ConfigError::new(file, format!("{key}: {msg}"));
 
     let server = {
@@ -156,6 +169,15 @@ fn compile(raw: schema::RawConfig, file: &Path, dir: &Path) -> Result<Config, Co
             admin_listen,
             threads: s.threads,
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+            log_level: s.log_level.parse().map_err(|_| {
+                err(
+                    "server.log_level",
+                    format!(
+                        "{:?} is not a level: use error, warn, info, debug or trace",
+                        s.log_level
+                    ),
+                )
+            })?,
         }
     };
 
@@ -212,19 +234,58 @@ fn compile(raw: schema::RawConfig, file: &Path, dir: &Path) -> Result<Config, Co
         target: raw.access_log.path.resolve(dir),
     };
 
-    let pricing = crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
-        PricingError::InFile { file, message } => ConfigError { file, message },
-        PricingError::Here(message) => ConfigError::new(file, message),
-    })?;
+    let (pricing, included) =
+        crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
+            PricingError::InFile { file, message } => ConfigError { file, message },
+            PricingError::Here(message) => ConfigError::new(file, message),
+        })?;
+
+    let mut files = vec![file.to_path_buf()];
+    let mut digest = sha2::Sha256::new();
+    digest.update(text.as_bytes());
+    if let Some((path, content)) = included {
+        digest.update([0u8]);
+        digest.update(path.to_string_lossy().as_bytes());
+        digest.update([0u8]);
+        digest.update(content.as_bytes());
+        files.push(path);
+    }
+    let hash = digest.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
 
     Ok(Config {
         source: file.to_path_buf(),
+        files,
+        hash,
         server,
         upstream,
         limits,
         access_log,
         pricing,
     })
+}
+
+impl Config {
+    /// The settings that differ from `running` but only take effect after a restart (the
+    /// listeners, the worker threads, the TLS roots).
+    pub fn needs_restart_against(&self, running: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.server.listen != running.server.listen {
+            v.push("server.listen");
+        }
+        if self.server.admin_listen != running.server.admin_listen {
+            v.push("server.admin_listen");
+        }
+        if self.server.threads != running.server.threads {
+            v.push("server.threads");
+        }
+        if self.upstream.ca_file != running.upstream.ca_file {
+            v.push("upstream.ca_file");
+        }
+        v
+    }
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

@@ -29,6 +29,8 @@ pub struct RawServer {
     pub threads: usize,
     /// After SIGTERM: stop accepting, then wait up to this long for in-flight calls to finish.
     pub drain_timeout_ms: u64,
+    /// error, warn, info, debug or trace (`RUST_LOG`, when set, wins).
+    pub log_level: String,
 }
 
 impl Default for RawServer {
@@ -38,6 +40,7 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9090".into(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout_ms: 30_000,
+            log_level: "info".into(),
         }
     }
 }

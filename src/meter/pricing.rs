@@ -165,8 +165,14 @@ impl fmt::Display for PricingError {
     }
 }
 
-pub fn compile(raw: &RawPricing, dir: &Path) -> Result<PriceTable, PricingError> {
+/// Compiles `[pricing]`; also returns the included pricing file's path and text (for watching
+/// and for the config hash).
+pub fn compile(
+    raw: &RawPricing,
+    dir: &Path,
+) -> Result<(PriceTable, Option<(PathBuf, String)>), PricingError> {
     let mut models = HashMap::new();
+    let mut included = None;
     if let Some(rel) = &raw.file {
         let path = dir.join(rel);
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -182,6 +188,7 @@ pub fn compile(raw: &RawPricing, dir: &Path) -> Result<PriceTable, PricingError>
             let key = format!("models.{name:?}");
             models.insert(name.clone(), compile_price(p, &key).map_err(in_file)?);
         }
+        included = Some((path, text));
     }
     // Inline prices override the file's.
     for (name, p) in &raw.models {
@@ -200,11 +207,14 @@ pub fn compile(raw: &RawPricing, dir: &Path) -> Result<PriceTable, PricingError>
             "pricing.unknown_model = \"default\" needs a [pricing.default] table with the price to charge".into(),
         ));
     }
-    Ok(PriceTable {
-        models,
-        unknown: raw.unknown_model,
-        default,
-    })
+    Ok((
+        PriceTable {
+            models,
+            unknown: raw.unknown_model,
+            default,
+        },
+        included,
+    ))
 }
 
 fn compile_price(p: &RawModelPrice, key: &str) -> Result<ModelPrice, String> {
@@ -278,7 +288,7 @@ mod tests {
             pricing: RawPricing,
         }
         let w: W = toml::from_str(toml_text).unwrap();
-        compile(&w.pricing, Path::new("."))
+        compile(&w.pricing, Path::new(".")).map(|(t, _)| t)
     }
 
     #[test]

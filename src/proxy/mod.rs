@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::{is_chat_path, ApiError};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Sinks;
 
 /// Largest error body (4xx/5xx) the tap reads to learn the upstream's error message.
@@ -45,6 +46,7 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub resolver: Arc<dns::Resolver>,
     pub sinks: Sinks,
+    pub metrics: Metrics,
     /// Calls between their request head and their record.
     pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
@@ -56,6 +58,7 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             resolver: dns::Resolver::new(),
             sinks,
+            metrics: Metrics::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
             ids: RequestIds::new(),
         })

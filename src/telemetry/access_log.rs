@@ -23,11 +23,16 @@ const QUEUE: usize = 65_536;
 
 enum Msg {
     Record(Arc<UsageRecord>),
+    /// Write to this output from now on (after a reload changed `access_log.path`).
+    Reopen(Box<dyn Write + Send>),
     Stop,
 }
 
 pub struct AccessLog {
     tx: SyncSender<Msg>,
+    /// `access_log.enabled` of the running config.
+    enabled: AtomicBool,
+    target: Mutex<Option<AccessLogTarget>>,
     stopped: AtomicBool,
     worker: Mutex<Option<JoinHandle<()>>>,
     /// Records not written: the queue was full, or the log was already shut down.
@@ -36,19 +41,29 @@ pub struct AccessLog {
     pub write_errors: Arc<AtomicU64>,
 }
 
+fn open_target(target: &AccessLogTarget) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        AccessLogTarget::Stdout => Box::new(std::io::stdout()),
+        AccessLogTarget::File(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("access log {}: {e}", p.display()))
+                })?,
+        ),
+    })
+}
+
 impl AccessLog {
-    pub fn open(target: &AccessLogTarget) -> std::io::Result<Self> {
-        let out: Box<dyn Write + Send> = match target {
-            AccessLogTarget::Stdout => Box::new(std::io::stdout()),
-            AccessLogTarget::File(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("access log {}: {e}", p.display()))
-                    })?,
-            ),
+    /// The access log as configured: its output is opened now when enabled (so a bad path
+    /// stops start-up), or when a reload enables it.
+    pub fn new(cfg: &crate::config::AccessLogConfig) -> std::io::Result<Self> {
+        let (out, target): (Box<dyn Write + Send>, _) = if cfg.enabled {
+            (open_target(&cfg.target)?, Some(cfg.target.clone()))
+        } else {
+            (Box::new(std::io::sink()), None)
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let write_errors = Arc::new(AtomicU64::new(0));
@@ -58,6 +73,8 @@ impl AccessLog {
             .spawn(move || write_loop(rx, out, &errors))?;
         Ok(AccessLog {
             tx,
+            enabled: AtomicBool::new(cfg.enabled),
+            target: Mutex::new(target),
             stopped: AtomicBool::new(false),
             worker: Mutex::new(Some(worker)),
             dropped: Arc::new(AtomicU64::new(0)),
@@ -78,6 +95,9 @@ impl AccessLog {
 
 impl Sink for AccessLog {
     fn record(&self, rec: &Arc<UsageRecord>) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
         if self.stopped.load(Ordering::Acquire) {
             return self.drop_one("already shut down");
         }
@@ -86,6 +106,26 @@ impl Sink for AccessLog {
             Err(TrySendError::Full(_)) => self.drop_one("queue full: the output is too slow"),
             Err(TrySendError::Disconnected(_)) => self.drop_one("writer stopped"),
         }
+    }
+
+    fn reconfigure(&self, cfg: &crate::config::Config) {
+        let want = &cfg.access_log;
+        let mut target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if want.enabled && target.as_ref() != Some(&want.target) {
+            match open_target(&want.target) {
+                Ok(out) => {
+                    if self.tx.send(Msg::Reopen(out)).is_ok() {
+                        *target = Some(want.target.clone());
+                    }
+                }
+                Err(e) => {
+                    // Keep writing where it was: losing records is worse than a stale path.
+                    log::error!("access log: {e}; still writing to the previous output");
+                }
+            }
+        }
+        self.enabled
+            .store(want.enabled && target.is_some(), Ordering::Relaxed);
     }
 
     fn shutdown(&self) {
@@ -101,8 +141,7 @@ impl Sink for AccessLog {
 
 /// Writes records in batches, flushing whenever the queue runs dry. A failing output is
 /// reported and counted, and writing goes on (a full disk may free up).
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, errors: &AtomicU64) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, errors: &AtomicU64) {
     let mut line = Vec::with_capacity(1024);
     let failed = |e: std::io::Error| {
         if errors
@@ -112,25 +151,38 @@ fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, errors: &AtomicU64)
             log::error!("access log: cannot write: {e}");
         }
     };
+    let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, out);
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
         while let Some(msg) = next {
-            let Msg::Record(rec) = msg else {
-                if let Err(e) = out.flush() {
-                    failed(e);
+            let rec = match msg {
+                Msg::Record(rec) => rec,
+                Msg::Reopen(new) => {
+                    if let Err(e) = buffered.flush() {
+                        failed(e);
+                    }
+                    out = new;
+                    buffered = std::io::BufWriter::with_capacity(64 * 1024, out);
+                    next = rx.try_recv().ok();
+                    continue;
                 }
-                return;
+                Msg::Stop => {
+                    if let Err(e) = buffered.flush() {
+                        failed(e);
+                    }
+                    return;
+                }
             };
             line.clear();
             if serde_json::to_writer(&mut line, &Line::from(&*rec)).is_ok() {
                 line.push(b'\n');
-                if let Err(e) = out.write_all(&line) {
+                if let Err(e) = buffered.write_all(&line) {
                     failed(e);
                 }
             }
             next = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush() {
+        if let Err(e) = buffered.flush() {
             failed(e);
         }
     }

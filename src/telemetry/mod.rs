@@ -3,14 +3,18 @@
 //! (it queues, or updates atomics).
 
 pub mod access_log;
+pub mod metrics;
 
 use std::sync::Arc;
 
+use crate::config::Config;
 use crate::meter::UsageRecord;
 
 pub trait Sink: Send + Sync {
     /// Called once per call, on the request's task, after the response ended. Must not block.
     fn record(&self, rec: &Arc<UsageRecord>);
+    /// A new config snapshot was loaded: pick up what changed.
+    fn reconfigure(&self, _cfg: &Config) {}
     /// Called once at shutdown, off the async runtime: flush what is queued.
     fn shutdown(&self) {}
 }
@@ -30,6 +34,12 @@ impl Sinks {
     pub fn record(&self, rec: Arc<UsageRecord>) {
         for s in &self.0 {
             s.record(&rec);
+        }
+    }
+
+    pub fn reconfigure(&self, cfg: &Config) {
+        for s in &self.0 {
+            s.reconfigure(cfg);
         }
     }
 

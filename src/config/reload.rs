@@ -1,0 +1,141 @@
+//! Reloading: a new snapshot replaces the running one atomically, or not at all.
+//!
+//! Every trigger (a watched file changing, SIGHUP, `POST /admin/reload`) goes through
+//! [`Reloader::reload`], which loads the file with the same [`super::load`] that `check-config`
+//! and start-up use. A config that does not load is rejected whole and the running one keeps
+//! serving; requests already running keep the snapshot they started with. Settings that only a
+//! restart can change (listen addresses, threads, TLS roots) are reported, and the rest of the
+//! new config applies.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::{Config, ConfigError};
+use crate::proxy::Shared;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A watched file changed. Reloads only when the files' contents did.
+    File,
+    Signal,
+    Admin,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Trigger::File => "file change",
+            Trigger::Signal => "SIGHUP",
+            Trigger::Admin => "POST /admin/reload",
+        })
+    }
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub previous: String,
+    pub hash: String,
+    /// False when the files had not changed (nothing was swapped).
+    pub changed: bool,
+    /// Settings that differ from what this process started with and need a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+pub struct Reloader {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    /// The config the process started with: its listeners and threads are fixed.
+    started: Arc<Config>,
+    /// Set when `RUST_LOG` governs logging (then `server.log_level` does not).
+    log_from_env: bool,
+    /// One reload at a time; the last rejection, so a file event that changes nothing
+    /// does not report the same error again.
+    state: Mutex<Option<String>>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, path: PathBuf, log_from_env: bool) -> Arc<Self> {
+        let started = shared.config.load_full();
+        shared.metrics.config_loaded(&started.hash);
+        Arc::new(Reloader {
+            shared,
+            path,
+            started,
+            log_from_env,
+            state: Mutex::new(None),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The settings of the running snapshot that wait for a restart.
+    pub fn restart_required(&self) -> Vec<&'static str> {
+        self.shared
+            .config
+            .load()
+            .needs_restart_against(&self.started)
+    }
+
+    pub fn reload(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
+        let mut last_error = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let running = self.shared.config.load_full();
+        let m = &self.shared.metrics;
+        match super::load(&self.path) {
+            Ok(new) => {
+                *last_error = None;
+                let restart_required = new.needs_restart_against(&self.started);
+                if trigger == Trigger::File && new.hash == running.hash {
+                    return Ok(Applied {
+                        previous: running.hash.clone(),
+                        hash: new.hash,
+                        changed: false,
+                        restart_required,
+                    });
+                }
+                let applied = Applied {
+                    previous: running.hash.clone(),
+                    hash: new.hash.clone(),
+                    changed: new.hash != running.hash,
+                    restart_required,
+                };
+                if !self.log_from_env {
+                    log::set_max_level(new.server.log_level);
+                }
+                let new = Arc::new(new);
+                self.shared.sinks.reconfigure(&new);
+                self.shared.config.store(Arc::clone(&new));
+                m.config_reloads.with_label_values(&["success"]).inc();
+                m.config_loaded(&new.hash);
+                log::info!(
+                    "config reloaded ({trigger}): {} -> {}",
+                    applied.previous,
+                    applied.hash
+                );
+                if !applied.restart_required.is_empty() {
+                    log::warn!(
+                        "config reloaded, but these settings need a restart to take effect: {}",
+                        applied.restart_required.join(", ")
+                    );
+                }
+                Ok(applied)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if trigger == Trigger::File && last_error.as_deref() == Some(msg.as_str()) {
+                    return Err(e);
+                }
+                m.config_reloads.with_label_values(&["error"]).inc();
+                log::error!(
+                    "config reload ({trigger}) rejected, still running {}: {msg}",
+                    running.hash
+                );
+                *last_error = Some(msg);
+                Err(e)
+            }
+        }
+    }
+}

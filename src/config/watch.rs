@@ -1,0 +1,107 @@
+//! Watches the config's files and reloads when they change.
+//!
+//! Directories are watched, not files: editors save by writing a temporary file and renaming
+//! it over the old one, and Kubernetes updates a mounted ConfigMap by swapping a `..data`
+//! symlink; both replace the file a file watch would be attached to. Events are debounced
+//! (quiet for 150 ms, or at most 1 s of continuous writes), then the files are loaded again:
+//! after a burst of writes the last version on disk is the one that counts.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+
+use super::reload::{Reloader, Trigger};
+use crate::proxy::Shared;
+
+const QUIET: Duration = Duration::from_millis(150);
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
+pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (tx, rx) = mpsc::channel::<notify::Event>();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            let _ = tx.send(ev);
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    let mut watched = Watched::default();
+    watched.sync(&mut watcher, &shared.config.load().files);
+    std::thread::Builder::new()
+        .name("tokentap-config-watch".into())
+        .spawn(move || {
+            while let Ok(ev) = rx.recv() {
+                if !watched.concerns(&ev) {
+                    continue;
+                }
+                // Debounce: wait for the writes to settle.
+                let first = Instant::now();
+                while first.elapsed() < MAX_DELAY {
+                    match rx.recv_timeout(QUIET) {
+                        Ok(_) => continue,
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                let _ = reloader.reload(Trigger::File);
+                // The new config may include other files.
+                watched.sync(&mut watcher, &shared.config.load().files);
+            }
+        })?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Watched {
+    dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<OsString>,
+}
+
+impl Watched {
+    /// Watches the directories of `files` (and of their symlink targets).
+    fn sync(&mut self, w: &mut impl Watcher, files: &[PathBuf]) {
+        let mut dirs = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        for f in files {
+            for p in [Some(f.clone()), std::fs::canonicalize(f).ok()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(n) = p.file_name() {
+                    names.insert(n.to_os_string());
+                }
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                dirs.insert(dir);
+            }
+        }
+        for d in self.dirs.difference(&dirs) {
+            let _ = w.unwatch(d);
+        }
+        for d in dirs.difference(&self.dirs) {
+            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                log::warn!("cannot watch {} for config changes: {e}", d.display());
+            }
+        }
+        self.dirs = dirs;
+        self.names = names;
+    }
+
+    /// An event about one of the config's files, or a Kubernetes-style `..data` swap.
+    fn concerns(&self, ev: &notify::Event) -> bool {
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return false;
+        }
+        ev.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| self.names.contains(n) || n.to_string_lossy().starts_with(".."))
+                || Path::new(p).is_dir()
+        })
+    }
+}
