@@ -41,6 +41,9 @@ fn main() -> ExitCode {
     let mut logger = env_logger::Builder::from_env(env_logger::Env::default());
     if !log_from_env {
         logger.filter_level(log::LevelFilter::Trace);
+        // notify warns about its own bookkeeping when a watched directory's subdirectory
+        // goes away (Kubernetes' old ..data targets): not the operator's concern.
+        logger.filter_module("notify", log::LevelFilter::Error);
     }
     logger.target(env_logger::Target::Stderr).init();
     if !log_from_env {

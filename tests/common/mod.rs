@@ -158,6 +158,8 @@ pub struct Tap {
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
     pub config: PathBuf,
+    /// The config text it started with.
+    pub text: String,
 }
 
 /// Pricing used by the tests: one model priced with every field.
@@ -177,6 +179,7 @@ pub struct TapBuilder {
     upstream_extra: String,
     extra: String,
     read_timeout_ms: u64,
+    k8s: bool,
 }
 
 impl TapBuilder {
@@ -186,7 +189,15 @@ impl TapBuilder {
             upstream_extra: String::new(),
             extra: String::new(),
             read_timeout_ms: 10_000,
+            k8s: false,
         }
+    }
+
+    /// Lays the config out like a mounted Kubernetes ConfigMap: `tokentap.toml` is a symlink
+    /// to `..data/tokentap.toml`, and `..data` a symlink to a versioned directory.
+    pub fn k8s_layout(mut self) -> Self {
+        self.k8s = true;
+        self
     }
 
     pub fn read_timeout_ms(mut self, ms: u64) -> Self {
@@ -228,6 +239,7 @@ impl TapBuilder {
             upstream_extra,
             extra,
             read_timeout_ms,
+            k8s,
         } = self;
         let text = format!(
             r#"
@@ -248,7 +260,15 @@ path = "access.log"
 {extra}
 "#
         );
-        std::fs::write(&config, text).unwrap();
+        if *k8s {
+            let v1 = dir.path().join("..v1");
+            std::fs::create_dir(&v1).unwrap();
+            std::fs::write(v1.join("tokentap.toml"), &text).unwrap();
+            std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+            std::os::unix::fs::symlink("..data/tokentap.toml", &config).unwrap();
+        } else {
+            std::fs::write(&config, &text).unwrap();
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_tokentap"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -264,6 +284,7 @@ path = "access.log"
             dir,
             log,
             config,
+            text,
         };
         let me = format!("pid={} ", tap.proc.pid());
         let start = Instant::now();
@@ -298,6 +319,52 @@ impl Tap {
 
     pub fn records(&self) -> Vec<Value> {
         read_records(&self.log)
+    }
+
+    /// The hash of the running config (`GET /admin/config`).
+    pub fn config_hash(&self) -> String {
+        let r = request(self.admin, "GET", "/admin/config", &[], b"");
+        r.json()["hash"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the running config's hash differs from `old`; returns the new one.
+    pub fn wait_config_change(&self, old: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let h = self.config_hash();
+            if h != old {
+                return h;
+            }
+            assert!(start.elapsed() < PATIENCE, "the config was not reloaded");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `POST /admin/reload`.
+    pub fn reload(&self) -> Resp {
+        request(self.admin, "POST", "/admin/reload", &[], b"")
+    }
+
+    /// A sample's value from `/metrics`, e.g. `tokentap_config_reloads_total{result="error"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let r = request(self.admin, "GET", "/metrics", &[], b"");
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Replaces the config file the way editors do: write a temporary file, rename it over.
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
     }
 
     /// Waits until the access log holds `n` records, and returns them.
