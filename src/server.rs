@@ -15,7 +15,7 @@ use crate::admin::Admin;
 use crate::config::reload::{Reloader, Trigger};
 use crate::config::Config;
 use crate::proxy::{Shared, TokenTap};
-use crate::telemetry::{access_log::AccessLog, Sinks};
+use crate::telemetry::{access_log::AccessLog, calls::CallMetrics, Sinks};
 
 /// Longest Pingora waits after SIGTERM; the drain watch ends the process as soon as the
 /// in-flight calls are done or `server.drain_timeout_ms` (reloadable) has passed.
@@ -27,11 +27,13 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     sinks.push(Box::new(
         AccessLog::new(&config.access_log).map_err(|e| e.to_string())?,
     ));
+    let calls = CallMetrics::new(&config.metrics);
+    sinks.push(Box::new(Arc::clone(&calls)));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
-    let shared = Shared::new(config, sinks);
+    let shared = Shared::new(config, sinks, calls);
     let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
     // SIGHUP would end the process by default: take it over before anything else runs.
     spawn_sighup(Arc::clone(&reloader))?;

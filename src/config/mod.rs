@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::meter::pricing::{PriceTable, PricingError};
 
-pub use schema::AccessLogTarget;
+pub use schema::{AccessLogTarget, UserLabel};
 
 /// A validated, compiled configuration snapshot.
 #[derive(Debug, Clone)]
@@ -34,6 +34,16 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub access_log: AccessLogConfig,
     pub pricing: PriceTable,
+    pub metrics: MetricsConfig,
+}
+
+/// How metrics label calls; bounds the number of series whatever clients send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub user_label: UserLabel,
+    pub max_users: usize,
+    pub users: Vec<String>,
+    pub max_models: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -229,6 +239,22 @@ fn compile(
         }
     };
 
+    let metrics = {
+        let m = raw.metrics;
+        if m.user_label == UserLabel::Allowlist && m.users.is_empty() {
+            return Err(err(
+                "metrics.users",
+                "user_label = \"allowlist\" needs the list of users to label".into(),
+            ));
+        }
+        MetricsConfig {
+            user_label: m.user_label,
+            max_users: m.max_users,
+            users: m.users,
+            max_models: m.max_models,
+        }
+    };
+
     let access_log = AccessLogConfig {
         enabled: raw.access_log.enabled,
         target: raw.access_log.path.resolve(dir),
@@ -264,6 +290,7 @@ fn compile(
         limits,
         access_log,
         pricing,
+        metrics,
     })
 }
 

@@ -19,6 +19,42 @@ pub struct RawConfig {
     pub access_log: RawAccessLog,
     #[serde(default)]
     pub pricing: RawPricing,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub user_label: UserLabel,
+    pub max_users: usize,
+    pub users: Vec<String>,
+    pub max_models: usize,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            user_label: UserLabel::All,
+            max_users: 1000,
+            users: Vec::new(),
+            max_models: 200,
+        }
+    }
+}
+
+/// How the `user` label of metrics is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserLabel {
+    /// Each user, up to `max_users`; later ones are counted as `__other__`.
+    All,
+    /// Only the users listed in `users`; the rest as `__other__`.
+    Allowlist,
+    /// A short SHA-256 of the user (pseudonymous), up to `max_users`.
+    Hash,
+    /// No per-user series (the label is empty).
+    None,
 }
 
 #[derive(Debug, Deserialize)]

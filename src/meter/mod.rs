@@ -66,7 +66,7 @@ pub enum UsageSource {
 }
 
 /// How a call ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The upstream answered (2xx/3xx) and the whole response reached the client.
@@ -116,6 +116,8 @@ pub struct UsageRecord {
     pub web_search_requested: bool,
     /// HTTP status the client received (0 when none was sent).
     pub status: u16,
+    /// The status the upstream answered with, if it answered.
+    pub upstream_status: Option<u16>,
     pub outcome: Outcome,
     pub usage: Usage,
     pub usage_source: UsageSource,

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::{is_chat_path, ApiError};
+use crate::telemetry::calls::{CallCollector, CallMetrics};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Sinks;
 
@@ -47,25 +48,33 @@ pub struct Shared {
     pub resolver: Arc<dns::Resolver>,
     pub sinks: Sinks,
     pub metrics: Metrics,
+    pub calls: Arc<CallMetrics>,
     /// Calls between their request head and their record.
     pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
 }
 
 impl Shared {
-    pub fn new(config: Config, sinks: Sinks) -> Arc<Self> {
+    /// The shared state; `calls` should also be among the `sinks` to see records.
+    pub fn new(config: Config, sinks: Sinks, calls: Arc<CallMetrics>) -> Arc<Self> {
+        let metrics = Metrics::new();
+        metrics
+            .registry
+            .register(Box::new(CallCollector(Arc::clone(&calls))))
+            .expect("call metrics register once");
         Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             resolver: dns::Resolver::new(),
             sinks,
-            metrics: Metrics::new(),
-            in_flight: Arc::new(AtomicI64::new(0)),
+            metrics,
+            in_flight: Arc::clone(&calls.in_flight),
+            calls,
             ids: RequestIds::new(),
         })
     }
 }
 
-/// Counts a call as in flight for as long as its context lives, whatever path it ends on.
+/// Counts a call (or a stream) as active for as long as it lives, whatever path it ends on.
 struct InFlight(Arc<AtomicI64>);
 
 impl InFlight {
@@ -142,74 +151,18 @@ pub struct Ctx {
     rejection: Option<ApiError>,
     /// Why tokentap could not complete the call with the upstream.
     failure: Option<ApiError>,
+    /// Time spent in tokentap's own phases.
+    overhead: Duration,
     _in_flight: InFlight,
+    /// Set while a streamed response is relayed.
+    stream_active: Option<InFlight>,
 }
 
 impl TokenTap {
-    fn reject(&self, ctx: &mut Ctx, e: ApiError) -> Box<Error> {
-        let err = Error::explain(ErrorType::HTTPStatus(e.status), e.message.clone());
-        ctx.rejection = Some(e);
-        err
-    }
-}
-
-#[async_trait]
-impl ProxyHttp for TokenTap {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            cfg: self.shared.config.load_full(),
-            start: Instant::now(),
-            started_at: SystemTime::now(),
-            request_id: self.shared.ids.next(),
-            chat: false,
-            held: Vec::new(),
-            request_encoding: None,
-            request_bytes: 0,
-            body_released: false,
-            meta: None,
-            meta_error: None,
-            addrs: None,
-            attempts: 0,
-            upstream_addr: None,
-            upstream_status: None,
-            ttfb: None,
-            ttft: None,
-            tap: None,
-            response_bytes: 0,
-            rejection: None,
-            failure: None,
-            _in_flight: InFlight::new(&self.shared.in_flight),
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        // (Pingora makes a context per request, after its head was read: `new_ctx` took the
-        // config snapshot and the start time.)
-        let req = session.req_header();
-        ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
-        let limit = ctx.cfg.limits.max_request_body_bytes;
-        let declared = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(self.reject(ctx, too_large(limit)));
-        }
-        if ctx.chat {
-            ctx.request_encoding = req
-                .headers
-                .get(header::CONTENT_ENCODING)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-        }
-        Ok(false)
-    }
-
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    /// Picks the upstream address for this attempt (resolving the name on the first).
+    async fn upstream_peer_inner(&self, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &ctx.cfg.upstream;
+
         let addrs = match ctx.addrs.take() {
             Some(a) => a,
             None => match self
@@ -249,31 +202,32 @@ impl ProxyHttp for TokenTap {
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        req: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        let url = &ctx.cfg.upstream.url;
-        req.insert_header(header::HOST, url.host_header.as_str())?;
-        if !url.base_path.is_empty() {
-            let pq = req
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_string();
-            let uri = format!("{}{}", url.base_path, pq)
-                .parse::<http::Uri>()
-                .map_err(|e| Error::because(ErrorType::InternalError, "rewriting path", e))?;
-            req.set_uri(uri);
+    /// The request head arrived (Pingora made the context then: config snapshot, start time).
+    fn on_request(&self, session: &Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
+        let limit = ctx.cfg.limits.max_request_body_bytes;
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(self.reject(ctx, too_large(limit)));
         }
-        Ok(())
+        if ctx.chat {
+            ctx.request_encoding = req
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        Ok(false)
     }
 
-    async fn request_body_filter(
+    /// A piece of the request body: held (chat) or passed on, and inspected at its end.
+    fn on_request_body(
         &self,
-        _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
@@ -315,12 +269,8 @@ impl ProxyHttp for TokenTap {
         Ok(())
     }
 
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
+    /// The upstream's response head: status, timing, and the tap for the body.
+    fn on_response(&self, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         let status = resp.status.as_u16();
         if (100..200).contains(&status) {
             return Ok(());
@@ -331,6 +281,9 @@ impl ProxyHttp for TokenTap {
             let header = |name| resp.headers.get(name).and_then(|v| v.to_str().ok());
             let ctype = header(header::CONTENT_TYPE).unwrap_or("");
             let kind = if ctype.starts_with("text/event-stream") {
+                if status < 400 {
+                    ctx.stream_active = Some(InFlight::new(&self.shared.calls.streams_active));
+                }
                 BodyKind::Sse
             } else {
                 BodyKind::Json
@@ -349,6 +302,107 @@ impl ProxyHttp for TokenTap {
         Ok(())
     }
 
+    fn reject(&self, ctx: &mut Ctx, e: ApiError) -> Box<Error> {
+        let err = Error::explain(ErrorType::HTTPStatus(e.status), e.message.clone());
+        ctx.rejection = Some(e);
+        err
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for TokenTap {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            cfg: self.shared.config.load_full(),
+            start: Instant::now(),
+            started_at: SystemTime::now(),
+            request_id: self.shared.ids.next(),
+            chat: false,
+            held: Vec::new(),
+            request_encoding: None,
+            request_bytes: 0,
+            body_released: false,
+            meta: None,
+            meta_error: None,
+            addrs: None,
+            attempts: 0,
+            upstream_addr: None,
+            upstream_status: None,
+            ttfb: None,
+            ttft: None,
+            tap: None,
+            response_bytes: 0,
+            rejection: None,
+            failure: None,
+            overhead: Duration::ZERO,
+            _in_flight: InFlight::new(&self.shared.in_flight),
+            stream_active: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let t = Instant::now();
+        let r = self.on_request(session, ctx);
+        ctx.overhead += t.elapsed();
+        r
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let t = Instant::now();
+        let r = self.upstream_peer_inner(ctx).await;
+        ctx.overhead += t.elapsed();
+        r
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let url = &ctx.cfg.upstream.url;
+        req.insert_header(header::HOST, url.host_header.as_str())?;
+        if !url.base_path.is_empty() {
+            let pq = req
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string();
+            let uri = format!("{}{}", url.base_path, pq)
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InternalError, "rewriting path", e))?;
+            req.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let r = self.on_request_body(body, end_of_stream, ctx);
+        ctx.overhead += t.elapsed();
+        r
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let r = self.on_response(resp, ctx);
+        ctx.overhead += t.elapsed();
+        r
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
@@ -356,6 +410,7 @@ impl ProxyHttp for TokenTap {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        let t = Instant::now();
         if let Some(b) = body {
             ctx.response_bytes += b.len() as u64;
             if let Some(tap) = ctx.tap.as_mut() {
@@ -364,6 +419,7 @@ impl ProxyHttp for TokenTap {
                 }
             }
         }
+        ctx.overhead += t.elapsed();
         Ok(None)
     }
 
@@ -445,8 +501,12 @@ impl ProxyHttp for TokenTap {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let t = Instant::now();
+        ctx.stream_active = None;
         let rec = record::build(session, e, ctx);
         self.shared.sinks.record(Arc::new(rec));
+        let total = ctx.overhead + t.elapsed();
+        self.shared.calls.observe_overhead(total.as_secs_f64());
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {

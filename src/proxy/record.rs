@@ -46,6 +46,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         tools: meta.map(|m| m.tools.clone()).unwrap_or_default(),
         web_search_requested: meta.is_some_and(|m| m.web_search_requested()),
         status,
+        upstream_status: ctx.upstream_status,
         outcome,
         usage,
         usage_source,

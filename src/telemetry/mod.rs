@@ -3,6 +3,7 @@
 //! (it queues, or updates atomics).
 
 pub mod access_log;
+pub mod calls;
 pub mod metrics;
 
 use std::sync::Arc;

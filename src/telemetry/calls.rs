@@ -1,0 +1,531 @@
+//! Per-call metrics: the metrics sink of the `UsageRecord`, and the live gauges.
+//!
+//! Label values come from clients (`model`, `user`), so two rules hold here:
+//! - Series are bounded: at most `metrics.max_models` models and `metrics.max_users` users get
+//!   their own label value (the rest are `__other__`), users can be hashed, allow-listed or
+//!   left out (`metrics.user_label`).
+//! - Children are keyed by the exact label values. The `prometheus` crate's `MetricVec` hashes
+//!   label values concatenated without a separator, so `("a", "bc")` and `("ab", "c")` would
+//!   share one counter: one caller could book spend under another's name. This collector keeps
+//!   its own maps and builds the exposition itself.
+//!
+//! Recording a call takes no lock shared by all requests: concurrent maps (sharded) hold the
+//! children, whose values are atomics; a child is created once per label set.
+//!
+//! Names follow the OpenTelemetry GenAI semantic conventions (gen-ai-metrics, semconv 1.37,
+//! development status), translated to Prometheus: `gen_ai.client.token.usage` becomes
+//! `gen_ai_client_token_usage`, and so on.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::{Histogram, HistogramOpts};
+
+use super::Sink;
+use crate::config::{Config, MetricsConfig, UserLabel};
+use crate::meter::{Outcome, UsageRecord, UsageSource};
+
+/// `gen_ai.client.operation.duration` buckets (seconds), from the semantic conventions.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// `gen_ai.client.token.usage` buckets (tokens).
+const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+/// `gen_ai.server.time_to_first_token` buckets (seconds).
+const TTFT_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// `gen_ai.server.time_per_output_token` buckets (seconds).
+const TPOT_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// tokentap's own time per call: microseconds to tens of milliseconds.
+const OVERHEAD_BUCKETS: [f64; 14] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25,
+];
+
+pub const OTHER: &str = "__other__";
+/// The `user` label of a chat call whose request named no user.
+pub const UNATTRIBUTED: &str = "__unattributed__";
+
+/// Token types of `tokentap_tokens_total`: disjoint, so their sum is the calls' total tokens.
+const TOKEN_TYPES: [&str; 4] = ["input", "cached_input", "output", "reasoning"];
+
+/// Kinds of `tokentap_upstream_errors_total`.
+const UPSTREAM_ERROR_KINDS: [&str; 5] = [
+    "status_4xx",
+    "status_5xx",
+    "unreachable",
+    "reset",
+    "timeout",
+];
+
+/// Maps client-supplied values to bounded label values.
+struct Labels {
+    cfg: MetricsConfig,
+    allow: HashSet<String>,
+    users: DashMap<String, Arc<str>>,
+    user_count: AtomicUsize,
+    models: DashMap<String, Arc<str>>,
+    model_count: AtomicUsize,
+    other: Arc<str>,
+    empty: Arc<str>,
+    unattributed: Arc<str>,
+}
+
+impl Labels {
+    fn new(cfg: &MetricsConfig) -> Self {
+        Labels {
+            allow: cfg.users.iter().cloned().collect(),
+            cfg: cfg.clone(),
+            users: DashMap::new(),
+            user_count: AtomicUsize::new(0),
+            models: DashMap::new(),
+            model_count: AtomicUsize::new(0),
+            other: Arc::from(OTHER),
+            empty: Arc::from(""),
+            unattributed: Arc::from(UNATTRIBUTED),
+        }
+    }
+
+    fn bounded(
+        &self,
+        map: &DashMap<String, Arc<str>>,
+        count: &AtomicUsize,
+        max: usize,
+        key: &str,
+        value: impl FnOnce() -> String,
+    ) -> Arc<str> {
+        if let Some(v) = map.get(key) {
+            return Arc::clone(v.value());
+        }
+        if count.fetch_add(1, Ordering::Relaxed) >= max {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return Arc::clone(&self.other);
+        }
+        let v: Arc<str> = Arc::from(value());
+        Arc::clone(map.entry(key.to_string()).or_insert(v).value())
+    }
+
+    fn user(&self, user: Option<&str>, chat: bool) -> Arc<str> {
+        let Some(u) = user else {
+            return if chat {
+                Arc::clone(&self.unattributed)
+            } else {
+                Arc::clone(&self.empty)
+            };
+        };
+        let max = self.cfg.max_users;
+        match self.cfg.user_label {
+            UserLabel::None => Arc::clone(&self.empty),
+            UserLabel::All => self.bounded(&self.users, &self.user_count, max, u, || u.to_string()),
+            UserLabel::Hash => self.bounded(&self.users, &self.user_count, max, u, || {
+                use sha2::Digest;
+                sha2::Sha256::digest(u.as_bytes())[..6]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }),
+            UserLabel::Allowlist => {
+                if self.allow.contains(u) {
+                    self.bounded(&self.users, &self.user_count, usize::MAX, u, || {
+                        u.to_string()
+                    })
+                } else {
+                    Arc::clone(&self.other)
+                }
+            }
+        }
+    }
+
+    fn model(&self, model: Option<&str>) -> Arc<str> {
+        match model {
+            None => Arc::clone(&self.empty),
+            Some(m) => self.bounded(
+                &self.models,
+                &self.model_count,
+                self.cfg.max_models,
+                m,
+                || m.to_string(),
+            ),
+        }
+    }
+}
+
+/// Children per (model, user).
+#[derive(Default)]
+struct ByUser {
+    /// (status code, outcome) -> count
+    requests: DashMap<(u16, Outcome), AtomicU64>,
+    tokens: [AtomicU64; 4],
+    cost_pico: AtomicU64,
+    web_searches: AtomicU64,
+}
+
+/// Children per model.
+struct ByModel {
+    provider: String,
+    /// error type ("" for success) -> histogram
+    duration: DashMap<String, Histogram>,
+    /// input, output
+    token_usage: [Histogram; 2],
+    ttft: Histogram,
+    tpot: Histogram,
+    estimated: AtomicU64,
+}
+
+fn histogram(buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new("h", "h").buckets(buckets.to_vec()))
+        .expect("valid buckets")
+}
+
+impl ByModel {
+    fn new(model: &str) -> Self {
+        ByModel {
+            provider: provider_of(model).to_string(),
+            duration: DashMap::new(),
+            token_usage: [histogram(&TOKEN_BUCKETS), histogram(&TOKEN_BUCKETS)],
+            ttft: histogram(&TTFT_BUCKETS),
+            tpot: histogram(&TPOT_BUCKETS),
+            estimated: AtomicU64::new(0),
+        }
+    }
+}
+
+/// `gen_ai.provider.name` from the model's prefix (`anthropic/claude-…` -> `anthropic`).
+pub fn provider_of(model: &str) -> &str {
+    match model.split_once('/') {
+        Some((p, _)) if !p.is_empty() => p,
+        _ => "unknown",
+    }
+}
+
+pub struct CallMetrics {
+    labels: ArcSwap<Labels>,
+    by_user: DashMap<(Arc<str>, Arc<str>), Arc<ByUser>>,
+    by_model: DashMap<Arc<str>, Arc<ByModel>>,
+    upstream_errors: [AtomicU64; 5],
+    overhead: Histogram,
+    /// Calls between their request head and their record (`tokentap_requests_in_flight`).
+    pub in_flight: Arc<AtomicI64>,
+    /// Streams whose response is being relayed (`tokentap_streams_active`).
+    pub streams_active: Arc<AtomicI64>,
+    descs: Vec<Desc>,
+}
+
+/// (name, help, type, label names) of every family this collector exposes.
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 13] = [
+    ("gen_ai_client_operation_duration_seconds", "Duration of chat calls as the client saw them, by model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
+    ("gen_ai_client_token_usage", "Tokens per chat call (input includes cached tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
+    ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
+    ("gen_ai_server_time_per_output_token_seconds", "Time per output token after the first, of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
+    ("tokentap_requests_total", "Calls through tokentap by model, user, status code and outcome.", MetricType::COUNTER, &["model", "user", "status_code", "outcome"]),
+    ("tokentap_tokens_total", "Tokens by model, user and type (disjoint types: input excludes cached_input, output excludes reasoning).", MetricType::COUNTER, &["model", "user", "type"]),
+    ("tokentap_cost_usd_total", "Cost in USD from the price table, by model and user.", MetricType::COUNTER, &["model", "user"]),
+    ("tokentap_web_searches_total", "Web searches the upstream ran, by model and user.", MetricType::COUNTER, &["model", "user"]),
+    ("tokentap_usage_estimated_total", "Chat calls whose usage was estimated (cut off before the upstream reported it).", MetricType::COUNTER, &["model"]),
+    ("tokentap_upstream_errors_total", "Calls the upstream failed, by kind.", MetricType::COUNTER, &["kind"]),
+    ("tokentap_overhead_seconds", "Time spent inside tokentap per call (its own request, response and recording work), excluding the upstream and the client.", MetricType::HISTOGRAM, &[]),
+    ("tokentap_requests_in_flight", "Calls in progress.", MetricType::GAUGE, &[]),
+    ("tokentap_streams_active", "Streamed responses being relayed.", MetricType::GAUGE, &[]),
+];
+
+impl CallMetrics {
+    pub fn new(cfg: &MetricsConfig) -> Arc<Self> {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    labels.iter().map(|l| l.to_string()).collect(),
+                    Default::default(),
+                )
+                .expect("valid metric description")
+            })
+            .collect();
+        Arc::new(CallMetrics {
+            labels: ArcSwap::from_pointee(Labels::new(cfg)),
+            by_user: DashMap::new(),
+            by_model: DashMap::new(),
+            upstream_errors: Default::default(),
+            overhead: histogram(&OVERHEAD_BUCKETS),
+            in_flight: Arc::new(AtomicI64::new(0)),
+            streams_active: Arc::new(AtomicI64::new(0)),
+            descs,
+        })
+    }
+
+    fn observe(&self, r: &UsageRecord) {
+        let labels = self.labels.load();
+        let model = labels.model(r.model.as_deref());
+        let user = labels.user(r.user.as_deref(), r.chat);
+        drop(labels);
+
+        let by_user = match self.by_user.get(&(Arc::clone(&model), Arc::clone(&user))) {
+            Some(e) => Arc::clone(e.value()),
+            None => Arc::clone(
+                self.by_user
+                    .entry((Arc::clone(&model), Arc::clone(&user)))
+                    .or_default()
+                    .value(),
+            ),
+        };
+        match by_user.requests.get(&(r.status, r.outcome)) {
+            Some(c) => c.fetch_add(1, Ordering::Relaxed),
+            None => by_user
+                .requests
+                .entry((r.status, r.outcome))
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        let u = &r.usage;
+        let cached = u.cached.min(u.prompt);
+        let reasoning = u.reasoning.min(u.completion);
+        for (c, v) in by_user.tokens.iter().zip([
+            u.prompt - cached,
+            cached,
+            u.completion - reasoning,
+            reasoning,
+        ]) {
+            c.fetch_add(v, Ordering::Relaxed);
+        }
+        if let Some(cost) = r.cost {
+            by_user.cost_pico.fetch_add(cost.0, Ordering::Relaxed);
+        }
+        by_user
+            .web_searches
+            .fetch_add(u.web_searches, Ordering::Relaxed);
+
+        if let Some(kind) = upstream_error_kind(r) {
+            self.upstream_errors[kind].fetch_add(1, Ordering::Relaxed);
+        }
+
+        if !r.chat {
+            return;
+        }
+        let by_model = match self.by_model.get(&model) {
+            Some(e) => Arc::clone(e.value()),
+            None => Arc::clone(
+                self.by_model
+                    .entry(Arc::clone(&model))
+                    .or_insert_with(|| Arc::new(ByModel::new(&model)))
+                    .value(),
+            ),
+        };
+        let error_type = error_type(r);
+        match by_model.duration.get(error_type.as_str()) {
+            Some(h) => h.observe(r.duration.as_secs_f64()),
+            None => by_model
+                .duration
+                .entry(error_type)
+                .or_insert_with(|| histogram(&DURATION_BUCKETS))
+                .observe(r.duration.as_secs_f64()),
+        }
+        if r.usage_source != UsageSource::None {
+            by_model.token_usage[0].observe(u.prompt as f64);
+            by_model.token_usage[1].observe(u.completion as f64);
+        }
+        if r.usage_source == UsageSource::Estimated {
+            by_model.estimated.fetch_add(1, Ordering::Relaxed);
+        }
+        if r.stream && r.outcome == Outcome::Complete {
+            if let Some(ttft) = r.ttft {
+                by_model.ttft.observe(ttft.as_secs_f64());
+                if u.completion > 1 {
+                    let rest = r.duration.saturating_sub(ttft).as_secs_f64();
+                    by_model.tpot.observe(rest / (u.completion - 1) as f64);
+                }
+            }
+        }
+    }
+
+    /// Records tokentap's own time for one call.
+    pub fn observe_overhead(&self, seconds: f64) {
+        self.overhead.observe(seconds);
+    }
+}
+
+/// `error_type`: empty for a successful call, else the upstream's status code or how the call
+/// ended (a small, fixed set).
+fn error_type(r: &UsageRecord) -> String {
+    match r.outcome {
+        Outcome::Complete => String::new(),
+        Outcome::UpstreamError | Outcome::Rejected if r.status > 0 => r.status.to_string(),
+        o => o.as_str().to_string(),
+    }
+}
+
+/// Index into `UPSTREAM_ERROR_KINDS`: an error status the upstream answered with, an
+/// upstream tokentap could not reach, a broken connection, or a timeout.
+fn upstream_error_kind(r: &UsageRecord) -> Option<usize> {
+    match (r.outcome, r.upstream_status) {
+        (Outcome::UpstreamError, Some(s)) if (400..500).contains(&s) => Some(0),
+        (Outcome::UpstreamError, Some(_)) => Some(1),
+        (Outcome::UpstreamError, None) => Some(2),
+        (Outcome::UpstreamReset, _) => Some(3),
+        (Outcome::Timeout, _) => Some(4),
+        _ => None,
+    }
+}
+
+impl Sink for Arc<CallMetrics> {
+    fn record(&self, rec: &Arc<UsageRecord>) {
+        self.observe(rec);
+    }
+
+    fn reconfigure(&self, cfg: &Config) {
+        if self.labels.load().cfg != cfg.metrics {
+            // New policy for new label values; series already exported keep their labels.
+            self.labels.store(Arc::new(Labels::new(&cfg.metrics)));
+        }
+    }
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn counter(labels: Vec<LabelPair>, v: f64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, v: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+fn hist(labels: Vec<LabelPair>, h: &Histogram) -> proto::Metric {
+    let mut m = prometheus::core::Metric::metric(h);
+    m.set_label(labels);
+    m
+}
+
+/// The registry's handle on the call metrics.
+pub struct CallCollector(pub Arc<CallMetrics>);
+
+impl Collector for CallCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+impl Collector for CallMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut fams: Vec<MetricFamily> = FAMILIES
+            .iter()
+            .map(|(name, help, kind, _)| {
+                let mut f = MetricFamily::default();
+                f.set_name(name.to_string());
+                f.set_help(help.to_string());
+                f.set_field_type(*kind);
+                f
+            })
+            .collect();
+        let chat = || label("gen_ai_operation_name", "chat");
+        for e in self.by_model.iter() {
+            let (model, m) = (e.key(), e.value());
+            let base = || {
+                vec![
+                    chat(),
+                    label("gen_ai_provider_name", &m.provider),
+                    label("gen_ai_request_model", model),
+                ]
+            };
+            for d in m.duration.iter() {
+                let mut l = base();
+                l.push(label("error_type", d.key()));
+                fams[0].mut_metric().push(hist(l, d.value()));
+            }
+            for (h, t) in m.token_usage.iter().zip(["input", "output"]) {
+                if h.get_sample_count() > 0 {
+                    let mut l = base();
+                    l.push(label("gen_ai_token_type", t));
+                    fams[1].mut_metric().push(hist(l, h));
+                }
+            }
+            if m.ttft.get_sample_count() > 0 {
+                fams[2].mut_metric().push(hist(base(), &m.ttft));
+            }
+            if m.tpot.get_sample_count() > 0 {
+                fams[3].mut_metric().push(hist(base(), &m.tpot));
+            }
+            fams[8].mut_metric().push(counter(
+                vec![label("model", model)],
+                m.estimated.load(Ordering::Relaxed) as f64,
+            ));
+        }
+        for e in self.by_user.iter() {
+            let ((model, user), u) = (e.key(), e.value());
+            let mu = || vec![label("model", model), label("user", user)];
+            for r in u.requests.iter() {
+                let (status, outcome) = r.key();
+                let mut l = mu();
+                l.push(label("status_code", &status.to_string()));
+                l.push(label("outcome", outcome.as_str()));
+                fams[4]
+                    .mut_metric()
+                    .push(counter(l, r.value().load(Ordering::Relaxed) as f64));
+            }
+            for (c, t) in u.tokens.iter().zip(TOKEN_TYPES) {
+                let mut l = mu();
+                l.push(label("type", t));
+                fams[5]
+                    .mut_metric()
+                    .push(counter(l, c.load(Ordering::Relaxed) as f64));
+            }
+            // Exact: an integer sum of pico-USD, divided once here.
+            let pico = u.cost_pico.load(Ordering::Relaxed);
+            fams[6].mut_metric().push(counter(mu(), pico as f64 / 1e12));
+            fams[7]
+                .mut_metric()
+                .push(counter(mu(), u.web_searches.load(Ordering::Relaxed) as f64));
+        }
+        for (c, kind) in self.upstream_errors.iter().zip(UPSTREAM_ERROR_KINDS) {
+            fams[9].mut_metric().push(counter(
+                vec![label("kind", kind)],
+                c.load(Ordering::Relaxed) as f64,
+            ));
+        }
+        fams[10].mut_metric().push(hist(Vec::new(), &self.overhead));
+        fams[11].mut_metric().push(gauge(
+            Vec::new(),
+            self.in_flight.load(Ordering::Relaxed) as f64,
+        ));
+        fams[12].mut_metric().push(gauge(
+            Vec::new(),
+            self.streams_active.load(Ordering::Relaxed) as f64,
+        ));
+        fams.retain(|f| !f.get_metric().is_empty());
+        fams
+    }
+}
