@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 need_rust fmt clippy
 need_build_tools
 need_deb python3 python3
+# A real Prometheus scrapes tokentap in tests/dashboards.rs; promtool checks the exposition.
+need_deb prometheus prometheus
+need_deb promtool prometheus
 
 # The openai SDK, for the "same objects through tokentap" test: use the system's if it has one,
 # else a private virtualenv (Debian's own Python refuses system-wide pip installs).

@@ -73,7 +73,7 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9090".into(),
+            admin_listen: "127.0.0.1:9464".into(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout_ms: 30_000,
             log_level: "info".into(),

@@ -529,3 +529,122 @@ impl Collector for CallMetrics {
         fams
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(user_label: UserLabel, max_users: usize, users: &[&str]) -> MetricsConfig {
+        MetricsConfig {
+            user_label,
+            max_users,
+            users: users.iter().map(|u| u.to_string()).collect(),
+            max_models: 2,
+        }
+    }
+
+    #[test]
+    fn users_beyond_the_cap_fold_into_other() {
+        let l = Labels::new(&cfg(UserLabel::All, 2, &[]));
+        assert_eq!(&*l.user(Some("a"), true), "a");
+        assert_eq!(&*l.user(Some("b"), true), "b");
+        assert_eq!(&*l.user(Some("c"), true), OTHER);
+        assert_eq!(
+            &*l.user(Some("a"), true),
+            "a",
+            "known users keep their label"
+        );
+        assert_eq!(&*l.user(None, true), UNATTRIBUTED);
+        assert_eq!(&*l.user(None, false), "");
+        assert_eq!(&*l.model(Some("m1")), "m1");
+        assert_eq!(&*l.model(Some("m2")), "m2");
+        assert_eq!(&*l.model(Some("m3")), OTHER);
+    }
+
+    #[test]
+    fn hashed_allowlisted_and_absent_users() {
+        let l = Labels::new(&cfg(UserLabel::Hash, 10, &[]));
+        let h = l.user(Some("alice@example.com"), true);
+        assert_eq!(h.len(), 12);
+        assert!(!h.contains("alice"));
+        assert_eq!(l.user(Some("alice@example.com"), true), h);
+        let l = Labels::new(&cfg(UserLabel::Allowlist, 1, &["vip", "ops"]));
+        assert_eq!(&*l.user(Some("vip"), true), "vip");
+        assert_eq!(&*l.user(Some("ops"), true), "ops", "the list is not capped");
+        assert_eq!(&*l.user(Some("mallory"), true), OTHER);
+        let l = Labels::new(&cfg(UserLabel::None, 10, &[]));
+        assert_eq!(&*l.user(Some("alice"), true), "");
+    }
+
+    fn record(model: &str, user: &str, cost: u64) -> UsageRecord {
+        UsageRecord {
+            request_id: String::new(),
+            started_at: std::time::SystemTime::now(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            chat: true,
+            model: Some(model.into()),
+            response_model: None,
+            response_id: None,
+            user: Some(user.into()),
+            stream: false,
+            max_tokens: None,
+            tools: Vec::new(),
+            web_search_requested: false,
+            status: 200,
+            upstream_status: Some(200),
+            outcome: Outcome::Complete,
+            usage: crate::meter::Usage {
+                prompt: 10,
+                completion: 5,
+                cached: 4,
+                reasoning: 2,
+                web_searches: 0,
+            },
+            usage_source: UsageSource::Reported,
+            cost: Some(crate::meter::Pico(cost)),
+            upstream_cost_usd: None,
+            finish_reasons: Vec::new(),
+            search_ran: false,
+            search_results: 0,
+            warning: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            content_chunks: 0,
+            ttfb: None,
+            ttft: None,
+            duration: std::time::Duration::from_millis(5),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn label_sets_that_concatenate_alike_stay_apart() {
+        let m = CallMetrics::new(&cfg(UserLabel::All, 100, &[]));
+        m.observe(&record("a", "bc", 1));
+        m.observe(&record("ab", "c", 2));
+        let cost = m
+            .collect()
+            .into_iter()
+            .find(|f| f.get_name() == "tokentap_cost_usd_total")
+            .unwrap();
+        assert_eq!(cost.get_metric().len(), 2, "two label sets, two series");
+    }
+
+    #[test]
+    fn token_types_are_disjoint_and_sum_to_the_total() {
+        let m = CallMetrics::new(&cfg(UserLabel::All, 100, &[]));
+        m.observe(&record("a", "u", 1));
+        let toks = m
+            .collect()
+            .into_iter()
+            .find(|f| f.get_name() == "tokentap_tokens_total")
+            .unwrap();
+        let sum: f64 = toks
+            .get_metric()
+            .iter()
+            .map(|x| x.get_counter().get_value())
+            .sum();
+        assert_eq!(sum, 15.0);
+    }
+}

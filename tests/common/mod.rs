@@ -450,9 +450,12 @@ pub fn send_request(
         head.push_str(&format!("content-length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // A write can fail when the server answered early (e.g. 413) and closed.
-    let _ = s.write_all(body);
+    let _ = s.set_nodelay(true);
+    // One write for head and body (two small writes would meet Nagle and delayed ACKs). A
+    // write can fail when the server answered early (e.g. 413) and closed.
+    let mut msg = head.into_bytes();
+    msg.extend_from_slice(body);
+    let _ = s.write_all(&msg);
 }
 
 /// Reads one response; stops (incomplete) after `max_body` body bytes. A response that has no
