@@ -626,7 +626,7 @@ mod tests {
         let cost = m
             .collect()
             .into_iter()
-            .find(|f| f.get_name() == "tokentap_cost_usd_total")
+            .find(|f| f.name() == "tokentap_cost_usd_total")
             .unwrap();
         assert_eq!(cost.get_metric().len(), 2, "two label sets, two series");
     }
@@ -638,7 +638,7 @@ mod tests {
         let toks = m
             .collect()
             .into_iter()
-            .find(|f| f.get_name() == "tokentap_tokens_total")
+            .find(|f| f.name() == "tokentap_tokens_total")
             .unwrap();
         let sum: f64 = toks
             .get_metric()
