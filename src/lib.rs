@@ -5,6 +5,7 @@
 //! (`meter`) per call to the sinks (`telemetry`).
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod meter;
 pub mod openai;

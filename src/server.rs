@@ -12,6 +12,7 @@ use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownS
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::budget::{embedded::Embedded, Ledger, LedgerSink};
 use crate::config::reload::{Reloader, Trigger};
 use crate::config::Config;
 use crate::proxy::{Shared, TokenTap};
@@ -29,11 +30,20 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     ));
     let calls = CallMetrics::new(&config.metrics);
     sinks.push(Box::new(Arc::clone(&calls)));
+    let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend.as_str() {
+        "embedded" => Embedded::open(&config.budgets.ledger)?,
+        other => {
+            return Err(format!(
+                "budgets.ledger.backend {other:?} is not available yet"
+            ))
+        }
+    };
+    sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
-    let shared = Shared::new(config, sinks, calls);
+    let shared = Shared::new(config, sinks, calls, ledger);
     let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
     // SIGHUP would end the process by default: take it over before anything else runs.
     spawn_sighup(Arc::clone(&reloader))?;

@@ -16,7 +16,8 @@
 //! | `x-mock-split: 1`       | write every SSE event in three separate small writes            |
 //! | `x-mock-event-lines: 1` | add `event:` lines (`event: search_done`, ...)                  |
 //! | `x-mock-cached: N`      | report N cached prompt tokens                                   |
-//! | `x-mock-reasoning: N`   | report N reasoning tokens (added to completion tokens)          |
+//! | `x-mock-reasoning: N`   | N reasoning tokens (added to completion tokens; streamed first  |
+//! |                         | as `delta.reasoning`, 4 bytes each)                              |
 //! | `x-mock-warning: text`  | add a `warning`                                                  |
 //!
 //! Web search runs when the request offers the `octen_search` (or `octen_broad_search`) tool.
@@ -715,7 +716,7 @@ async fn non_stream(
         s.write_all(half).await?;
         s.flush().await?;
         log_request(state, conn, req, plan.billed(plan.chunks), "reset", half);
-        reset(conn);
+        reset(conn).await;
         return Ok(false);
     }
     respond(conn, 200, "application/json", &extra, &body).await?;
@@ -730,8 +731,11 @@ async fn non_stream(
     Ok(true)
 }
 
-/// Aborts the connection with a TCP RST (the socket is closed when the connection drops).
-fn reset(conn: &mut Conn) {
+/// Aborts the connection with a TCP RST (the socket is closed when the connection drops),
+/// a moment after the last write: an RST can make the peer drop data it has not read yet, and
+/// the mock bills what it sent.
+async fn reset(conn: &mut Conn) {
+    tokio::time::sleep(Duration::from_millis(30)).await;
     // SAFETY: the fd belongs to this connection's socket, which is still open here.
     let fd = unsafe { BorrowedFd::borrow_raw(conn.fd) };
     let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
@@ -822,11 +826,25 @@ async fn stream(
         log_request(state, conn, req, plan.billed(0), "client_gone", &out);
         return Err(e);
     }
+    // Reasoning is streamed first, as `delta.reasoning` (4 bytes per token, like content).
+    if plan.reasoning > 0 {
+        let text: String = (0..plan.reasoning)
+            .map(|i| format!("r{:02} ", i % 100))
+            .collect();
+        let data = chunk(
+            "content",
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning": text}, "finish_reason": null}]}),
+        );
+        if let Err(e) = write_chunk(conn, plan, &event(plan, None, &data), &mut out).await {
+            log_request(state, conn, req, plan.billed(0), "client_gone", &out);
+            return Err(e);
+        }
+    }
     let mut sent = 0;
     for i in 0..plan.chunks {
         if plan.reset_after == Some(sent) {
             log_request(state, conn, req, plan.billed(sent), "reset", &out);
-            reset(conn);
+            reset(conn).await;
             return Ok(false);
         }
         if !plan.delay.is_zero() {
@@ -849,7 +867,7 @@ async fn stream(
     }
     if plan.reset_after.is_some_and(|k| k >= sent) {
         log_request(state, conn, req, plan.billed(sent), "reset", &out);
-        reset(conn);
+        reset(conn).await;
         return Ok(false);
     }
     let mut fin = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});

@@ -35,6 +35,7 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     pub pricing: PriceTable,
     pub metrics: MetricsConfig,
+    pub budgets: crate::budget::policy::BudgetPolicy,
 }
 
 /// How metrics label calls; bounds the number of series whatever clients send.
@@ -255,6 +256,9 @@ fn compile(
         }
     };
 
+    let budgets =
+        crate::budget::policy::compile(&raw.budgets, dir).map_err(|m| ConfigError::new(file, m))?;
+
     let access_log = AccessLogConfig {
         enabled: raw.access_log.enabled,
         target: raw.access_log.path.resolve(dir),
@@ -291,6 +295,7 @@ fn compile(
         access_log,
         pricing,
         metrics,
+        budgets,
     })
 }
 
@@ -310,6 +315,9 @@ impl Config {
         }
         if self.upstream.ca_file != running.upstream.ca_file {
             v.push("upstream.ca_file");
+        }
+        if self.budgets.ledger != running.budgets.ledger {
+            v.push("budgets.ledger");
         }
         v
     }

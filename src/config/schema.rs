@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub pricing: RawPricing,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub budgets: crate::budget::policy::RawBudgets,
 }
 
 #[derive(Debug, Deserialize)]

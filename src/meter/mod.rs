@@ -140,6 +140,8 @@ pub struct UsageRecord {
     pub duration: Duration,
     /// A short description of what went wrong, for the log; never user content.
     pub error: Option<String>,
+    /// The budget reservation the call held (settled by the ledger sink).
+    pub budget: Option<std::sync::Arc<crate::budget::Reservation>>,
 }
 
 /// Token estimate for text the upstream did not count for us: about four bytes of UTF-8 per

@@ -57,6 +57,9 @@ pub struct RawModelPrice {
     /// USD per web search the upstream ran (`usage.num_search_queries`).
     #[serde(default)]
     per_web_search: Usd,
+    /// The most output tokens the model produces in one call: the worst case a budget
+    /// reserves when a request sets no max_tokens.
+    max_output_tokens: Option<u64>,
 }
 
 /// A USD amount as written in the config: a TOML number or a decimal string.
@@ -89,6 +92,7 @@ pub struct ModelPrice {
     pub output: Pico,
     pub reasoning: Option<Pico>,
     pub web_search: Pico,
+    pub max_output_tokens: Option<u64>,
 }
 
 impl ModelPrice {
@@ -242,7 +246,13 @@ fn compile_price(p: &RawModelPrice, key: &str) -> Result<ModelPrice, String> {
         output: Pico(output),
         reasoning: reasoning.map(Pico),
         web_search: Pico(web_search),
+        max_output_tokens: p.max_output_tokens,
     })
+}
+
+/// A USD amount written as a decimal ("12.50") in exact pico-USD.
+pub fn usd_to_pico(s: &str) -> Result<Pico, String> {
+    decimal_scaled(s, 12).map(Pico)
 }
 
 /// Parses a non-negative decimal like "2.50" exactly into `value * 10^scale` as an integer.

@@ -67,6 +67,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub code: Option<&'static str>,
     pub param: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -77,6 +79,7 @@ impl ApiError {
             kind,
             code: None,
             param: None,
+            retry_after: None,
         }
     }
 

@@ -27,6 +27,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::budget::{Decision, Ledger, Reservation};
 use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
@@ -49,6 +50,7 @@ pub struct Shared {
     pub sinks: Sinks,
     pub metrics: Metrics,
     pub calls: Arc<CallMetrics>,
+    pub ledger: Arc<dyn Ledger>,
     /// Calls between their request head and their record.
     pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
@@ -56,7 +58,12 @@ pub struct Shared {
 
 impl Shared {
     /// The shared state; `calls` should also be among the `sinks` to see records.
-    pub fn new(config: Config, sinks: Sinks, calls: Arc<CallMetrics>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        sinks: Sinks,
+        calls: Arc<CallMetrics>,
+        ledger: Arc<dyn Ledger>,
+    ) -> Arc<Self> {
         let metrics = Metrics::new();
         metrics
             .registry
@@ -69,6 +76,7 @@ impl Shared {
             metrics,
             in_flight: Arc::clone(&calls.in_flight),
             calls,
+            ledger,
             ids: RequestIds::new(),
         })
     }
@@ -156,6 +164,8 @@ pub struct Ctx {
     _in_flight: InFlight,
     /// Set while a streamed response is relayed.
     stream_active: Option<InFlight>,
+    /// What the call holds against its budgets until its record settles it.
+    reservation: Option<Arc<Reservation>>,
 }
 
 impl TokenTap {
@@ -263,6 +273,10 @@ impl TokenTap {
             }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet.
+            match crate::budget::decide(&*self.shared.ledger, &ctx.cfg, ctx.meta.as_ref()) {
+                Decision::Allow(r) => ctx.reservation = r,
+                Decision::Refuse(e) => return Err(self.reject(ctx, e)),
+            }
             ctx.body_released = true;
             *body = if whole.is_empty() { None } else { Some(whole) };
         }
@@ -339,6 +353,7 @@ impl ProxyHttp for TokenTap {
             overhead: Duration::ZERO,
             _in_flight: InFlight::new(&self.shared.in_flight),
             stream_active: None,
+            reservation: None,
         }
     }
 
@@ -578,6 +593,9 @@ async fn write_error(session: &mut Session, e: &ApiError) -> Result<()> {
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::CONNECTION, "close")?;
+    if let Some(s) = e.retry_after {
+        resp.insert_header(header::RETRY_AFTER, s.to_string())?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;

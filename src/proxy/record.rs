@@ -63,6 +63,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         ttft: ctx.ttft,
         duration: ctx.start.elapsed(),
         error,
+        budget: ctx.reservation.take(),
     }
 }
 

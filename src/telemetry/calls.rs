@@ -615,6 +615,7 @@ mod tests {
             ttft: None,
             duration: std::time::Duration::from_millis(5),
             error: None,
+            budget: None,
         }
     }
 

@@ -180,6 +180,7 @@ pub struct TapBuilder {
     extra: String,
     read_timeout_ms: u64,
     k8s: bool,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl TapBuilder {
@@ -190,7 +191,14 @@ impl TapBuilder {
             extra: String::new(),
             read_timeout_ms: 10_000,
             k8s: false,
+            dir: None,
         }
+    }
+
+    /// Runs in this directory (e.g. a stopped tokentap's, to reuse its ledger and log).
+    pub fn in_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
     }
 
     /// Lays the config out like a mounted Kubernetes ConfigMap: `tokentap.toml` is a symlink
@@ -217,19 +225,21 @@ impl TapBuilder {
         self
     }
 
-    pub fn start(self) -> Tap {
+    pub fn start(mut self) -> Tap {
         // A free port can be taken by another test between picking it and binding it: then
         // this tokentap exits (or another answers), and it is started again on new ports.
+        let mut dir = self.dir.take();
         for _ in 0..5 {
-            if let Some(tap) = self.try_start() {
-                return tap;
+            let d = dir.take().unwrap_or_else(|| tempfile::tempdir().unwrap());
+            match self.try_start(d) {
+                Ok(tap) => return tap,
+                Err(d) => dir = Some(d),
             }
         }
         panic!("tokentap did not start on free ports five times");
     }
 
-    fn try_start(&self) -> Option<Tap> {
-        let dir = tempfile::tempdir().unwrap();
+    fn try_start(&self, dir: tempfile::TempDir) -> Result<Tap, tempfile::TempDir> {
         let port = free_port();
         let admin_port = free_port();
         let log = dir.path().join("access.log");
@@ -240,6 +250,7 @@ impl TapBuilder {
             extra,
             read_timeout_ms,
             k8s,
+            dir: _,
         } = self;
         let text = format!(
             r#"
@@ -260,7 +271,7 @@ path = "access.log"
 {extra}
 "#
         );
-        if *k8s {
+        if *k8s && !dir.path().join("..v1").exists() {
             let v1 = dir.path().join("..v1");
             std::fs::create_dir(&v1).unwrap();
             std::fs::write(v1.join("tokentap.toml"), &text).unwrap();
@@ -290,12 +301,12 @@ path = "access.log"
         let start = Instant::now();
         loop {
             if tap.proc.child.try_wait().unwrap().is_some() {
-                return None;
+                return Err(tap.into_dir());
             }
             if TcpStream::connect(tap.admin).is_ok() {
                 let ready = request(tap.admin, "GET", "/readyz", &[], b"");
                 if !String::from_utf8_lossy(&ready.body).contains(&me) {
-                    return None; // another process holds the admin port
+                    return Err(tap.into_dir()); // another process holds the admin port
                 }
                 if TcpStream::connect(tap.addr).is_ok() {
                     break;
@@ -307,11 +318,18 @@ path = "access.log"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(tap)
+        Ok(tap)
     }
 }
 
 impl Tap {
+    /// Stops the process and hands back its directory.
+    pub fn into_dir(self) -> tempfile::TempDir {
+        let Tap { proc, dir, .. } = self;
+        drop(proc);
+        dir
+    }
+
     /// Starts tokentap in front of `upstream` with extra config tables appended.
     pub fn start(upstream: &str, extra: &str) -> Tap {
         TapBuilder::new(upstream).extra(extra).start()

@@ -1,0 +1,309 @@
+//! The embedded ledger: no external service. Spend is kept in memory, where reservations are
+//! made under one short lock, and group-committed to a SQLite file (rusqlite, bundled) every
+//! `flush_interval_ms` and at shutdown: on `kill -9` at most one interval of settled spend is
+//! lost. The file holds per-window aggregates (what budgets need after a restart) and one row
+//! per call (what reports need), the rows kept for `retention_days`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection};
+
+use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window};
+use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation};
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Counter {
+    /// Start of the window `spent` belongs to.
+    start: i64,
+    spent: Amount,
+    /// Held by calls in flight (carried across a window's end: they settle into the new one).
+    reserved: Amount,
+}
+
+#[derive(Default)]
+struct State {
+    counters: HashMap<(String, Window), Counter>,
+    dirty: HashSet<(String, Window)>,
+    rows: Vec<CallRow>,
+}
+
+impl State {
+    /// The counter of `key` for the window starting at `start` (a new window starts at zero).
+    fn counter(&mut self, key: &str, window: Window, start: i64) -> &mut Counter {
+        let c = self
+            .counters
+            .entry((key.to_string(), window))
+            .or_insert(Counter {
+                start,
+                ..Counter::default()
+            });
+        if c.start != start {
+            c.start = start;
+            c.spent = Amount::default();
+        }
+        c
+    }
+}
+
+pub struct Embedded {
+    state: Mutex<State>,
+    db: Mutex<Connection>,
+    retention: Duration,
+    last_retention: Mutex<Instant>,
+}
+
+impl Embedded {
+    /// Opens (or creates) the ledger file and loads the spend of the current windows.
+    pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
+        let db = open_db(&cfg.path)?;
+        let mut state = State::default();
+        {
+            let mut q = db
+                .prepare("SELECT key, window, start, pico, tokens FROM spend")
+                .map_err(|e| e.to_string())?;
+            let rows = q
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(|e| e.to_string())?;
+            for row in rows {
+                let (key, window, start, pico, tokens) = row.map_err(|e| e.to_string())?;
+                let Ok(window) = Window::parse(&window) else {
+                    continue;
+                };
+                let c = state.counters.entry((key, window)).or_default();
+                // Keep the newest window of each counter; older ones are history.
+                if start >= c.start {
+                    *c = Counter {
+                        start,
+                        spent: Amount {
+                            pico: pico as u64,
+                            tokens: tokens as u64,
+                        },
+                        reserved: Amount::default(),
+                    };
+                }
+            }
+        }
+        let ledger = Arc::new(Embedded {
+            state: Mutex::new(state),
+            db: Mutex::new(db),
+            retention: Duration::from_secs(cfg.retention_days.saturating_mul(86_400)),
+            last_retention: Mutex::new(Instant::now() - Duration::from_secs(7200)),
+        });
+        spawn_flusher(Arc::downgrade(&ledger), cfg.flush_interval);
+        Ok(ledger)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self, spend: &[(String, Window, Counter)], rows: &[CallRow]) -> rusqlite::Result<()> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = db.transaction()?;
+        {
+            let mut up = tx.prepare_cached(
+                "INSERT INTO spend (key, window, start, pico, tokens) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key, window, start) DO UPDATE SET pico = ?4, tokens = ?5",
+            )?;
+            for (key, window, c) in spend {
+                up.execute(params![
+                    key,
+                    window.name(),
+                    c.start,
+                    c.spent.pico as i64,
+                    c.spent.tokens as i64
+                ])?;
+            }
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO calls (ts, request_id, user, teams, model, prompt, completion, cached,
+                 reasoning, web_searches, cost_pico, estimated, outcome, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for r in rows {
+                ins.execute(params![
+                    r.ts,
+                    r.request_id,
+                    r.user,
+                    r.teams.join(","),
+                    r.model,
+                    r.usage.prompt as i64,
+                    r.usage.completion as i64,
+                    r.usage.cached as i64,
+                    r.usage.reasoning as i64,
+                    r.usage.web_searches as i64,
+                    r.cost_pico.map(|c| c as i64),
+                    r.estimated,
+                    r.outcome,
+                    r.status
+                ])?;
+            }
+        }
+        let mut last = self
+            .last_retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() > Duration::from_secs(3600) && !self.retention.is_zero() {
+            let cutoff = super::now_unix() - self.retention.as_secs() as i64;
+            tx.execute("DELETE FROM calls WHERE ts < ?1", params![cutoff])?;
+            *last = Instant::now();
+        }
+        tx.commit()
+    }
+}
+
+fn open_db(path: &Path) -> Result<Connection, String> {
+    let what = |e: rusqlite::Error| format!("ledger {}: {e}", path.display());
+    let db = Connection::open(path).map_err(what)?;
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS spend (
+             key TEXT NOT NULL, window TEXT NOT NULL, start INTEGER NOT NULL,
+             pico INTEGER NOT NULL, tokens INTEGER NOT NULL,
+             PRIMARY KEY (key, window, start));
+         CREATE TABLE IF NOT EXISTS calls (
+             ts INTEGER NOT NULL, request_id TEXT NOT NULL, user TEXT, teams TEXT, model TEXT,
+             prompt INTEGER NOT NULL, completion INTEGER NOT NULL, cached INTEGER NOT NULL,
+             reasoning INTEGER NOT NULL, web_searches INTEGER NOT NULL, cost_pico INTEGER,
+             estimated INTEGER NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL);
+         CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);",
+    )
+    .map_err(what)?;
+    Ok(db)
+}
+
+fn spawn_flusher(ledger: Weak<Embedded>, every: Duration) {
+    std::thread::Builder::new()
+        .name("tokentap-ledger".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match ledger.upgrade() {
+                Some(l) => l.flush(),
+                None => return,
+            }
+        })
+        .expect("spawn ledger flusher");
+}
+
+impl Ledger for Embedded {
+    fn reserve(
+        &self,
+        policy: &BudgetPolicy,
+        user: &str,
+        worst: Amount,
+        now: i64,
+    ) -> Result<Reservation, Rejection> {
+        let caps = policy.caps_for(user);
+        let offset = policy.offset();
+        let mut st = self.lock();
+        let mut refused: Option<Rejection> = None;
+        for (subject, cap) in &caps {
+            let (start, end) = cap.window.bounds(now, offset);
+            let c = st.counter(&subject.key(), cap.window, start);
+            let mut after = c.spent;
+            after.add(c.reserved);
+            after.add(worst);
+            let over_usd = cap.usd.is_some_and(|u| after.pico > u.0);
+            let over_tokens = cap.tokens.is_some_and(|t| after.tokens > t);
+            if over_usd || over_tokens {
+                // The caller can retry when the last of the blocking windows resets.
+                if refused.as_ref().is_none_or(|r| end > r.resets_at) {
+                    refused = Some(Rejection {
+                        subject: subject.clone(),
+                        window: cap.window,
+                        resets_at: end,
+                        tokens: !over_usd,
+                    });
+                }
+            }
+        }
+        if let Some(r) = refused {
+            return Err(r);
+        }
+        let mut holds = Vec::with_capacity(caps.len());
+        for (subject, cap) in &caps {
+            let (start, _) = cap.window.bounds(now, offset);
+            let key = subject.key();
+            st.counter(&key, cap.window, start).reserved.add(worst);
+            holds.push(Hold {
+                key,
+                window: cap.window,
+            });
+        }
+        Ok(Reservation {
+            user: user.to_string(),
+            teams: policy.teams_of(user).to_vec(),
+            holds,
+            worst,
+            offset,
+        })
+    }
+
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
+        // A call that ran across a window's end is charged to the window it ended in.
+        let mut st = self.lock();
+        for h in &r.holds {
+            let (start, _) = h.window.bounds(now, r.offset);
+            let c = st.counter(&h.key, h.window, start);
+            c.reserved.sub(r.worst);
+            c.spent.add(actual);
+            st.dirty.insert((h.key.clone(), h.window));
+        }
+    }
+
+    fn record_call(&self, row: CallRow) {
+        self.lock().rows.push(row);
+    }
+
+    fn spend(
+        &self,
+        subject: &Subject,
+        window: Window,
+        policy: &BudgetPolicy,
+        now: i64,
+    ) -> (Amount, Amount) {
+        let (start, _) = window.bounds(now, policy.offset());
+        let st = self.lock();
+        match st.counters.get(&(subject.key(), window)) {
+            Some(c) if c.start == start => (c.spent, c.reserved),
+            Some(c) => (Amount::default(), c.reserved),
+            None => (Amount::default(), Amount::default()),
+        }
+    }
+
+    fn flush(&self) {
+        let (spend, rows) = {
+            let mut st = self.lock();
+            if st.dirty.is_empty() && st.rows.is_empty() {
+                return;
+            }
+            let dirty = std::mem::take(&mut st.dirty);
+            let spend: Vec<(String, Window, Counter)> = dirty
+                .into_iter()
+                .filter_map(|k| st.counters.get(&k).map(|c| (k.0, k.1, *c)))
+                .collect();
+            (spend, std::mem::take(&mut st.rows))
+        };
+        if let Err(e) = self.write(&spend, &rows) {
+            log::error!("ledger: cannot write to its file: {e}; will retry");
+            let mut st = self.lock();
+            for (k, w, _) in spend {
+                st.dirty.insert((k, w));
+            }
+            let mut rows = rows;
+            rows.append(&mut st.rows);
+            st.rows = rows;
+        }
+    }
+}

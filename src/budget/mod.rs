@@ -1,0 +1,265 @@
+//! Budgets: caps that hold under concurrency.
+//!
+//! Before the upstream sees a chat call, its worst-case cost (the prompt estimated from the
+//! body, the output cap, the searches it may run) is reserved atomically against every cap
+//! that applies to its user and the user's teams; if any hard cap could be passed, the call is
+//! refused with 429. When the call ends, its record settles the reservation to the real cost
+//! (the estimate for a cut-off stream; nothing when the upstream failed and billed nothing).
+//! Concurrent first requests therefore cannot overshoot a cap by more than one call's worst
+//! case, whatever their number.
+
+pub mod embedded;
+pub mod policy;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::meter::{estimate_tokens, Usage, UsageRecord};
+use crate::openai::request::RequestMeta;
+use crate::openai::ApiError;
+use policy::{BudgetPolicy, MissingUser, Subject, Window};
+
+/// Money and tokens, together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub pico: u64,
+    pub tokens: u64,
+}
+
+impl Amount {
+    fn add(&mut self, o: Amount) {
+        self.pico = self.pico.saturating_add(o.pico);
+        self.tokens = self.tokens.saturating_add(o.tokens);
+    }
+    fn sub(&mut self, o: Amount) {
+        self.pico = self.pico.saturating_sub(o.pico);
+        self.tokens = self.tokens.saturating_sub(o.tokens);
+    }
+}
+
+/// What a call holds against its caps until it settles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub user: String,
+    pub teams: Vec<String>,
+    pub holds: Vec<Hold>,
+    pub worst: Amount,
+    /// The UTC offset calendar windows were computed in.
+    pub offset: chrono::FixedOffset,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub key: String,
+    pub window: Window,
+}
+
+/// A cap the call would pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub subject: Subject,
+    pub window: Window,
+    /// Unix seconds when the window resets (`i64::MAX` for `total`).
+    pub resets_at: i64,
+    pub tokens: bool,
+}
+
+/// A per-call row for reports.
+#[derive(Debug, Clone)]
+pub struct CallRow {
+    pub ts: i64,
+    pub request_id: String,
+    pub user: Option<String>,
+    pub teams: Vec<String>,
+    pub model: Option<String>,
+    pub usage: Usage,
+    pub cost_pico: Option<u64>,
+    pub estimated: bool,
+    pub outcome: &'static str,
+    pub status: u16,
+}
+
+/// Where spend is kept. One trait, two backends (embedded, Redis).
+pub trait Ledger: Send + Sync {
+    /// Atomically reserves `worst` against every cap in `caps`, or refuses without reserving.
+    fn reserve(
+        &self,
+        policy: &BudgetPolicy,
+        user: &str,
+        worst: Amount,
+        now: i64,
+    ) -> Result<Reservation, Rejection>;
+    /// Releases a reservation and charges what the call really cost.
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64);
+    /// Records a call for reports (whether or not it was capped).
+    fn record_call(&self, row: CallRow);
+    /// Spend so far in the window containing `now`, for `subject` (committed, reserved).
+    fn spend(
+        &self,
+        subject: &Subject,
+        window: Window,
+        policy: &BudgetPolicy,
+        now: i64,
+    ) -> (Amount, Amount);
+    /// Writes what is pending (at shutdown).
+    fn flush(&self);
+}
+
+/// The decision about a call, made when its body is complete.
+pub enum Decision {
+    /// Go ahead, holding this reservation (none when nothing is capped for the caller).
+    Allow(Option<Arc<Reservation>>),
+    Refuse(ApiError),
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The most a call can cost: the prompt (estimated from the body), its output cap (or the
+/// model's, or the default), and the searches it may run.
+pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
+    let policy = &cfg.budgets;
+    let price = cfg.pricing.lookup(None, meta.model.as_deref());
+    let prompt = estimate_tokens(meta.prompt_text_bytes);
+    let output = meta
+        .output_cap()
+        .or_else(|| price.and_then(|p| p.max_output_tokens))
+        .unwrap_or(policy.default_max_output_tokens);
+    let searches = if meta.web_search_requested() {
+        policy.default_max_searches
+    } else {
+        0
+    };
+    let usage = Usage {
+        prompt,
+        completion: output,
+        cached: 0,
+        reasoning: 0,
+        web_searches: searches,
+    };
+    Amount {
+        pico: price.map_or(0, |p| p.cost(&usage).0),
+        tokens: prompt.saturating_add(output),
+    }
+}
+
+/// Decides about a chat call (`meta` is `None` when its body was not a JSON object).
+pub fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta>) -> Decision {
+    let policy = &cfg.budgets;
+    if !policy.enforcing() {
+        return Decision::Allow(None);
+    }
+    let user =
+        match (meta.and_then(|m| m.user.as_deref()), policy.missing_user) {
+            (Some(u), _) => u.to_string(),
+            (None, MissingUser::Allow) => return Decision::Allow(None),
+            (None, MissingUser::DefaultUser) => policy.default_user.clone(),
+            (None, MissingUser::Reject) => return Decision::Refuse(
+                ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "This proxy enforces per-user budgets: set the `user` field of the request \
+                     to the end user's id.",
+                )
+                .param("user")
+                .code("user_required"),
+            ),
+        };
+    let Some(meta) = meta else {
+        return Decision::Allow(None);
+    };
+    let now = now_unix();
+    match ledger.reserve(policy, &user, worst_case(meta, cfg), now) {
+        Ok(r) => Decision::Allow(Some(Arc::new(r))),
+        Err(rej) => Decision::Refuse(refusal(&rej, now)),
+    }
+}
+
+/// The 429 for a refused call: it names the caller's own window and when it resets, and
+/// nothing about anyone's spend.
+fn refusal(r: &Rejection, now: i64) -> ApiError {
+    let whose = match &r.subject {
+        Subject::User(_) => "your".to_string(),
+        Subject::Team(t) => format!("your team {t:?}'s"),
+    };
+    let what = if r.tokens { "token" } else { "spending" };
+    let (when, retry) = if r.resets_at == i64::MAX {
+        (
+            "It does not reset; ask the operator to raise it.".to_string(),
+            None,
+        )
+    } else {
+        let at = chrono::DateTime::from_timestamp(r.resets_at, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        (
+            format!("It resets at {at}."),
+            Some((r.resets_at - now).max(1) as u64),
+        )
+    };
+    let mut e = ApiError::new(
+        429,
+        "budget_exceeded",
+        format!(
+            "This request could exceed {whose} {} {what} budget. {when}",
+            r.window
+        ),
+    )
+    .code("budget_exceeded");
+    e.retry_after = retry;
+    e
+}
+
+/// What a record settles: its cost and tokens (zero when the upstream billed nothing).
+pub fn actual(rec: &UsageRecord) -> Amount {
+    Amount {
+        pico: rec.cost.map_or(0, |c| c.0),
+        tokens: rec.usage.prompt.saturating_add(rec.usage.completion),
+    }
+}
+
+/// The ledger as a sink: settles each call's reservation and keeps its row for reports.
+pub struct LedgerSink(pub Arc<dyn Ledger>);
+
+impl crate::telemetry::Sink for LedgerSink {
+    fn record(&self, rec: &Arc<UsageRecord>) {
+        if !rec.chat {
+            return;
+        }
+        let now = now_unix();
+        if let Some(r) = &rec.budget {
+            self.0.settle(r, actual(rec), now);
+        }
+        let ts = rec
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now, |d| d.as_secs() as i64);
+        self.0.record_call(CallRow {
+            ts,
+            request_id: rec.request_id.clone(),
+            user: rec
+                .budget
+                .as_ref()
+                .map(|r| r.user.clone())
+                .or_else(|| rec.user.clone()),
+            teams: rec
+                .budget
+                .as_ref()
+                .map(|r| r.teams.clone())
+                .unwrap_or_default(),
+            model: rec.model.clone(),
+            usage: rec.usage,
+            cost_pico: rec.cost.map(|c| c.0),
+            estimated: rec.usage_source == crate::meter::UsageSource::Estimated,
+            outcome: rec.outcome.as_str(),
+            status: rec.status,
+        });
+    }
+
+    fn shutdown(&self) {
+        self.0.flush();
+    }
+}

@@ -1,0 +1,519 @@
+//! Budget policy: who may spend how much, per which window. Part of the config snapshot, so
+//! it reloads with it; spend so far lives in the ledger and survives reloads.
+//!
+//! ```toml
+//! [budgets]
+//! missing_user = "reject"          # or "default_user" (charged to default_user), "allow"
+//! [budgets.default]                # caps of any user without caps of their own
+//! daily = { usd = 5.00, soft_usd = 4.00 }
+//! monthly = { usd = 50.00, tokens = 20000000 }
+//! [budgets.users.alice]
+//! monthly = { usd = 200.00 }
+//! [budgets.teams.research]
+//! members = ["alice", "bob"]
+//! caps = { monthly = { usd = 500.00 } }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+
+use chrono::{
+    DateTime, Datelike, Duration as ChronoDuration, FixedOffset, NaiveDate, TimeZone, Utc,
+};
+use serde::Deserialize;
+
+use crate::meter::Pico;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudgets {
+    #[serde(default)]
+    pub missing_user: MissingUser,
+    /// Who is charged when `missing_user = "default_user"`.
+    #[serde(default = "default_user")]
+    pub default_user: String,
+    /// Calendar windows start at midnight in this UTC offset, e.g. "+02:00" (default UTC).
+    #[serde(default)]
+    pub utc_offset: Option<String>,
+    /// The output a request is assumed to produce when it sets no max_tokens and its model
+    /// has no `max_output_tokens` price entry.
+    #[serde(default = "default_max_output")]
+    pub default_max_output_tokens: u64,
+    /// Searches assumed for a request offering the web search tool, when its
+    /// `max_searches` is not given.
+    #[serde(default = "default_max_searches")]
+    pub default_max_searches: u64,
+    #[serde(default)]
+    pub default: Option<BTreeMap<String, RawCap>>,
+    #[serde(default)]
+    pub users: BTreeMap<String, BTreeMap<String, RawCap>>,
+    #[serde(default)]
+    pub teams: BTreeMap<String, RawTeam>,
+    #[serde(default)]
+    pub ledger: RawLedger,
+}
+
+fn default_user() -> String {
+    "anonymous".into()
+}
+fn default_max_output() -> u64 {
+    4096
+}
+fn default_max_searches() -> u64 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingUser {
+    /// 400: the request must name its user.
+    #[default]
+    Reject,
+    /// Charged to `default_user`.
+    DefaultUser,
+    /// Let through, unattributed and uncapped.
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTeam {
+    pub members: Vec<String>,
+    #[serde(default)]
+    pub caps: BTreeMap<String, RawCap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCap {
+    /// Hard cap in USD: a call that could pass it is refused.
+    pub usd: Option<UsdValue>,
+    /// Hard cap in tokens (prompt + completion).
+    pub tokens: Option<u64>,
+    /// Soft threshold in USD: passing it is signalled (log, metric), not refused.
+    pub soft_usd: Option<UsdValue>,
+    pub soft_tokens: Option<u64>,
+}
+
+/// A USD amount: a TOML number or a decimal string.
+#[derive(Debug, Clone)]
+pub struct UsdValue(String);
+
+impl<'de> Deserialize<'de> for UsdValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum N {
+            I(i64),
+            F(f64),
+            S(String),
+        }
+        Ok(UsdValue(match N::deserialize(d)? {
+            N::I(i) => i.to_string(),
+            N::F(f) => format!("{f}"),
+            N::S(s) => s,
+        }))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLedger {
+    /// "embedded" (default: SQLite file, no service) or "redis" (shared by replicas).
+    pub backend: String,
+    /// The embedded ledger's file (relative to the config file).
+    pub path: PathBuf,
+    /// Settled spend reaches the file at least this often (what a crash can lose).
+    pub flush_interval_ms: u64,
+    /// Per-call rows older than this are deleted (aggregates are kept).
+    pub retention_days: u64,
+}
+
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger {
+            backend: "embedded".into(),
+            path: PathBuf::from("tokentap-ledger.db"),
+            flush_interval_ms: 500,
+            retention_days: 90,
+        }
+    }
+}
+
+/// A budget window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Window {
+    Hourly,
+    Daily,
+    /// ISO weeks, starting on Monday.
+    Weekly,
+    Monthly,
+    /// Never resets.
+    Total,
+    /// Fixed-length windows aligned to the Unix epoch, e.g. `"30s"`, `"15m"`.
+    Every(u64),
+}
+
+impl Window {
+    pub fn parse(s: &str) -> Result<Window, String> {
+        Ok(match s {
+            "hourly" => Window::Hourly,
+            "daily" => Window::Daily,
+            "weekly" => Window::Weekly,
+            "monthly" => Window::Monthly,
+            "total" => Window::Total,
+            other => {
+                let (num, unit) = other.split_at(other.len().saturating_sub(1));
+                let n: u64 = num.parse().map_err(|_| window_error(other))?;
+                let secs = match unit {
+                    "s" => n,
+                    "m" => n * 60,
+                    "h" => n * 3600,
+                    _ => return Err(window_error(other)),
+                };
+                if secs == 0 {
+                    return Err(window_error(other));
+                }
+                Window::Every(secs)
+            }
+        })
+    }
+
+    /// The window's name as configured (and as used in metrics and the ledger).
+    pub fn name(&self) -> String {
+        match self {
+            Window::Hourly => "hourly".into(),
+            Window::Daily => "daily".into(),
+            Window::Weekly => "weekly".into(),
+            Window::Monthly => "monthly".into(),
+            Window::Total => "total".into(),
+            Window::Every(s) => format!("{s}s"),
+        }
+    }
+
+    /// Start and end (Unix seconds) of the window containing `now`; `end` is `i64::MAX` for
+    /// `Total`.
+    pub fn bounds(&self, now: i64, offset: FixedOffset) -> (i64, i64) {
+        let local = offset
+            .timestamp_opt(now, 0)
+            .single()
+            .unwrap_or_else(|| offset.from_utc_datetime(&DateTime::<Utc>::UNIX_EPOCH.naive_utc()));
+        let at = |d: NaiveDate, hour: u32| -> i64 {
+            offset
+                .from_local_datetime(&d.and_hms_opt(hour, 0, 0).unwrap_or_default())
+                .single()
+                .map_or(now, |t| t.timestamp())
+        };
+        match self {
+            Window::Total => (0, i64::MAX),
+            Window::Every(s) => {
+                let s = *s as i64;
+                let start = now.div_euclid(s) * s;
+                (start, start + s)
+            }
+            Window::Hourly => {
+                let d = local.date_naive();
+                let start = at(d, local.hour_of_day());
+                (start, start + 3600)
+            }
+            Window::Daily => {
+                let d = local.date_naive();
+                (at(d, 0), at(d + ChronoDuration::days(1), 0))
+            }
+            Window::Weekly => {
+                let d = local.date_naive()
+                    - ChronoDuration::days(i64::from(local.weekday().num_days_from_monday()));
+                (at(d, 0), at(d + ChronoDuration::days(7), 0))
+            }
+            Window::Monthly => {
+                let d = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or_default();
+                let next = if local.month() == 12 {
+                    NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)
+                } else {
+                    NaiveDate::from_ymd_opt(local.year(), local.month() + 1, 1)
+                }
+                .unwrap_or_default();
+                (at(d, 0), at(next, 0))
+            }
+        }
+    }
+}
+
+trait HourOfDay {
+    fn hour_of_day(&self) -> u32;
+}
+
+impl HourOfDay for DateTime<FixedOffset> {
+    fn hour_of_day(&self) -> u32 {
+        chrono::Timelike::hour(self)
+    }
+}
+
+fn window_error(s: &str) -> String {
+    format!("{s:?} is not a window: use hourly, daily, weekly, monthly, total, or a length like \"30s\", \"15m\", \"2h\"")
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// One cap on one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cap {
+    pub window: Window,
+    pub usd: Option<Pico>,
+    pub tokens: Option<u64>,
+    pub soft_usd: Option<Pico>,
+    pub soft_tokens: Option<u64>,
+}
+
+/// Who a cap belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    User(String),
+    Team(String),
+}
+
+impl Subject {
+    /// The ledger key: `user:alice`, `team:research`.
+    pub fn key(&self) -> String {
+        match self {
+            Subject::User(u) => format!("user:{u}"),
+            Subject::Team(t) => format!("team:{t}"),
+        }
+    }
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BudgetPolicy {
+    pub missing_user: MissingUser,
+    pub default_user: String,
+    pub offset: Option<FixedOffset>,
+    pub default_max_output_tokens: u64,
+    pub default_max_searches: u64,
+    pub default_caps: Vec<Cap>,
+    pub user_caps: HashMap<String, Vec<Cap>>,
+    pub teams: HashMap<String, Vec<Cap>>,
+    /// user -> teams they belong to
+    pub membership: HashMap<String, Vec<String>>,
+    pub ledger: LedgerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    pub backend: String,
+    pub path: PathBuf,
+    pub flush_interval: std::time::Duration,
+    pub retention_days: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            backend: "embedded".into(),
+            path: PathBuf::from("tokentap-ledger.db"),
+            flush_interval: std::time::Duration::from_millis(500),
+            retention_days: 90,
+        }
+    }
+}
+
+impl BudgetPolicy {
+    /// True when any cap is configured: only then are calls reserved and checked.
+    pub fn enforcing(&self) -> bool {
+        !self.default_caps.is_empty() || !self.user_caps.is_empty() || !self.teams.is_empty()
+    }
+
+    pub fn offset(&self) -> FixedOffset {
+        self.offset
+            .unwrap_or_else(|| FixedOffset::east_opt(0).expect("UTC"))
+    }
+
+    /// Every (subject, cap) that applies to `user`: their own caps (or the default ones) and
+    /// those of their teams.
+    pub fn caps_for(&self, user: &str) -> Vec<(Subject, &Cap)> {
+        let own = self.user_caps.get(user).unwrap_or(&self.default_caps);
+        let mut v: Vec<(Subject, &Cap)> = own
+            .iter()
+            .map(|c| (Subject::User(user.to_string()), c))
+            .collect();
+        if let Some(teams) = self.membership.get(user) {
+            for t in teams {
+                for c in self.teams.get(t).into_iter().flatten() {
+                    v.push((Subject::Team(t.clone()), c));
+                }
+            }
+        }
+        v
+    }
+
+    pub fn teams_of(&self, user: &str) -> &[String] {
+        self.membership.get(user).map_or(&[], |v| v.as_slice())
+    }
+}
+
+pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, String> {
+    let caps = |key: &str, m: &BTreeMap<String, RawCap>| -> Result<Vec<Cap>, String> {
+        let mut v = Vec::new();
+        for (w, c) in m {
+            let window = Window::parse(w).map_err(|e| format!("{key}.{w}: {e}"))?;
+            let usd = |f: &str, x: &Option<UsdValue>| -> Result<Option<Pico>, String> {
+                match x {
+                    None => Ok(None),
+                    Some(u) => crate::meter::pricing::usd_to_pico(&u.0)
+                        .map(Some)
+                        .map_err(|e| format!("{key}.{w}.{f}: {e}")),
+                }
+            };
+            let cap = Cap {
+                window,
+                usd: usd("usd", &c.usd)?,
+                tokens: c.tokens,
+                soft_usd: usd("soft_usd", &c.soft_usd)?,
+                soft_tokens: c.soft_tokens,
+            };
+            if cap.usd.is_none()
+                && cap.tokens.is_none()
+                && cap.soft_usd.is_none()
+                && cap.soft_tokens.is_none()
+            {
+                return Err(format!(
+                    "{key}.{w}: give usd, tokens, soft_usd or soft_tokens"
+                ));
+            }
+            v.push(cap);
+        }
+        Ok(v)
+    };
+    let offset = match &raw.utc_offset {
+        None => None,
+        Some(s) => Some(parse_offset(s).map_err(|e| format!("budgets.utc_offset: {e}"))?),
+    };
+    let default_caps = match &raw.default {
+        Some(m) => caps("budgets.default", m)?,
+        None => Vec::new(),
+    };
+    let mut user_caps = HashMap::new();
+    for (u, m) in &raw.users {
+        user_caps.insert(u.clone(), caps(&format!("budgets.users.{u:?}"), m)?);
+    }
+    let mut teams = HashMap::new();
+    let mut membership: HashMap<String, Vec<String>> = HashMap::new();
+    for (t, team) in &raw.teams {
+        let key = format!("budgets.teams.{t:?}");
+        if team.members.is_empty() {
+            return Err(format!("{key}.members: a team needs at least one member"));
+        }
+        teams.insert(t.clone(), caps(&format!("{key}.caps"), &team.caps)?);
+        for m in &team.members {
+            membership.entry(m.clone()).or_default().push(t.clone());
+        }
+    }
+    let backend = raw.ledger.backend.as_str();
+    if !matches!(backend, "embedded" | "redis") {
+        return Err(format!(
+            "budgets.ledger.backend: {backend:?} is not a backend: use \"embedded\" or \"redis\""
+        ));
+    }
+    if raw.ledger.flush_interval_ms == 0 {
+        return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
+    }
+    Ok(BudgetPolicy {
+        missing_user: raw.missing_user,
+        default_user: raw.default_user.clone(),
+        offset,
+        default_max_output_tokens: raw.default_max_output_tokens,
+        default_max_searches: raw.default_max_searches,
+        default_caps,
+        user_caps,
+        teams,
+        membership,
+        ledger: LedgerConfig {
+            backend: backend.to_string(),
+            path: dir.join(&raw.ledger.path),
+            flush_interval: std::time::Duration::from_millis(raw.ledger.flush_interval_ms),
+            retention_days: raw.ledger.retention_days,
+        },
+    })
+}
+
+fn parse_offset(s: &str) -> Result<FixedOffset, String> {
+    let bad = || format!("{s:?} is not a UTC offset like \"+02:00\" or \"-05:30\"");
+    let (sign, rest) = match s.as_bytes().first() {
+        Some(b'+') => (1, &s[1..]),
+        Some(b'-') => (-1, &s[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 14 || m > 59 {
+        return Err(bad());
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc() -> FixedOffset {
+        FixedOffset::east_opt(0).unwrap()
+    }
+
+    fn ts(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+    }
+
+    #[test]
+    fn calendar_windows() {
+        let now = ts("2026-11-25T19:45:10Z"); // a Wednesday
+        assert_eq!(
+            Window::Daily.bounds(now, utc()),
+            (ts("2026-11-25T00:00:00Z"), ts("2026-11-26T00:00:00Z"))
+        );
+        assert_eq!(
+            Window::Hourly.bounds(now, utc()),
+            (ts("2026-11-25T19:00:00Z"), ts("2026-11-25T20:00:00Z"))
+        );
+        assert_eq!(
+            Window::Weekly.bounds(now, utc()),
+            (ts("2026-11-23T00:00:00Z"), ts("2026-11-30T00:00:00Z"))
+        );
+        assert_eq!(
+            Window::Monthly.bounds(now, utc()),
+            (ts("2026-11-01T00:00:00Z"), ts("2026-12-01T00:00:00Z"))
+        );
+        let dec = ts("2026-12-31T23:59:59Z");
+        assert_eq!(
+            Window::Monthly.bounds(dec, utc()).1,
+            ts("2027-01-01T00:00:00Z")
+        );
+        assert_eq!(Window::Every(30).bounds(95, utc()), (90, 120));
+        assert_eq!(Window::Total.bounds(now, utc()).1, i64::MAX);
+    }
+
+    #[test]
+    fn windows_follow_the_configured_offset() {
+        let plus2 = parse_offset("+02:00").unwrap();
+        // 23:30 UTC is already the next day at +02:00.
+        let now = ts("2026-11-25T23:30:00Z");
+        assert_eq!(
+            Window::Daily.bounds(now, plus2).0,
+            ts("2026-11-26T00:00:00+02:00")
+        );
+        assert!(parse_offset("2:00").is_err());
+        assert!(parse_offset("+25:00").is_err());
+    }
+
+    #[test]
+    fn window_names_parse() {
+        assert_eq!(Window::parse("15m"), Ok(Window::Every(900)));
+        assert_eq!(Window::parse("2s").unwrap().name(), "2s");
+        assert!(Window::parse("fortnightly").is_err());
+        assert!(Window::parse("0s").is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! Per-user caps against the real binary and the embedded ledger (SQLite file, read back
+//! directly here).
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const MODEL: &str = "anthropic/claude-opus-4.6";
+
+/// chat_body's prompt: "system" + "Be brief." + "user" + "Say something about tokens, please."
+/// = 54 bytes = 14 tokens (mock and estimate alike: bytes / 4, rounded up).
+const PROMPT_TOKENS: u64 = 14;
+/// TEST_PRICING in pico-USD per token.
+const IN: u64 = 5_000_000;
+const OUT: u64 = 25_000_000;
+const CACHED: u64 = 500_000;
+const SEARCH: u64 = 5_000_000_000;
+
+fn pico_of(r: &Value) -> u64 {
+    let s = r["cost_usd"].to_string();
+    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
+    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
+}
+
+fn usd(pico: u64) -> String {
+    format!(
+        "{}.{:012}",
+        pico / 1_000_000_000_000,
+        pico % 1_000_000_000_000
+    )
+}
+
+fn ledger_db(tap: &Tap) -> rusqlite::Connection {
+    rusqlite::Connection::open(tap.dir.path().join("tokentap-ledger.db")).unwrap()
+}
+
+/// Sum of cost in the ledger's per-call rows for `user`.
+fn ledger_spend(tap: &Tap, user: &str) -> u64 {
+    ledger_db(tap)
+        .query_row(
+            "SELECT COALESCE(SUM(cost_pico), 0) FROM calls WHERE user = ?1",
+            [user],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+}
+
+fn ledger_rows(tap: &Tap) -> u64 {
+    ledger_db(tap)
+        .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get::<_, i64>(0))
+        .unwrap() as u64
+}
+
+#[test]
+fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
+    let mock = Mock::start();
+    // Each call: worst case 14 prompt + 20 output tokens; really 14 + 5.
+    let worst = PROMPT_TOKENS * IN + 20 * OUT;
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let cap = 10 * real;
+    let tap = Tap::start(
+        &mock.url(),
+        &format!(
+            "{TEST_PRICING}\n[budgets.users.greedy]\ndaily = {{ usd = \"{}\" }}\n",
+            usd(cap)
+        ),
+    );
+    let barrier = Arc::new(Barrier::new(64));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (addr, barrier) = (tap.addr, Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
+                barrier.wait();
+                request(
+                    addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("x-mock-delay-ms", "100")],
+                    &body,
+                )
+            })
+        })
+        .collect();
+    let resps: Vec<Resp> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = resps.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Resp> = resps.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok + refused.len(), 64, "every call is answered or refused");
+    assert!(ok >= 1 && !refused.is_empty(), "ok {ok}");
+    for r in &refused {
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "budget_exceeded");
+        assert_eq!(e["error"]["code"], "budget_exceeded");
+        assert_eq!(e["error"]["param"], Value::Null);
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("daily") && msg.contains("resets at"), "{msg}");
+        assert!(!msg.contains('$'), "no spend figures in the message: {msg}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=86_400).contains(&retry));
+    }
+    // The refused calls never reached the upstream.
+    assert_eq!(mock.received(), ok as u64);
+    let recs = tap.wait_records(64);
+    let spent: u64 = recs
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(pico_of)
+        .sum();
+    assert!(
+        spent <= cap + worst,
+        "spent {spent} > cap {cap} + worst {worst}"
+    );
+    assert_eq!(
+        recs.iter().filter(|r| r["outcome"] == "rejected").count(),
+        refused.len()
+    );
+}
+
+#[test]
+fn spend_equals_the_upstreams_bill_to_the_micro_dollar() {
+    let mock = Mock::start();
+    let tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.default]\nmonthly = {{ usd = 1000 }}\n"),
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = tap.addr;
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                for i in 0..2500 {
+                    let user = format!("u{}", (t * 2500 + i) % 7);
+                    let search = if i % 5 == 0 {
+                        r#","tools":[{"type":"octen_search"}]"#
+                    } else {
+                        ""
+                    };
+                    let body = chat_body(MODEL, &user, i % 2 == 0, search);
+                    let cached = (i % 4).to_string();
+                    let reasoning = (i % 3).to_string();
+                    let mut h = vec![
+                        ("x-mock-cached", cached.as_str()),
+                        ("x-mock-reasoning", reasoning.as_str()),
+                    ];
+                    if i % 100 == 8 {
+                        // A stream the upstream cuts after two content chunks: billed for what
+                        // it generated, which is what the record estimates.
+                        h.push(("x-mock-reset-after", "2"));
+                    }
+                    send_request(&mut s, "POST", "/v1/chat/completions", &h, &body);
+                    let r = read_response(&mut s, usize::MAX);
+                    assert_eq!(r.status, 200);
+                    if !r.complete {
+                        s = std::net::TcpStream::connect(addr).unwrap();
+                        s.set_read_timeout(Some(PATIENCE)).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let reqs = mock.wait_requests(10_000);
+    assert_eq!(reqs.len(), 10_000);
+    let recs = tap.wait_records(10_000);
+    assert!(recs.iter().any(|r| r["usage_source"] == "estimated"));
+    // What the upstream billed, priced by hand, per user.
+    let mut billed = std::collections::BTreeMap::<String, u64>::new();
+    for r in &reqs {
+        let b = &r["billed"];
+        let g = |k: &str| b[k].as_u64().unwrap();
+        let cost = (g("prompt") - g("cached")) * IN
+            + g("cached") * CACHED
+            + g("completion") * OUT
+            + g("web_searches") * SEARCH;
+        *billed
+            .entry(r["user"].as_str().unwrap().to_string())
+            .or_default() += cost;
+    }
+    // The access log and the ledger agree with it, user by user.
+    let mut logged = std::collections::BTreeMap::<String, u64>::new();
+    for r in &recs {
+        *logged
+            .entry(r["user"].as_str().unwrap().to_string())
+            .or_default() += pico_of(r);
+    }
+    assert_eq!(logged, billed);
+    // Wait for the ledger's group commit to catch up.
+    let start = Instant::now();
+    while ledger_rows(&tap) < 10_000 {
+        assert!(start.elapsed() < PATIENCE);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (user, pico) in &billed {
+        assert_eq!(ledger_spend(&tap, user), *pico, "{user}");
+    }
+}
+
+#[test]
+fn spend_survives_sigterm_and_kill_9_loses_at_most_one_flush_interval() {
+    let mock = Mock::start();
+    let extra = format!(
+        "{TEST_PRICING}\n[budgets]\n[budgets.ledger]\nflush_interval_ms = 200\n[budgets.users.keeper]\ntotal = {{ usd = 1000 }}\n"
+    );
+    let mut tap = Tap::start(&mock.url(), &extra);
+    for _ in 0..20 {
+        let body = chat_body(MODEL, "keeper", false, "");
+        assert_eq!(
+            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+            200
+        );
+    }
+    let recs = tap.wait_records(20);
+    let spent: u64 = recs.iter().map(pico_of).sum();
+    assert!(tap.proc.terminate().success());
+    // Everything settled before SIGTERM is in the file.
+    assert_eq!(ledger_spend(&tap, "keeper"), spent);
+    let total: i64 = ledger_db(&tap)
+        .query_row(
+            "SELECT pico FROM spend WHERE key = 'user:keeper' AND window = 'total'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(total as u64, spent);
+
+    // Start again on the same ledger: the spend is still charged; then kill -9 after more
+    // calls and more than one flush interval: nothing settled before that is lost.
+    let tap2 = TapBuilder::new(&mock.url())
+        .extra(&extra)
+        .in_dir(tap.dir)
+        .start();
+    for _ in 0..10 {
+        let body = chat_body(MODEL, "keeper", false, "");
+        assert_eq!(
+            request(tap2.addr, "POST", "/v1/chat/completions", &[], &body).status,
+            200
+        );
+    }
+    let recs = tap2.wait_records(30);
+    let spent: u64 = recs.iter().map(pico_of).sum();
+    std::thread::sleep(Duration::from_millis(600));
+    let pid = tap2.proc.pid();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ledger_spend(&tap2, "keeper"), spent);
+    let total: i64 = ledger_db(&tap2)
+        .query_row(
+            "SELECT pico FROM spend WHERE key = 'user:keeper' AND window = 'total'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        total as u64, spent,
+        "the spend after a restart includes the spend before it"
+    );
+}
+
+#[test]
+fn a_blocked_user_is_allowed_again_when_the_window_resets() {
+    let mock = Mock::start();
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let tap = Tap::start(
+        &mock.url(),
+        &format!(
+            "{TEST_PRICING}\n[budgets.users.burst]\n\"3s\" = {{ usd = \"{}\" }}\n",
+            usd(real)
+        ),
+    );
+    let body = chat_body(MODEL, "burst", false, r#","max_tokens":5"#);
+    // Wait for the start of a fresh window, so the next two calls fall in the same one.
+    let start = Instant::now();
+    let mut blocked = None;
+    while start.elapsed() < PATIENCE {
+        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        if r.status == 429 {
+            blocked = Some(r);
+            break;
+        }
+    }
+    let blocked = blocked.expect("the cap never blocked");
+    let retry: u64 = blocked.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&retry), "retry-after {retry}");
+    // Once the window has passed, the same call goes through.
+    let start = Instant::now();
+    loop {
+        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429);
+        assert!(start.elapsed() < PATIENCE, "never allowed again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_request_without_a_user_is_refused_when_budgets_apply() {
+    let mock = Mock::start();
+    let tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.default]\ndaily = {{ usd = 10 }}\n"),
+    );
+    let body =
+        br#"{"model":"anthropic/claude-opus-4.6","messages":[{"role":"user","content":"hi"}]}"#;
+    let r = request(tap.addr, "POST", "/v1/chat/completions", &[], body);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "user");
+    assert_eq!(r.json()["error"]["code"], "user_required");
+    assert_eq!(mock.received(), 0);
+}
