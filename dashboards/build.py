@@ -110,9 +110,12 @@ overview = dashboard("tokentap-overview", "tokentap / Overview",
 
 spend = dashboard("tokentap-spend", "tokentap / Spend",
     "Who spends what on which model, web searches, and how much of it is estimated.", [
-    panel("Cost in range by user and model", "USD spent in the selected time range.", "currencyUSD",
-          [target(f'sum by (user, model) (increase(tokentap_cost_usd_total{{{SEL}}}[$__range]))',
-                  "{{user}} {{model}}", instant=True)], kind="table", w=12),
+    panel("Cost in range by user and model", "USD spent in the selected time range, from "
+          "Prometheus counters (increase() misses the first calls of a series that starts inside "
+          "the range: for exact figures use `tokentap spend` or the ledger).", "currencyUSD",
+          [dict(target(f'sum by (user, model) (increase(tokentap_cost_usd_total{{{SEL}}}[$__range]))',
+                       "{{user}} {{model}}", instant=True), format="table")], kind="table", w=12,
+          extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
     panel("Top users", "The ten users with the highest spend in the selected time range.", "currencyUSD",
           [target(f'topk(10, sum by (user) (increase(tokentap_cost_usd_total{{{SEL}}}[$__range])))',
                   "{{user}}", instant=True)], kind="bargauge", w=12,
@@ -127,10 +130,11 @@ spend = dashboard("tokentap-spend", "tokentap / Spend",
           kind="stat", w=6),
     panel("Web searches per second by model", "Rate of searches the upstream ran.", "short",
           [target(f'sum by (model) (rate(tokentap_web_searches_total{{{SEL}}}[{RI}]))', "{{model}}")]),
-    panel("Estimated-usage share", "Share of chat calls whose usage was estimated because they were "
-          "cut off before the upstream reported it. High values mean spend is less certain.", "percentunit",
-          [target('sum(increase(tokentap_usage_estimated_total{model=~"$model"}[$__range])) / '
-                  'sum(increase(tokentap_requests_total{model=~"$model",model!=""}[$__range]))',
+    panel("Estimated-usage share", "Share of chat calls, since tokentap started, whose usage was "
+          "estimated because they were cut off before the upstream reported it. High values mean "
+          "spend is less certain.", "percentunit",
+          [target('sum(tokentap_usage_estimated_total{model=~"$model",model!=""}) / '
+                  'sum(tokentap_requests_total{model=~"$model",model!=""})',
                   "estimated", instant=True)], kind="stat", w=6),
     panel("Tokens in range by type", "Tokens in the selected time range, by disjoint type.", "short",
           [target(f'sum by (type) (increase(tokentap_tokens_total{{{SEL}}}[$__range]))', "{{type}}", instant=True)],

@@ -208,6 +208,15 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
     let mock = Mock::start();
     let tap = Tap::start(&mock.url(), &shipped_pricing());
     let prom = Prometheus::start(tap.admin);
+    // Ready is not scraping: wait for the first scrape, or the first wave goes unseen.
+    let start = Instant::now();
+    while prom.scalar("up{job=\"tokentap\"}") != 1.0 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "prometheus never scraped tokentap"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Two waves, so every series has several samples for rate() by the time it is queried.
     let mut seen_tokens = traffic(&tap, 0);
@@ -304,6 +313,11 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
                     "{}: panel {title:?}: no data for {expr}",
                     path.display()
                 );
+                // Real numbers, not NaN from an empty histogram or a 0/0 ratio.
+                for sample in result.as_array().unwrap() {
+                    let v: f64 = sample["value"][1].as_str().unwrap().parse().unwrap();
+                    assert!(v.is_finite() && v >= 0.0, "{title:?}: {expr} = {v}");
+                }
                 checked += 1;
             }
         }

@@ -182,6 +182,12 @@ fn a_price_change_applies_to_calls_that_start_after_it() {
     }
     tap.write_config(&priced(&tap.text, 100));
     assert_eq!(tap.reload().status, 200);
+    // The stream was still running when the new price took effect (the mock logs a stream
+    // when it ends).
+    assert!(
+        mock.requests().is_empty(),
+        "the stream ended before the reload"
+    );
     let body = chat_body(MODEL, "after", false, "");
     assert_eq!(
         request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
@@ -266,6 +272,8 @@ fn a_bad_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     let mock = Mock::start();
     let tap = Tap::start(&mock.url(), TEST_PRICING);
     let before = tap.config_hash();
+    let loaded_at = tap.metric("tokentap_config_last_reload_success_timestamp_seconds");
+    std::thread::sleep(Duration::from_millis(1100));
     // A good price change and a typo in the same file: none of it may apply.
     let text = priced(&tap.text, 80).replace("connect_timeout_ms", "conect_timeout_ms");
     tap.write_config(&text);
@@ -299,7 +307,10 @@ fn a_bad_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     assert_eq!(tap.reload().status, 200);
     wait_price(&tap, 80);
     let ok = tap.metric("tokentap_config_last_reload_success_timestamp_seconds");
-    assert!(ok > 1.7e9, "{ok}");
+    assert!(
+        ok > loaded_at,
+        "the last success time did not move: {ok} <= {loaded_at}"
+    );
     let hash = tap.config_hash();
     assert_eq!(
         tap.metric(&format!("tokentap_config_info{{hash=\"{hash}\"}}")),
@@ -337,13 +348,20 @@ fn a_changed_listen_address_needs_a_restart_but_the_rest_applies() {
 fn sighup_reloads() {
     let mock = Mock::start();
     let tap = Tap::start(&mock.url(), TEST_PRICING);
-    // Write in place without the watcher noticing a difference in time is not possible to
-    // rule out, so the reload is checked through its effect, whichever trigger got there.
+    // The file watch applies a change first; SIGHUP then reloads again (an explicit reload
+    // always counts), which only SIGHUP can have done.
     let before = tap.config_hash();
     std::fs::write(&tap.config, priced(&tap.text, 70)).unwrap();
-    sighup(&tap);
     tap.wait_config_change(&before);
     wait_price(&tap, 70);
+    let ok = "tokentap_config_reloads_total{result=\"success\"}";
+    let successes = tap.metric(ok);
+    sighup(&tap);
+    let start = Instant::now();
+    while tap.metric(ok) <= successes {
+        assert!(start.elapsed() < PATIENCE, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The process survived the signal.
     assert!(tap.proc.pid() > 0);
     assert_eq!(request(tap.admin, "GET", "/healthz", &[], b"").status, 200);

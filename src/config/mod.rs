@@ -45,6 +45,10 @@ pub struct MetricsConfig {
     pub max_users: usize,
     pub users: Vec<String>,
     pub max_models: usize,
+    pub max_series: usize,
+    pub hash_salt: String,
+    /// Models of the price table: always labelled, never counted against `max_models`.
+    pub priced_models: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -240,6 +244,34 @@ fn compile(
         }
     };
 
+    let budgets =
+        crate::budget::policy::compile(&raw.budgets, dir).map_err(|m| ConfigError::new(file, m))?;
+
+    let access_log = AccessLogConfig {
+        enabled: raw.access_log.enabled,
+        target: raw.access_log.path.resolve(dir),
+    };
+    // The output must open now: a config that would fail at start-up must not pass a check
+    // or a reload.
+    if let (true, AccessLogTarget::File(p)) = (access_log.enabled, &access_log.target) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| {
+                err(
+                    "access_log.path",
+                    format!("cannot open {}: {e}", p.display()),
+                )
+            })?;
+    }
+
+    let (pricing, included) =
+        crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
+            PricingError::InFile { file, message } => ConfigError { file, message },
+            PricingError::Here(message) => ConfigError::new(file, message),
+        })?;
+
     let metrics = {
         let m = raw.metrics;
         if m.user_label == UserLabel::Allowlist && m.users.is_empty() {
@@ -248,27 +280,18 @@ fn compile(
                 "user_label = \"allowlist\" needs the list of users to label".into(),
             ));
         }
+        let mut priced_models: Vec<String> = pricing.model_names().map(str::to_string).collect();
+        priced_models.sort();
         MetricsConfig {
             user_label: m.user_label,
             max_users: m.max_users,
             users: m.users,
             max_models: m.max_models,
+            max_series: m.max_series,
+            hash_salt: m.hash_salt,
+            priced_models,
         }
     };
-
-    let budgets =
-        crate::budget::policy::compile(&raw.budgets, dir).map_err(|m| ConfigError::new(file, m))?;
-
-    let access_log = AccessLogConfig {
-        enabled: raw.access_log.enabled,
-        target: raw.access_log.path.resolve(dir),
-    };
-
-    let (pricing, included) =
-        crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
-            PricingError::InFile { file, message } => ConfigError { file, message },
-            PricingError::Here(message) => ConfigError::new(file, message),
-        })?;
 
     let mut files = vec![file.to_path_buf()];
     let mut digest = sha2::Sha256::new();

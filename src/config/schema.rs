@@ -32,6 +32,10 @@ pub struct RawMetrics {
     pub max_users: usize,
     pub users: Vec<String>,
     pub max_models: usize,
+    /// At most this many (model, user) pairs get their own series; beyond, `__other__`.
+    pub max_series: usize,
+    /// Mixed into hashed users, so that labels cannot be reversed from a list of ids.
+    pub hash_salt: String,
 }
 
 impl Default for RawMetrics {
@@ -41,6 +45,8 @@ impl Default for RawMetrics {
             max_users: 1000,
             users: Vec::new(),
             max_models: 200,
+            max_series: 20_000,
+            hash_salt: String::new(),
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +25,11 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel::<notify::Event>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            let _ = tx.send(ev);
-        }
+        // A watcher error (e.g. an overflowed event queue) may hide a change: treat it as one.
+        let ev = ev.unwrap_or_else(|_| {
+            notify::Event::new(notify::EventKind::Any).set_flag(notify::event::Flag::Rescan)
+        });
+        let _ = tx.send(ev);
     })
     .map_err(std::io::Error::other)?;
     let mut watched = Watched::default();
@@ -38,12 +41,14 @@ pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()
                 if !watched.concerns(&ev) {
                     continue;
                 }
-                // Debounce: wait for the writes to settle.
+                // Debounce: wait until the config's files have been quiet for a moment
+                // (other files in the directory, like a busy access log, do not count).
                 let first = Instant::now();
-                while first.elapsed() < MAX_DELAY {
-                    match rx.recv_timeout(QUIET) {
-                        Ok(_) => continue,
-                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                let mut last = Instant::now();
+                while first.elapsed() < MAX_DELAY && last.elapsed() < QUIET {
+                    match rx.recv_timeout(QUIET.saturating_sub(last.elapsed())) {
+                        Ok(ev) if watched.concerns(&ev) => last = Instant::now(),
+                        Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }

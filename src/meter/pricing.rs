@@ -147,6 +147,10 @@ impl PriceTable {
         self.models.len()
     }
 
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
     }

@@ -23,13 +23,19 @@ const QUEUE: usize = 65_536;
 
 enum Msg {
     Record(Arc<UsageRecord>),
-    /// Write to this output from now on (after a reload changed `access_log.path`).
-    Reopen(Box<dyn Write + Send>),
+    /// Look at `reopen` (sent without blocking: a full queue means the writer is busy and
+    /// looks anyway).
+    Wake,
     Stop,
 }
 
+/// A new output for the writer, left here by a reload (never queued behind records, so a
+/// stuck output cannot hold up a reload).
+type Reopen = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
+
 pub struct AccessLog {
     tx: SyncSender<Msg>,
+    reopen: Reopen,
     /// `access_log.enabled` of the running config.
     enabled: AtomicBool,
     target: Mutex<Option<AccessLogTarget>>,
@@ -68,11 +74,14 @@ impl AccessLog {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let write_errors = Arc::new(AtomicU64::new(0));
         let errors = Arc::clone(&write_errors);
+        let reopen: Reopen = Arc::default();
+        let slot = Arc::clone(&reopen);
         let worker = std::thread::Builder::new()
             .name("tokentap-access-log".into())
-            .spawn(move || write_loop(rx, out, &errors))?;
+            .spawn(move || write_loop(rx, out, &slot, &errors))?;
         Ok(AccessLog {
             tx,
+            reopen,
             enabled: AtomicBool::new(cfg.enabled),
             target: Mutex::new(target),
             stopped: AtomicBool::new(false),
@@ -114,9 +123,9 @@ impl Sink for AccessLog {
         if want.enabled && target.as_ref() != Some(&want.target) {
             match open_target(&want.target) {
                 Ok(out) => {
-                    if self.tx.send(Msg::Reopen(out)).is_ok() {
-                        *target = Some(want.target.clone());
-                    }
+                    *self.reopen.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
+                    let _ = self.tx.try_send(Msg::Wake);
+                    *target = Some(want.target.clone());
                 }
                 Err(e) => {
                     // Keep writing where it was: losing records is worse than a stale path.
@@ -141,7 +150,7 @@ impl Sink for AccessLog {
 
 /// Writes records in batches, flushing whenever the queue runs dry. A failing output is
 /// reported and counted, and writing goes on (a full disk may free up).
-fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, errors: &AtomicU64) {
+fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, reopen: &Reopen, errors: &AtomicU64) {
     let mut line = Vec::with_capacity(1024);
     let failed = |e: std::io::Error| {
         if errors
@@ -155,14 +164,15 @@ fn write_loop(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, errors: &Atomic
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
         while let Some(msg) = next {
+            if let Some(new) = reopen.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                if let Err(e) = buffered.flush() {
+                    failed(e);
+                }
+                buffered = std::io::BufWriter::with_capacity(64 * 1024, new);
+            }
             let rec = match msg {
                 Msg::Record(rec) => rec,
-                Msg::Reopen(new) => {
-                    if let Err(e) = buffered.flush() {
-                        failed(e);
-                    }
-                    out = new;
-                    buffered = std::io::BufWriter::with_capacity(64 * 1024, out);
+                Msg::Wake => {
                     next = rx.try_recv().ok();
                     continue;
                 }

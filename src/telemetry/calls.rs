@@ -73,6 +73,7 @@ const UPSTREAM_ERROR_KINDS: [&str; 5] = [
 struct Labels {
     cfg: MetricsConfig,
     allow: HashSet<String>,
+    priced: HashSet<String>,
     users: DashMap<String, Arc<str>>,
     user_count: AtomicUsize,
     models: DashMap<String, Arc<str>>,
@@ -86,6 +87,7 @@ impl Labels {
     fn new(cfg: &MetricsConfig) -> Self {
         Labels {
             allow: cfg.users.iter().cloned().collect(),
+            priced: cfg.priced_models.iter().cloned().collect(),
             cfg: cfg.clone(),
             users: DashMap::new(),
             user_count: AtomicUsize::new(0),
@@ -127,19 +129,21 @@ impl Labels {
         let max = self.cfg.max_users;
         match self.cfg.user_label {
             UserLabel::None => Arc::clone(&self.empty),
-            UserLabel::All => self.bounded(&self.users, &self.user_count, max, u, || u.to_string()),
+            UserLabel::All => self.bounded(&self.users, &self.user_count, max, u, || escape(u)),
             UserLabel::Hash => self.bounded(&self.users, &self.user_count, max, u, || {
                 use sha2::Digest;
-                sha2::Sha256::digest(u.as_bytes())[..6]
+                let mut h = sha2::Sha256::new();
+                h.update(self.cfg.hash_salt.as_bytes());
+                h.update([0]);
+                h.update(u.as_bytes());
+                h.finalize()[..6]
                     .iter()
                     .map(|b| format!("{b:02x}"))
                     .collect()
             }),
             UserLabel::Allowlist => {
                 if self.allow.contains(u) {
-                    self.bounded(&self.users, &self.user_count, usize::MAX, u, || {
-                        u.to_string()
-                    })
+                    self.bounded(&self.users, &self.user_count, usize::MAX, u, || escape(u))
                 } else {
                     Arc::clone(&self.other)
                 }
@@ -147,17 +151,38 @@ impl Labels {
         }
     }
 
+    /// Models of the price table always get their own label; other names (clients can send
+    /// anything) share `max_models`.
     fn model(&self, model: Option<&str>) -> Arc<str> {
         match model {
             None => Arc::clone(&self.empty),
+            Some(m) if self.priced.contains(m) => {
+                // Not counted against the cap (a throwaway counter).
+                self.bounded(&self.models, &AtomicUsize::new(0), usize::MAX, m, || {
+                    escape(m)
+                })
+            }
             Some(m) => self.bounded(
                 &self.models,
                 &self.model_count,
                 self.cfg.max_models,
                 m,
-                || m.to_string(),
+                || escape(m),
             ),
         }
+    }
+}
+
+/// A client-supplied label value, made unable to pose as a reserved one (`__other__`,
+/// `__unattributed__`) or as the empty value: values starting with `__` get one more `_`,
+/// and the empty string becomes `__empty__`. The mapping is one-to-one.
+fn escape(v: &str) -> String {
+    if v.is_empty() {
+        "__empty__".to_string()
+    } else if v.starts_with("__") {
+        format!("_{v}")
+    } else {
+        v.to_string()
     }
 }
 
@@ -268,17 +293,25 @@ impl CallMetrics {
     fn observe(&self, r: &UsageRecord) {
         let labels = self.labels.load();
         let model = labels.model(r.model.as_deref());
-        let user = labels.user(r.user.as_deref(), r.chat);
+        let mut user = labels.user(r.user.as_deref(), r.chat);
+        let max_series = labels.cfg.max_series;
+        let other = Arc::clone(&labels.other);
         drop(labels);
 
         let by_user = match self.by_user.get(&(Arc::clone(&model), Arc::clone(&user))) {
             Some(e) => Arc::clone(e.value()),
-            None => Arc::clone(
-                self.by_user
-                    .entry((Arc::clone(&model), Arc::clone(&user)))
-                    .or_default()
-                    .value(),
-            ),
+            None => {
+                // Each label is capped, and so is their product.
+                if self.by_user.len() >= max_series {
+                    user = other;
+                }
+                Arc::clone(
+                    self.by_user
+                        .entry((Arc::clone(&model), Arc::clone(&user)))
+                        .or_default()
+                        .value(),
+                )
+            }
         };
         match by_user.requests.get(&(r.status, r.outcome)) {
             Some(c) => c.fetch_add(1, Ordering::Relaxed),
@@ -384,10 +417,30 @@ impl Sink for Arc<CallMetrics> {
     }
 
     fn reconfigure(&self, cfg: &Config) {
-        if self.labels.load().cfg != cfg.metrics {
-            // New policy for new label values; series already exported keep their labels.
-            self.labels.store(Arc::new(Labels::new(&cfg.metrics)));
+        let current = self.labels.load();
+        if current.cfg == cfg.metrics {
+            return;
         }
+        let only_prices = MetricsConfig {
+            priced_models: cfg.metrics.priced_models.clone(),
+            ..current.cfg.clone()
+        } == cfg.metrics;
+        if only_prices {
+            // Only the price table changed: newly priced models get their labels from now on.
+            let mut l = Labels::new(&cfg.metrics);
+            l.users = current.users.clone();
+            l.user_count = AtomicUsize::new(current.user_count.load(Ordering::Relaxed));
+            l.models = current.models.clone();
+            l.model_count = AtomicUsize::new(current.model_count.load(Ordering::Relaxed));
+            self.labels.store(Arc::new(l));
+            return;
+        }
+        // A new labelling policy: the series labelled under the old one go (Prometheus reads
+        // the restart of their counters as a reset), so that, say, raw user names do not stay
+        // exported after switching to hashed ones.
+        self.labels.store(Arc::new(Labels::new(&cfg.metrics)));
+        self.by_user.clear();
+        self.by_model.clear();
     }
 }
 
@@ -540,7 +593,32 @@ mod tests {
             max_users,
             users: users.iter().map(|u| u.to_string()).collect(),
             max_models: 2,
+            max_series: 1000,
+            hash_salt: String::new(),
+            priced_models: vec!["priced/x".into()],
         }
+    }
+
+    #[test]
+    fn clients_cannot_pose_as_reserved_label_values() {
+        let l = Labels::new(&cfg(UserLabel::All, 100, &[]));
+        assert_eq!(&*l.user(Some("__other__"), true), "___other__");
+        assert_eq!(
+            &*l.user(Some("__unattributed__"), true),
+            "___unattributed__"
+        );
+        assert_eq!(&*l.user(Some(""), true), "__empty__");
+        assert_eq!(&*l.user(Some("_x"), true), "_x");
+    }
+
+    #[test]
+    fn priced_models_are_never_folded() {
+        let l = Labels::new(&cfg(UserLabel::All, 100, &[]));
+        for junk in ["a", "b", "c", "d"] {
+            l.model(Some(junk));
+        }
+        assert_eq!(&*l.model(Some("e")), OTHER);
+        assert_eq!(&*l.model(Some("priced/x")), "priced/x");
     }
 
     #[test]

@@ -57,8 +57,17 @@ impl Metrics {
 
     /// Records that `hash` is now the running config.
     pub fn config_loaded(&self, hash: &str) {
-        self.config_info.reset();
+        // Set the new series before removing the old one: a scrape never sees none.
         self.config_info.with_label_values(&[hash]).set(1);
+        for mf in prometheus::core::Collector::collect(&self.config_info) {
+            for m in mf.get_metric() {
+                if let Some(old) = m.get_label().iter().find(|l| l.name() == "hash") {
+                    if old.value() != hash {
+                        let _ = self.config_info.remove_label_values(&[old.value()]);
+                    }
+                }
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
