@@ -141,7 +141,34 @@ spend = dashboard("tokentap-spend", "tokentap / Spend",
           kind="bargauge", w=6, extra={"options": {"orientation": "horizontal", "displayMode": "basic"}}),
 ])
 
+USEL = 'user=~"$user"'
+budgets = dashboard("tokentap-budgets", "tokentap / Budgets",
+    "Per-user caps: who is being refused, how much of each window is spent, who is closest to "
+    "the cap, and whether the ledger keeps up.", [
+    panel("Budget refusals per second by reason", "Calls refused before the upstream saw them: "
+          "over a USD cap, over a token cap, or without the required user.", "reqps",
+          [target(f'sum by (reason) (rate(tokentap_budget_rejections_total{{{USEL}}}[{RI}]))', "{{reason}}")]),
+    panel("Refusals by user and team", "Refused calls since tokentap started, by user, team (empty "
+          "when the user's own cap refused) and reason.", "short",
+          [dict(target(f'sum by (user, team, reason) (tokentap_budget_rejections_total{{{USEL}}})',
+                       "{{user}} {{team}} {{reason}}", instant=True), format="table")], kind="table",
+          extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+    panel("Spend in the current window", "USD spent so far in each capped user's current window "
+          "(from the ledger, exact).", "currencyUSD",
+          [target(f'tokentap_budget_spend_usd{{{USEL}}}', "{{user}} {{window}}")]),
+    panel("Remaining under the cap", "USD left before each capped user's hard cap, per window.",
+          "currencyUSD", [target(f'tokentap_budget_remaining_usd{{{USEL}}}', "{{user}} {{window}}")]),
+    panel("Closest to their cap", "The ten capped users with the least budget left.", "currencyUSD",
+          [target(f'bottomk(10, tokentap_budget_remaining_usd{{{USEL}}})', "{{user}} {{window}}", instant=True)],
+          kind="bargauge", extra={"options": {"orientation": "horizontal", "displayMode": "gradient"}}),
+    panel("Ledger errors in range", "Times the ledger could not persist spend or reach its store. "
+          "Anything above zero needs attention: budgets may be enforced on stale figures.", "short",
+          [target('sum(increase(tokentap_ledger_errors_total[$__range]))', "errors", instant=True)],
+          kind="stat"),
+])
+
 here = pathlib.Path(__file__).parent
-for name, d in (("tokentap-overview.json", overview), ("tokentap-spend.json", spend)):
+for name, d in (("tokentap-overview.json", overview), ("tokentap-spend.json", spend),
+                ("tokentap-budgets.json", budgets)):
     (here / name).write_text(json.dumps(d, indent=2) + "\n")
     print("wrote", here / name)

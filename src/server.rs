@@ -44,6 +44,13 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
     let shared = Shared::new(config, sinks, calls, ledger);
+    shared
+        .metrics
+        .registry
+        .register(Box::new(crate::budget::BudgetCollector::new(
+            Arc::downgrade(&shared),
+        )))
+        .map_err(|e| e.to_string())?;
     let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
     // SIGHUP would end the process by default: take it over before anything else runs.
     spawn_sighup(Arc::clone(&reloader))?;

@@ -193,8 +193,25 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
     let anon = br#"{"model":"openai/gpt-5.5","messages":[{"role":"user","content":"hi"}]}"#;
     let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], anon);
     let (p, c) = received_usage(&resp).unwrap();
-    tokens + p + c
+    let mut tokens = tokens + p + c;
+    // A user whose cap covers one call a day: later calls are refused.
+    for _ in 0..2 {
+        let body = chat_body(MODELS[0], "capped", false, r#","max_tokens":5"#);
+        let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        match resp.status {
+            200 => {
+                let (p, c) = received_usage(&resp).unwrap();
+                tokens += p + c;
+            }
+            429 => assert_eq!(resp.json()["error"]["type"], "budget_exceeded"),
+            s => panic!("capped user got {s}"),
+        }
+    }
+    tokens
 }
+
+/// Budgets for the traffic: one capped user (one call's worth a day), everyone else free.
+const BUDGETS: &str = "[budgets]\nmissing_user = \"allow\"\n[budgets.users.capped]\ndaily = { usd = \"0.0002\", soft_usd = \"0.0001\" }\n";
 
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "30s")
@@ -206,7 +223,7 @@ fn substitute(expr: &str) -> String {
 #[test]
 fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
     let mock = Mock::start();
-    let tap = Tap::start(&mock.url(), &shipped_pricing());
+    let tap = Tap::start(&mock.url(), &format!("{}{BUDGETS}", shipped_pricing()));
     let prom = Prometheus::start(tap.admin);
     // Ready is not scraping: wait for the first scrape, or the first wave goes unseen.
     let start = Instant::now();
@@ -222,7 +239,7 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
     let mut seen_tokens = traffic(&tap, 0);
     std::thread::sleep(Duration::from_millis(2500));
     seen_tokens += traffic(&tap, 1);
-    let calls = 2 * (12 + 5);
+    let calls = 2 * (12 + 5 + 2);
     let recs = tap.wait_records(calls);
     assert_eq!(recs.len(), calls);
 
@@ -333,7 +350,7 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
             assert!(!r.json()["data"].as_array().unwrap().is_empty(), "{label}");
         }
     }
-    assert!(checked >= 18, "only {checked} queries checked");
+    assert!(checked >= 24, "only {checked} queries checked");
 }
 
 #[test]

@@ -49,6 +49,7 @@ impl State {
 }
 
 pub struct Embedded {
+    errors: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     db: Mutex<Connection>,
     retention: Duration,
@@ -95,6 +96,7 @@ impl Embedded {
             }
         }
         let ledger = Arc::new(Embedded {
+            errors: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(state),
             db: Mutex::new(db),
             retention: Duration::from_secs(cfg.retention_days.saturating_mul(86_400)),
@@ -239,6 +241,8 @@ impl Ledger for Embedded {
             holds.push(Hold {
                 key,
                 window: cap.window,
+                soft_usd: cap.soft_usd.map(|p| p.0),
+                soft_tokens: cap.soft_tokens,
             });
         }
         Ok(Reservation {
@@ -257,8 +261,21 @@ impl Ledger for Embedded {
             let (start, _) = h.window.bounds(now, r.offset);
             let c = st.counter(&h.key, h.window, start);
             c.reserved.sub(r.worst);
+            let before = c.spent;
             c.spent.add(actual);
+            let after = c.spent;
             st.dirty.insert((h.key.clone(), h.window));
+            // A soft threshold only signals.
+            let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
+            if crossed(h.soft_usd, before.pico, after.pico)
+                || crossed(h.soft_tokens, before.tokens, after.tokens)
+            {
+                log::warn!(
+                    "budget: {} passed the soft threshold of its {} budget",
+                    h.key,
+                    h.window
+                );
+            }
         }
     }
 
@@ -282,6 +299,26 @@ impl Ledger for Embedded {
         }
     }
 
+    fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)> {
+        let offset = policy.offset();
+        self.lock()
+            .counters
+            .iter()
+            .map(|((k, w), c)| {
+                let current = c.start == w.bounds(now, offset).0;
+                (
+                    k.clone(),
+                    *w,
+                    if current { c.spent } else { Amount::default() },
+                )
+            })
+            .collect()
+    }
+
+    fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn flush(&self) {
         let (spend, rows) = {
             let mut st = self.lock();
@@ -296,6 +333,8 @@ impl Ledger for Embedded {
             (spend, std::mem::take(&mut st.rows))
         };
         if let Err(e) = self.write(&spend, &rows) {
+            self.errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::error!("ledger: cannot write to its file: {e}; will retry");
             let mut st = self.lock();
             for (k, w, _) in spend {

@@ -275,7 +275,18 @@ impl TokenTap {
             // upstream yet.
             match crate::budget::decide(&*self.shared.ledger, &ctx.cfg, ctx.meta.as_ref()) {
                 Decision::Allow(r) => ctx.reservation = r,
-                Decision::Refuse(e) => return Err(self.reject(ctx, e)),
+                Decision::Refuse(e, budget) => {
+                    let calls = &self.shared.calls;
+                    match &budget {
+                        Some((user, team, tokens)) => calls.budget_rejected(
+                            Some(user),
+                            team,
+                            if *tokens { "tokens" } else { "usd" },
+                        ),
+                        None => calls.budget_rejected(None, "", "user_required"),
+                    }
+                    return Err(self.reject(ctx, e));
+                }
             }
             ctx.body_released = true;
             *body = if whole.is_empty() { None } else { Some(whole) };

@@ -176,7 +176,7 @@ impl Labels {
 /// A client-supplied label value, made unable to pose as a reserved one (`__other__`,
 /// `__unattributed__`) or as the empty value: values starting with `__` get one more `_`,
 /// and the empty string becomes `__empty__`. The mapping is one-to-one.
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     if v.is_empty() {
         "__empty__".to_string()
     } else if v.starts_with("__") {
@@ -240,6 +240,8 @@ pub struct CallMetrics {
     by_model: DashMap<Arc<str>, Arc<ByModel>>,
     upstream_errors: [AtomicU64; 5],
     overhead: Histogram,
+    /// (user label, team, reason) -> budget refusals
+    rejections: DashMap<(Arc<str>, String, &'static str), AtomicU64>,
     /// Calls between their request head and their record (`tokentap_requests_in_flight`).
     pub in_flight: Arc<AtomicI64>,
     /// Streams whose response is being relayed (`tokentap_streams_active`).
@@ -248,7 +250,7 @@ pub struct CallMetrics {
 }
 
 /// (name, help, type, label names) of every family this collector exposes.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 13] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 14] = [
     ("gen_ai_client_operation_duration_seconds", "Duration of chat calls as the client saw them, by model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
     ("gen_ai_client_token_usage", "Tokens per chat call (input includes cached tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
     ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
@@ -262,6 +264,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 13] = [
     ("tokentap_overhead_seconds", "Time spent inside tokentap per call (its own request, response and recording work), excluding the upstream and the client.", MetricType::HISTOGRAM, &[]),
     ("tokentap_requests_in_flight", "Calls in progress.", MetricType::GAUGE, &[]),
     ("tokentap_streams_active", "Streamed responses being relayed.", MetricType::GAUGE, &[]),
+    ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required).", MetricType::COUNTER, &["user", "team", "reason"]),
 ];
 
 impl CallMetrics {
@@ -284,6 +287,7 @@ impl CallMetrics {
             by_model: DashMap::new(),
             upstream_errors: Default::default(),
             overhead: histogram(&OVERHEAD_BUCKETS),
+            rejections: DashMap::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
             streams_active: Arc::new(AtomicI64::new(0)),
             descs,
@@ -380,6 +384,15 @@ impl CallMetrics {
                 }
             }
         }
+    }
+
+    /// Counts a refusal by the budgets: `reason` is `usd`, `tokens` or `user_required`.
+    pub fn budget_rejected(&self, user: Option<&str>, team: &str, reason: &'static str) {
+        let user = self.labels.load().user(user, true);
+        self.rejections
+            .entry((user, team.to_string(), reason))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records tokentap's own time for one call.
@@ -578,6 +591,17 @@ impl Collector for CallMetrics {
             Vec::new(),
             self.streams_active.load(Ordering::Relaxed) as f64,
         ));
+        for r in self.rejections.iter() {
+            let (user, team, reason) = r.key();
+            fams[13].mut_metric().push(counter(
+                vec![
+                    label("user", user),
+                    label("team", team),
+                    label("reason", reason),
+                ],
+                r.value().load(Ordering::Relaxed) as f64,
+            ));
+        }
         fams.retain(|f| !f.get_metric().is_empty());
         fams
     }
