@@ -32,6 +32,69 @@ enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
+    /// Spend per user, team or model over a date range, from the embedded ledger.
+    Spend {
+        /// The TOML config file (its budgets.ledger.path is read).
+        #[arg(short, long, default_value = "config/tokentap.toml")]
+        config: PathBuf,
+        /// First day, inclusive (YYYY-MM-DD, UTC). Default: 30 days ago.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, inclusive (YYYY-MM-DD, UTC). Default: today.
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by user, team or model.
+        #[arg(long, value_enum, default_value = "user")]
+        by: ByArg,
+        /// table, csv or json.
+        #[arg(long, value_enum, default_value = "table")]
+        format: FormatArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ByArg {
+    User,
+    Team,
+    Model,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Table,
+    Csv,
+    Json,
+}
+
+fn spend(
+    config: &std::path::Path,
+    from: Option<String>,
+    to: Option<String>,
+    by: ByArg,
+    format: FormatArg,
+) -> Result<String, String> {
+    use tokentap::budget::report;
+    let cfg = tokentap::config::load(config).map_err(|e| e.to_string())?;
+    let now = tokentap::budget::now_unix();
+    let from = match from {
+        Some(d) => report::day(&d)?,
+        None => now - now.rem_euclid(86_400) - 30 * 86_400,
+    };
+    let to = match to {
+        Some(d) => report::day(&d)? + 86_400,
+        None => now - now.rem_euclid(86_400) + 86_400,
+    };
+    let by = match by {
+        ByArg::User => report::By::User,
+        ByArg::Team => report::By::Team,
+        ByArg::Model => report::By::Model,
+    };
+    let format = match format {
+        FormatArg::Table => report::Format::Table,
+        FormatArg::Csv => report::Format::Csv,
+        FormatArg::Json => report::Format::Json,
+    };
+    report::report(&cfg.budgets.ledger.path, from, to, by, format)
 }
 
 fn main() -> ExitCode {
@@ -63,6 +126,22 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Spend {
+            config,
+            from,
+            to,
+            by,
+            format,
+        } => match spend(&config, from, to, by, format) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tokentap spend: {e}");
                 ExitCode::from(2)
             }
         },

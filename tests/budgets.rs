@@ -319,3 +319,196 @@ fn a_request_without_a_user_is_refused_when_budgets_apply() {
     assert_eq!(r.json()["error"]["code"], "user_required");
     assert_eq!(mock.received(), 0);
 }
+
+fn admin(tap: &Tap, method: &str, path: &str, token: Option<&str>) -> Resp {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    request(tap.admin, method, path, &headers, b"")
+}
+
+fn usd_field(v: &Value) -> u64 {
+    let s = v.to_string();
+    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
+    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
+}
+
+#[test]
+fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
+    let mock = Mock::start();
+    let token = "test-admin-token-0123456789";
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&format!(
+            "{TEST_PRICING}\n[budgets.users.alice]\ndaily = {{ usd = 1 }}\nmonthly = {{ usd = 10, tokens = 1000000 }}\n\
+             [budgets.teams.lab]\nmembers = [\"alice\"]\ncaps = {{ daily = {{ usd = 5 }} }}\n"
+        ))
+        .env("TT_ADMIN_TOKEN", token)
+        .start_with_server_extra("admin_token_env = \"TT_ADMIN_TOKEN\"\n");
+    for _ in 0..3 {
+        let body = chat_body(MODEL, "alice", false, "");
+        assert_eq!(
+            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+            200
+        );
+    }
+    let spent: u64 = tap.wait_records(3).iter().map(pico_of).sum();
+
+    // Without the token (or with a wrong one): 401, OpenAI-shaped.
+    for t in [None, Some("wrong-token-wrong-token")] {
+        for (m, p) in [
+            ("GET", "/admin/budgets/users/alice"),
+            ("POST", "/admin/reload"),
+            ("GET", "/admin/config"),
+        ] {
+            let r = admin(&tap, m, p, t);
+            assert_eq!(r.status, 401, "{m} {p}");
+            assert_eq!(r.json()["error"]["type"], "authentication_error");
+        }
+    }
+    // Health and metrics stay open.
+    assert_eq!(admin(&tap, "GET", "/healthz", None).status, 200);
+
+    let v = admin(&tap, "GET", "/admin/budgets/users/alice", Some(token)).json();
+    assert_eq!(v["user"], "alice");
+    assert_eq!(v["teams"], serde_json::json!(["lab"]));
+    let daily = v["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window"] == "daily")
+        .unwrap();
+    assert_eq!(usd_field(&daily["spent_usd"]), spent);
+    assert_eq!(
+        usd_field(&daily["remaining_usd"]),
+        1_000_000_000_000 - spent
+    );
+    assert!(daily["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"));
+    let monthly = v["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window"] == "monthly")
+        .unwrap();
+    assert_eq!(monthly["spent_tokens"], 3 * (PROMPT_TOKENS + 5));
+
+    let team = admin(&tap, "GET", "/admin/budgets/teams/lab", Some(token)).json();
+    assert_eq!(usd_field(&team["windows"][0]["spent_usd"]), spent);
+    assert_eq!(
+        admin(&tap, "GET", "/admin/budgets/teams/nope", Some(token)).status,
+        404
+    );
+
+    let top = admin(
+        &tap,
+        "GET",
+        "/admin/budgets/top?window=monthly&limit=5",
+        Some(token),
+    )
+    .json();
+    assert_eq!(top["users"][0]["user"], "alice");
+
+    let r = admin(
+        &tap,
+        "POST",
+        "/admin/budgets/users/alice/reset?window=daily",
+        Some(token),
+    );
+    assert_eq!(r.status, 200);
+    let daily = r.json()["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window"] == "daily")
+        .cloned()
+        .unwrap();
+    assert_eq!(usd_field(&daily["spent_usd"]), 0);
+    // The monthly window is untouched.
+    let v = admin(&tap, "GET", "/admin/budgets/users/alice", Some(token)).json();
+    let monthly = v["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window"] == "monthly")
+        .unwrap();
+    assert_eq!(usd_field(&monthly["spent_usd"]), spent);
+}
+
+#[test]
+fn tokentap_spend_reports_what_the_calls_cost() {
+    let mock = Mock::start();
+    let mut tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.teams.lab]\nmembers = [\"ann\"]\ncaps = {{ daily = {{ usd = 5 }} }}\n"),
+    );
+    for (user, n) in [("ann", 3), ("ben", 2)] {
+        for _ in 0..n {
+            let body = chat_body(MODEL, user, false, "");
+            assert_eq!(
+                request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+                200
+            );
+        }
+    }
+    let recs = tap.wait_records(5);
+    let cost = |u: &str| -> u64 { recs.iter().filter(|r| r["user"] == u).map(pico_of).sum() };
+    assert!(tap.proc.terminate().success());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+            .arg("spend")
+            .arg("--config")
+            .arg(&tap.config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: Value = serde_json::from_str(&run(&["--format", "json"])).unwrap();
+    let row = |u: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["user"] == u)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row("ann")["calls"], 3);
+    assert_eq!(
+        row("ann")["cost_usd"].as_str().unwrap(),
+        usd(cost("ann")).trim_end_matches('0')
+    );
+    assert_eq!(row("ben")["calls"], 2);
+    let teams = run(&["--by", "team", "--format", "csv"]);
+    assert!(teams.starts_with("team,calls,"), "{teams}");
+    assert!(teams.lines().any(|l| l.starts_with("lab,3,")), "{teams}");
+    assert!(
+        teams.lines().any(|l| l.starts_with("(no team),2,")),
+        "{teams}"
+    );
+    let table = run(&["--by", "model"]);
+    assert!(
+        table.contains(MODEL) && table.contains("total cost_usd"),
+        "{table}"
+    );
+    // An empty range reports nothing, and a bad date is a clear error.
+    let empty: Value = serde_json::from_str(&run(&[
+        "--from",
+        "2001-01-01",
+        "--to",
+        "2001-01-02",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(empty, serde_json::json!([]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .args(["spend", "--from", "yesterday", "--config"])
+        .arg(&tap.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("YYYY-MM-DD"));
+}

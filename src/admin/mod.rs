@@ -18,11 +18,120 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
 }
 
+/// Compares without leaking, through timing, how much of the token was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    /// `/admin/*` needs `Authorization: Bearer <token>` when a token is configured.
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let cfg = self.shared.config.load();
+        let Some(token) = &cfg.server.admin_token else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        same(given.as_bytes(), token.expose().as_bytes())
+    }
+
+    /// `/admin/budgets/...`
+    fn budgets(&self, method: &Method, path: &str, query: &str) -> Response<Vec<u8>> {
+        use crate::budget::policy::{Subject, Window};
+        let cfg = self.shared.config.load();
+        let policy = &cfg.budgets;
+        let now = crate::budget::now_unix();
+        let ledger = &*self.shared.ledger;
+        let param = |k: &str| {
+            query.split('&').find_map(|kv| {
+                let (a, b) = kv.split_once('=')?;
+                (a == k).then(|| crate::openai::percent_decode(b).into_owned())
+            })
+        };
+        let rest = path.trim_start_matches("/admin/budgets");
+        let segs: Vec<String> = rest
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| crate::openai::percent_decode(s).into_owned())
+            .collect();
+        let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
+        match (method, seg.as_slice()) {
+            (&Method::GET, ["users", u]) => json_response(
+                StatusCode::OK,
+                &crate::budget::view(ledger, policy, &Subject::User(u.to_string()), now),
+            ),
+            (&Method::GET, ["teams", t]) => {
+                if !policy.teams.contains_key(*t) {
+                    return error(StatusCode::NOT_FOUND, &format!("no team {t:?} in the config"));
+                }
+                json_response(
+                    StatusCode::OK,
+                    &crate::budget::view(ledger, policy, &Subject::Team(t.to_string()), now),
+                )
+            }
+            (&Method::GET, ["top"]) => {
+                let window = match Window::parse(&param("window").unwrap_or_else(|| "daily".into())) {
+                    Ok(w) => w,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                };
+                let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(10usize).min(1000);
+                json_response(StatusCode::OK, &crate::budget::top(ledger, policy, window, limit, now))
+            }
+            (&Method::POST, ["users", u, "reset"]) => {
+                let Some(w) = param("window") else {
+                    return error(StatusCode::BAD_REQUEST, "say which window: ?window=daily");
+                };
+                let window = match Window::parse(&w) {
+                    Ok(w) => w,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+                };
+                let subject = Subject::User(u.to_string());
+                ledger.reset(&subject, window, policy, now);
+                log::info!("admin: reset the {window} spend of user {u:?}");
+                json_response(StatusCode::OK, &crate::budget::view(ledger, policy, &subject, now))
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "budget routes: GET users/{user}, GET teams/{team}, GET top?window=daily&limit=10, \
+                 POST users/{user}/reset?window=daily",
+            ),
+        }
+    }
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
+    let kind = if status == StatusCode::UNAUTHORIZED {
+        "authentication_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = ApiError::new(status.as_u16(), kind, msg).body();
+    bytes_response(status, "application/json", body.to_vec())
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        if path.starts_with("/admin/") && !self.authorized(session) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "The admin API needs Authorization: Bearer <token> (server.admin_token_env).",
+            );
+        }
+        if path.starts_with("/admin/budgets") {
+            return self.budgets(&method, &path, &query);
+        }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {

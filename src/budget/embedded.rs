@@ -315,6 +315,14 @@ impl Ledger for Embedded {
             .collect()
     }
 
+    fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
+        let (start, _) = window.bounds(now, policy.offset());
+        let key = subject.key();
+        let mut st = self.lock();
+        st.counter(&key, window, start).spent = Amount::default();
+        st.dirty.insert((key, window));
+    }
+
     fn errors(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod policy;
+pub mod report;
 
 use std::sync::Arc;
 
@@ -110,6 +111,8 @@ pub trait Ledger: Send + Sync {
     fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)>;
     /// How often the ledger failed to persist or reach its store.
     fn errors(&self) -> u64;
+    /// Forgets the spend of `subject` in the current `window` (an operator's reset).
+    fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
 }
 
 /// The decision about a call, made when its body is complete.
@@ -277,6 +280,94 @@ impl crate::telemetry::Sink for LedgerSink {
     fn shutdown(&self) {
         self.0.flush();
     }
+}
+
+fn usd_json(p: u64) -> serde_json::Value {
+    serde_json::value::RawValue::from_string(crate::meter::Pico(p).to_string())
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn rfc3339(t: i64) -> serde_json::Value {
+    if t == i64::MAX {
+        return serde_json::Value::Null;
+    }
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into())
+        .unwrap_or_default()
+}
+
+/// A subject's caps, spend and what is left, per window (the admin API's answer).
+pub fn view(
+    ledger: &dyn Ledger,
+    policy: &BudgetPolicy,
+    subject: &Subject,
+    now: i64,
+) -> serde_json::Value {
+    let caps: Vec<&policy::Cap> = match subject {
+        Subject::User(u) => policy
+            .user_caps
+            .get(u)
+            .unwrap_or(&policy.default_caps)
+            .iter()
+            .collect(),
+        Subject::Team(t) => policy
+            .teams
+            .get(t)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default(),
+    };
+    let windows: Vec<serde_json::Value> = caps
+        .iter()
+        .map(|c| {
+            let (spent, reserved) = ledger.spend(subject, c.window, policy, now);
+            let (_, end) = c.window.bounds(now, policy.offset());
+            serde_json::json!({
+                "window": c.window.name(),
+                "cap_usd": c.usd.map(|p| usd_json(p.0)),
+                "cap_tokens": c.tokens,
+                "spent_usd": usd_json(spent.pico),
+                "spent_tokens": spent.tokens,
+                "reserved_usd": usd_json(reserved.pico),
+                "remaining_usd": c.usd.map(|p| usd_json(p.0.saturating_sub(spent.pico))),
+                "remaining_tokens": c.tokens.map(|t| t.saturating_sub(spent.tokens)),
+                "resets_at": rfc3339(end),
+            })
+        })
+        .collect();
+    let (kind, name) = match subject {
+        Subject::User(u) => ("user", u.clone()),
+        Subject::Team(t) => ("team", t.clone()),
+    };
+    let mut v = serde_json::json!({ kind: name, "windows": windows });
+    if let Subject::User(u) = subject {
+        v["teams"] = serde_json::json!(policy.teams_of(u));
+    }
+    v
+}
+
+/// The users who spent most in the current `window`.
+pub fn top(
+    ledger: &dyn Ledger,
+    policy: &BudgetPolicy,
+    window: Window,
+    limit: usize,
+    now: i64,
+) -> serde_json::Value {
+    let mut v: Vec<(String, Amount)> = ledger
+        .counters(policy, now)
+        .into_iter()
+        .filter(|(_, w, _)| *w == window)
+        .filter_map(|(k, _, a)| Some((k.strip_prefix("user:")?.to_string(), a)))
+        .collect();
+    v.sort_by(|a, b| b.1.pico.cmp(&a.1.pico).then(a.0.cmp(&b.0)));
+    v.truncate(limit);
+    serde_json::json!({
+        "window": window.name(),
+        "users": v.iter().map(|(u, a)| serde_json::json!({
+            "user": u, "spent_usd": usd_json(a.pico), "spent_tokens": a.tokens
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Budget gauges read from the ledger at scrape time: `tokentap_budget_spend_usd` and

@@ -59,6 +59,24 @@ pub struct ServerConfig {
     /// After SIGTERM, how long in-flight calls get to finish once the listeners are closed.
     pub drain_timeout: Duration,
     pub log_level: log::LevelFilter,
+    /// The bearer token `/admin/*` requires, read from `server.admin_token_env`.
+    pub admin_token: Option<Secret>,
+}
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +202,24 @@ fn compile(
             admin_listen,
             threads: s.threads,
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+            admin_token: match &s.admin_token_env {
+                None => None,
+                Some(var) => match std::env::var(var) {
+                    Ok(t) if t.len() >= 16 => Some(Secret(t)),
+                    Ok(_) => {
+                        return Err(err(
+                            "server.admin_token_env",
+                            format!("the token in ${var} is shorter than 16 characters"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(err(
+                            "server.admin_token_env",
+                            format!("${var} is not set: export the admin token in it"),
+                        ))
+                    }
+                },
+            },
             log_level: s.log_level.parse().map_err(|_| {
                 err(
                     "server.log_level",

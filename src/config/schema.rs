@@ -75,6 +75,9 @@ pub struct RawServer {
     pub drain_timeout_ms: u64,
     /// error, warn, info, debug or trace (`RUST_LOG`, when set, wins).
     pub log_level: String,
+    /// The environment variable holding the bearer token `/admin/*` requires (unset: the
+    /// admin API is open to whoever reaches the admin listener).
+    pub admin_token_env: Option<String>,
 }
 
 impl Default for RawServer {
@@ -85,6 +88,7 @@ impl Default for RawServer {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout_ms: 30_000,
             log_level: "info".into(),
+            admin_token_env: None,
         }
     }
 }

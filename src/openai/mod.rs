@@ -36,7 +36,7 @@ pub fn is_chat_path(path: &str) -> bool {
     is(&["v1", "chat", "completions"]) || is(&["chat", "completions"])
 }
 
-fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains('%') {
         return std::borrow::Cow::Borrowed(s);
     }

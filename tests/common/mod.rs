@@ -181,6 +181,8 @@ pub struct TapBuilder {
     read_timeout_ms: u64,
     k8s: bool,
     dir: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+    server_extra: String,
 }
 
 impl TapBuilder {
@@ -192,7 +194,21 @@ impl TapBuilder {
             read_timeout_ms: 10_000,
             k8s: false,
             dir: None,
+            env: Vec::new(),
+            server_extra: String::new(),
         }
+    }
+
+    /// Lines added to the `[server]` table, then start.
+    pub fn start_with_server_extra(mut self, lines: &str) -> Tap {
+        self.server_extra = lines.to_string();
+        self.start()
+    }
+
+    /// An environment variable for the tokentap process.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
     }
 
     /// Runs in this directory (e.g. a stopped tokentap's, to reuse its ledger and log).
@@ -251,6 +267,8 @@ impl TapBuilder {
             read_timeout_ms,
             k8s,
             dir: _,
+            env,
+            server_extra,
         } = self;
         let text = format!(
             r#"
@@ -259,7 +277,7 @@ listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 threads = 2
 drain_timeout_ms = 10000
-
+{server_extra}
 [upstream]
 url = "{upstream}"
 connect_timeout_ms = 2000
@@ -284,6 +302,7 @@ path = "access.log"
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
