@@ -10,6 +10,8 @@ need_deb python3 python3
 # A real Prometheus scrapes tokentap in tests/dashboards.rs; promtool checks the exposition.
 need_deb prometheus prometheus
 need_deb promtool prometheus
+# A real Redis backs the shared-budget tests (tests/redis.rs).
+need_deb redis-server redis-server
 
 # The openai SDK, for the "same objects through tokentap" test: use the system's if it has one,
 # else a private virtualenv (Debian's own Python refuses system-wide pip installs).

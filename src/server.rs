@@ -12,7 +12,7 @@ use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownS
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
-use crate::budget::{embedded::Embedded, Ledger, LedgerSink};
+use crate::budget::{embedded::Embedded, redis::RedisLedger, Ledger, LedgerSink};
 use crate::config::reload::{Reloader, Trigger};
 use crate::config::Config;
 use crate::proxy::{Shared, TokenTap};
@@ -31,12 +31,8 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     let calls = CallMetrics::new(&config.metrics);
     sinks.push(Box::new(Arc::clone(&calls)));
     let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend.as_str() {
-        "embedded" => Embedded::open(&config.budgets.ledger)?,
-        other => {
-            return Err(format!(
-                "budgets.ledger.backend {other:?} is not available yet"
-            ))
-        }
+        "redis" => RedisLedger::open(&config.budgets.ledger)?,
+        _ => Embedded::open(&config.budgets.ledger)?,
     };
     sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
 

@@ -44,7 +44,7 @@ impl Admin {
     }
 
     /// `/admin/budgets/...`
-    fn budgets(&self, method: &Method, path: &str, query: &str) -> Response<Vec<u8>> {
+    async fn budgets(&self, method: &Method, path: &str, query: &str) -> Response<Vec<u8>> {
         use crate::budget::policy::{Subject, Window};
         let cfg = self.shared.config.load();
         let policy = &cfg.budgets;
@@ -66,7 +66,7 @@ impl Admin {
         match (method, seg.as_slice()) {
             (&Method::GET, ["users", u]) => json_response(
                 StatusCode::OK,
-                &crate::budget::view(ledger, policy, &Subject::User(u.to_string()), now),
+                &crate::budget::view(ledger, policy, &Subject::User(u.to_string()), now).await,
             ),
             (&Method::GET, ["teams", t]) => {
                 if !policy.teams.contains_key(*t) {
@@ -74,7 +74,7 @@ impl Admin {
                 }
                 json_response(
                     StatusCode::OK,
-                    &crate::budget::view(ledger, policy, &Subject::Team(t.to_string()), now),
+                    &crate::budget::view(ledger, policy, &Subject::Team(t.to_string()), now).await,
                 )
             }
             (&Method::GET, ["top"]) => {
@@ -94,9 +94,12 @@ impl Admin {
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
                 let subject = Subject::User(u.to_string());
-                ledger.reset(&subject, window, policy, now);
+                ledger.reset(&subject, window, policy, now).await;
                 log::info!("admin: reset the {window} spend of user {u:?}");
-                json_response(StatusCode::OK, &crate::budget::view(ledger, policy, &subject, now))
+                json_response(
+                    StatusCode::OK,
+                    &crate::budget::view(ledger, policy, &subject, now).await,
+                )
             }
             _ => error(
                 StatusCode::NOT_FOUND,
@@ -130,7 +133,7 @@ impl ServeHttp for Admin {
             );
         }
         if path.starts_with("/admin/budgets") {
-            return self.budgets(&method, &path, &query);
+            return self.budgets(&method, &path, &query).await;
         }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),

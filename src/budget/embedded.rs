@@ -106,6 +106,103 @@ impl Embedded {
         Ok(ledger)
     }
 
+    fn reserve_now(
+        &self,
+        policy: &BudgetPolicy,
+        user: &str,
+        worst: Amount,
+        now: i64,
+    ) -> Result<Reservation, Rejection> {
+        let caps = policy.caps_for(user);
+        let offset = policy.offset();
+        let mut st = self.lock();
+        let mut refused: Option<Rejection> = None;
+        for (subject, cap) in &caps {
+            let (start, end) = cap.window.bounds(now, offset);
+            let c = st.counter(&subject.key(), cap.window, start);
+            let mut after = c.spent;
+            after.add(c.reserved);
+            after.add(worst);
+            let over_usd = cap.usd.is_some_and(|u| after.pico > u.0);
+            let over_tokens = cap.tokens.is_some_and(|t| after.tokens > t);
+            if over_usd || over_tokens {
+                // The caller can retry when the last of the blocking windows resets.
+                if refused.as_ref().is_none_or(|r| end > r.resets_at) {
+                    refused = Some(Rejection {
+                        subject: subject.clone(),
+                        window: cap.window,
+                        resets_at: end,
+                        tokens: !over_usd,
+                    });
+                }
+            }
+        }
+        if let Some(r) = refused {
+            return Err(r);
+        }
+        let mut holds = Vec::with_capacity(caps.len());
+        for (subject, cap) in &caps {
+            let (start, _) = cap.window.bounds(now, offset);
+            let key = subject.key();
+            st.counter(&key, cap.window, start).reserved.add(worst);
+            holds.push(Hold {
+                key,
+                window: cap.window,
+                soft_usd: cap.soft_usd.map(|p| p.0),
+                soft_tokens: cap.soft_tokens,
+                start,
+            });
+        }
+        Ok(Reservation {
+            user: user.to_string(),
+            teams: policy.teams_of(user).to_vec(),
+            holds,
+            worst,
+            offset,
+        })
+    }
+
+    fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) {
+        // A call that ran across a window's end is charged to the window it ended in.
+        let mut st = self.lock();
+        for h in &r.holds {
+            let (start, _) = h.window.bounds(now, r.offset);
+            let c = st.counter(&h.key, h.window, start);
+            c.reserved.sub(r.worst);
+            let before = c.spent;
+            c.spent.add(actual);
+            let after = c.spent;
+            st.dirty.insert((h.key.clone(), h.window));
+            // A soft threshold only signals.
+            let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
+            if crossed(h.soft_usd, before.pico, after.pico)
+                || crossed(h.soft_tokens, before.tokens, after.tokens)
+            {
+                log::warn!(
+                    "budget: {} passed the soft threshold of its {} budget",
+                    h.key,
+                    h.window
+                );
+            }
+        }
+    }
+
+    fn spend_now(
+        &self,
+        subject: &Subject,
+        window: Window,
+        policy: &BudgetPolicy,
+        now: i64,
+    ) -> (Amount, Amount) {
+        let (start, _) = window.bounds(now, policy.offset());
+        let st = self.lock();
+        match st.counters.get(&(subject.key(), window)) {
+            Some(c) if c.start == start => (c.spent, c.reserved),
+            Some(c) => (Amount::default(), c.reserved),
+            None => (Amount::default(), Amount::default()),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -198,105 +295,34 @@ fn spawn_flusher(ledger: Weak<Embedded>, every: Duration) {
         .expect("spawn ledger flusher");
 }
 
+#[async_trait::async_trait]
 impl Ledger for Embedded {
-    fn reserve(
+    async fn reserve(
         &self,
         policy: &BudgetPolicy,
         user: &str,
         worst: Amount,
         now: i64,
-    ) -> Result<Reservation, Rejection> {
-        let caps = policy.caps_for(user);
-        let offset = policy.offset();
-        let mut st = self.lock();
-        let mut refused: Option<Rejection> = None;
-        for (subject, cap) in &caps {
-            let (start, end) = cap.window.bounds(now, offset);
-            let c = st.counter(&subject.key(), cap.window, start);
-            let mut after = c.spent;
-            after.add(c.reserved);
-            after.add(worst);
-            let over_usd = cap.usd.is_some_and(|u| after.pico > u.0);
-            let over_tokens = cap.tokens.is_some_and(|t| after.tokens > t);
-            if over_usd || over_tokens {
-                // The caller can retry when the last of the blocking windows resets.
-                if refused.as_ref().is_none_or(|r| end > r.resets_at) {
-                    refused = Some(Rejection {
-                        subject: subject.clone(),
-                        window: cap.window,
-                        resets_at: end,
-                        tokens: !over_usd,
-                    });
-                }
-            }
-        }
-        if let Some(r) = refused {
-            return Err(r);
-        }
-        let mut holds = Vec::with_capacity(caps.len());
-        for (subject, cap) in &caps {
-            let (start, _) = cap.window.bounds(now, offset);
-            let key = subject.key();
-            st.counter(&key, cap.window, start).reserved.add(worst);
-            holds.push(Hold {
-                key,
-                window: cap.window,
-                soft_usd: cap.soft_usd.map(|p| p.0),
-                soft_tokens: cap.soft_tokens,
-            });
-        }
-        Ok(Reservation {
-            user: user.to_string(),
-            teams: policy.teams_of(user).to_vec(),
-            holds,
-            worst,
-            offset,
-        })
+    ) -> Result<Result<Reservation, Rejection>, super::StoreDown> {
+        Ok(self.reserve_now(policy, user, worst, now))
     }
 
     fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
-        // A call that ran across a window's end is charged to the window it ended in.
-        let mut st = self.lock();
-        for h in &r.holds {
-            let (start, _) = h.window.bounds(now, r.offset);
-            let c = st.counter(&h.key, h.window, start);
-            c.reserved.sub(r.worst);
-            let before = c.spent;
-            c.spent.add(actual);
-            let after = c.spent;
-            st.dirty.insert((h.key.clone(), h.window));
-            // A soft threshold only signals.
-            let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
-            if crossed(h.soft_usd, before.pico, after.pico)
-                || crossed(h.soft_tokens, before.tokens, after.tokens)
-            {
-                log::warn!(
-                    "budget: {} passed the soft threshold of its {} budget",
-                    h.key,
-                    h.window
-                );
-            }
-        }
+        self.settle_now(r, actual, now)
     }
 
     fn record_call(&self, row: CallRow) {
         self.lock().rows.push(row);
     }
 
-    fn spend(
+    async fn spend(
         &self,
         subject: &Subject,
         window: Window,
         policy: &BudgetPolicy,
         now: i64,
     ) -> (Amount, Amount) {
-        let (start, _) = window.bounds(now, policy.offset());
-        let st = self.lock();
-        match st.counters.get(&(subject.key(), window)) {
-            Some(c) if c.start == start => (c.spent, c.reserved),
-            Some(c) => (Amount::default(), c.reserved),
-            None => (Amount::default(), Amount::default()),
-        }
+        self.spend_now(subject, window, policy, now)
     }
 
     fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)> {
@@ -315,7 +341,7 @@ impl Ledger for Embedded {
             .collect()
     }
 
-    fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
+    async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
         let (start, _) = window.bounds(now, policy.offset());
         let key = subject.key();
         let mut st = self.lock();

@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod policy;
+pub mod redis;
 pub mod report;
 
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Hold {
     /// Soft thresholds of the cap (signalled when settled spend passes them).
     pub soft_usd: Option<u64>,
     pub soft_tokens: Option<u64>,
+    /// Start of the window the reservation was made in.
+    pub start: i64,
 }
 
 /// A cap the call would pass.
@@ -83,22 +86,27 @@ pub struct CallRow {
     pub status: u16,
 }
 
+/// The ledger's store failed; the config says whether calls go ahead (`fail_open`).
+#[derive(Debug, Clone)]
+pub struct StoreDown(pub String);
+
 /// Where spend is kept. One trait, two backends (embedded, Redis).
+#[async_trait::async_trait]
 pub trait Ledger: Send + Sync {
     /// Atomically reserves `worst` against every cap in `caps`, or refuses without reserving.
-    fn reserve(
+    async fn reserve(
         &self,
         policy: &BudgetPolicy,
         user: &str,
         worst: Amount,
         now: i64,
-    ) -> Result<Reservation, Rejection>;
+    ) -> Result<Result<Reservation, Rejection>, StoreDown>;
     /// Releases a reservation and charges what the call really cost.
     fn settle(&self, r: &Reservation, actual: Amount, now: i64);
     /// Records a call for reports (whether or not it was capped).
     fn record_call(&self, row: CallRow);
     /// Spend so far in the window containing `now`, for `subject` (committed, reserved).
-    fn spend(
+    async fn spend(
         &self,
         subject: &Subject,
         window: Window,
@@ -112,7 +120,7 @@ pub trait Ledger: Send + Sync {
     /// How often the ledger failed to persist or reach its store.
     fn errors(&self) -> u64;
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
-    fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
+    async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
 }
 
 /// The decision about a call, made when its body is complete.
@@ -158,7 +166,7 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
 }
 
 /// Decides about a chat call (`meta` is `None` when its body was not a JSON object).
-pub fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta>) -> Decision {
+pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta>) -> Decision {
     let policy = &cfg.budgets;
     if !policy.enforcing() {
         return Decision::Allow(None);
@@ -184,9 +192,31 @@ pub fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta>) -> 
         return Decision::Allow(None);
     };
     let now = now_unix();
-    match ledger.reserve(policy, &user, worst_case(meta, cfg), now) {
-        Ok(r) => Decision::Allow(Some(Arc::new(r))),
-        Err(rej) => {
+    match ledger
+        .reserve(policy, &user, worst_case(meta, cfg), now)
+        .await
+    {
+        Err(StoreDown(why)) => {
+            if policy.ledger.fail_open {
+                log::warn!(
+                    "budget store unavailable ({why}): letting the call through (fail_open)"
+                );
+                Decision::Allow(None)
+            } else {
+                Decision::Refuse(
+                    ApiError::new(
+                        503,
+                        "api_error",
+                        "The budget store is unavailable, so this proxy cannot check your \
+                         budget. Retry shortly.",
+                    )
+                    .code("budget_store_unavailable"),
+                    None,
+                )
+            }
+        }
+        Ok(Ok(r)) => Decision::Allow(Some(Arc::new(r))),
+        Ok(Err(rej)) => {
             let team = match &rej.subject {
                 Subject::Team(t) => t.clone(),
                 Subject::User(_) => String::new(),
@@ -298,7 +328,7 @@ fn rfc3339(t: i64) -> serde_json::Value {
 }
 
 /// A subject's caps, spend and what is left, per window (the admin API's answer).
-pub fn view(
+pub async fn view(
     ledger: &dyn Ledger,
     policy: &BudgetPolicy,
     subject: &Subject,
@@ -317,12 +347,11 @@ pub fn view(
             .map(|v| v.iter().collect())
             .unwrap_or_default(),
     };
-    let windows: Vec<serde_json::Value> = caps
-        .iter()
-        .map(|c| {
-            let (spent, reserved) = ledger.spend(subject, c.window, policy, now);
-            let (_, end) = c.window.bounds(now, policy.offset());
-            serde_json::json!({
+    let mut windows: Vec<serde_json::Value> = Vec::new();
+    for c in caps {
+        let (spent, reserved) = ledger.spend(subject, c.window, policy, now).await;
+        let (_, end) = c.window.bounds(now, policy.offset());
+        windows.push(serde_json::json!({
                 "window": c.window.name(),
                 "cap_usd": c.usd.map(|p| usd_json(p.0)),
                 "cap_tokens": c.tokens,
@@ -332,9 +361,8 @@ pub fn view(
                 "remaining_usd": c.usd.map(|p| usd_json(p.0.saturating_sub(spent.pico))),
                 "remaining_tokens": c.tokens.map(|t| t.saturating_sub(spent.tokens)),
                 "resets_at": rfc3339(end),
-            })
-        })
-        .collect();
+        }));
+    }
     let (kind, name) = match subject {
         Subject::User(u) => ("user", u.clone()),
         Subject::Team(t) => ("team", t.clone()),

@@ -128,6 +128,13 @@ pub struct RawLedger {
     pub flush_interval_ms: u64,
     /// Per-call rows older than this are deleted (aggregates are kept).
     pub retention_days: u64,
+    /// The Redis server of the "redis" backend, e.g. "redis://127.0.0.1:6379/0".
+    pub redis_url: Option<String>,
+    /// Prefix of the ledger's Redis keys (several deployments can share one Redis).
+    pub redis_prefix: String,
+    /// When the store cannot be reached: "fail_open" lets calls through uncapped (and counts
+    /// it), "fail_closed" refuses them with 503.
+    pub on_error: String,
 }
 
 impl Default for RawLedger {
@@ -137,6 +144,9 @@ impl Default for RawLedger {
             path: PathBuf::from("tokentap-ledger.db"),
             flush_interval_ms: 500,
             retention_days: 90,
+            redis_url: None,
+            redis_prefix: "tokentap".into(),
+            on_error: "fail_closed".into(),
         }
     }
 }
@@ -309,6 +319,9 @@ pub struct LedgerConfig {
     pub path: PathBuf,
     pub flush_interval: std::time::Duration,
     pub retention_days: u64,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub fail_open: bool,
 }
 
 impl Default for LedgerConfig {
@@ -318,6 +331,9 @@ impl Default for LedgerConfig {
             path: PathBuf::from("tokentap-ledger.db"),
             flush_interval: std::time::Duration::from_millis(500),
             retention_days: 90,
+            redis_url: None,
+            redis_prefix: "tokentap".into(),
+            fail_open: false,
         }
     }
 }
@@ -419,6 +435,18 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             "budgets.ledger.backend: {backend:?} is not a backend: use \"embedded\" or \"redis\""
         ));
     }
+    if backend == "redis" && raw.ledger.redis_url.is_none() {
+        return Err("budgets.ledger.redis_url: the redis backend needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\"".into());
+    }
+    let fail_open = match raw.ledger.on_error.as_str() {
+        "fail_open" => true,
+        "fail_closed" => false,
+        other => {
+            return Err(format!(
+                "budgets.ledger.on_error: {other:?}: use \"fail_open\" or \"fail_closed\""
+            ))
+        }
+    };
     if raw.ledger.flush_interval_ms == 0 {
         return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
     }
@@ -437,6 +465,9 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             path: dir.join(&raw.ledger.path),
             flush_interval: std::time::Duration::from_millis(raw.ledger.flush_interval_ms),
             retention_days: raw.ledger.retention_days,
+            redis_url: raw.ledger.redis_url.clone(),
+            redis_prefix: raw.ledger.redis_prefix.clone(),
+            fail_open,
         },
     })
 }

@@ -166,6 +166,8 @@ pub struct Ctx {
     stream_active: Option<InFlight>,
     /// What the call holds against its budgets until its record settles it.
     reservation: Option<Arc<Reservation>>,
+    /// The body is complete: decide about the call before it goes.
+    decide: bool,
 }
 
 impl TokenTap {
@@ -273,21 +275,8 @@ impl TokenTap {
             }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet.
-            match crate::budget::decide(&*self.shared.ledger, &ctx.cfg, ctx.meta.as_ref()) {
-                Decision::Allow(r) => ctx.reservation = r,
-                Decision::Refuse(e, budget) => {
-                    let calls = &self.shared.calls;
-                    match &budget {
-                        Some((user, team, tokens)) => calls.budget_rejected(
-                            Some(user),
-                            team,
-                            if *tokens { "tokens" } else { "usd" },
-                        ),
-                        None => calls.budget_rejected(None, "", "user_required"),
-                    }
-                    return Err(self.reject(ctx, e));
-                }
-            }
+            // (The budget decision follows, in `request_body_filter`, before this body goes.)
+            ctx.decide = true;
             ctx.body_released = true;
             *body = if whole.is_empty() { None } else { Some(whole) };
         }
@@ -365,6 +354,7 @@ impl ProxyHttp for TokenTap {
             _in_flight: InFlight::new(&self.shared.in_flight),
             stream_active: None,
             reservation: None,
+            decide: false,
         }
     }
 
@@ -413,6 +403,28 @@ impl ProxyHttp for TokenTap {
     ) -> Result<()> {
         let t = Instant::now();
         let r = self.on_request_body(body, end_of_stream, ctx);
+        if r.is_ok() && std::mem::take(&mut ctx.decide) {
+            // The decision point: everything about the call is known, nothing of its body
+            // reached the upstream yet (it goes when this returns).
+            let cfg = Arc::clone(&ctx.cfg);
+            match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
+                Decision::Allow(res) => ctx.reservation = res,
+                Decision::Refuse(e, budget) => {
+                    let calls = &self.shared.calls;
+                    match &budget {
+                        Some((user, team, tokens)) => calls.budget_rejected(
+                            Some(user),
+                            team,
+                            if *tokens { "tokens" } else { "usd" },
+                        ),
+                        None if e.status == 400 => calls.budget_rejected(None, "", "user_required"),
+                        None => calls.budget_rejected(None, "", "store_unavailable"),
+                    }
+                    ctx.overhead += t.elapsed();
+                    return Err(self.reject(ctx, e));
+                }
+            }
+        }
         ctx.overhead += t.elapsed();
         r
     }
