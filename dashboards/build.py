@@ -161,6 +161,11 @@ budgets = dashboard("tokentap-budgets", "tokentap / Budgets",
     panel("Closest to their cap", "The ten capped users with the least budget left.", "currencyUSD",
           [target(f'bottomk(10, tokentap_budget_remaining_usd{{{USEL}}})', "{{user}} {{window}}", instant=True)],
           kind="bargauge", extra={"options": {"orientation": "horizontal", "displayMode": "gradient"}}),
+    panel("Soft thresholds passed", "Times settled spend passed a soft threshold (a warning, not a "
+          "refusal), by user or team and window, since tokentap started.", "short",
+          [dict(target(f'sum by (user, team, window) (tokentap_budget_soft_threshold_crossed_total{{{USEL}}})',
+                       "{{user}} {{team}} {{window}}", instant=True), format="table")], kind="table",
+          extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
     panel("Ledger errors in range", "Times the ledger could not persist spend or reach its store. "
           "Anything above zero needs attention: budgets may be enforced on stale figures.", "short",
           [target('sum(increase(tokentap_ledger_errors_total[$__range]))', "errors", instant=True)],

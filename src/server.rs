@@ -34,7 +34,10 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         "redis" => RedisLedger::open(&config.budgets.ledger)?,
         _ => Embedded::open(&config.budgets.ledger)?,
     };
-    sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
+    sinks.push(Box::new(LedgerSink(
+        Arc::clone(&ledger),
+        Arc::clone(&calls),
+    )));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;

@@ -292,6 +292,12 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
         "prometheus {prom_cost} vs log {log_cost}"
     );
 
+    // The capped user's one allowed call passed its soft threshold, once.
+    assert_eq!(
+        prom.scalar("sum(tokentap_budget_soft_threshold_crossed_total{user=\"capped\"})"),
+        1.0
+    );
+
     // Every panel of every dashboard: described, with a unit, and each query returns data.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
     let mut checked = 0;

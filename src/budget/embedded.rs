@@ -162,7 +162,8 @@ impl Embedded {
         })
     }
 
-    fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) {
+    fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
+        let mut crossed_holds = Vec::new();
         // A call that ran across a window's end is charged to the window it ended in.
         let mut st = self.lock();
         for h in &r.holds {
@@ -178,13 +179,10 @@ impl Embedded {
             if crossed(h.soft_usd, before.pico, after.pico)
                 || crossed(h.soft_tokens, before.tokens, after.tokens)
             {
-                log::warn!(
-                    "budget: {} passed the soft threshold of its {} budget",
-                    h.key,
-                    h.window
-                );
+                crossed_holds.push(h.clone());
             }
         }
+        crossed_holds
     }
 
     fn spend_now(
@@ -307,7 +305,7 @@ impl Ledger for Embedded {
         Ok(self.reserve_now(policy, user, worst, now))
     }
 
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
         self.settle_now(r, actual, now)
     }
 

@@ -101,8 +101,9 @@ pub trait Ledger: Send + Sync {
         worst: Amount,
         now: i64,
     ) -> Result<Result<Reservation, Rejection>, StoreDown>;
-    /// Releases a reservation and charges what the call really cost.
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64);
+    /// Releases a reservation and charges what the call really cost; returns the holds whose
+    /// soft threshold this charge passed.
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold>;
     /// Records a call for reports (whether or not it was capped).
     fn record_call(&self, row: CallRow);
     /// Spend so far in the window containing `now`, for `subject` (committed, reserved).
@@ -270,7 +271,10 @@ pub fn actual(rec: &UsageRecord) -> Amount {
 }
 
 /// The ledger as a sink: settles each call's reservation and keeps its row for reports.
-pub struct LedgerSink(pub Arc<dyn Ledger>);
+pub struct LedgerSink(
+    pub Arc<dyn Ledger>,
+    pub Arc<crate::telemetry::calls::CallMetrics>,
+);
 
 impl crate::telemetry::Sink for LedgerSink {
     fn record(&self, rec: &Arc<UsageRecord>) {
@@ -279,7 +283,14 @@ impl crate::telemetry::Sink for LedgerSink {
         }
         let now = now_unix();
         if let Some(r) = &rec.budget {
-            self.0.settle(r, actual(rec), now);
+            for h in self.0.settle(r, actual(rec), now) {
+                log::warn!(
+                    "budget: {} passed the soft threshold of its {} budget",
+                    h.key,
+                    h.window
+                );
+                self.1.soft_threshold_crossed(&h.key, &h.window.name());
+            }
         }
         let ts = rec
             .started_at

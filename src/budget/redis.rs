@@ -220,9 +220,10 @@ impl Ledger for RedisLedger {
         }))
     }
 
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
+        let mut crossed_holds = Vec::new();
         if r.holds.is_empty() {
-            return;
+            return crossed_holds;
         }
         let mut keys = Vec::with_capacity(2 * r.holds.len());
         let mut args: Vec<i64> = vec![
@@ -244,7 +245,16 @@ impl Ledger for RedisLedger {
                 if e.0 != start {
                     *e = (start, Amount::default());
                 }
+                // Soft thresholds are judged on this replica's view of the spend.
+                let before = e.1;
                 e.1.add(actual);
+                let crossed =
+                    |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
+                if crossed(h.soft_usd, before.pico, e.1.pico)
+                    || crossed(h.soft_tokens, before.tokens, e.1.tokens)
+                {
+                    crossed_holds.push(h.clone());
+                }
             }
         }
         let mut con = self.con.clone();
@@ -282,6 +292,7 @@ impl Ledger for RedisLedger {
             }
             pending.fetch_sub(1, Ordering::AcqRel);
         });
+        crossed_holds
     }
 
     fn record_call(&self, row: CallRow) {

@@ -242,6 +242,8 @@ pub struct CallMetrics {
     overhead: Histogram,
     /// (user label, team, reason) -> budget refusals
     rejections: DashMap<(Arc<str>, String, &'static str), AtomicU64>,
+    /// (user label, team, window) -> soft thresholds passed
+    soft: DashMap<(Arc<str>, String, String), AtomicU64>,
     /// Calls between their request head and their record (`tokentap_requests_in_flight`).
     pub in_flight: Arc<AtomicI64>,
     /// Streams whose response is being relayed (`tokentap_streams_active`).
@@ -250,7 +252,7 @@ pub struct CallMetrics {
 }
 
 /// (name, help, type, label names) of every family this collector exposes.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 14] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 15] = [
     ("gen_ai_client_operation_duration_seconds", "Duration of chat calls as the client saw them, by model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
     ("gen_ai_client_token_usage", "Tokens per chat call (input includes cached tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
     ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
@@ -264,7 +266,8 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 14] = [
     ("tokentap_overhead_seconds", "Time spent inside tokentap per call (its own request, response and recording work), excluding the upstream and the client.", MetricType::HISTOGRAM, &[]),
     ("tokentap_requests_in_flight", "Calls in progress.", MetricType::GAUGE, &[]),
     ("tokentap_streams_active", "Streamed responses being relayed.", MetricType::GAUGE, &[]),
-    ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required).", MetricType::COUNTER, &["user", "team", "reason"]),
+    ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required, store_unavailable).", MetricType::COUNTER, &["user", "team", "reason"]),
+    ("tokentap_budget_soft_threshold_crossed_total", "Times settled spend passed a soft threshold, by user (or team, for a team cap) and window.", MetricType::COUNTER, &["user", "team", "window"]),
 ];
 
 impl CallMetrics {
@@ -288,6 +291,7 @@ impl CallMetrics {
             upstream_errors: Default::default(),
             overhead: histogram(&OVERHEAD_BUCKETS),
             rejections: DashMap::new(),
+            soft: DashMap::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
             streams_active: Arc::new(AtomicI64::new(0)),
             descs,
@@ -391,6 +395,19 @@ impl CallMetrics {
         let user = self.labels.load().user(user, true);
         self.rejections
             .entry((user, team.to_string(), reason))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a soft threshold passed by a ledger key (`user:…` or `team:…`).
+    pub fn soft_threshold_crossed(&self, key: &str, window: &str) {
+        let (user, team) = match key.split_once(':') {
+            Some(("team", t)) => (self.labels.load().user(None, false), t.to_string()),
+            Some((_, u)) => (self.labels.load().user(Some(u), true), String::new()),
+            None => return,
+        };
+        self.soft
+            .entry((user, team, window.to_string()))
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
     }
@@ -598,6 +615,17 @@ impl Collector for CallMetrics {
                     label("user", user),
                     label("team", team),
                     label("reason", reason),
+                ],
+                r.value().load(Ordering::Relaxed) as f64,
+            ));
+        }
+        for r in self.soft.iter() {
+            let (user, team, window) = r.key();
+            fams[14].mut_metric().push(counter(
+                vec![
+                    label("user", user),
+                    label("team", team),
+                    label("window", window),
                 ],
                 r.value().load(Ordering::Relaxed) as f64,
             ));
