@@ -46,8 +46,8 @@ pub struct Reservation {
     pub teams: Vec<String>,
     pub holds: Vec<Hold>,
     pub worst: Amount,
-    /// The UTC offset calendar windows were computed in.
-    pub offset: chrono::FixedOffset,
+    /// The zone calendar windows were computed in.
+    pub offset: policy::Zone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

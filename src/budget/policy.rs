@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use chrono::{
-    DateTime, Datelike, Duration as ChronoDuration, FixedOffset, NaiveDate, TimeZone, Utc,
+    Datelike, Duration as ChronoDuration, FixedOffset, LocalResult, NaiveDate, Offset, TimeZone,
 };
 use serde::Deserialize;
 
@@ -36,6 +36,9 @@ pub struct RawBudgets {
     /// Calendar windows start at midnight in this UTC offset, e.g. "+02:00" (default UTC).
     #[serde(default)]
     pub utc_offset: Option<String>,
+    /// ... or in this IANA time zone, e.g. "Europe/Berlin" (midnights follow DST).
+    #[serde(default)]
+    pub time_zone: Option<String>,
     /// The output a request is assumed to produce when it sets no max_tokens and its model
     /// has no `max_output_tokens` price entry.
     #[serde(default = "default_max_output")]
@@ -202,18 +205,31 @@ impl Window {
         }
     }
 
-    /// Start and end (Unix seconds) of the window containing `now`; `end` is `i64::MAX` for
-    /// `Total`.
-    pub fn bounds(&self, now: i64, offset: FixedOffset) -> (i64, i64) {
-        let local = offset
-            .timestamp_opt(now, 0)
-            .single()
-            .unwrap_or_else(|| offset.from_utc_datetime(&DateTime::<Utc>::UNIX_EPOCH.naive_utc()));
+    /// Start and end (Unix seconds) of the window containing `now` in `zone`; `end` is
+    /// `i64::MAX` for `Total`.
+    pub fn bounds(&self, now: i64, zone: Zone) -> (i64, i64) {
+        match zone {
+            Zone::Fixed(z) => self.bounds_in(now, &z),
+            Zone::Named(z) => self.bounds_in(now, &z),
+        }
+    }
+
+    fn bounds_in<Z: TimeZone>(&self, now: i64, zone: &Z) -> (i64, i64) {
+        let Some(local) = zone.timestamp_opt(now, 0).single() else {
+            return (now, now + 1);
+        };
+        // Local midnight (or the hour) as a timestamp. Where a DST change skips it, the first
+        // moment after the gap; where it repeats, the first of the two.
         let at = |d: NaiveDate, hour: u32| -> i64 {
-            offset
-                .from_local_datetime(&d.and_hms_opt(hour, 0, 0).unwrap_or_default())
-                .single()
-                .map_or(now, |t| t.timestamp())
+            let naive = d.and_hms_opt(hour, 0, 0).unwrap_or_default();
+            match zone.from_local_datetime(&naive) {
+                LocalResult::Single(t) => t.timestamp(),
+                LocalResult::Ambiguous(t, _) => t.timestamp(),
+                LocalResult::None => zone
+                    .from_local_datetime(&(naive + ChronoDuration::hours(1)))
+                    .earliest()
+                    .map_or(now, |t| t.timestamp()),
+            }
         };
         match self {
             Window::Total => (0, i64::MAX),
@@ -223,8 +239,9 @@ impl Window {
                 (start, start + s)
             }
             Window::Hourly => {
-                let d = local.date_naive();
-                let start = at(d, local.hour_of_day());
+                let start = now.div_euclid(3600) * 3600
+                    + i64::from(local.offset().fix().local_minus_utc()).rem_euclid(3600);
+                let start = if start > now { start - 3600 } else { start };
                 (start, start + 3600)
             }
             Window::Daily => {
@@ -250,13 +267,17 @@ impl Window {
     }
 }
 
-trait HourOfDay {
-    fn hour_of_day(&self) -> u32;
+/// Where calendar windows are computed: a fixed UTC offset, or an IANA time zone (whose
+/// midnights follow daylight saving time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    Fixed(FixedOffset),
+    Named(chrono_tz::Tz),
 }
 
-impl HourOfDay for DateTime<FixedOffset> {
-    fn hour_of_day(&self) -> u32 {
-        chrono::Timelike::hour(self)
+impl Zone {
+    pub fn utc() -> Zone {
+        Zone::Fixed(FixedOffset::east_opt(0).expect("UTC"))
     }
 }
 
@@ -302,7 +323,7 @@ impl Subject {
 pub struct BudgetPolicy {
     pub missing_user: MissingUser,
     pub default_user: String,
-    pub offset: Option<FixedOffset>,
+    pub offset: Option<Zone>,
     pub default_max_output_tokens: u64,
     pub default_max_searches: u64,
     pub default_caps: Vec<Cap>,
@@ -344,9 +365,9 @@ impl BudgetPolicy {
         !self.default_caps.is_empty() || !self.user_caps.is_empty() || !self.teams.is_empty()
     }
 
-    pub fn offset(&self) -> FixedOffset {
-        self.offset
-            .unwrap_or_else(|| FixedOffset::east_opt(0).expect("UTC"))
+    /// The zone calendar windows are computed in (UTC by default).
+    pub fn offset(&self) -> Zone {
+        self.offset.unwrap_or_else(Zone::utc)
     }
 
     /// Every (subject, cap) that applies to `user`: their own caps (or the default ones) and
@@ -405,9 +426,17 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
         }
         Ok(v)
     };
-    let offset = match &raw.utc_offset {
-        None => None,
-        Some(s) => Some(parse_offset(s).map_err(|e| format!("budgets.utc_offset: {e}"))?),
+    let offset = match (&raw.utc_offset, &raw.time_zone) {
+        (Some(_), Some(_)) => {
+            return Err("budgets.time_zone: give time_zone or utc_offset, not both".into())
+        }
+        (Some(s), None) => Some(Zone::Fixed(
+            parse_offset(s).map_err(|e| format!("budgets.utc_offset: {e}"))?,
+        )),
+        (None, Some(z)) => Some(Zone::Named(z.parse::<chrono_tz::Tz>().map_err(|_| {
+            format!("budgets.time_zone: {z:?} is not an IANA time zone like \"Europe/Berlin\"")
+        })?)),
+        (None, None) => None,
     };
     let default_caps = match &raw.default {
         Some(m) => caps("budgets.default", m)?,
@@ -491,12 +520,35 @@ fn parse_offset(s: &str) -> Result<FixedOffset, String> {
 mod tests {
     use super::*;
 
-    fn utc() -> FixedOffset {
-        FixedOffset::east_opt(0).unwrap()
+    fn utc() -> Zone {
+        Zone::utc()
     }
 
     fn ts(s: &str) -> i64 {
-        DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+        chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+    }
+
+    #[test]
+    fn named_zones_follow_daylight_saving_time() {
+        let berlin = Zone::Named("Europe/Berlin".parse().unwrap());
+        // Winter: midnight is 23:00 UTC; summer: 22:00 UTC.
+        assert_eq!(
+            Window::Daily.bounds(ts("2026-01-15T12:00:00Z"), berlin).0,
+            ts("2026-01-14T23:00:00Z")
+        );
+        assert_eq!(
+            Window::Daily.bounds(ts("2026-07-15T12:00:00Z"), berlin).0,
+            ts("2026-07-14T22:00:00Z")
+        );
+        // The day of the spring change is 23 hours long.
+        let (a, b) = Window::Daily.bounds(ts("2026-03-29T12:00:00Z"), berlin);
+        assert_eq!(b - a, 23 * 3600);
+        // Hours follow the local clock (a 30-minute offset zone too).
+        let india = Zone::Named("Asia/Kolkata".parse().unwrap());
+        assert_eq!(
+            Window::Hourly.bounds(ts("2026-01-15T12:40:00Z"), india),
+            (ts("2026-01-15T12:30:00Z"), ts("2026-01-15T13:30:00Z"))
+        );
     }
 
     #[test]
@@ -529,7 +581,7 @@ mod tests {
 
     #[test]
     fn windows_follow_the_configured_offset() {
-        let plus2 = parse_offset("+02:00").unwrap();
+        let plus2 = Zone::Fixed(parse_offset("+02:00").unwrap());
         // 23:30 UTC is already the next day at +02:00.
         let now = ts("2026-11-25T23:30:00Z");
         assert_eq!(
