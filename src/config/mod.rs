@@ -152,7 +152,60 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, file: &Path, dir: &Path) -> Result<Config, ConfigError> {
     let raw: schema::RawConfig =
         toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(&e, text)))?;
-    compile(raw, text, file, dir)
+    compile(raw, text, file, dir).map_err(|mut e| {
+        // Name the line of the key a value error is about.
+        if e.file == file && !e.message.starts_with("line ") {
+            if let Some(n) = e.message.split(": ").next().and_then(|k| line_of(text, k)) {
+                e.message = format!("line {n}, {}", e.message);
+            }
+        }
+        e
+    })
+}
+
+/// The line (1-based) where a dotted key like `upstream.url` or `budgets.users."a".daily` is
+/// set: its `key =` line inside its table, or the table's header, or failing that its closest
+/// enclosing key.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    // Segments of a dotted key, split outside quotes, quotes and spaces around them removed.
+    fn segments(k: &str) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut quoted = false;
+        for c in k.chars() {
+            match c {
+                '"' => quoted = !quoted,
+                '.' if !quoted => out.push(String::new()),
+                c => out.last_mut().expect("one segment").push(c),
+            }
+        }
+        out.into_iter().map(|s| s.trim().to_string()).collect()
+    }
+    let mut parts = segments(key);
+    if parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    while !parts.is_empty() {
+        let table = &parts[..parts.len() - 1];
+        let leaf = &parts[parts.len() - 1];
+        let mut current: Vec<String> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                current = segments(t.trim_matches(|c| c == '[' || c == ']'));
+                if current == parts {
+                    return Some(i + 1);
+                }
+            } else if current == table {
+                if let Some((k, _)) = t.split_once('=') {
+                    if segments(k) == [leaf.clone()] {
+                        return Some(i + 1);
+                    }
+                }
+            }
+        }
+        parts.pop();
+    }
+    None
 }
 
 /// Formats a TOML error as "line L, column C: message" plus the offending line, so the operator
@@ -459,6 +512,20 @@ url = "http://127.0.0.1:9000"
         let s = e.to_string();
         assert!(s.starts_with("t.toml: line 3"), "{s}");
         assert!(s.contains("conect_timeout_ms"), "{s}");
+    }
+
+    #[test]
+    fn value_errors_name_the_line_too() {
+        let e = parse_str("[server]\nthreads = 2\n\n[upstream]\nurl = \"ftp://a\"\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("t.toml: line 5, upstream.url: "),
+            "{e}"
+        );
+        let e = parse_str(
+            "[upstream]\nurl = \"http://a\"\n[budgets.users.\"al ice\"]\ndaily = { usd = \"x\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 4, budgets.users"), "{e}");
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct UsageRecord {
     pub ttfb: Option<Duration>,
     /// Time to the first content token (streams: first non-empty delta).
     pub ttft: Option<Duration>,
+    /// From the first content token to the end of the response.
+    pub generation: Option<Duration>,
     pub duration: Duration,
     /// A short description of what went wrong, for the log; never user content.
     pub error: Option<String>,

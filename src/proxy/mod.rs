@@ -152,7 +152,11 @@ pub struct Ctx {
     /// The upstream's status (the last non-1xx head).
     upstream_status: Option<u16>,
     ttfb: Option<Duration>,
+    /// Time from when the upstream had the whole request to the first content token.
     ttft: Option<Duration>,
+    /// When the request's body went to the upstream (chat calls hold it until then).
+    sent_at: Option<Instant>,
+    first_token_at: Option<Instant>,
     tap: Option<ResponseTap>,
     response_bytes: u64,
     /// tokentap refused the call itself (the upstream did not process it).
@@ -278,6 +282,7 @@ impl TokenTap {
             // (The budget decision follows, in `request_body_filter`, before this body goes.)
             ctx.decide = true;
             ctx.body_released = true;
+            ctx.sent_at = Some(Instant::now());
             *body = if whole.is_empty() { None } else { Some(whole) };
         }
         Ok(())
@@ -346,6 +351,8 @@ impl ProxyHttp for TokenTap {
             upstream_status: None,
             ttfb: None,
             ttft: None,
+            sent_at: None,
+            first_token_at: None,
             tap: None,
             response_bytes: 0,
             rejection: None,
@@ -453,7 +460,9 @@ impl ProxyHttp for TokenTap {
             ctx.response_bytes += b.len() as u64;
             if let Some(tap) = ctx.tap.as_mut() {
                 if tap.feed(b) {
-                    ctx.ttft = Some(ctx.start.elapsed());
+                    let now = Instant::now();
+                    ctx.first_token_at = Some(now);
+                    ctx.ttft = Some(now - ctx.sent_at.unwrap_or(ctx.start));
                 }
             }
         }

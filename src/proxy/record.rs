@@ -61,6 +61,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         content_chunks: observed.content_chunks,
         ttfb: ctx.ttfb,
         ttft: ctx.ttft,
+        generation: ctx.first_token_at.map(|t| t.elapsed()),
         duration: ctx.start.elapsed(),
         error,
         budget: ctx.reservation.take(),

@@ -382,10 +382,11 @@ impl CallMetrics {
         if r.stream && r.outcome == Outcome::Complete {
             if let Some(ttft) = r.ttft {
                 by_model.ttft.observe(ttft.as_secs_f64());
-                if u.completion > 1 {
-                    let rest = r.duration.saturating_sub(ttft).as_secs_f64();
-                    by_model.tpot.observe(rest / (u.completion - 1) as f64);
-                }
+            }
+            if let (Some(generation), true) = (r.generation, u.completion > 1) {
+                by_model
+                    .tpot
+                    .observe(generation.as_secs_f64() / (u.completion - 1) as f64);
             }
         }
     }
@@ -743,6 +744,7 @@ mod tests {
             content_chunks: 0,
             ttfb: None,
             ttft: None,
+            generation: None,
             duration: std::time::Duration::from_millis(5),
             error: None,
             budget: None,
