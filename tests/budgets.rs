@@ -20,20 +20,6 @@ const OUT: u64 = 25_000_000;
 const CACHED: u64 = 500_000;
 const SEARCH: u64 = 5_000_000_000;
 
-fn pico_of(r: &Value) -> u64 {
-    let s = r["cost_usd"].to_string();
-    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
-    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
-}
-
-fn usd(pico: u64) -> String {
-    format!(
-        "{}.{:012}",
-        pico / 1_000_000_000_000,
-        pico % 1_000_000_000_000
-    )
-}
-
 fn ledger_db(tap: &Tap) -> rusqlite::Connection {
     rusqlite::Connection::open(tap.dir.path().join("tokentap-ledger.db")).unwrap()
 }
@@ -326,12 +312,6 @@ fn admin(tap: &Tap, method: &str, path: &str, token: Option<&str>) -> Resp {
     request(tap.admin, method, path, &headers, b"")
 }
 
-fn usd_field(v: &Value) -> u64 {
-    let s = v.to_string();
-    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
-    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
-}
-
 #[test]
 fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
     let mock = Mock::start();
@@ -376,9 +356,9 @@ fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
         .iter()
         .find(|w| w["window"] == "daily")
         .unwrap();
-    assert_eq!(usd_field(&daily["spent_usd"]), spent);
+    assert_eq!(pico_of_usd(&daily["spent_usd"]), spent);
     assert_eq!(
-        usd_field(&daily["remaining_usd"]),
+        pico_of_usd(&daily["remaining_usd"]),
         1_000_000_000_000 - spent
     );
     assert!(daily["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"));
@@ -391,7 +371,7 @@ fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
     assert_eq!(monthly["spent_tokens"], 3 * (PROMPT_TOKENS + 5));
 
     let team = admin(&tap, "GET", "/admin/budgets/teams/lab", Some(token)).json();
-    assert_eq!(usd_field(&team["windows"][0]["spent_usd"]), spent);
+    assert_eq!(pico_of_usd(&team["windows"][0]["spent_usd"]), spent);
     assert_eq!(
         admin(&tap, "GET", "/admin/budgets/teams/nope", Some(token)).status,
         404
@@ -420,7 +400,7 @@ fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
         .find(|w| w["window"] == "daily")
         .cloned()
         .unwrap();
-    assert_eq!(usd_field(&daily["spent_usd"]), 0);
+    assert_eq!(pico_of_usd(&daily["spent_usd"]), 0);
     // The monthly window is untouched.
     let v = admin(&tap, "GET", "/admin/budgets/users/alice", Some(token)).json();
     let monthly = v["windows"]
@@ -429,7 +409,7 @@ fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
         .iter()
         .find(|w| w["window"] == "monthly")
         .unwrap();
-    assert_eq!(usd_field(&monthly["spent_usd"]), spent);
+    assert_eq!(pico_of_usd(&monthly["spent_usd"]), spent);
 }
 
 #[test]

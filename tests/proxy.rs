@@ -40,14 +40,6 @@ fn open_chat(tap: &Tap, body: &[u8], headers: &[(&str, &str)]) -> TcpStream {
     s
 }
 
-fn pico(record: &Value) -> u64 {
-    // cost_usd is an exact decimal; turn it back into integer pico-USD.
-    let s = record["cost_usd"].to_string();
-    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
-    let f = format!("{f:0<12}");
-    i.parse::<u64>().unwrap() * 1_000_000_000_000 + f.parse::<u64>().unwrap()
-}
-
 fn cost_of(prompt: u64, cached: u64, completion: u64, searches: u64) -> u64 {
     // Prices of TEST_PRICING in pico-USD per token / per search.
     (prompt - cached) * 5_000_000
@@ -97,7 +89,7 @@ fn non_streaming_call_is_byte_exact_and_metered() {
     assert_eq!(r["response_id"], resp.json()["id"]);
     let p = u["prompt_tokens"].as_u64().unwrap();
     let c = u["completion_tokens"].as_u64().unwrap();
-    assert_eq!(pico(r), cost_of(p, 3, c, 0));
+    assert_eq!(pico_of(r), cost_of(p, 3, c, 0));
     // No secret in the log.
     let log = std::fs::read_to_string(&tap.log).unwrap();
     assert!(!log.contains("sk-test-secret"));
@@ -239,7 +231,7 @@ fn crlf_stream_with_search_done_events_counts_searches() {
         r["prompt_tokens"].as_u64().unwrap(),
         r["completion_tokens"].as_u64().unwrap(),
     );
-    assert_eq!(pico(r), cost_of(p, 0, c, 2));
+    assert_eq!(pico_of(r), cost_of(p, 0, c, 2));
 }
 
 #[test]
@@ -261,7 +253,7 @@ fn client_disconnect_mid_stream_is_estimated_and_not_zero() {
     assert_eq!(r["usage_source"], "estimated");
     assert!(r["completion_tokens"].as_u64().unwrap() > 0, "{r}");
     assert!(r["prompt_tokens"].as_u64().unwrap() > 0, "{r}");
-    assert!(pico(r) > 0);
+    assert!(pico_of(r) > 0);
     // The upstream stopped generating, and its bill is what the record estimated: each mock
     // token is 4 bytes of content, and the prompt is counted the same way.
     let m = &mock.wait_requests(1)[0];
@@ -329,7 +321,7 @@ fn upstream_errors_pass_through_unchanged() {
         assert_eq!(r["status"], *status);
         assert_eq!(r["outcome"], "upstream_error");
         assert_eq!(r["usage_source"], "none");
-        assert_eq!(pico(r), 0);
+        assert_eq!(pico_of(r), 0);
         assert!(r["error"].as_str().unwrap().contains("error"));
     }
 }

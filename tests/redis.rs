@@ -10,7 +10,6 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 const MODEL: &str = "anthropic/claude-opus-4.6";
 const PROMPT_TOKENS: u64 = 14;
@@ -66,20 +65,6 @@ impl Redis {
     fn restart(&mut self) {
         self.proc = Some(Self::start_on(self.port));
     }
-}
-
-fn pico_of(r: &Value) -> u64 {
-    let s = r["cost_usd"].to_string();
-    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
-    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
-}
-
-fn usd(pico: u64) -> String {
-    format!(
-        "{}.{:012}",
-        pico / 1_000_000_000_000,
-        pico % 1_000_000_000_000
-    )
 }
 
 fn config(redis: &Redis, on_error: &str, caps: &str) -> String {

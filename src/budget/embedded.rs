@@ -175,10 +175,7 @@ impl Embedded {
             let after = c.spent;
             st.dirty.insert((h.key.clone(), h.window));
             // A soft threshold only signals.
-            let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
-            if crossed(h.soft_usd, before.pico, after.pico)
-                || crossed(h.soft_tokens, before.tokens, after.tokens)
-            {
+            if h.passes_soft(before, after) {
                 crossed_holds.push(h.clone());
             }
         }

@@ -61,6 +61,15 @@ pub struct Hold {
     pub start: i64,
 }
 
+impl Hold {
+    /// Whether going from `before` to `after` passes one of this hold's soft thresholds.
+    pub fn passes_soft(&self, before: Amount, after: Amount) -> bool {
+        let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
+        crossed(self.soft_usd, before.pico, after.pico)
+            || crossed(self.soft_tokens, before.tokens, after.tokens)
+    }
+}
+
 /// A cap the call would pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {

@@ -99,26 +99,8 @@ pub struct RawCap {
     pub soft_tokens: Option<u64>,
 }
 
-/// A USD amount: a TOML number or a decimal string.
-#[derive(Debug, Clone)]
-pub struct UsdValue(String);
-
-impl<'de> Deserialize<'de> for UsdValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum N {
-            I(i64),
-            F(f64),
-            S(String),
-        }
-        Ok(UsdValue(match N::deserialize(d)? {
-            N::I(i) => i.to_string(),
-            N::F(f) => format!("{f}"),
-            N::S(s) => s,
-        }))
-    }
-}
+/// A USD amount: a TOML number or a decimal string (the price table's type).
+pub use crate::meter::pricing::Usd as UsdValue;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -248,11 +248,7 @@ impl Ledger for RedisLedger {
                 // Soft thresholds are judged on this replica's view of the spend.
                 let before = e.1;
                 e.1.add(actual);
-                let crossed =
-                    |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
-                if crossed(h.soft_usd, before.pico, e.1.pico)
-                    || crossed(h.soft_tokens, before.tokens, e.1.tokens)
-                {
+                if h.passes_soft(before, e.1) {
                     crossed_holds.push(h.clone());
                 }
             }

@@ -64,7 +64,7 @@ pub struct RawModelPrice {
 
 /// A USD amount as written in the config: a TOML number or a decimal string.
 #[derive(Debug, Default, Clone)]
-struct Usd(String);
+pub struct Usd(pub String);
 
 impl<'de> Deserialize<'de> for Usd {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -17,6 +17,30 @@ use sha2::{Digest, Sha256};
 /// written). Waiting is bounded; nothing asserts on how long it took.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// An exact decimal USD value (a record's `cost_usd`, an API's `spent_usd`) in pico-USD.
+pub fn pico_of_usd(v: &Value) -> u64 {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let (i, f) = s.split_once('.').unwrap_or((&s, ""));
+    i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
+}
+
+/// A record's cost in pico-USD.
+pub fn pico_of(record: &Value) -> u64 {
+    pico_of_usd(&record["cost_usd"])
+}
+
+/// Pico-USD as an exact decimal string for a config.
+pub fn usd(pico: u64) -> String {
+    format!(
+        "{}.{:012}",
+        pico / 1_000_000_000_000,
+        pico % 1_000_000_000_000
+    )
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     Sha256::digest(b)
         .iter()
