@@ -303,6 +303,24 @@ fn a_request_without_a_user_is_refused_when_budgets_apply() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "user");
     assert_eq!(r.json()["error"]["code"], "user_required");
+    // An empty user names nobody; a body tokentap cannot read cannot be capped.
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat_body(MODEL, "", false, ""),
+    );
+    assert_eq!(r.json()["error"]["code"], "user_required");
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        b"{\"user\":\"x\",\"messages\":[\"\\ud800\"]}",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_body");
     assert_eq!(mock.received(), 0);
 }
 

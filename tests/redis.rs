@@ -188,3 +188,44 @@ fn redis_going_away_follows_on_error_and_enforcement_resumes_when_it_is_back() {
         );
     }
 }
+
+#[test]
+fn settles_release_token_reservations_even_at_zero_cost() {
+    // Nothing is priced: every worst case is 0 USD, and each settle must still release the
+    // tokens it reserved (a negated zero once made the settle script fail, so reservations
+    // piled up until the cap was reached by calls long finished).
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let cfg = format!(
+        "[budgets.ledger]\nbackend = \"redis\"\nredis_url = \"{}\"\n[budgets.users.t]\ntotal = {{ tokens = 1000 }}\n",
+        redis.url()
+    );
+    let tap = Tap::start(&mock.url(), &cfg);
+    // Worst case 14 + 20 tokens, really 14 + 5: forty calls fit only if reservations go.
+    for i in 0..40 {
+        let body = chat_body(MODEL, "t", false, r#","max_tokens":20"#);
+        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        assert_eq!(
+            r.status, 200,
+            "call {i} refused: reservations are not released"
+        );
+        // Let the settle (its own task) land before the next reservation.
+        let start = Instant::now();
+        while tap.records().len() < i + 1 {
+            assert!(start.elapsed() < PATIENCE);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(tap.metric("tokentap_ledger_errors_total"), 0.0);
+    let start = Instant::now();
+    loop {
+        let v = request(tap.admin, "GET", "/admin/budgets/users/t", &[], b"").json();
+        let w = &v["windows"][0];
+        if w["spent_tokens"] == 40 * (PROMPT_TOKENS + 5) {
+            assert_eq!(pico_of_usd(&w["reserved_usd"]), 0);
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "spend never settled: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -154,6 +154,7 @@ impl Embedded {
             });
         }
         Ok(Reservation {
+            id: super::reservation_id(),
             user: user.to_string(),
             teams: policy.teams_of(user).to_vec(),
             holds,

@@ -42,6 +42,8 @@ impl Amount {
 /// What a call holds against its caps until it settles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
+    /// Unique per reservation (process, time, counter): settles are applied once per id.
+    pub id: String,
     pub user: String,
     pub teams: Vec<String>,
     pub holds: Vec<Hold>,
@@ -68,6 +70,21 @@ impl Hold {
         crossed(self.soft_usd, before.pico, after.pico)
             || crossed(self.soft_tokens, before.tokens, after.tokens)
     }
+}
+
+/// A reservation id unique across processes and restarts.
+pub fn reservation_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        t,
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// A cap the call would pass.
@@ -151,22 +168,31 @@ pub fn now_unix() -> i64 {
 /// model's, or the default), and the searches it may run.
 pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
     let policy = &cfg.budgets;
-    let price = cfg.pricing.lookup(None, meta.model.as_deref());
-    let prompt = estimate_tokens(meta.prompt_text_bytes);
-    let output = meta
+    // A model the table cannot price is assumed to cost as much as the dearest one: the
+    // upstream may bill it under a priced name, and a USD cap must still hold.
+    let price = cfg
+        .pricing
+        .lookup(None, meta.model.as_deref())
+        .or_else(|| cfg.pricing.dearest());
+    let prompt = estimate_tokens(meta.prompt_text_bytes + meta.other_text_bytes);
+    let per_choice = meta
         .output_cap()
         .or_else(|| price.and_then(|p| p.max_output_tokens))
         .unwrap_or(policy.default_max_output_tokens);
+    let output = per_choice.saturating_mul(meta.n.unwrap_or(1).max(1));
     let searches = if meta.web_search_requested() {
-        policy.default_max_searches
+        meta.tool_max_searches
+            .unwrap_or(policy.default_max_searches)
     } else {
         0
     };
+    // Priced at the dearer of output and reasoning, whichever the output turns out to be.
+    let reasoning_dearer = price.is_some_and(|p| p.reasoning.is_some_and(|r| r > p.output));
     let usage = Usage {
         prompt,
         completion: output,
         cached: 0,
-        reasoning: 0,
+        reasoning: if reasoning_dearer { output } else { 0 },
         web_searches: searches,
     };
     Amount {
@@ -181,8 +207,25 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
     if !policy.enforcing() {
         return Decision::Allow(None);
     }
+    // A chat body tokentap cannot read cannot be capped: refuse it rather than let it through.
+    let Some(meta) = meta else {
+        return Decision::Refuse(
+            ApiError::new(
+                400,
+                "invalid_request_error",
+                "This proxy enforces budgets and could not read the request body: send a JSON \
+                 object (UTF-8, not compressed with an unsupported encoding).",
+            )
+            .code("invalid_body"),
+            None,
+        );
+    };
+    // An empty user names nobody.
     let user =
-        match (meta.and_then(|m| m.user.as_deref()), policy.missing_user) {
+        match (
+            meta.user.as_deref().filter(|u| !u.is_empty()),
+            policy.missing_user,
+        ) {
             (Some(u), _) => u.to_string(),
             (None, MissingUser::Allow) => return Decision::Allow(None),
             (None, MissingUser::DefaultUser) => policy.default_user.clone(),
@@ -198,9 +241,6 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 None,
             ),
         };
-    let Some(meta) = meta else {
-        return Decision::Allow(None);
-    };
     let now = now_unix();
     match ledger
         .reserve(policy, &user, worst_case(meta, cfg), now)

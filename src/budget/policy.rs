@@ -159,7 +159,11 @@ impl Window {
             "monthly" => Window::Monthly,
             "total" => Window::Total,
             other => {
-                let (num, unit) = other.split_at(other.len().saturating_sub(1));
+                // Split off the last character (not byte: the input may be any text).
+                let Some(unit_char) = other.chars().last() else {
+                    return Err(window_error(other));
+                };
+                let (num, unit) = other.split_at(other.len() - unit_char.len_utf8());
                 let n: u64 = num.parse().map_err(|_| window_error(other))?;
                 let secs = match unit {
                     "s" => n,
@@ -404,6 +408,11 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
                     "{key}.{w}: give usd, tokens, soft_usd or soft_tokens"
                 ));
             }
+            // Two caps on one counter would each ignore the other's reservations.
+            // ("60m" and "1h" are the same window.)
+            if v.iter().any(|o: &Cap| o.window == cap.window) {
+                return Err(format!("{key}.{w}: this window is given twice"));
+            }
             v.push(cap);
         }
         Ok(v)
@@ -436,8 +445,12 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             return Err(format!("{key}.members: a team needs at least one member"));
         }
         teams.insert(t.clone(), caps(&format!("{key}.caps"), &team.caps)?);
+        let mut seen = std::collections::HashSet::new();
         for m in &team.members {
-            membership.entry(m.clone()).or_default().push(t.clone());
+            // A member listed twice would be charged twice against the team's caps.
+            if seen.insert(m) {
+                membership.entry(m.clone()).or_default().push(t.clone());
+            }
         }
     }
     let backend = raw.ledger.backend.as_str();
@@ -575,10 +588,33 @@ mod tests {
     }
 
     #[test]
+    fn one_counter_gets_one_cap() {
+        let raw: RawBudgets =
+            toml::from_str("[users.a]\n\"60m\" = { usd = 1 }\n\"1h\" = { usd = 2 }\n").unwrap();
+        assert!(compile(&raw, std::path::Path::new("."))
+            .unwrap_err()
+            .contains("given twice"));
+        let raw: RawBudgets =
+            toml::from_str("[teams.t]\nmembers = [\"a\", \"a\"]\ncaps = { daily = { usd = 1 } }\n")
+                .unwrap();
+        let p = compile(&raw, std::path::Path::new(".")).unwrap();
+        assert_eq!(
+            p.caps_for("a").len(),
+            1,
+            "a member listed twice is charged once"
+        );
+    }
+
+    #[test]
     fn window_names_parse() {
         assert_eq!(Window::parse("15m"), Ok(Window::Every(900)));
         assert_eq!(Window::parse("2s").unwrap().name(), "2s");
         assert!(Window::parse("fortnightly").is_err());
         assert!(Window::parse("0s").is_err());
+        assert!(
+            Window::parse("5é").is_err(),
+            "no panic on a multi-byte last character"
+        );
+        assert!(Window::parse("").is_err());
     }
 }

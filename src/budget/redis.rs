@@ -55,15 +55,17 @@ return {0, 0}
 "#;
 
 const SETTLE: &str = r#"
--- KEYS: per hold, the key it reserved on and the key of the window now. ARGV: worst pico,
--- worst tokens, real pico, real tokens, then per hold the new key's expire-at (0: never).
-for i = 1, #KEYS, 2 do
-  redis.call('HINCRBY', KEYS[i], 'rp', -tonumber(ARGV[1]))
-  redis.call('HINCRBY', KEYS[i], 'rt', -tonumber(ARGV[2]))
-  redis.call('HINCRBY', KEYS[i + 1], 'sp', ARGV[3])
-  redis.call('HINCRBY', KEYS[i + 1], 'st', ARGV[4])
-  local exp = tonumber(ARGV[4 + (i + 1) / 2])
-  if exp > 0 then redis.call('EXPIREAT', KEYS[i + 1], exp) end
+-- KEYS: a marker for this reservation, then the key of each hold (the window it reserved in,
+-- so a call across a window's end stays visible to the window that admitted it). ARGV:
+-- minus the worst pico and tokens, the real pico and tokens, as integer strings made in
+-- Rust. Runs at most once per reservation (a retried settle whose first reply was lost
+-- must not release or charge twice).
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 1 end
+for i = 2, #KEYS do
+  if ARGV[1] ~= '0' then redis.call('HINCRBY', KEYS[i], 'rp', ARGV[1]) end
+  if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[i], 'rt', ARGV[2]) end
+  if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[i], 'sp', ARGV[3]) end
+  if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[i], 'st', ARGV[4]) end
 end
 return 0
 "#;
@@ -167,15 +169,17 @@ impl Ledger for RedisLedger {
         let caps = policy.caps_for(user);
         let offset = policy.offset();
         let mut inv = self.reserve.prepare_invoke();
-        inv.arg(worst.pico).arg(worst.tokens);
+        inv.arg(worst.pico.min(i64::MAX as u64))
+            .arg(worst.tokens.min(i64::MAX as u64));
         let mut holds = Vec::with_capacity(caps.len());
         let mut ends = Vec::with_capacity(caps.len());
         for (subject, cap) in &caps {
             let (start, end) = cap.window.bounds(now, offset);
             let key = subject.key();
             inv.key(self.key(&key, cap.window, start));
-            inv.arg(cap.usd.map_or(-1, |p| p.0 as i64))
-                .arg(cap.tokens.map_or(-1, |t| t as i64))
+            let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+            inv.arg(cap.usd.map_or(-1, |p| clamp(p.0)))
+                .arg(cap.tokens.map_or(-1, clamp))
                 .arg(Self::expire_at(end));
             holds.push(Hold {
                 key,
@@ -188,6 +192,7 @@ impl Ledger for RedisLedger {
         }
         if caps.is_empty() {
             return Ok(Ok(Reservation {
+                id: super::reservation_id(),
                 user: user.to_string(),
                 teams: policy.teams_of(user).to_vec(),
                 holds,
@@ -212,6 +217,7 @@ impl Ledger for RedisLedger {
             }));
         }
         Ok(Ok(Reservation {
+            id: super::reservation_id(),
             user: user.to_string(),
             teams: policy.teams_of(user).to_vec(),
             holds,
@@ -225,20 +231,29 @@ impl Ledger for RedisLedger {
         if r.holds.is_empty() {
             return crossed_holds;
         }
-        let mut keys = Vec::with_capacity(2 * r.holds.len());
-        let mut args: Vec<i64> = vec![
-            r.worst.pico as i64,
-            r.worst.tokens as i64,
-            actual.pico as i64,
-            actual.tokens as i64,
+        // Integer strings (a Lua-negated "0" would be "-0", which HINCRBY refuses), clamped
+        // to Redis' int64.
+        let int = |v: u64| v.min(i64::MAX as u64).to_string();
+        let neg = |v: u64| {
+            if v == 0 {
+                "0".to_string()
+            } else {
+                format!("-{}", int(v))
+            }
+        };
+        let mut keys = Vec::with_capacity(1 + r.holds.len());
+        keys.push(format!("{}:settled:{}", self.prefix, r.id));
+        let args: Vec<String> = vec![
+            neg(r.worst.pico),
+            neg(r.worst.tokens),
+            int(actual.pico),
+            int(actual.tokens),
         ];
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             for h in &r.holds {
-                let (start, end) = h.window.bounds(now, r.offset);
+                let (start, _) = h.window.bounds(now, r.offset);
                 keys.push(self.key(&h.key, h.window, h.start));
-                keys.push(self.key(&h.key, h.window, start));
-                args.push(Self::expire_at(end));
                 let e = seen
                     .entry((h.key.clone(), h.window))
                     .or_insert((start, Amount::default()));
@@ -267,7 +282,7 @@ impl Ledger for RedisLedger {
                 inv.key(k);
             }
             for a in &args {
-                inv.arg(*a);
+                inv.arg(a);
             }
             let mut last = None;
             for _ in 0..3 {

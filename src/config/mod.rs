@@ -431,6 +431,9 @@ impl Config {
         if self.budgets.ledger != running.budgets.ledger {
             v.push("budgets.ledger");
         }
+        if self.budgets.offset != running.budgets.offset {
+            v.push("budgets.time_zone");
+        }
         v
     }
 }

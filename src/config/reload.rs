@@ -85,9 +85,13 @@ impl Reloader {
         let running = self.shared.config.load_full();
         let m = &self.shared.metrics;
         match super::load(&self.path) {
-            Ok(new) => {
+            Ok(mut new) => {
                 *last_error = None;
                 let restart_required = new.needs_restart_against(&self.started);
+                // Calendar windows keep the zone the ledger started with (reported above as
+                // needing a restart): moving every window start at once would zero the spend
+                // of the current windows.
+                new.budgets.offset = self.started.budgets.offset;
                 if trigger == Trigger::File && new.hash == running.hash {
                     return Ok(Applied {
                         previous: running.hash.clone(),

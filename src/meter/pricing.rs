@@ -147,6 +147,15 @@ impl PriceTable {
         self.models.len()
     }
 
+    /// The most expensive price in the table (by output, then input): what a budget assumes
+    /// for a model it cannot price.
+    pub fn dearest(&self) -> Option<&ModelPrice> {
+        self.models
+            .values()
+            .chain(self.default.as_ref())
+            .max_by_key(|p| (p.output.0.max(p.reasoning.map_or(0, |r| r.0)), p.input.0))
+    }
+
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
     }

@@ -28,6 +28,13 @@ pub struct RequestMeta {
     pub messages: u64,
     /// Bytes of text in `messages` (every string in them), the basis of the prompt estimate.
     pub prompt_text_bytes: u64,
+    /// Bytes of other text the model reads as input (tool schemas, `response_format`): part
+    /// of a budget's worst case.
+    pub other_text_bytes: u64,
+    /// `n`: how many choices to generate.
+    pub n: Option<u64>,
+    /// The web search tool's own limit (`max_searches` / `max_queries`), when given.
+    pub tool_max_searches: Option<u64>,
     /// Fields present with a type tokentap did not expect, e.g. `user (number)`.
     pub type_errors: Vec<String>,
 }
@@ -130,6 +137,8 @@ impl<'de> Visitor<'de> for MetaVisitor {
                     }
                 }
                 "max_tokens" => m.max_tokens = uint(&key, map.next_value()?, &mut m.type_errors),
+                "n" => m.n = uint(&key, map.next_value()?, &mut m.type_errors),
+                "response_format" => m.other_text_bytes += map.next_value_seed(TextBytes)?,
                 "max_completion_tokens" => {
                     m.max_completion_tokens = uint(&key, map.next_value()?, &mut m.type_errors)
                 }
@@ -143,7 +152,19 @@ impl<'de> Visitor<'de> for MetaVisitor {
                 }
                 "tools" => {
                     m.tools = match map.next_value::<Value>()? {
-                        Value::Array(a) => a.iter().filter_map(tool_name).collect(),
+                        Value::Array(a) => {
+                            m.other_text_bytes += a.iter().map(value_text_bytes).sum::<u64>();
+                            m.tool_max_searches = a
+                                .iter()
+                                .filter_map(|t| {
+                                    let p = t.get("parameters")?;
+                                    p.get("max_searches")
+                                        .or_else(|| p.get("max_queries"))?
+                                        .as_u64()
+                                })
+                                .max();
+                            a.iter().filter_map(tool_name).collect()
+                        }
                         Value::Null => Vec::new(),
                         v => {
                             m.type_errors.push(type_error(&key, &v));
@@ -157,6 +178,15 @@ impl<'de> Visitor<'de> for MetaVisitor {
             }
         }
         Ok(m)
+    }
+}
+
+fn value_text_bytes(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.len() as u64,
+        Value::Array(a) => a.iter().map(value_text_bytes).sum(),
+        Value::Object(o) => o.values().map(value_text_bytes).sum(),
+        _ => 0,
     }
 }
 
