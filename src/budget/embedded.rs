@@ -153,14 +153,7 @@ impl Embedded {
                 start,
             });
         }
-        Ok(Reservation {
-            id: super::reservation_id(),
-            user: user.to_string(),
-            teams: policy.teams_of(user).to_vec(),
-            holds,
-            worst,
-            offset,
-        })
+        Ok(Reservation::new(policy, user, holds, worst))
     }
 
     fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {

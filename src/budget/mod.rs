@@ -72,6 +72,20 @@ impl Hold {
     }
 }
 
+impl Reservation {
+    /// A new reservation of `worst` for `user`, holding `holds`.
+    pub fn new(policy: &BudgetPolicy, user: &str, holds: Vec<Hold>, worst: Amount) -> Self {
+        Reservation {
+            id: reservation_id(),
+            user: user.to_string(),
+            teams: policy.teams_of(user).to_vec(),
+            holds,
+            worst,
+            offset: policy.offset(),
+        }
+    }
+}
+
 /// A reservation id unique across processes and restarts.
 pub fn reservation_id() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -191,14 +191,7 @@ impl Ledger for RedisLedger {
             ends.push(end);
         }
         if caps.is_empty() {
-            return Ok(Ok(Reservation {
-                id: super::reservation_id(),
-                user: user.to_string(),
-                teams: policy.teams_of(user).to_vec(),
-                holds,
-                worst,
-                offset,
-            }));
+            return Ok(Ok(Reservation::new(policy, user, holds, worst)));
         }
         let mut con = self.con.clone();
         let (i, kind): (usize, u8) =
@@ -216,14 +209,7 @@ impl Ledger for RedisLedger {
                 tokens: kind == 1,
             }));
         }
-        Ok(Ok(Reservation {
-            id: super::reservation_id(),
-            user: user.to_string(),
-            teams: policy.teams_of(user).to_vec(),
-            holds,
-            worst,
-            offset,
-        }))
+        Ok(Ok(Reservation::new(policy, user, holds, worst)))
     }
 
     fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
