@@ -386,6 +386,8 @@ fn ten_thousand_users_under_a_cap_of_100_make_at_most_101_series() {
     for t in threads {
         t.join().unwrap();
     }
+    // A call is recorded just after its answer reached the client: wait for all of them.
+    assert_eq!(tap.wait_records(10_000).len(), 10_000);
     let text = String::from_utf8(request(tap.admin, "GET", "/metrics", &[], b"").body).unwrap();
     for family in [
         "tokentap_requests_total{",

@@ -162,6 +162,8 @@ fn redis_going_away_follows_on_error_and_enforcement_resumes_when_it_is_back() {
     for tap in [&open, &closed] {
         assert!(tap.metric("tokentap_ledger_errors_total") >= 1.0);
     }
+    assert_eq!(open.metric("tokentap_budget_fail_open_total"), 1.0);
+    assert_eq!(closed.metric("tokentap_budget_fail_open_total"), 0.0);
 
     // Back, on the same address: both replicas reconnect by themselves and enforce again.
     redis.restart();

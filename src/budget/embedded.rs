@@ -196,8 +196,12 @@ impl Embedded {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, spend: &[(String, Window, Counter)], rows: &[CallRow]) -> rusqlite::Result<()> {
-        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+    fn write(
+        &self,
+        db: &mut Connection,
+        spend: &[(String, Window, Counter)],
+        rows: &[CallRow],
+    ) -> rusqlite::Result<()> {
         let tx = db.transaction()?;
         {
             let mut up = tx.prepare_cached(
@@ -343,6 +347,10 @@ impl Ledger for Embedded {
     }
 
     fn flush(&self) {
+        // The file's lock is held from the snapshot to the commit: two flushes (the flusher
+        // and the one at shutdown) commit in the order they took their snapshots, so an
+        // older snapshot can never overwrite a newer one.
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let (spend, rows) = {
             let mut st = self.lock();
             if st.dirty.is_empty() && st.rows.is_empty() {
@@ -355,7 +363,7 @@ impl Ledger for Embedded {
                 .collect();
             (spend, std::mem::take(&mut st.rows))
         };
-        if let Err(e) = self.write(&spend, &rows) {
+        if let Err(e) = self.write(&mut db, &spend, &rows) {
             self.errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::error!("ledger: cannot write to its file: {e}; will retry");

@@ -168,6 +168,9 @@ pub trait Ledger: Send + Sync {
 pub enum Decision {
     /// Go ahead, holding this reservation (none when nothing is capped for the caller).
     Allow(Option<Arc<Reservation>>),
+    /// Let through without a reservation because the store is down and `on_error` says
+    /// `fail_open` (counted in `tokentap_budget_fail_open_total`).
+    Unchecked,
     /// Refused: the answer, and for a budget refusal (user, team or "", over a token cap).
     Refuse(ApiError, Option<(String, String, bool)>),
 }
@@ -265,7 +268,7 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 log::warn!(
                     "budget store unavailable ({why}): letting the call through (fail_open)"
                 );
-                Decision::Allow(None)
+                Decision::Unchecked
             } else {
                 Decision::Refuse(
                     ApiError::new(

@@ -416,6 +416,7 @@ impl ProxyHttp for TokenTap {
             let cfg = Arc::clone(&ctx.cfg);
             match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
                 Decision::Allow(res) => ctx.reservation = res,
+                Decision::Unchecked => self.shared.calls.budget_fail_open(),
                 Decision::Refuse(e, budget) => {
                     let calls = &self.shared.calls;
                     match &budget {

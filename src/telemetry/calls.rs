@@ -242,6 +242,8 @@ pub struct CallMetrics {
     overhead: Histogram,
     /// (user label, team, reason) -> budget refusals
     rejections: DashMap<(Arc<str>, String, &'static str), AtomicU64>,
+    /// Calls let through unchecked because the budget store was down (fail_open).
+    fail_open: AtomicU64,
     /// (user label, team, window) -> soft thresholds passed
     soft: DashMap<(Arc<str>, String, String), AtomicU64>,
     /// Calls between their request head and their record (`tokentap_requests_in_flight`).
@@ -252,7 +254,7 @@ pub struct CallMetrics {
 }
 
 /// (name, help, type, label names) of every family this collector exposes.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 15] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 16] = [
     ("gen_ai_client_operation_duration_seconds", "Duration of chat calls as the client saw them, by model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
     ("gen_ai_client_token_usage", "Tokens per chat call (input includes cached tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
     ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
@@ -267,6 +269,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 15] = [
     ("tokentap_requests_in_flight", "Calls in progress.", MetricType::GAUGE, &[]),
     ("tokentap_streams_active", "Streamed responses being relayed.", MetricType::GAUGE, &[]),
     ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required, store_unavailable).", MetricType::COUNTER, &["user", "team", "reason"]),
+    ("tokentap_budget_fail_open_total", "Calls let through without a budget check because the budget store was unreachable (on_error = fail_open).", MetricType::COUNTER, &[]),
     ("tokentap_budget_soft_threshold_crossed_total", "Times settled spend passed a soft threshold, by user (or team, for a team cap) and window.", MetricType::COUNTER, &["user", "team", "window"]),
 ];
 
@@ -291,6 +294,7 @@ impl CallMetrics {
             upstream_errors: Default::default(),
             overhead: histogram(&OVERHEAD_BUCKETS),
             rejections: DashMap::new(),
+            fail_open: AtomicU64::new(0),
             soft: DashMap::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
             streams_active: Arc::new(AtomicI64::new(0)),
@@ -398,6 +402,11 @@ impl CallMetrics {
             .entry((user, team.to_string(), reason))
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call let through unchecked because the budget store was down.
+    pub fn budget_fail_open(&self) {
+        self.fail_open.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a soft threshold passed by a ledger key (`user:…` or `team:…`).
@@ -620,9 +629,13 @@ impl Collector for CallMetrics {
                 r.value().load(Ordering::Relaxed) as f64,
             ));
         }
+        fams[14].mut_metric().push(counter(
+            Vec::new(),
+            self.fail_open.load(Ordering::Relaxed) as f64,
+        ));
         for r in self.soft.iter() {
             let (user, team, window) = r.key();
-            fams[14].mut_metric().push(counter(
+            fams[15].mut_metric().push(counter(
                 vec![
                     label("user", user),
                     label("team", team),
