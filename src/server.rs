@@ -34,10 +34,8 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         "redis" => RedisLedger::open(&config.budgets.ledger)?,
         _ => Embedded::open(&config.budgets.ledger)?,
     };
-    sinks.push(Box::new(LedgerSink(
-        Arc::clone(&ledger),
-        Arc::clone(&calls),
-    )));
+    ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
+    sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
@@ -128,10 +126,16 @@ fn spawn_drain_watch(server: &Server, shared: Arc<Shared>) {
                 }
                 match shared.in_flight.load(Ordering::Acquire) {
                     0 => log::info!("drained in-flight calls; flushing records"),
-                    n => log::warn!(
-                        "{n} calls still in flight after server.drain_timeout_ms ({timeout:?}): \
-                         they are cut and get no record"
-                    ),
+                    n => {
+                        // Their budgets are settled at what they used so far (the estimate),
+                        // so the ledger loses nothing; they get no access-log record.
+                        let settled = shared.open_calls.abandon_all(&*shared.ledger);
+                        log::warn!(
+                            "{n} calls still in flight after server.drain_timeout_ms \
+                             ({timeout:?}) are cut; {settled} budget reservations settled at \
+                             their estimate"
+                        )
+                    }
                 }
                 shared.sinks.shutdown();
                 std::process::exit(0);

@@ -91,7 +91,7 @@ impl Admin {
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
                 let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(10usize).min(1000);
-                json_response(StatusCode::OK, &crate::budget::top(ledger, policy, window, limit, now))
+                json_response(StatusCode::OK, &crate::budget::top(ledger, policy, window, limit, now).await)
             }
             (&Method::POST, ["users", u, "reset"]) => {
                 let Some(w) = param("window") else {

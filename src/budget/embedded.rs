@@ -28,6 +28,9 @@ struct State {
     counters: HashMap<(String, Window), Counter>,
     dirty: HashSet<(String, Window)>,
     rows: Vec<CallRow>,
+    /// The Redis ledger's settles that Redis has not taken yet: added, and taken.
+    outbox_put: Vec<(String, String)>,
+    outbox_done: Vec<String>,
 }
 
 impl State {
@@ -49,6 +52,9 @@ impl State {
 }
 
 pub struct Embedded {
+    /// Held for the ledger's life: one process per file (two would overwrite each other).
+    _lock: std::fs::File,
+    soft: std::sync::OnceLock<super::SoftHook>,
     errors: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     db: Mutex<Connection>,
@@ -59,6 +65,7 @@ pub struct Embedded {
 impl Embedded {
     /// Opens (or creates) the ledger file and loads the spend of the current windows.
     pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
+        let lock = lock_file(&cfg.path)?;
         let db = open_db(&cfg.path)?;
         let mut state = State::default();
         {
@@ -96,6 +103,8 @@ impl Embedded {
             }
         }
         let ledger = Arc::new(Embedded {
+            _lock: lock,
+            soft: std::sync::OnceLock::new(),
             errors: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(state),
             db: Mutex::new(db),
@@ -120,20 +129,28 @@ impl Embedded {
         for (subject, cap) in &caps {
             let (start, end) = cap.window.bounds(now, offset);
             let c = st.counter(&subject.key(), cap.window, start);
-            let mut after = c.spent;
+            let mut settled = c.spent;
+            settled.add(worst);
+            let mut after = settled;
             after.add(c.reserved);
-            after.add(worst);
-            let over_usd = cap.usd.is_some_and(|u| after.pico > u.0);
-            let over_tokens = cap.tokens.is_some_and(|t| after.tokens > t);
+            let over = |a: Amount| {
+                (
+                    cap.usd.is_some_and(|u| a.pico > u.0),
+                    cap.tokens.is_some_and(|t| a.tokens > t),
+                )
+            };
+            let (over_usd, over_tokens) = over(after);
             if over_usd || over_tokens {
-                // The caller can retry when the last of the blocking windows resets.
-                if refused.as_ref().is_none_or(|r| end > r.resets_at) {
-                    refused = Some(Rejection {
-                        subject: subject.clone(),
-                        window: cap.window,
-                        resets_at: end,
-                        tokens: !over_usd,
-                    });
+                let (settled_usd, settled_tokens) = over(settled);
+                let r = Rejection {
+                    subject: subject.clone(),
+                    window: cap.window,
+                    resets_at: end,
+                    tokens: !over_usd,
+                    in_flight: !settled_usd && !settled_tokens,
+                };
+                if refused.as_ref().is_none_or(|old| r.outranks(old)) {
+                    refused = Some(r);
                 }
             }
         }
@@ -142,16 +159,9 @@ impl Embedded {
         }
         let mut holds = Vec::with_capacity(caps.len());
         for (subject, cap) in &caps {
-            let (start, _) = cap.window.bounds(now, offset);
-            let key = subject.key();
-            st.counter(&key, cap.window, start).reserved.add(worst);
-            holds.push(Hold {
-                key,
-                window: cap.window,
-                soft_usd: cap.soft_usd.map(|p| p.0),
-                soft_tokens: cap.soft_tokens,
-                start,
-            });
+            let (h, _) = super::hold(subject, cap, now, offset);
+            st.counter(&h.key, h.window, h.start).reserved.add(worst);
+            holds.push(h);
         }
         Ok(Reservation::new(policy, user, holds, worst))
     }
@@ -174,6 +184,29 @@ impl Embedded {
             }
         }
         crossed_holds
+    }
+
+    /// Keeps a settle the Redis ledger could not deliver (written with the next flush).
+    pub fn outbox_put(&self, id: String, payload: String) {
+        self.lock().outbox_put.push((id, payload));
+    }
+
+    /// Forgets a settle Redis has taken.
+    pub fn outbox_done(&self, id: String) {
+        self.lock().outbox_done.push(id);
+    }
+
+    /// The settles kept by an earlier run, oldest first.
+    pub fn outbox_load(&self) -> Result<Vec<(String, String)>, String> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = db
+            .prepare("SELECT id, payload FROM outbox ORDER BY seq")
+            .map_err(|e| e.to_string())?;
+        let rows = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())
     }
 
     fn spend_now(
@@ -201,9 +234,19 @@ impl Embedded {
         db: &mut Connection,
         spend: &[(String, Window, Counter)],
         rows: &[CallRow],
+        outbox: (&[(String, String)], &[String]),
     ) -> rusqlite::Result<()> {
         let tx = db.transaction()?;
         {
+            let mut put =
+                tx.prepare_cached("INSERT OR IGNORE INTO outbox (id, payload) VALUES (?1, ?2)")?;
+            for (id, payload) in outbox.0 {
+                put.execute(params![id, payload])?;
+            }
+            let mut done = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            for id in outbox.1 {
+                done.execute(params![id])?;
+            }
             let mut up = tx.prepare_cached(
                 "INSERT INTO spend (key, window, start, pico, tokens) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (key, window, start) DO UPDATE SET pico = ?4, tokens = ?5",
@@ -269,10 +312,40 @@ fn open_db(path: &Path) -> Result<Connection, String> {
              prompt INTEGER NOT NULL, completion INTEGER NOT NULL, cached INTEGER NOT NULL,
              reasoning INTEGER NOT NULL, web_searches INTEGER NOT NULL, cost_pico INTEGER,
              estimated INTEGER NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL);
-         CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);",
+         CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
+         CREATE TABLE IF NOT EXISTS outbox (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+             payload TEXT NOT NULL);",
     )
     .map_err(what)?;
     Ok(db)
+}
+
+/// Takes the ledger's lock file (`<path>.lock`) for the life of the process: a second
+/// tokentap on the same file would overwrite this one's spend. Reports read the file itself
+/// and need no lock.
+fn lock_file(path: &Path) -> Result<std::fs::File, String> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("ledger lock {}: {e}", lock_path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "ledger {} is in use by another tokentap process (it holds {}): give each \
+             process its own budgets.ledger.path, or share caps through the redis backend",
+            path.display(),
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("ledger lock {}: {e}", lock_path.display()))
+        }
+    }
 }
 
 fn spawn_flusher(ledger: Weak<Embedded>, every: Duration) {
@@ -300,8 +373,34 @@ impl Ledger for Embedded {
         Ok(self.reserve_now(policy, user, worst, now))
     }
 
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
-        self.settle_now(r, actual, now)
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
+        let crossed = self.settle_now(r, actual, now);
+        if let Some(hook) = self.soft.get() {
+            crossed.iter().for_each(|h| hook(h));
+        }
+    }
+
+    fn set_soft_hook(&self, hook: super::SoftHook) {
+        let _ = self.soft.set(hook);
+    }
+
+    async fn top(
+        &self,
+        policy: &BudgetPolicy,
+        window: Window,
+        limit: usize,
+        now: i64,
+    ) -> Vec<(String, Amount)> {
+        let mut v: Vec<(String, Amount)> = self
+            .counters(policy, now)
+            .into_iter()
+            .filter(|(_, w, _)| *w == window)
+            .filter_map(|(k, _, a)| Some((k.strip_prefix("user:")?.to_string(), a)))
+            .filter(|(_, a)| *a != Amount::default())
+            .collect();
+        v.sort_by(|a, b| b.1.pico.cmp(&a.1.pico).then(a.0.cmp(&b.0)));
+        v.truncate(limit);
+        v
     }
 
     fn record_call(&self, row: CallRow) {
@@ -351,9 +450,13 @@ impl Ledger for Embedded {
         // and the one at shutdown) commit in the order they took their snapshots, so an
         // older snapshot can never overwrite a newer one.
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let (spend, rows) = {
+        let (spend, rows, put, done) = {
             let mut st = self.lock();
-            if st.dirty.is_empty() && st.rows.is_empty() {
+            if st.dirty.is_empty()
+                && st.rows.is_empty()
+                && st.outbox_put.is_empty()
+                && st.outbox_done.is_empty()
+            {
                 return;
             }
             let dirty = std::mem::take(&mut st.dirty);
@@ -361,9 +464,14 @@ impl Ledger for Embedded {
                 .into_iter()
                 .filter_map(|k| st.counters.get(&k).map(|c| (k.0, k.1, *c)))
                 .collect();
-            (spend, std::mem::take(&mut st.rows))
+            (
+                spend,
+                std::mem::take(&mut st.rows),
+                std::mem::take(&mut st.outbox_put),
+                std::mem::take(&mut st.outbox_done),
+            )
         };
-        if let Err(e) = self.write(&mut db, &spend, &rows) {
+        if let Err(e) = self.write(&mut db, &spend, &rows, (&put, &done)) {
             self.errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::error!("ledger: cannot write to its file: {e}; will retry");
@@ -374,6 +482,12 @@ impl Ledger for Embedded {
             let mut rows = rows;
             rows.append(&mut st.rows);
             st.rows = rows;
+            let mut put = put;
+            put.append(&mut st.outbox_put);
+            st.outbox_put = put;
+            let mut done = done;
+            done.append(&mut st.outbox_done);
+            st.outbox_done = done;
         }
     }
 }

@@ -40,7 +40,7 @@ impl Amount {
 }
 
 /// What a call holds against its caps until it settles.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Reservation {
     /// Unique per reservation (process, time, counter): settles are applied once per id.
     pub id: String,
@@ -50,6 +50,9 @@ pub struct Reservation {
     pub worst: Amount,
     /// The zone calendar windows were computed in.
     pub offset: policy::Zone,
+    /// Taken by whoever settles it: the call's record, or (for a call that never gets one)
+    /// its guard or the shutdown. A reservation is settled exactly once.
+    settled: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,8 +85,42 @@ impl Reservation {
             holds,
             worst,
             offset: policy.offset(),
+            settled: std::sync::atomic::AtomicBool::new(false),
         }
     }
+
+    /// True for the one caller that gets to settle this reservation.
+    pub fn claim(&self) -> bool {
+        !self.settled.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+/// Told when settled spend passes a cap's soft threshold.
+pub type SoftHook = Arc<dyn Fn(&Hold) + Send + Sync>;
+
+/// The hold a cap takes on a call made at `now`, and the end of its window.
+pub fn hold(subject: &Subject, cap: &policy::Cap, now: i64, zone: policy::Zone) -> (Hold, i64) {
+    let (start, end) = cap.window.bounds(now, zone);
+    (
+        Hold {
+            key: subject.key(),
+            window: cap.window,
+            soft_usd: cap.soft_usd.map(|p| p.0),
+            soft_tokens: cap.soft_tokens,
+            start,
+        },
+        end,
+    )
+}
+
+/// The holds a call of `user` made at `now` takes: one per cap that applies to it.
+pub fn holds_for(policy: &BudgetPolicy, user: &str, now: i64) -> Vec<Hold> {
+    let zone = policy.offset();
+    policy
+        .caps_for(user)
+        .iter()
+        .map(|(s, c)| hold(s, c, now, zone).0)
+        .collect()
 }
 
 /// A reservation id unique across processes and restarts.
@@ -109,6 +146,18 @@ pub struct Rejection {
     /// Unix seconds when the window resets (`i64::MAX` for `total`).
     pub resets_at: i64,
     pub tokens: bool,
+    /// Settled spend alone leaves room: the caller's own calls still in flight hold the rest,
+    /// and it can retry as soon as they end.
+    pub in_flight: bool,
+}
+
+impl Rejection {
+    /// Of two caps that refuse a call, the one to report: a cap that settled spend has passed
+    /// outranks one blocked only by calls in flight, and then the one that resets last (the
+    /// caller cannot get through before that).
+    pub fn outranks(&self, other: &Rejection) -> bool {
+        (!self.in_flight, self.resets_at) > (!other.in_flight, other.resets_at)
+    }
 }
 
 /// A per-call row for reports.
@@ -141,9 +190,11 @@ pub trait Ledger: Send + Sync {
         worst: Amount,
         now: i64,
     ) -> Result<Result<Reservation, Rejection>, StoreDown>;
-    /// Releases a reservation and charges what the call really cost; returns the holds whose
-    /// soft threshold this charge passed.
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold>;
+    /// Releases a reservation and charges what the call really cost (to the windows it
+    /// reserved in). Must not block; a store that cannot take it now keeps it until it can.
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64);
+    /// Called for every soft threshold a settle passes (once, across replicas).
+    fn set_soft_hook(&self, hook: SoftHook);
     /// Records a call for reports (whether or not it was capped).
     fn record_call(&self, row: CallRow);
     /// Spend so far in the window containing `now`, for `subject` (committed, reserved).
@@ -156,8 +207,17 @@ pub trait Ledger: Send + Sync {
     ) -> (Amount, Amount);
     /// Writes what is pending (at shutdown).
     fn flush(&self);
-    /// The spend of every counter in its current window: (ledger key, window, spent).
+    /// The spend of capped counters in their current window, as last seen (for metrics,
+    /// which cannot wait on a store): (ledger key, window, spent).
     fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)>;
+    /// The `limit` users who spent most in the current `window`.
+    async fn top(
+        &self,
+        policy: &BudgetPolicy,
+        window: Window,
+        limit: usize,
+        now: i64,
+    ) -> Vec<(String, Amount)>;
     /// How often the ledger failed to persist or reach its store.
     fn errors(&self) -> u64;
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
@@ -168,9 +228,10 @@ pub trait Ledger: Send + Sync {
 pub enum Decision {
     /// Go ahead, holding this reservation (none when nothing is capped for the caller).
     Allow(Option<Arc<Reservation>>),
-    /// Let through without a reservation because the store is down and `on_error` says
-    /// `fail_open` (counted in `tokentap_budget_fail_open_total`).
-    Unchecked,
+    /// Let through unchecked because the store is down and `on_error` says `fail_open`
+    /// (counted in `tokentap_budget_fail_open_total`). The call still carries a reservation of
+    /// nothing, so its real cost is charged once the store is back.
+    Unchecked(Option<Arc<Reservation>>),
     /// Refused: the answer, and for a budget refusal (user, team or "", over a token cap).
     Refuse(ApiError, Option<(String, String, bool)>),
 }
@@ -268,7 +329,12 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 log::warn!(
                     "budget store unavailable ({why}): letting the call through (fail_open)"
                 );
-                Decision::Unchecked
+                let holds = holds_for(policy, &user, now);
+                Decision::Unchecked(
+                    (!holds.is_empty()).then(|| {
+                        Arc::new(Reservation::new(policy, &user, holds, Amount::default()))
+                    }),
+                )
             } else {
                 Decision::Refuse(
                     ApiError::new(
@@ -293,6 +359,9 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
     }
 }
 
+/// The `Retry-After` of a call refused only because of the caller's calls in flight.
+const IN_FLIGHT_RETRY_S: u64 = 5;
+
 /// The 429 for a refused call: it names the caller's own window and when it resets, and
 /// nothing about anyone's spend.
 fn refusal(r: &Rejection, now: i64) -> ApiError {
@@ -301,7 +370,14 @@ fn refusal(r: &Rejection, now: i64) -> ApiError {
         Subject::Team(t) => format!("your team {t:?}'s"),
     };
     let what = if r.tokens { "token" } else { "spending" };
-    let (when, retry) = if r.resets_at == i64::MAX {
+    let (when, retry) = if r.in_flight {
+        // Spend settled so far leaves room; the caller's calls still running hold it.
+        (
+            "Calls of yours still in flight hold the rest of it; retry when they finish."
+                .to_string(),
+            Some(IN_FLIGHT_RETRY_S.min((r.resets_at - now).max(1) as u64)),
+        )
+    } else if r.resets_at == i64::MAX {
         (
             "It does not reset; ask the operator to raise it.".to_string(),
             None,
@@ -337,10 +413,20 @@ pub fn actual(rec: &UsageRecord) -> Amount {
 }
 
 /// The ledger as a sink: settles each call's reservation and keeps its row for reports.
-pub struct LedgerSink(
-    pub Arc<dyn Ledger>,
-    pub Arc<crate::telemetry::calls::CallMetrics>,
-);
+pub struct LedgerSink(pub Arc<dyn Ledger>);
+
+/// The soft-threshold signal: a warning in the log and
+/// `tokentap_budget_soft_threshold_crossed_total`.
+pub fn soft_hook(calls: Arc<crate::telemetry::calls::CallMetrics>) -> SoftHook {
+    Arc::new(move |h: &Hold| {
+        log::warn!(
+            "budget: {} passed the soft threshold of its {} budget",
+            h.key,
+            h.window
+        );
+        calls.soft_threshold_crossed(&h.key, &h.window.name());
+    })
+}
 
 impl crate::telemetry::Sink for LedgerSink {
     fn record(&self, rec: &Arc<UsageRecord>) {
@@ -348,15 +434,8 @@ impl crate::telemetry::Sink for LedgerSink {
             return;
         }
         let now = now_unix();
-        if let Some(r) = &rec.budget {
-            for h in self.0.settle(r, actual(rec), now) {
-                log::warn!(
-                    "budget: {} passed the soft threshold of its {} budget",
-                    h.key,
-                    h.window
-                );
-                self.1.soft_threshold_crossed(&h.key, &h.window.name());
-            }
+        if let Some(r) = rec.budget.as_ref().filter(|r| r.claim()) {
+            self.0.settle(r, actual(rec), now);
         }
         let ts = rec
             .started_at
@@ -386,6 +465,128 @@ impl crate::telemetry::Sink for LedgerSink {
 
     fn shutdown(&self) {
         self.0.flush();
+    }
+}
+
+/// A call whose reservation is not settled yet, with what it takes to settle it at an
+/// estimate should the call never get its record (a panic, or a stream still running when
+/// the shutdown's drain deadline ends the process).
+pub struct OpenCall {
+    pub reservation: Arc<Reservation>,
+    pub request_id: String,
+    pub model: Option<String>,
+    pub price: Option<crate::meter::pricing::ModelPrice>,
+    pub prompt_tokens: u64,
+    pub started: i64,
+    /// Content relayed so far, and the usage once the upstream reported it.
+    pub content_bytes: std::sync::atomic::AtomicU64,
+    pub search_ran: std::sync::atomic::AtomicBool,
+    pub reported: std::sync::Mutex<Option<Usage>>,
+}
+
+impl OpenCall {
+    /// Follows the response as the tap sees it.
+    pub fn observe(&self, o: &crate::openai::response::Observed) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.content_bytes.store(o.content_bytes, Relaxed);
+        if o.search_ran {
+            self.search_ran.store(true, Relaxed);
+        }
+        if let Some(u) = o.usage {
+            *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+        }
+    }
+
+    /// What the call cost as far as tokentap saw it: the usage the upstream reported, or the
+    /// prompt estimated from the request and the completion from the content relayed.
+    fn estimate(&self) -> (Usage, bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(u) = *self.reported.lock().unwrap_or_else(|p| p.into_inner()) {
+            return (u, false);
+        }
+        let usage = Usage {
+            prompt: self.prompt_tokens,
+            completion: estimate_tokens(self.content_bytes.load(Relaxed)),
+            cached: 0,
+            reasoning: 0,
+            web_searches: u64::from(self.search_ran.load(Relaxed)),
+        };
+        (usage, true)
+    }
+
+    /// Settles the call at its estimate unless its record settled it; true if this did.
+    fn abandon(&self, ledger: &dyn Ledger) -> bool {
+        if !self.reservation.claim() {
+            return false;
+        }
+        let (usage, estimated) = self.estimate();
+        let cost = self.price.map(|p| p.cost(&usage).0);
+        let amount = Amount {
+            pico: cost.unwrap_or(0),
+            tokens: usage.prompt.saturating_add(usage.completion),
+        };
+        ledger.settle(&self.reservation, amount, now_unix());
+        ledger.record_call(CallRow {
+            ts: self.started,
+            request_id: self.request_id.clone(),
+            user: Some(self.reservation.user.clone()),
+            teams: self.reservation.teams.clone(),
+            model: self.model.clone(),
+            usage,
+            cost_pico: cost,
+            estimated,
+            outcome: "abandoned",
+            status: 0,
+        });
+        true
+    }
+}
+
+/// The calls holding a reservation not settled yet.
+#[derive(Default)]
+pub struct OpenCalls {
+    calls: dashmap::DashMap<u64, Arc<OpenCall>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl OpenCalls {
+    /// Registers a call; dropping the guard settles it at its estimate if nothing else did.
+    pub fn open(self: &Arc<Self>, call: OpenCall, ledger: Arc<dyn Ledger>) -> OpenGuard {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let call = Arc::new(call);
+        self.calls.insert(id, Arc::clone(&call));
+        OpenGuard {
+            id,
+            call,
+            calls: Arc::clone(self),
+            ledger,
+        }
+    }
+
+    /// Settles every open call at its estimate (the drain deadline is ending the process);
+    /// returns how many it settled.
+    pub fn abandon_all(&self, ledger: &dyn Ledger) -> usize {
+        let open: Vec<Arc<OpenCall>> = self.calls.iter().map(|e| Arc::clone(e.value())).collect();
+        open.iter().filter(|c| c.abandon(ledger)).count()
+    }
+}
+
+pub struct OpenGuard {
+    id: u64,
+    pub call: Arc<OpenCall>,
+    calls: Arc<OpenCalls>,
+    ledger: Arc<dyn Ledger>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.calls.calls.remove(&self.id);
+        if self.call.abandon(&*self.ledger) {
+            log::warn!(
+                "call {} ended without a record: settled its reservation at the estimate",
+                self.call.request_id
+            );
+        }
     }
 }
 
@@ -452,21 +653,14 @@ pub async fn view(
 }
 
 /// The users who spent most in the current `window`.
-pub fn top(
+pub async fn top(
     ledger: &dyn Ledger,
     policy: &BudgetPolicy,
     window: Window,
     limit: usize,
     now: i64,
 ) -> serde_json::Value {
-    let mut v: Vec<(String, Amount)> = ledger
-        .counters(policy, now)
-        .into_iter()
-        .filter(|(_, w, _)| *w == window)
-        .filter_map(|(k, _, a)| Some((k.strip_prefix("user:")?.to_string(), a)))
-        .collect();
-    v.sort_by(|a, b| b.1.pico.cmp(&a.1.pico).then(a.0.cmp(&b.0)));
-    v.truncate(limit);
+    let v = ledger.top(policy, window, limit, now).await;
     serde_json::json!({
         "window": window.name(),
         "users": v.iter().map(|(u, a)| serde_json::json!({

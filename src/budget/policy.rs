@@ -120,6 +120,10 @@ pub struct RawLedger {
     /// When the store cannot be reached: "fail_open" lets calls through uncapped (and counts
     /// it), "fail_closed" refuses them with 503.
     pub on_error: String,
+    /// The Redis backend holds a call's reservation at most this long: a replica that dies
+    /// (or loses a reply) mid-call cannot keep its callers' budget blocked for longer. Calls
+    /// that run longer are still charged in full; they only stop holding their worst case.
+    pub reservation_ttl_s: u64,
 }
 
 impl Default for RawLedger {
@@ -132,6 +136,7 @@ impl Default for RawLedger {
             redis_url: None,
             redis_prefix: "tokentap".into(),
             on_error: "fail_closed".into(),
+            reservation_ttl_s: 900,
         }
     }
 }
@@ -329,6 +334,7 @@ pub struct LedgerConfig {
     pub redis_url: Option<String>,
     pub redis_prefix: String,
     pub fail_open: bool,
+    pub reservation_ttl: std::time::Duration,
 }
 
 impl Default for LedgerConfig {
@@ -341,6 +347,7 @@ impl Default for LedgerConfig {
             redis_url: None,
             redis_prefix: "tokentap".into(),
             fail_open: false,
+            reservation_ttl: std::time::Duration::from_secs(900),
         }
     }
 }
@@ -474,6 +481,9 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
     if raw.ledger.flush_interval_ms == 0 {
         return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
     }
+    if raw.ledger.reservation_ttl_s == 0 {
+        return Err("budgets.ledger.reservation_ttl_s: must be greater than 0".into());
+    }
     Ok(BudgetPolicy {
         missing_user: raw.missing_user,
         default_user: raw.default_user.clone(),
@@ -492,6 +502,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             redis_url: raw.ledger.redis_url.clone(),
             redis_prefix: raw.ledger.redis_prefix.clone(),
             fail_open,
+            reservation_ttl: std::time::Duration::from_secs(raw.ledger.reservation_ttl_s),
         },
     })
 }

@@ -11,80 +11,157 @@
 //! the connection manager reconnects by itself. Per-call rows for reports stay local (the
 //! embedded ledger's file of this replica).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use serde::{Deserialize, Serialize};
 
 use super::embedded::Embedded;
 use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window};
-use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation, StoreDown};
+use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation, SoftHook, StoreDown};
 
 /// After a window ends, its counters are kept this long (for reports and late settles).
 const KEEP_AFTER_END: i64 = 7 * 86_400;
 /// A Redis round trip that takes longer than this counts as Redis being down.
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// How often settles Redis could not take are offered again.
+const OUTBOX_RETRY: Duration = Duration::from_millis(250);
+/// Settles kept for Redis at most (beyond, the oldest are dropped and counted as errors).
+const OUTBOX_MAX: usize = 1_000_000;
+/// Users under the default caps whose spend the gauges follow (the top spenders).
+const FOLLOW_TOP: isize = 1000;
 
 const RESERVE: &str = r#"
--- KEYS: one hash per cap. ARGV: worst pico, worst tokens, then per key: cap pico, cap
--- tokens (-1: none), expire-at (0: never). Returns {0, 0} when reserved, or {i, kind} for
--- the first cap that would pass (kind 0: USD, 1: tokens). Lua numbers are doubles: exact
--- to 2^53 pico-USD (9,007 USD) per window; past that the comparison is off by picodollars.
-local wp = tonumber(ARGV[1])
-local wt = tonumber(ARGV[2])
-for i, k in ipairs(KEYS) do
-  local b = 2 + (i - 1) * 3
-  local cp = tonumber(ARGV[b + 1])
-  local ct = tonumber(ARGV[b + 2])
+-- KEYS: this reservation's settle marker, then per cap: its counter (a hash of spent and
+-- reserved pico-USD and tokens) and its leases (a sorted set of "id|pico|tokens" scored by
+-- deadline). ARGV: the lease member, worst pico, worst tokens, now, deadline, then per cap:
+-- cap pico, cap tokens (-1: none), expire-at (0: never).
+-- Returns {0} when reserved; {-1} when this reservation was already cancelled (its settle
+-- ran first: the reply of an earlier attempt was lost); otherwise, per cap that would be
+-- passed, {index, kind (0 USD, 1 tokens), 1 if settled spend alone passes it}.
+-- Lua numbers are doubles: exact to 2^53 pico-USD (9,007 USD) per window; past that the
+-- comparison is off by picodollars.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+local wp, wt = tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = (#KEYS - 1) / 2
+local fails = {}
+for i = 1, n do
+  local k, l = KEYS[2 * i], KEYS[2 * i + 1]
+  -- Leases past their deadline belong to calls whose replica died or lost them: release.
+  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', ARGV[4], 'LIMIT', 0, 1000)
+  for _, m in ipairs(gone) do
+    local p, t = string.match(m, '|(%d+)|(%d+)$')
+    if p and p ~= '0' then redis.call('HINCRBY', k, 'rp', '-' .. p) end
+    if t and t ~= '0' then redis.call('HINCRBY', k, 'rt', '-' .. t) end
+    redis.call('ZREM', l, m)
+  end
+  local b = 5 + (i - 1) * 3
+  local cp, ct = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local h = redis.call('HMGET', k, 'sp', 'st', 'rp', 'rt')
   local sp, st = tonumber(h[1] or '0'), tonumber(h[2] or '0')
   local rp, rt = tonumber(h[3] or '0'), tonumber(h[4] or '0')
-  if cp >= 0 and sp + rp + wp > cp then return {i, 0} end
-  if ct >= 0 and st + rt + wt > ct then return {i, 1} end
+  local ou = cp >= 0 and sp + rp + wp > cp
+  local ot = ct >= 0 and st + rt + wt > ct
+  if ou or ot then
+    local settled = (cp >= 0 and sp + wp > cp) or (ct >= 0 and st + wt > ct)
+    table.insert(fails, i)
+    table.insert(fails, ou and 0 or 1)
+    table.insert(fails, settled and 1 or 0)
+  end
 end
-for i, k in ipairs(KEYS) do
-  redis.call('HINCRBY', k, 'rp', ARGV[1])
-  redis.call('HINCRBY', k, 'rt', ARGV[2])
-  local exp = tonumber(ARGV[2 + (i - 1) * 3 + 3])
-  if exp > 0 then redis.call('EXPIREAT', k, exp) end
+if #fails > 0 then return fails end
+for i = 1, n do
+  local k, l = KEYS[2 * i], KEYS[2 * i + 1]
+  if ARGV[2] ~= '0' then redis.call('HINCRBY', k, 'rp', ARGV[2]) end
+  if ARGV[3] ~= '0' then redis.call('HINCRBY', k, 'rt', ARGV[3]) end
+  redis.call('ZADD', l, ARGV[5], ARGV[1])
+  local exp = tonumber(ARGV[5 + (i - 1) * 3 + 3])
+  if exp > 0 then
+    redis.call('EXPIREAT', k, exp)
+    redis.call('EXPIREAT', l, exp)
+  end
 end
-return {0, 0}
+return {0}
 "#;
 
 const SETTLE: &str = r#"
--- KEYS: a marker for this reservation, then the key of each hold (the window it reserved in,
--- so a call across a window's end stays visible to the window that admitted it). ARGV:
--- minus the worst pico and tokens, the real pico and tokens, as integer strings made in
--- Rust. Runs at most once per reservation (a retried settle whose first reply was lost
--- must not release or charge twice).
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 1 end
-for i = 2, #KEYS do
-  if ARGV[1] ~= '0' then redis.call('HINCRBY', KEYS[i], 'rp', ARGV[1]) end
-  if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[i], 'rt', ARGV[2]) end
-  if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[i], 'sp', ARGV[3]) end
-  if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[i], 'st', ARGV[4]) end
+-- KEYS: this reservation's settle marker, then per hold (the window it reserved in): its
+-- counter, its leases, and the top-spenders set of its window. ARGV: the lease member, worst
+-- pico and tokens, real pico and tokens (integer strings made in Rust), then per hold: soft
+-- pico, soft tokens (-1: none), the subject, expire-at (0: never).
+-- Runs at most once per reservation (a retried settle whose first reply was lost must not
+-- release or charge twice). A lease already swept is not released again.
+-- Returns, per hold: spent pico, spent tokens, 1 if this charge passed a soft threshold.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return {} end
+local out = {}
+local n = (#KEYS - 1) / 3
+for i = 1, n do
+  local k, l, t = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local b = 5 + (i - 1) * 4
+  if redis.call('ZREM', l, ARGV[1]) == 1 then
+    if ARGV[2] ~= '0' then redis.call('HINCRBY', k, 'rp', '-' .. ARGV[2]) end
+    if ARGV[3] ~= '0' then redis.call('HINCRBY', k, 'rt', '-' .. ARGV[3]) end
+  end
+  local h = redis.call('HMGET', k, 'sp', 'st')
+  local sp0, st0 = tonumber(h[1] or '0'), tonumber(h[2] or '0')
+  local sp1, st1 = sp0, st0
+  if ARGV[4] ~= '0' then sp1 = redis.call('HINCRBY', k, 'sp', ARGV[4]) end
+  if ARGV[5] ~= '0' then st1 = redis.call('HINCRBY', k, 'st', ARGV[5]) end
+  local softp, softt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local crossed = (softp >= 0 and sp0 <= softp and sp1 > softp)
+    or (softt >= 0 and st0 <= softt and st1 > softt)
+  if ARGV[4] ~= '0' then redis.call('ZINCRBY', t, ARGV[4], ARGV[b + 3]) end
+  local exp = tonumber(ARGV[b + 4])
+  if exp > 0 then
+    redis.call('EXPIREAT', k, exp)
+    redis.call('EXPIREAT', t, exp)
+  end
+  table.insert(out, sp1)
+  table.insert(out, st1)
+  table.insert(out, crossed and 1 or 0)
 end
-return 0
+return out
 "#;
 
+/// One settle, as sent to Redis (and kept in the outbox until Redis takes it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SettleCall {
+    id: String,
+    keys: Vec<String>,
+    args: Vec<String>,
+    /// Per hold: subject key, window, window start (to follow spend and signal soft caps).
+    holds: Vec<(String, String, i64)>,
+}
+
 pub struct RedisLedger {
-    /// Runs the connection's driver and the settles: it must outlive start-up, and settles
-    /// must be able to start from any thread.
+    /// Runs the connection's driver, the settles and the outbox: it must outlive start-up,
+    /// and settles must be able to start from any thread.
     rt: tokio::runtime::Runtime,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     con: ConnectionManager,
     prefix: String,
+    lease: Duration,
     reserve: Script,
     settle: Script,
-    /// Per-call rows for reports (and nothing else) go to this replica's embedded file.
+    /// Per-call rows for reports, and the outbox, go to this replica's embedded file.
     rows: Arc<Embedded>,
-    errors: Arc<AtomicU64>,
-    /// Settles sent and not yet answered (flushed at shutdown).
-    pending: Arc<AtomicI64>,
-    /// The last spend this replica saw per counter (for metrics, which cannot wait on Redis).
+    errors: AtomicU64,
+    /// Settles sent and not yet answered (waited for at shutdown).
+    pending: AtomicI64,
+    /// Settles Redis has not taken yet (also in the file), oldest first.
+    outbox: Mutex<VecDeque<SettleCall>>,
+    soft: OnceLock<SoftHook>,
+    /// The last spend seen per counter, for metrics, which cannot wait on Redis: updated
+    /// by every settle's answer and refreshed from Redis at each scrape.
     seen: Mutex<HashMap<(String, Window), (i64, Amount)>>,
+    refreshing: AtomicBool,
 }
 
 impl RedisLedger {
@@ -97,17 +174,44 @@ impl RedisLedger {
             .build()
             .map_err(|e| e.to_string())?;
         let con = rt.block_on(Self::connect(cfg))?;
-        Ok(Arc::new(RedisLedger {
-            rt,
+        let rows = Embedded::open(cfg)?;
+        let kept = rows.outbox_load()?;
+        let mut outbox = VecDeque::with_capacity(kept.len());
+        for (id, payload) in kept {
+            match serde_json::from_str::<SettleCall>(&payload) {
+                Ok(c) => outbox.push_back(c),
+                Err(e) => log::error!("ledger: dropping unreadable kept settle {id}: {e}"),
+            }
+        }
+        if !outbox.is_empty() {
+            log::info!(
+                "ledger: {} settles kept from an earlier run go to Redis now",
+                outbox.len()
+            );
+        }
+        let inner = Arc::new(Inner {
             con,
             prefix: cfg.redis_prefix.clone(),
+            lease: cfg.reservation_ttl,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
-            rows: Embedded::open(cfg)?,
-            errors: Arc::new(AtomicU64::new(0)),
-            pending: Arc::new(AtomicI64::new(0)),
+            rows,
+            errors: AtomicU64::new(0),
+            pending: AtomicI64::new(0),
+            outbox: Mutex::new(outbox),
+            soft: OnceLock::new(),
             seen: Mutex::new(HashMap::new()),
-        }))
+            refreshing: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(OUTBOX_RETRY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.drain_outbox().await;
+            }
+        });
+        Ok(Arc::new(RedisLedger { rt, inner }))
     }
 
     async fn connect(cfg: &LedgerConfig) -> Result<ConnectionManager, String> {
@@ -127,6 +231,72 @@ impl RedisLedger {
         .map_err(|e| format!("cannot reach Redis at {url}: {e}"))
     }
 
+    fn expire_at(end: i64) -> i64 {
+        if end == i64::MAX {
+            0
+        } else {
+            end + KEEP_AFTER_END
+        }
+    }
+
+    /// The settle of `r` at `actual`, as Redis will run it.
+    fn settle_call(&self, r: &Reservation, actual: Amount, policy_ends: &[i64]) -> SettleCall {
+        let p = &self.inner.prefix;
+        let int = |v: u64| v.min(i64::MAX as u64).to_string();
+        let mut keys = Vec::with_capacity(1 + 3 * r.holds.len());
+        keys.push(format!("{p}:settled:{}", r.id));
+        let mut args = vec![
+            lease_member(r),
+            int(r.worst.pico),
+            int(r.worst.tokens),
+            int(actual.pico),
+            int(actual.tokens),
+        ];
+        let mut holds = Vec::with_capacity(r.holds.len());
+        for (i, h) in r.holds.iter().enumerate() {
+            let counter = self.inner.key(&h.key, h.window, h.start);
+            let leases = format!("{counter}:leases");
+            keys.extend([
+                counter,
+                leases,
+                self.inner.top_key(&h.key, h.window, h.start),
+            ]);
+            let soft = |v: Option<u64>| v.map_or("-1".to_string(), int);
+            args.push(soft(h.soft_usd));
+            args.push(soft(h.soft_tokens));
+            args.push(h.key.clone());
+            args.push(Self::expire_at(policy_ends.get(i).copied().unwrap_or(i64::MAX)).to_string());
+            holds.push((h.key.clone(), h.window.name(), h.start));
+        }
+        SettleCall {
+            id: r.id.clone(),
+            keys,
+            args,
+            holds,
+        }
+    }
+
+    /// Sends a settle from the ledger's runtime; what Redis does not take goes to the outbox.
+    fn send(&self, call: SettleCall) {
+        let inner = Arc::clone(&self.inner);
+        inner.pending.fetch_add(1, Ordering::AcqRel);
+        self.rt.spawn(async move {
+            // Behind a backlog, wait in line: the backlog is retried in order.
+            let queued = !inner.lock_outbox().is_empty();
+            if queued || inner.run_settle(&call).await.is_err() {
+                inner.keep(call);
+            }
+            inner.pending.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// A reservation's lease in the leases sets: its id and the amount it holds.
+fn lease_member(r: &Reservation) -> String {
+    format!("{}|{}|{}", r.id, r.worst.pico, r.worst.tokens)
+}
+
+impl Inner {
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {
         format!(
             "{}:{}:{}:{}",
@@ -137,12 +307,10 @@ impl RedisLedger {
         )
     }
 
-    fn expire_at(end: i64) -> i64 {
-        if end == i64::MAX {
-            0
-        } else {
-            end + KEEP_AFTER_END
-        }
+    /// The set of a window's biggest spenders, per kind of subject (user, team).
+    fn top_key(&self, subject_key: &str, window: Window, start: i64) -> String {
+        let kind = subject_key.split(':').next().unwrap_or_default();
+        format!("{}:top:{kind}:{}:{start}", self.prefix, window.name())
     }
 
     fn failed(&self, what: &str, e: &dyn std::fmt::Display) -> StoreDown {
@@ -154,6 +322,156 @@ impl RedisLedger {
             log::error!("ledger: Redis {what} failed: {e}");
         }
         StoreDown(e.to_string())
+    }
+
+    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, VecDeque<SettleCall>> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a settle Redis did not take, in memory and (with the next flush) in the file.
+    fn keep(&self, call: SettleCall) {
+        let payload = serde_json::to_string(&call).unwrap_or_default();
+        self.rows.outbox_put(call.id.clone(), payload);
+        let mut q = self.lock_outbox();
+        if q.len() >= OUTBOX_MAX {
+            if let Some(old) = q.pop_front() {
+                self.rows.outbox_done(old.id.clone());
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "ledger: more than {OUTBOX_MAX} settles waiting for Redis: dropped the \
+                     oldest ({})",
+                    old.id
+                );
+            }
+        }
+        q.push_back(call);
+    }
+
+    /// Runs one settle; on success follows the spend it answers and signals soft caps.
+    async fn run_settle(&self, call: &SettleCall) -> Result<(), ()> {
+        let mut inv = self.settle.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k);
+        }
+        for a in &call.args {
+            inv.arg(a);
+        }
+        let mut con = self.con.clone();
+        let out: Vec<i64> = match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut con)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = self.failed("settle", &e);
+                return Err(());
+            }
+            Err(_) => {
+                let _ = self.failed("settle", &"timed out");
+                return Err(());
+            }
+        };
+        // An empty answer: an earlier attempt of this settle already ran.
+        for (i, (key, window, start)) in call.holds.iter().enumerate() {
+            let (Some(sp), Some(st), Some(crossed)) =
+                (out.get(3 * i), out.get(3 * i + 1), out.get(3 * i + 2))
+            else {
+                break;
+            };
+            let Ok(window) = Window::parse(window) else {
+                continue;
+            };
+            let spent = Amount {
+                pico: (*sp).max(0) as u64,
+                tokens: (*st).max(0) as u64,
+            };
+            self.follow(key, window, *start, spent);
+            if *crossed == 1 {
+                if let Some(hook) = self.soft.get() {
+                    hook(&Hold {
+                        key: key.clone(),
+                        window,
+                        soft_usd: None,
+                        soft_tokens: None,
+                        start: *start,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes the spend of a counter's window (a newer window replaces an older one).
+    fn follow(&self, key: &str, window: Window, start: i64, spent: Amount) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let e = seen
+            .entry((key.to_string(), window))
+            .or_insert((start, spent));
+        if start >= e.0 {
+            *e = (start, spent);
+        }
+    }
+
+    /// Offers the outbox to Redis, oldest first, until Redis refuses one.
+    async fn drain_outbox(&self) {
+        loop {
+            let Some(call) = self.lock_outbox().front().cloned() else {
+                return;
+            };
+            if self.run_settle(&call).await.is_err() {
+                return;
+            }
+            let mut q = self.lock_outbox();
+            if q.front().is_some_and(|c| c.id == call.id) {
+                q.pop_front();
+            }
+            drop(q);
+            self.rows.outbox_done(call.id);
+        }
+    }
+
+    /// Reads the spend of `counters` (subject key, window, start) into `seen`.
+    async fn refresh(&self, counters: Vec<(String, Window, i64)>, tops: Vec<(Window, i64)>) {
+        let mut con = self.con.clone();
+        let mut all = counters;
+        for (window, start) in tops {
+            let key = self.top_key("user:", window, start);
+            let users: redis::RedisResult<Vec<String>> = redis::cmd("ZREVRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(FOLLOW_TOP - 1)
+                .query_async(&mut con)
+                .await;
+            match users {
+                Ok(u) => all.extend(u.into_iter().map(|u| (u, window, start))),
+                Err(e) => {
+                    let _ = self.failed("read", &e);
+                    return;
+                }
+            }
+        }
+        all.sort();
+        all.dedup();
+        let mut pipe = redis::pipe();
+        for (k, w, start) in &all {
+            pipe.cmd("HMGET")
+                .arg(self.key(k, *w, *start))
+                .arg("sp")
+                .arg("st");
+        }
+        let got: redis::RedisResult<Vec<(Option<u64>, Option<u64>)>> =
+            pipe.query_async(&mut con).await;
+        match got {
+            Ok(v) => {
+                for ((k, w, start), (sp, st)) in all.iter().zip(v) {
+                    let spent = Amount {
+                        pico: sp.unwrap_or(0),
+                        tokens: st.unwrap_or(0),
+                    };
+                    self.follow(k, *w, *start, spent);
+                }
+            }
+            Err(e) => {
+                let _ = self.failed("read", &e);
+            }
+        }
     }
 }
 
@@ -167,133 +485,98 @@ impl Ledger for RedisLedger {
         now: i64,
     ) -> Result<Result<Reservation, Rejection>, StoreDown> {
         let caps = policy.caps_for(user);
-        let offset = policy.offset();
-        let mut inv = self.reserve.prepare_invoke();
-        inv.arg(worst.pico.min(i64::MAX as u64))
-            .arg(worst.tokens.min(i64::MAX as u64));
+        if caps.is_empty() {
+            return Ok(Ok(Reservation::new(policy, user, Vec::new(), worst)));
+        }
+        let zone = policy.offset();
         let mut holds = Vec::with_capacity(caps.len());
         let mut ends = Vec::with_capacity(caps.len());
         for (subject, cap) in &caps {
-            let (start, end) = cap.window.bounds(now, offset);
-            let key = subject.key();
-            inv.key(self.key(&key, cap.window, start));
-            let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
-            inv.arg(cap.usd.map_or(-1, |p| clamp(p.0)))
-                .arg(cap.tokens.map_or(-1, clamp))
-                .arg(Self::expire_at(end));
-            holds.push(Hold {
-                key,
-                window: cap.window,
-                soft_usd: cap.soft_usd.map(|p| p.0),
-                soft_tokens: cap.soft_tokens,
-                start,
-            });
+            let (h, end) = super::hold(subject, cap, now, zone);
+            holds.push(h);
             ends.push(end);
         }
-        if caps.is_empty() {
-            return Ok(Ok(Reservation::new(policy, user, holds, worst)));
+        let r = Reservation::new(policy, user, holds, worst);
+        let inner = &self.inner;
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        let mut inv = inner.reserve.prepare_invoke();
+        inv.key(format!("{}:settled:{}", inner.prefix, r.id));
+        inv.arg(lease_member(&r))
+            .arg(clamp(worst.pico))
+            .arg(clamp(worst.tokens))
+            .arg(now)
+            .arg(now.saturating_add(inner.lease.as_secs() as i64));
+        for ((h, (_, cap)), end) in r.holds.iter().zip(&caps).zip(&ends) {
+            let counter = inner.key(&h.key, h.window, h.start);
+            let leases = format!("{counter}:leases");
+            inv.key(counter).key(leases);
+            inv.arg(cap.usd.map_or(-1, |p| clamp(p.0)))
+                .arg(cap.tokens.map_or(-1, clamp))
+                .arg(Self::expire_at(*end));
         }
-        let mut con = self.con.clone();
-        let (i, kind): (usize, u8) =
+        let mut con = inner.con.clone();
+        let reply: Result<Vec<i64>, StoreDown> =
             match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut con)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(self.failed("reserve", &e)),
-                Err(_) => return Err(self.failed("reserve", &"timed out")),
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(inner.failed("reserve", &e)),
+                Err(_) => Err(inner.failed("reserve", &"timed out")),
             };
-        if i > 0 {
-            let (subject, cap) = &caps[i - 1];
-            return Ok(Err(Rejection {
-                subject: subject.clone(),
-                window: cap.window,
-                resets_at: ends[i - 1],
-                tokens: kind == 1,
-            }));
-        }
-        Ok(Ok(Reservation::new(policy, user, holds, worst)))
-    }
-
-    fn settle(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
-        let mut crossed_holds = Vec::new();
-        if r.holds.is_empty() {
-            return crossed_holds;
-        }
-        // Integer strings (a Lua-negated "0" would be "-0", which HINCRBY refuses), clamped
-        // to Redis' int64.
-        let int = |v: u64| v.min(i64::MAX as u64).to_string();
-        let neg = |v: u64| {
-            if v == 0 {
-                "0".to_string()
-            } else {
-                format!("-{}", int(v))
+        let reply = match reply {
+            Ok(v) => v,
+            Err(down) => {
+                // The script may have run and only its reply been lost: cancel the
+                // reservation (a settle of nothing, which also stops the reserve should it
+                // run later). Whatever happens, the lease's deadline releases it.
+                if r.claim() {
+                    self.send(self.settle_call(&r, Amount::default(), &ends));
+                }
+                return Err(down);
             }
         };
-        let mut keys = Vec::with_capacity(1 + r.holds.len());
-        keys.push(format!("{}:settled:{}", self.prefix, r.id));
-        let args: Vec<String> = vec![
-            neg(r.worst.pico),
-            neg(r.worst.tokens),
-            int(actual.pico),
-            int(actual.tokens),
-        ];
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for h in &r.holds {
-                let (start, _) = h.window.bounds(now, r.offset);
-                keys.push(self.key(&h.key, h.window, h.start));
-                let e = seen
-                    .entry((h.key.clone(), h.window))
-                    .or_insert((start, Amount::default()));
-                if e.0 != start {
-                    *e = (start, Amount::default());
+        match reply.first() {
+            Some(0) => Ok(Ok(r)),
+            Some(-1) | None => Err(StoreDown("reservation cancelled before it ran".into())),
+            Some(_) => {
+                let mut refused: Option<Rejection> = None;
+                for f in reply.chunks_exact(3) {
+                    let i = (f[0].max(1) as usize - 1).min(caps.len() - 1);
+                    let rej = Rejection {
+                        subject: caps[i].0.clone(),
+                        window: caps[i].1.window,
+                        resets_at: ends[i],
+                        tokens: f[1] == 1,
+                        in_flight: f[2] == 0,
+                    };
+                    if refused.as_ref().is_none_or(|old| rej.outranks(old)) {
+                        refused = Some(rej);
+                    }
                 }
-                // Soft thresholds are judged on this replica's view of the spend.
-                let before = e.1;
-                e.1.add(actual);
-                if h.passes_soft(before, e.1) {
-                    crossed_holds.push(h.clone());
-                }
+                // Nothing was reserved under this id.
+                r.claim();
+                Ok(Err(refused.expect("a refusal names at least one cap")))
             }
         }
-        let mut con = self.con.clone();
-        let pending = Arc::clone(&self.pending);
-        let errors = Arc::clone(&self.errors);
-        let user = r.user.clone();
-        let script = self.settle.clone();
-        pending.fetch_add(1, Ordering::AcqRel);
-        // Settling must not hold up the response: the script runs on the ledger's runtime,
-        // retried once if Redis was briefly away.
-        self.rt.spawn(async move {
-            let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            let mut last = None;
-            for _ in 0..3 {
-                match inv.invoke_async::<i64>(&mut con).await {
-                    Ok(_) => {
-                        last = None;
-                        break;
-                    }
-                    Err(e) => {
-                        last = Some(e);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-            if let Some(e) = last {
-                errors.fetch_add(1, Ordering::Relaxed);
-                log::error!("ledger: Redis settle for {user:?} failed: {e}; its spend is lost");
-            }
-            pending.fetch_sub(1, Ordering::AcqRel);
-        });
-        crossed_holds
+    }
+
+    fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
+        if r.holds.is_empty() {
+            return;
+        }
+        let _ = now;
+        let ends: Vec<i64> = r
+            .holds
+            .iter()
+            .map(|h| h.window.bounds(h.start, r.offset).1)
+            .collect();
+        self.send(self.settle_call(r, actual, &ends));
+    }
+
+    fn set_soft_hook(&self, hook: SoftHook) {
+        let _ = self.inner.soft.set(hook);
     }
 
     fn record_call(&self, row: CallRow) {
-        self.rows.record_call(row);
+        self.inner.rows.record_call(row);
     }
 
     async fn spend(
@@ -304,8 +587,9 @@ impl Ledger for RedisLedger {
         now: i64,
     ) -> (Amount, Amount) {
         let (start, _) = window.bounds(now, policy.offset());
-        let mut con = self.con.clone();
-        let key = self.key(&subject.key(), window, start);
+        let inner = &self.inner;
+        let mut con = inner.con.clone();
+        let key = inner.key(&subject.key(), window, start);
         let h: redis::RedisResult<(Option<u64>, Option<u64>, Option<u64>, Option<u64>)> =
             redis::cmd("HMGET")
                 .arg(&key)
@@ -327,62 +611,152 @@ impl Ledger for RedisLedger {
                 },
             ),
             Err(e) => {
-                let _ = self.failed("read", &e);
+                let _ = inner.failed("read", &e);
                 (Amount::default(), Amount::default())
             }
         }
     }
 
     fn flush(&self) {
-        // Wait (briefly) for settles still on their way, then the local rows.
+        let inner = &self.inner;
+        // Wait (briefly) for settles on their way, offer the outbox once more, then write
+        // the rows and what is still kept to the file.
         for _ in 0..200 {
-            if self.pending.load(Ordering::Acquire) <= 0 {
+            if inner.pending.load(Ordering::Acquire) <= 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.rows.flush();
+        let i2 = Arc::clone(inner);
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), i2.drain_outbox()).await
+        });
+        let left = inner.lock_outbox().len();
+        if left > 0 {
+            log::warn!(
+                "ledger: {left} settles wait for Redis in the ledger file (sent at next start)"
+            );
+        }
+        inner.rows.flush();
     }
 
     fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)> {
-        let offset = policy.offset();
-        self.seen
+        let zone = policy.offset();
+        // Refresh from Redis in the background (the next scrape sees it): the users with
+        // caps of their own, and the top spenders under the default caps.
+        if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            let mut counters = Vec::new();
+            for (user, caps) in &policy.user_caps {
+                for c in caps {
+                    let key = Subject::User(user.clone()).key();
+                    counters.push((key, c.window, c.window.bounds(now, zone).0));
+                }
+            }
+            let tops: Vec<(Window, i64)> = policy
+                .default_caps
+                .iter()
+                .map(|c| (c.window, c.window.bounds(now, zone).0))
+                .collect();
+            let inner = Arc::clone(&self.inner);
+            self.rt.spawn(async move {
+                let _ = tokio::time::timeout(TIMEOUT * 4, inner.refresh(counters, tops)).await;
+                inner.refreshing.store(false, Ordering::Release);
+            });
+        }
+        self.inner
+            .seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|((k, w), (start, a))| {
-                let current = *start == w.bounds(now, offset).0;
+                let current = *start == w.bounds(now, zone).0;
                 (k.clone(), *w, if current { *a } else { Amount::default() })
             })
             .collect()
     }
 
+    async fn top(
+        &self,
+        policy: &BudgetPolicy,
+        window: Window,
+        limit: usize,
+        now: i64,
+    ) -> Vec<(String, Amount)> {
+        let (start, _) = window.bounds(now, policy.offset());
+        let inner = &self.inner;
+        let mut con = inner.con.clone();
+        let users: redis::RedisResult<Vec<String>> = redis::cmd("ZREVRANGE")
+            .arg(inner.top_key("user:", window, start))
+            .arg(0)
+            .arg(limit.clamp(1, isize::MAX as usize) as isize - 1)
+            .query_async(&mut con)
+            .await;
+        let users = match users {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = inner.failed("read", &e);
+                return Vec::new();
+            }
+        };
+        let mut pipe = redis::pipe();
+        for u in &users {
+            pipe.cmd("HMGET")
+                .arg(inner.key(u, window, start))
+                .arg("sp")
+                .arg("st");
+        }
+        let got: redis::RedisResult<Vec<(Option<u64>, Option<u64>)>> =
+            pipe.query_async(&mut con).await;
+        let got = match got {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = inner.failed("read", &e);
+                return Vec::new();
+            }
+        };
+        let mut v: Vec<(String, Amount)> = users
+            .into_iter()
+            .zip(got)
+            .filter_map(|(u, (sp, st))| {
+                let name = u.strip_prefix("user:")?.to_string();
+                let a = Amount {
+                    pico: sp.unwrap_or(0),
+                    tokens: st.unwrap_or(0),
+                };
+                (a != Amount::default()).then_some((name, a))
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.pico.cmp(&a.1.pico).then(a.0.cmp(&b.0)));
+        v
+    }
+
     fn errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.inner.errors.load(Ordering::Relaxed)
     }
 
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
         let (start, _) = window.bounds(now, policy.offset());
-        let key = self.key(&subject.key(), window, start);
-        let mut con = self.con.clone();
-        let r: redis::RedisResult<()> = redis::cmd("HSET")
+        let inner = &self.inner;
+        let key = inner.key(&subject.key(), window, start);
+        let mut con = inner.con.clone();
+        let r: redis::RedisResult<()> = redis::pipe()
+            .atomic()
+            .cmd("HSET")
             .arg(&key)
             .arg("sp")
             .arg(0)
             .arg("st")
             .arg(0)
+            .ignore()
+            .cmd("ZREM")
+            .arg(inner.top_key(&subject.key(), window, start))
+            .arg(subject.key())
+            .ignore()
             .query_async(&mut con)
             .await;
         if let Err(e) = r {
-            let _ = self.failed("reset", &e);
+            let _ = inner.failed("reset", &e);
         }
-        if let Some(e) = self
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&(subject.key(), window))
-        {
-            e.1 = Amount::default();
-        }
+        inner.follow(&subject.key(), window, start, Amount::default());
     }
 }

@@ -27,7 +27,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::budget::{Decision, Ledger, Reservation};
+use crate::budget::{Decision, Ledger, OpenCall, OpenCalls, OpenGuard, Reservation};
 use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
@@ -51,6 +51,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub calls: Arc<CallMetrics>,
     pub ledger: Arc<dyn Ledger>,
+    /// Calls holding a budget reservation not settled yet.
+    pub open_calls: Arc<OpenCalls>,
     /// Calls between their request head and their record.
     pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
@@ -77,6 +79,7 @@ impl Shared {
             in_flight: Arc::clone(&calls.in_flight),
             calls,
             ledger,
+            open_calls: Arc::new(OpenCalls::default()),
             ids: RequestIds::new(),
         })
     }
@@ -170,6 +173,8 @@ pub struct Ctx {
     stream_active: Option<InFlight>,
     /// What the call holds against its budgets until its record settles it.
     reservation: Option<Arc<Reservation>>,
+    /// Settles the reservation at the estimate should the call never get its record.
+    open: Option<OpenGuard>,
     /// The body is complete: decide about the call before it goes.
     decide: bool,
 }
@@ -321,6 +326,33 @@ impl TokenTap {
         Ok(())
     }
 
+    /// Keeps the call's reservation until its record settles it (or its guard does).
+    fn hold(&self, ctx: &mut Ctx, res: Option<Arc<Reservation>>) {
+        let Some(res) = res else { return };
+        let meta = ctx.meta.as_ref();
+        let model = meta.and_then(|m| m.model.clone());
+        let call = OpenCall {
+            reservation: Arc::clone(&res),
+            request_id: ctx.request_id.clone(),
+            price: ctx.cfg.pricing.lookup(None, model.as_deref()).copied(),
+            model,
+            prompt_tokens: meta.map_or(0, |m| crate::meter::estimate_tokens(m.prompt_text_bytes)),
+            started: ctx
+                .started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            content_bytes: Default::default(),
+            search_ran: Default::default(),
+            reported: Default::default(),
+        };
+        ctx.open = Some(
+            self.shared
+                .open_calls
+                .open(call, Arc::clone(&self.shared.ledger)),
+        );
+        ctx.reservation = Some(res);
+    }
+
     fn reject(&self, ctx: &mut Ctx, e: ApiError) -> Box<Error> {
         let err = Error::explain(ErrorType::HTTPStatus(e.status), e.message.clone());
         ctx.rejection = Some(e);
@@ -361,6 +393,7 @@ impl ProxyHttp for TokenTap {
             _in_flight: InFlight::new(&self.shared.in_flight),
             stream_active: None,
             reservation: None,
+            open: None,
             decide: false,
         }
     }
@@ -415,8 +448,11 @@ impl ProxyHttp for TokenTap {
             // reached the upstream yet (it goes when this returns).
             let cfg = Arc::clone(&ctx.cfg);
             match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
-                Decision::Allow(res) => ctx.reservation = res,
-                Decision::Unchecked => self.shared.calls.budget_fail_open(),
+                Decision::Allow(res) => self.hold(ctx, res),
+                Decision::Unchecked(res) => {
+                    self.shared.calls.budget_fail_open();
+                    self.hold(ctx, res);
+                }
                 Decision::Refuse(e, budget) => {
                     let calls = &self.shared.calls;
                     match &budget {
@@ -464,6 +500,10 @@ impl ProxyHttp for TokenTap {
                     let now = Instant::now();
                     ctx.first_token_at = Some(now);
                     ctx.ttft = Some(now - ctx.sent_at.unwrap_or(ctx.start));
+                }
+                // What the call used so far, should it never get its record.
+                if let Some(open) = &ctx.open {
+                    open.call.observe(&tap.observed);
                 }
             }
         }
