@@ -217,6 +217,18 @@ fn spend_equals_the_upstreams_bill_to_the_micro_dollar() {
     }
     for (user, pico) in &billed {
         assert_eq!(ledger_spend(&tap, user), *pico, "{user}");
+        // The counter that enforces the cap holds the same, with nothing left reserved.
+        let v = request(
+            tap.admin,
+            "GET",
+            &format!("/admin/budgets/users/{user}"),
+            &[],
+            b"",
+        )
+        .json();
+        let w = &v["windows"][0];
+        assert_eq!(pico_of_usd(&w["spent_usd"]), *pico, "{user}: {v}");
+        assert_eq!(pico_of_usd(&w["reserved_usd"]), 0, "{user}: {v}");
     }
 }
 
@@ -248,29 +260,59 @@ fn spend_survives_sigterm_and_kill_9_loses_at_most_one_flush_interval() {
         .unwrap();
     assert_eq!(total as u64, spent);
 
-    // Start again on the same ledger: the spend is still charged; then kill -9 after more
-    // calls and more than one flush interval: nothing settled before that is lost.
+    // Start again on the same ledger: the spend is still charged. Calls keep coming while
+    // the process is killed with -9: what was settled more than a flush interval before the
+    // kill is in the file; at most the calls of the last interval or two are lost.
+    let per_call = spent / 20;
     let tap2 = TapBuilder::new(&mock.url())
         .extra(&extra)
         .in_dir(tap.dir)
         .start();
-    for _ in 0..10 {
-        let body = chat_body(MODEL, "keeper", false, "");
-        assert_eq!(
-            request(tap2.addr, "POST", "/v1/chat/completions", &[], &body).status,
-            200
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (addr, stop) = (tap2.addr, Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut done = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = chat_body(MODEL, "keeper", false, "");
+                let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                    break;
+                };
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                send_request(
+                    &mut s,
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("connection", "close")],
+                    &body,
+                );
+                // Read to the close: the kill may cut a response anywhere.
+                let mut got = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut s, &mut got);
+                let text = String::from_utf8_lossy(&got);
+                if !(text.starts_with("HTTP/1.1 200") && text.trim_end().ends_with('}')) {
+                    break;
+                }
+                done.push(Instant::now());
+            }
+            done
+        })
+    };
+    // Let a few flush intervals of calls pass, then kill in the middle of the traffic.
+    let start = Instant::now();
+    while ledger_rows(&tap2) < 60 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "calls are not reaching the ledger"
         );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let recs = tap2.wait_records(30);
-    let spent: u64 = recs.iter().map(pico_of).sum();
-    std::thread::sleep(Duration::from_millis(600));
-    let pid = tap2.proc.pid();
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(ledger_spend(&tap2, "keeper"), spent);
+    tap2.proc.signal("KILL");
+    let killed = Instant::now();
+    let mut tap2 = tap2;
+    let _ = tap2.proc.child.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let done = caller.join().unwrap();
     let total: i64 = ledger_db(&tap2)
         .query_row(
             "SELECT pico FROM spend WHERE key = 'user:keeper' AND window = 'total'",
@@ -278,9 +320,108 @@ fn spend_survives_sigterm_and_kill_9_loses_at_most_one_flush_interval() {
             |r| r.get(0),
         )
         .unwrap();
+    let kept = (total as u64 - spent) / per_call;
     assert_eq!(
-        total as u64, spent,
-        "the spend after a restart includes the spend before it"
+        (total as u64 - spent) % per_call,
+        0,
+        "whole calls are kept or lost"
+    );
+    let interval = Duration::from_millis(200);
+    let surely_kept = done.iter().filter(|t| killed - **t > 2 * interval).count() as u64;
+    let finished = done.len() as u64;
+    assert!(
+        finished > surely_kept,
+        "no call ended within the last flush interval: the test proves nothing"
+    );
+    assert!(
+        (surely_kept..=finished + 1).contains(&kept),
+        "kill -9 lost more than a flush interval: {kept} calls kept of {finished} \
+         ({surely_kept} ended over two intervals before the kill)"
+    );
+}
+
+#[test]
+fn a_stream_cut_at_the_drain_deadline_is_charged_what_it_used() {
+    let mock = Mock::start();
+    let extra = format!("{TEST_PRICING}\n[budgets.users.cut]\ntotal = {{ usd = 1000 }}\n");
+    let mut tap = TapBuilder::new(&mock.url())
+        .extra(&extra)
+        .start_with_server_extra("drain_timeout_ms = 300\n");
+    let mut s = std::net::TcpStream::connect(tap.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let body = chat_body(MODEL, "cut", true, "");
+    send_request(
+        &mut s,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "200")],
+        &body,
+    );
+    // Two content chunks have arrived; the stream would run for another 20 s.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.windows(9).filter(|w| w == b"\"content\"").count() < 2 {
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // SIGTERM: the stream outlives server.drain_timeout_ms and is cut when the process ends.
+    assert!(tap.proc.terminate().success());
+    let (cost, completion, outcome, estimated): (i64, i64, String, bool) = ledger_db(&tap)
+        .query_row(
+            "SELECT cost_pico, completion, outcome, estimated FROM calls WHERE user = 'cut'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "abandoned");
+    assert!(estimated);
+    // Charged what it used as far as tokentap saw (the prompt and the content relayed), not
+    // nothing and not its worst case.
+    assert!(completion >= 2, "completion {completion}");
+    assert_eq!(cost as u64, PROMPT_TOKENS * IN + completion as u64 * OUT);
+    let total: i64 = ledger_db(&tap)
+        .query_row(
+            "SELECT pico FROM spend WHERE key = 'user:cut' AND window = 'total'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(total, cost);
+    // After a restart the cap sees the same, with nothing reserved.
+    let tap2 = TapBuilder::new(&mock.url())
+        .extra(&extra)
+        .in_dir(tap.dir)
+        .start();
+    let v = request(tap2.admin, "GET", "/admin/budgets/users/cut", &[], b"").json();
+    assert_eq!(
+        pico_of_usd(&v["windows"][0]["spent_usd"]),
+        cost as u64,
+        "{v}"
+    );
+    assert_eq!(pico_of_usd(&v["windows"][0]["reserved_usd"]), 0, "{v}");
+}
+
+#[test]
+fn a_second_process_cannot_share_the_embedded_ledger() {
+    let mock = Mock::start();
+    let tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.default]\ndaily = {{ usd = 10 }}\n"),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .args(["serve", "--config"])
+        .arg(&tap.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another tokentap process"), "{err}");
+    // The first one is unharmed.
+    let body = chat_body(MODEL, "x", false, "");
+    assert_eq!(
+        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+        200
     );
 }
 

@@ -57,14 +57,6 @@ impl Redis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
-
-    fn stop(&mut self) {
-        drop(self.proc.take());
-    }
-
-    fn restart(&mut self) {
-        self.proc = Some(Self::start_on(self.port));
-    }
 }
 
 fn config(redis: &Redis, on_error: &str, caps: &str) -> String {
@@ -136,14 +128,47 @@ fn two_replicas_sharing_redis_hold_the_cap_together() {
     assert!(ok <= 10, "{ok} calls went through a cap of about 10");
 }
 
+/// The spend of `user` in its first window, as the admin API reads it from Redis.
+fn spent(tap: &Tap, user: &str) -> (u64, u64) {
+    let v = request(
+        tap.admin,
+        "GET",
+        &format!("/admin/budgets/users/{user}"),
+        &[],
+        b"",
+    )
+    .json();
+    let w = &v["windows"][0];
+    (
+        pico_of_usd(&w["spent_usd"]),
+        pico_of_usd(&w["reserved_usd"]),
+    )
+}
+
+/// Waits until `user`'s spend is `want` with nothing reserved.
+fn wait_spent(tap: &Tap, user: &str, want: u64) {
+    let start = Instant::now();
+    loop {
+        let got = spent(tap, user);
+        if got == (want, 0) {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{user}: spent and reserved {got:?}, want ({want}, 0)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn redis_going_away_follows_on_error_and_enforcement_resumes_when_it_is_back() {
+fn redis_paused_follows_on_error_charges_fail_open_calls_and_enforcement_resumes() {
     let mock = Mock::start();
-    let mut redis = Redis::start();
+    let redis = Redis::start();
     let real = PROMPT_TOKENS * IN + 5 * OUT;
     let caps = format!(
         "[budgets.default]\ndaily = {{ usd = 100 }}\n[budgets.users.tiny]\ndaily = {{ usd = \"{}\" }}\n",
-        usd(real)
+        usd(2 * real)
     );
     let open = Tap::start(&mock.url(), &config(&redis, "fail_open", &caps));
     let closed = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
@@ -153,42 +178,125 @@ fn redis_going_away_follows_on_error_and_enforcement_resumes_when_it_is_back() {
     };
     assert_eq!(call(&open, "u").status, 200);
     assert_eq!(call(&closed, "u").status, 200);
+    assert_eq!(call(&open, "tiny").status, 200);
+    wait_spent(&closed, "u", 2 * real);
 
-    redis.stop();
-    assert_eq!(call(&open, "u").status, 200, "fail_open lets calls through");
+    // Redis stops answering (paused, not replaced: what it holds must survive).
+    let pid = redis.proc.as_ref().unwrap().pid();
+    redis.proc.as_ref().unwrap().signal("STOP");
+    let _cont = Cont(pid);
+    for _ in 0..3 {
+        assert_eq!(call(&open, "u").status, 200, "fail_open lets calls through");
+    }
+    // Through fail_open, tiny could pass its cap; what it costs is charged all the same.
+    assert_eq!(call(&open, "tiny").status, 200);
+    assert_eq!(call(&open, "tiny").status, 200);
     let r = call(&closed, "u");
     assert_eq!(r.status, 503, "fail_closed refuses");
     assert_eq!(r.json()["error"]["code"], "budget_store_unavailable");
     for tap in [&open, &closed] {
         assert!(tap.metric("tokentap_ledger_errors_total") >= 1.0);
     }
-    assert_eq!(open.metric("tokentap_budget_fail_open_total"), 1.0);
+    assert_eq!(open.metric("tokentap_budget_fail_open_total"), 5.0);
     assert_eq!(closed.metric("tokentap_budget_fail_open_total"), 0.0);
 
-    // Back, on the same address: both replicas reconnect by themselves and enforce again.
-    redis.restart();
+    // Back: both replicas use it again by themselves; the calls let through meanwhile are
+    // charged (to the pico-dollar, once each) and what Redis held before is still there.
+    redis.proc.as_ref().unwrap().signal("CONT");
+    wait_spent(&closed, "u", 5 * real);
+    wait_spent(&open, "tiny", 3 * real);
+    assert_eq!(mock.received(), 8);
+    // tiny is over its cap now: refused on both replicas.
+    for tap in [&open, &closed] {
+        let r = call(tap, "tiny");
+        assert_eq!(
+            r.status, 429,
+            "the cap was not enforced after Redis came back"
+        );
+        assert!(r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resets at"));
+    }
+    assert_eq!(call(&closed, "u").status, 200);
+    wait_spent(&open, "u", 6 * real);
+}
+
+/// Resumes a stopped process when dropped (a failing test must not leave Redis stopped).
+struct Cont(u32);
+
+impl Drop for Cont {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let worst = PROMPT_TOKENS * IN + 20 * OUT;
+    // Room for one call's worst case, not two; the lease of a reservation lasts 2 s.
+    let caps = format!(
+        "reservation_ttl_s = 2\n[budgets.users.solo]\ndaily = {{ usd = \"{}\" }}\n",
+        usd(worst + worst / 2)
+    );
+    let mut a = TapBuilder::new(&mock.url())
+        .extra(&config(&redis, "fail_closed", &caps))
+        .read_timeout_ms(600_000)
+        .start();
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
+    let body = chat_body(MODEL, "solo", false, r#","max_tokens":20"#);
+    let slow = {
+        let (addr, body) = (a.addr, body.clone());
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            send_request(
+                &mut s,
+                "POST",
+                "/v1/chat/completions",
+                &[("x-mock-delay-ms", "600000")],
+                &body,
+            );
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+        })
+    };
     let start = Instant::now();
-    while call(&closed, "u").status != 200 {
+    while mock.received() < 1 {
         assert!(
             start.elapsed() < PATIENCE,
-            "tokentap did not reconnect to Redis"
+            "the slow call never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The slow call holds the cap: b refuses, the call in flight named as the reason.
+    let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+    assert_eq!(r.status, 429);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("in flight"), "{msg}");
+    // a dies without settling: its lease ends and the next reserve releases it.
+    a.proc.signal("KILL");
+    let _ = a.proc.child.wait();
+    slow.join().unwrap();
+    let start = Instant::now();
+    loop {
+        let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429);
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the dead replica's reservation was never released"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(call(&open, "tiny").status, 200);
-    // The settle of tiny's call reaches Redis on its own task: wait for the refusal.
-    let start = Instant::now();
-    loop {
-        let s = call(&closed, "tiny").status;
-        if s == 429 {
-            break;
-        }
-        assert_eq!(s, 200);
-        assert!(
-            start.elapsed() < PATIENCE,
-            "the cap was not enforced after Redis came back"
-        );
-    }
+    // The call b let through is charged; the dead one never settled (nothing to charge).
+    wait_spent(&b, "solo", PROMPT_TOKENS * IN + 5 * OUT);
 }
 
 #[test]

@@ -78,6 +78,10 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+    /// Sends a signal ("STOP", "CONT", "KILL", ...).
+    pub fn signal(&self, sig: &str) {
+        unsafe_kill(self.child.id(), sig);
+    }
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         unsafe_kill(self.child.id(), "TERM");
@@ -294,13 +298,18 @@ impl TapBuilder {
             env,
             server_extra,
         } = self;
+        let drain = if server_extra.contains("drain_timeout_ms") {
+            ""
+        } else {
+            "drain_timeout_ms = 10000"
+        };
         let text = format!(
             r#"
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 threads = 2
-drain_timeout_ms = 10000
+{drain}
 {server_extra}
 [upstream]
 url = "{upstream}"
