@@ -37,10 +37,11 @@ enum Command {
         /// The TOML config file (its budgets.ledger.path is read).
         #[arg(short, long, default_value = "config/tokentap.toml")]
         config: PathBuf,
-        /// First day, inclusive (YYYY-MM-DD, UTC). Default: 30 days ago.
+        /// First day, inclusive (YYYY-MM-DD, in budgets.time_zone or utc_offset, like daily
+        /// caps; UTC by default). Default: 30 days ago.
         #[arg(long)]
         from: Option<String>,
-        /// Last day, inclusive (YYYY-MM-DD, UTC). Default: today.
+        /// Last day, inclusive (YYYY-MM-DD, same zone). Default: today.
         #[arg(long)]
         to: Option<String>,
         /// Group by user, team or model.
@@ -75,15 +76,24 @@ fn spend(
 ) -> Result<String, String> {
     use tokentap::budget::report;
     let cfg = tokentap::config::load(config).map_err(|e| e.to_string())?;
-    let now = tokentap::budget::now_unix();
+    // Days are the budgets' days: in budgets.time_zone (or utc_offset), like daily caps.
+    let zone = cfg.budgets.offset();
+    let today = report::date_of(tokentap::budget::now_unix(), zone);
     let from = match from {
-        Some(d) => report::day(&d)?,
-        None => now - now.rem_euclid(86_400) - 30 * 86_400,
+        Some(d) => report::date(&d)?,
+        None => today - chrono::Days::new(30),
     };
     let to = match to {
-        Some(d) => report::day(&d)? + 86_400,
-        None => now - now.rem_euclid(86_400) + 86_400,
+        Some(d) => report::date(&d)?,
+        None => today,
     };
+    if to < from {
+        return Err(format!("--to {to} is before --from {from}"));
+    }
+    let (from, to) = (
+        report::midnight(from, zone),
+        report::midnight(to + chrono::Days::new(1), zone),
+    );
     let by = match by {
         ByArg::User => report::By::User,
         ByArg::Team => report::By::Team,

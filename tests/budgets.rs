@@ -608,7 +608,7 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     let mock = Mock::start();
     let mut tap = Tap::start(
         &mock.url(),
-        &format!("{TEST_PRICING}\n[budgets.teams.lab]\nmembers = [\"ann\"]\ncaps = {{ daily = {{ usd = 5 }} }}\n"),
+        &format!("{TEST_PRICING}\n[budgets]\ntime_zone = \"Pacific/Kiritimati\"\n[budgets.teams.lab]\nmembers = [\"ann\"]\ncaps = {{ daily = {{ usd = 5 }} }}\n[budgets.teams.ops]\nmembers = [\"ann\"]\ncaps = {{ daily = {{ usd = 5 }} }}\n"),
     );
     for (user, n) in [("ann", 3), ("ben", 2)] {
         for _ in 0..n {
@@ -658,6 +658,17 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     assert!(
         teams.lines().any(|l| l.starts_with("(no team),2,")),
         "{teams}"
+    );
+    assert!(teams.lines().any(|l| l.starts_with("ops,3,")), "{teams}");
+    // ann's calls are under both of her teams; the total counts each call once.
+    let by_team = run(&["--by", "team"]);
+    let all = cost("ann") + cost("ben");
+    assert!(
+        by_team.contains(&format!(
+            "total cost_usd {}",
+            usd(all).trim_end_matches('0')
+        )),
+        "{by_team}"
     );
     let table = run(&["--by", "model"]);
     assert!(

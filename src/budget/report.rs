@@ -8,6 +8,7 @@ use std::path::Path;
 use chrono::NaiveDate;
 use rusqlite::{params, Connection, OpenFlags};
 
+use super::policy::Zone;
 use crate::meter::Pico;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,14 +38,33 @@ struct Row {
     unpriced: u64,
 }
 
-/// Midnight UTC of a `YYYY-MM-DD` date, as Unix seconds.
-pub fn day(s: &str) -> Result<i64, String> {
-    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .map_err(|_| format!("{s:?} is not a date: write it as YYYY-MM-DD"))?;
-    Ok(d.and_hms_opt(0, 0, 0)
-        .unwrap_or_default()
-        .and_utc()
-        .timestamp())
+/// A `YYYY-MM-DD` date.
+pub fn date(s: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|_| format!("{s:?} is not a date: write it as YYYY-MM-DD"))
+}
+
+/// The start of `d` in the budgets' time zone, as Unix seconds (where a daylight-saving
+/// change skips midnight, the first instant of the day that exists).
+pub fn midnight(d: NaiveDate, zone: Zone) -> i64 {
+    use chrono::TimeZone;
+    let start = d.and_hms_opt(0, 0, 0).unwrap_or_default();
+    let at = |t: chrono::NaiveDateTime| match zone {
+        Zone::Fixed(z) => z.from_local_datetime(&t).earliest().map(|t| t.timestamp()),
+        Zone::Named(z) => z.from_local_datetime(&t).earliest().map(|t| t.timestamp()),
+    };
+    (0..=3)
+        .find_map(|h| at(start + chrono::Duration::hours(h)))
+        .unwrap_or_else(|| start.and_utc().timestamp())
+}
+
+/// The date of `t` (Unix seconds) in the budgets' time zone.
+pub fn date_of(t: i64, zone: Zone) -> NaiveDate {
+    let utc = chrono::DateTime::from_timestamp(t, 0).unwrap_or_default();
+    match zone {
+        Zone::Fixed(z) => utc.with_timezone(&z).date_naive(),
+        Zone::Named(z) => utc.with_timezone(&z).date_naive(),
+    }
 }
 
 /// The report for calls in `[from, to)` (Unix seconds).
@@ -87,8 +107,11 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             ))
         })
         .map_err(|e| e.to_string())?;
+    // Every call counted once, also where a user's call appears under each of their teams.
+    let mut total = 0u64;
     for r in it {
         let (user, teams, model, row) = r.map_err(|e| e.to_string())?;
+        total += row.cost;
         let keys: Vec<String> = match by {
             By::User => vec![user.unwrap_or_else(|| "(no user)".into())],
             By::Model => vec![model.unwrap_or_else(|| "(no model)".into())],
@@ -216,9 +239,35 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             for row in &body {
                 line(&mut out, row.iter().map(String::as_str).collect());
             }
-            let total: u64 = sorted.iter().map(|(_, r)| r.cost).sum();
             let _ = writeln!(out, "total cost_usd {}", Pico(total));
+            if by == By::Team {
+                out.push_str(
+                    "(a call of a user in several teams is listed under each; the total counts it once)\n",
+                );
+            }
             out
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_start_at_midnight_in_the_budgets_zone() {
+        let d = date("2026-11-25").unwrap();
+        assert_eq!(midnight(d, Zone::utc()), 1_795_564_800);
+        let plus2 = Zone::Fixed(chrono::FixedOffset::east_opt(2 * 3600).unwrap());
+        assert_eq!(midnight(d, plus2), 1_795_564_800 - 7200);
+        let ny = Zone::Named(chrono_tz::America::New_York);
+        assert_eq!(midnight(d, ny), 1_795_564_800 + 5 * 3600);
+        // A day on which clocks change is 23 hours long, from midnight to midnight.
+        let dst = date("2026-03-08").unwrap();
+        let next = date("2026-03-09").unwrap();
+        assert_eq!(midnight(next, ny) - midnight(dst, ny), 23 * 3600);
+        // 23:30 UTC is already the next day at UTC+2.
+        assert_eq!(date_of(1_795_564_800 - 1800, plus2), d);
+        assert!(date("25/11/2026").unwrap_err().contains("YYYY-MM-DD"));
+    }
 }
