@@ -73,8 +73,10 @@ fn two_replicas_sharing_redis_hold_the_cap_together() {
     let worst = PROMPT_TOKENS * IN + 20 * OUT;
     let real = PROMPT_TOKENS * IN + 5 * OUT;
     let cap = 10 * real;
+    // A generous Redis timeout: a loaded CI machine must not turn this test's calls into
+    // fail_closed 503s.
     let caps = format!(
-        "[budgets.users.greedy]\ndaily = {{ usd = \"{}\" }}\n",
+        "redis_timeout_ms = 5000\n[budgets.users.greedy]\ndaily = {{ usd = \"{}\" }}\n",
         usd(cap)
     );
     let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
@@ -240,7 +242,7 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
     let worst = PROMPT_TOKENS * IN + 20 * OUT;
     // Room for one call's worst case, not two; the lease of a reservation lasts 2 s.
     let caps = format!(
-        "reservation_ttl_s = 2\n[budgets.users.solo]\ndaily = {{ usd = \"{}\" }}\n",
+        "reservation_ttl_s = 2\nredis_timeout_ms = 5000\n[budgets.users.solo]\ndaily = {{ usd = \"{}\" }}\n",
         usd(worst + worst / 2)
     );
     let mut a = TapBuilder::new(&mock.url())

@@ -21,6 +21,9 @@ struct Counter {
     spent: Amount,
     /// Held by calls in flight (carried across a window's end: they settle into the new one).
     reserved: Amount,
+    /// When a call last reserved or settled here (idle counters of ended windows are dropped
+    /// from memory; the file keeps them).
+    touched: i64,
 }
 
 #[derive(Default)]
@@ -31,6 +34,8 @@ struct State {
     /// The Redis ledger's settles that Redis has not taken yet: added, and taken.
     outbox_put: Vec<(String, String)>,
     outbox_done: Vec<String>,
+    /// When idle counters were last looked for.
+    last_evict: i64,
 }
 
 impl State {
@@ -47,7 +52,22 @@ impl State {
             c.start = start;
             c.spent = Amount::default();
         }
+        c.touched = c.touched.max(start);
         c
+    }
+
+    /// Forgets counters whose window has surely ended since they were last used and that hold
+    /// nothing: memory follows the callers of the current windows, not every caller ever.
+    fn evict_idle(&mut self, now: i64) {
+        if now - self.last_evict < 60 {
+            return;
+        }
+        self.last_evict = now;
+        let dirty = &self.dirty;
+        self.counters.retain(|k, c| {
+            let ended = k.1.max_len().is_some_and(|len| now - c.touched > len);
+            !ended || c.reserved != Amount::default() || dirty.contains(k)
+        });
     }
 }
 
@@ -98,6 +118,7 @@ impl Embedded {
                             tokens: tokens as u64,
                         },
                         reserved: Amount::default(),
+                        touched: start,
                     };
                 }
             }
@@ -160,7 +181,9 @@ impl Embedded {
         let mut holds = Vec::with_capacity(caps.len());
         for (subject, cap) in &caps {
             let (h, _) = super::hold(subject, cap, now, offset);
-            st.counter(&h.key, h.window, h.start).reserved.add(worst);
+            let c = st.counter(&h.key, h.window, h.start);
+            c.reserved.add(worst);
+            c.touched = now;
             holds.push(h);
         }
         Ok(Reservation::new(policy, user, holds, worst))
@@ -174,6 +197,7 @@ impl Embedded {
             let (start, _) = h.window.bounds(now, r.offset);
             let c = st.counter(&h.key, h.window, start);
             c.reserved.sub(r.worst);
+            c.touched = c.touched.max(now);
             let before = c.spent;
             c.spent.add(actual);
             let after = c.spent;
@@ -452,6 +476,7 @@ impl Ledger for Embedded {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let (spend, rows, put, done) = {
             let mut st = self.lock();
+            st.evict_idle(super::now_unix());
             if st.dirty.is_empty()
                 && st.rows.is_empty()
                 && st.outbox_put.is_empty()
@@ -489,5 +514,48 @@ impl Ledger for Embedded {
             done.append(&mut st.outbox_done);
             st.outbox_done = done;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_counters_of_ended_windows_leave_memory_and_busy_ones_stay() {
+        let mut st = State::default();
+        let day = 86_400;
+        // Used yesterday, nothing held: its window has ended.
+        st.counter("user:old", Window::Daily, 0).touched = 100;
+        // Used yesterday but a call still holds a reservation: kept.
+        let held = st.counter("user:held", Window::Daily, 0);
+        held.touched = 100;
+        held.reserved.pico = 5;
+        // Used yesterday, spend not yet written to the file: kept until it is.
+        st.counter("user:dirty", Window::Daily, 0).touched = 100;
+        st.dirty.insert(("user:dirty".into(), Window::Daily));
+        // Used just now, and a total that never ends: kept.
+        st.counter("user:now", Window::Daily, day).touched = 2 * day;
+        st.counter("user:old", Window::Total, 0).touched = 100;
+        st.evict_idle(2 * day + 10);
+        let mut left: Vec<String> = st
+            .counters
+            .keys()
+            .map(|(k, w)| format!("{k}/{w}"))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "user:dirty/daily",
+                "user:held/daily",
+                "user:now/daily",
+                "user:old/total"
+            ]
+        );
+        // At most once a minute.
+        st.dirty.clear();
+        st.evict_idle(2 * day + 20);
+        assert_eq!(st.counters.len(), 4);
     }
 }

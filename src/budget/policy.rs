@@ -124,6 +124,8 @@ pub struct RawLedger {
     /// (or loses a reply) mid-call cannot keep its callers' budget blocked for longer. Calls
     /// that run longer are still charged in full; they only stop holding their worst case.
     pub reservation_ttl_s: u64,
+    /// A Redis round trip longer than this counts as Redis being down (`on_error` applies).
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for RawLedger {
@@ -137,6 +139,7 @@ impl Default for RawLedger {
             redis_prefix: "tokentap".into(),
             on_error: "fail_closed".into(),
             reservation_ttl_s: 900,
+            redis_timeout_ms: 500,
         }
     }
 }
@@ -182,6 +185,19 @@ impl Window {
                 Window::Every(secs)
             }
         })
+    }
+
+    /// The longest a window of this kind lasts (a DST day is 25 hours), `None` for `total`.
+    pub fn max_len(&self) -> Option<i64> {
+        const H: i64 = 3600;
+        match self {
+            Window::Hourly => Some(H),
+            Window::Daily => Some(25 * H),
+            Window::Weekly => Some(7 * 24 * H + H),
+            Window::Monthly => Some(31 * 24 * H + H),
+            Window::Total => None,
+            Window::Every(s) => Some(i64::try_from(*s).unwrap_or(i64::MAX)),
+        }
     }
 
     /// The window's name as configured (and as used in metrics and the ledger).
@@ -335,6 +351,7 @@ pub struct LedgerConfig {
     pub redis_prefix: String,
     pub fail_open: bool,
     pub reservation_ttl: std::time::Duration,
+    pub redis_timeout: std::time::Duration,
 }
 
 impl Default for LedgerConfig {
@@ -348,6 +365,7 @@ impl Default for LedgerConfig {
             redis_prefix: "tokentap".into(),
             fail_open: false,
             reservation_ttl: std::time::Duration::from_secs(900),
+            redis_timeout: std::time::Duration::from_millis(500),
         }
     }
 }
@@ -481,6 +499,9 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
     if raw.ledger.flush_interval_ms == 0 {
         return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
     }
+    if raw.ledger.redis_timeout_ms == 0 {
+        return Err("budgets.ledger.redis_timeout_ms: must be greater than 0".into());
+    }
     if raw.ledger.reservation_ttl_s == 0 {
         return Err("budgets.ledger.reservation_ttl_s: must be greater than 0".into());
     }
@@ -503,6 +524,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             redis_prefix: raw.ledger.redis_prefix.clone(),
             fail_open,
             reservation_ttl: std::time::Duration::from_secs(raw.ledger.reservation_ttl_s),
+            redis_timeout: std::time::Duration::from_millis(raw.ledger.redis_timeout_ms),
         },
     })
 }

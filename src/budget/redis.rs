@@ -26,8 +26,6 @@ use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation, SoftHook, Sto
 
 /// After a window ends, its counters are kept this long (for reports and late settles).
 const KEEP_AFTER_END: i64 = 7 * 86_400;
-/// A Redis round trip that takes longer than this counts as Redis being down.
-const TIMEOUT: Duration = Duration::from_millis(500);
 /// How often settles Redis could not take are offered again.
 const OUTBOX_RETRY: Duration = Duration::from_millis(250);
 /// Settles kept for Redis at most (beyond, the oldest are dropped and counted as errors).
@@ -148,6 +146,8 @@ struct Inner {
     con: ConnectionManager,
     prefix: String,
     lease: Duration,
+    /// A round trip longer than this counts as Redis being down.
+    timeout: Duration,
     reserve: Script,
     settle: Script,
     /// Per-call rows for reports, and the outbox, go to this replica's embedded file.
@@ -193,6 +193,7 @@ impl RedisLedger {
             con,
             prefix: cfg.redis_prefix.clone(),
             lease: cfg.reservation_ttl,
+            timeout: cfg.redis_timeout,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             rows,
@@ -219,8 +220,8 @@ impl RedisLedger {
         let client =
             redis::Client::open(url).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
         let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
+            .set_connection_timeout(Some(cfg.redis_timeout))
+            .set_response_timeout(Some(cfg.redis_timeout))
             .set_number_of_retries(1);
         tokio::time::timeout(
             Duration::from_secs(5),
@@ -357,17 +358,18 @@ impl Inner {
             inv.arg(a);
         }
         let mut con = self.con.clone();
-        let out: Vec<i64> = match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut con)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                let _ = self.failed("settle", &e);
-                return Err(());
-            }
-            Err(_) => {
-                let _ = self.failed("settle", &"timed out");
-                return Err(());
-            }
-        };
+        let out: Vec<i64> =
+            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    let _ = self.failed("settle", &e);
+                    return Err(());
+                }
+                Err(_) => {
+                    let _ = self.failed("settle", &"timed out");
+                    return Err(());
+                }
+            };
         // An empty answer: an earlier attempt of this settle already ran.
         for (i, (key, window, start)) in call.holds.iter().enumerate() {
             let (Some(sp), Some(st), Some(crossed)) =
@@ -516,7 +518,7 @@ impl Ledger for RedisLedger {
         }
         let mut con = inner.con.clone();
         let reply: Result<Vec<i64>, StoreDown> =
-            match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut con)).await {
+            match tokio::time::timeout(inner.timeout, inv.invoke_async(&mut con)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(inner.failed("reserve", &e)),
                 Err(_) => Err(inner.failed("reserve", &"timed out")),
@@ -659,7 +661,8 @@ impl Ledger for RedisLedger {
                 .collect();
             let inner = Arc::clone(&self.inner);
             self.rt.spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT * 4, inner.refresh(counters, tops)).await;
+                let _ =
+                    tokio::time::timeout(inner.timeout * 4, inner.refresh(counters, tops)).await;
                 inner.refreshing.store(false, Ordering::Release);
             });
         }
