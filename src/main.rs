@@ -90,10 +90,10 @@ fn spend(
     if to < from {
         return Err(format!("--to {to} is before --from {from}"));
     }
-    let (from, to) = (
-        report::midnight(from, zone),
-        report::midnight(to + chrono::Days::new(1), zone),
-    );
+    let after = to
+        .checked_add_days(chrono::Days::new(1))
+        .ok_or_else(|| format!("--to {to} is too far in the future"))?;
+    let (from, to) = (report::midnight(from, zone), report::midnight(after, zone));
     let by = match by {
         ByArg::User => report::By::User,
         ByArg::Team => report::By::Team,

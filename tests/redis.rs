@@ -240,9 +240,10 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
     let mock = Mock::start();
     let redis = Redis::start();
     let worst = PROMPT_TOKENS * IN + 20 * OUT;
-    // Room for one call's worst case, not two; the lease of a reservation lasts 2 s.
+    // Room for one call's worst case, not two; the lease of a reservation lasts 3 s (by
+    // Redis' clock, in whole seconds: at least 2 s).
     let caps = format!(
-        "reservation_ttl_s = 2\nredis_timeout_ms = 5000\n[budgets.users.solo]\ndaily = {{ usd = \"{}\" }}\n",
+        "reservation_ttl_s = 3\nredis_timeout_ms = 5000\n[budgets.users.solo]\ndaily = {{ usd = \"{}\" }}\n",
         usd(worst + worst / 2)
     );
     let mut a = TapBuilder::new(&mock.url())

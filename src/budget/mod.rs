@@ -273,9 +273,12 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
         reasoning: if reasoning_dearer { output } else { 0 },
         web_searches: searches,
     };
+    // Beyond 2^53 (9,007 USD, or 9e15 tokens, for one call) amounts lose exactness in the
+    // Redis scripts' arithmetic; no real call comes near, and such a call is refused anyway.
+    const MAX: u64 = 1 << 53;
     Amount {
-        pico: price.map_or(0, |p| p.cost(&usage).0),
-        tokens: prompt.saturating_add(output),
+        pico: price.map_or(0, |p| p.cost(&usage).0).min(MAX),
+        tokens: prompt.saturating_add(output).min(MAX),
     }
 }
 
@@ -373,8 +376,7 @@ fn refusal(r: &Rejection, now: i64) -> ApiError {
     let (when, retry) = if r.in_flight {
         // Spend settled so far leaves room; the caller's calls still running hold it.
         (
-            "Calls of yours still in flight hold the rest of it; retry when they finish."
-                .to_string(),
+            "Calls still in flight hold the rest of it; retry when they finish.".to_string(),
             Some(IN_FLIGHT_RETRY_S.min((r.resets_at - now).max(1) as u64)),
         )
     } else if r.resets_at == i64::MAX {
@@ -434,7 +436,12 @@ impl crate::telemetry::Sink for LedgerSink {
             return;
         }
         let now = now_unix();
-        if let Some(r) = rec.budget.as_ref().filter(|r| r.claim()) {
+        if let Some(r) = &rec.budget {
+            if !r.claim() {
+                // The drain deadline settled it (and wrote its row) while this record was
+                // being built: charging or listing it again would count the call twice.
+                return;
+            }
             self.0.settle(r, actual(rec), now);
         }
         let ts = rec

@@ -36,7 +36,8 @@ const FOLLOW_TOP: isize = 1000;
 const RESERVE: &str = r#"
 -- KEYS: this reservation's settle marker, then per cap: its counter (a hash of spent and
 -- reserved pico-USD and tokens) and its leases (a sorted set of "id|pico|tokens" scored by
--- deadline). ARGV: the lease member, worst pico, worst tokens, now, deadline, then per cap:
+-- deadline). ARGV: the lease member, worst pico, worst tokens, the lease's length in seconds
+-- (timed by Redis' clock, the same for every replica), then per cap:
 -- cap pico, cap tokens (-1: none), expire-at (0: never).
 -- Returns {0} when reserved; {-1} when this reservation was already cancelled (its settle
 -- ran first: the reply of an earlier attempt was lost); otherwise, per cap that would be
@@ -44,20 +45,22 @@ const RESERVE: &str = r#"
 -- Lua numbers are doubles: exact to 2^53 pico-USD (9,007 USD) per window; past that the
 -- comparison is off by picodollars.
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+local now = tonumber(redis.call('TIME')[1])
+local deadline = now + tonumber(ARGV[4])
 local wp, wt = tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = (#KEYS - 1) / 2
 local fails = {}
 for i = 1, n do
   local k, l = KEYS[2 * i], KEYS[2 * i + 1]
   -- Leases past their deadline belong to calls whose replica died or lost them: release.
-  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', ARGV[4], 'LIMIT', 0, 1000)
+  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now, 'LIMIT', 0, 1000)
   for _, m in ipairs(gone) do
     local p, t = string.match(m, '|(%d+)|(%d+)$')
     if p and p ~= '0' then redis.call('HINCRBY', k, 'rp', '-' .. p) end
     if t and t ~= '0' then redis.call('HINCRBY', k, 'rt', '-' .. t) end
     redis.call('ZREM', l, m)
   end
-  local b = 5 + (i - 1) * 3
+  local b = 4 + (i - 1) * 3
   local cp, ct = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local h = redis.call('HMGET', k, 'sp', 'st', 'rp', 'rt')
   local sp, st = tonumber(h[1] or '0'), tonumber(h[2] or '0')
@@ -76,8 +79,8 @@ for i = 1, n do
   local k, l = KEYS[2 * i], KEYS[2 * i + 1]
   if ARGV[2] ~= '0' then redis.call('HINCRBY', k, 'rp', ARGV[2]) end
   if ARGV[3] ~= '0' then redis.call('HINCRBY', k, 'rt', ARGV[3]) end
-  redis.call('ZADD', l, ARGV[5], ARGV[1])
-  local exp = tonumber(ARGV[5 + (i - 1) * 3 + 3])
+  redis.call('ZADD', l, deadline, ARGV[1])
+  local exp = tonumber(ARGV[4 + (i - 1) * 3 + 3])
   if exp > 0 then
     redis.call('EXPIREAT', k, exp)
     redis.call('EXPIREAT', l, exp)
@@ -162,6 +165,8 @@ struct Inner {
     /// by every settle's answer and refreshed from Redis at each scrape.
     seen: Mutex<HashMap<(String, Window), (i64, Amount)>>,
     refreshing: AtomicBool,
+    /// Settles sent and not answered yet, by reservation id.
+    unanswered: Mutex<HashMap<String, SettleCall>>,
 }
 
 impl RedisLedger {
@@ -203,6 +208,7 @@ impl RedisLedger {
             soft: OnceLock::new(),
             seen: Mutex::new(HashMap::new()),
             refreshing: AtomicBool::new(false),
+            unanswered: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         rt.spawn(async move {
@@ -281,10 +287,24 @@ impl RedisLedger {
     fn send(&self, call: SettleCall) {
         let inner = Arc::clone(&self.inner);
         inner.pending.fetch_add(1, Ordering::AcqRel);
+        // Known until answered: a shutdown keeps in the file what Redis has not answered.
+        inner
+            .unanswered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(call.id.clone(), call.clone());
         self.rt.spawn(async move {
-            // Behind a backlog, wait in line: the backlog is retried in order.
-            let queued = !inner.lock_outbox().is_empty();
-            if queued || inner.run_settle(&call).await.is_err() {
+            // Settles of different calls commute (and each runs once, by its marker), so a
+            // new one never waits behind a backlog.
+            let ok = inner.run_settle(&call).await.is_ok();
+            let mine = inner
+                .unanswered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&call.id)
+                .is_some();
+            // (Not mine: the shutdown already kept it.)
+            if !ok && mine {
                 inner.keep(call);
             }
             inner.pending.fetch_sub(1, Ordering::AcqRel);
@@ -294,7 +314,12 @@ impl RedisLedger {
 
 /// A reservation's lease in the leases sets: its id and the amount it holds.
 fn lease_member(r: &Reservation) -> String {
-    format!("{}|{}|{}", r.id, r.worst.pico, r.worst.tokens)
+    format!("{}|{}|{}", r.id, clamp(r.worst.pico), clamp(r.worst.tokens))
+}
+
+/// An amount as Redis takes it (a signed 64-bit integer).
+fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
 }
 
 impl Inner {
@@ -412,20 +437,35 @@ impl Inner {
     }
 
     /// Offers the outbox to Redis, oldest first, until Redis refuses one.
+    /// Offers the outbox to Redis, many settles at a time, until it is empty or a whole
+    /// round fails (order does not matter: settles commute, and each runs once). What fails
+    /// goes to the back, so one settle Redis keeps refusing cannot hold up the others.
     async fn drain_outbox(&self) {
+        const AT_ONCE: usize = 64;
         loop {
-            let Some(call) = self.lock_outbox().front().cloned() else {
-                return;
+            let round: Vec<SettleCall> = {
+                let mut q = self.lock_outbox();
+                let n = q.len().min(AT_ONCE);
+                q.drain(..n).collect()
             };
-            if self.run_settle(&call).await.is_err() {
+            if round.is_empty() {
                 return;
             }
-            let mut q = self.lock_outbox();
-            if q.front().is_some_and(|c| c.id == call.id) {
-                q.pop_front();
+            let results = futures::future::join_all(round.iter().map(|c| self.run_settle(c))).await;
+            let mut failed = 0;
+            for (call, r) in round.into_iter().zip(results) {
+                match r {
+                    Ok(()) => self.rows.outbox_done(call.id),
+                    Err(()) => {
+                        failed += 1;
+                        self.lock_outbox().push_back(call);
+                    }
+                }
             }
-            drop(q);
-            self.rows.outbox_done(call.id);
+            if failed > 0 {
+                // Redis refused some: try those again later.
+                return;
+            }
         }
     }
 
@@ -500,14 +540,12 @@ impl Ledger for RedisLedger {
         }
         let r = Reservation::new(policy, user, holds, worst);
         let inner = &self.inner;
-        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
         let mut inv = inner.reserve.prepare_invoke();
         inv.key(format!("{}:settled:{}", inner.prefix, r.id));
         inv.arg(lease_member(&r))
             .arg(clamp(worst.pico))
             .arg(clamp(worst.tokens))
-            .arg(now)
-            .arg(now.saturating_add(inner.lease.as_secs() as i64));
+            .arg(inner.lease.as_secs().max(1));
         for ((h, (_, cap)), end) in r.holds.iter().zip(&caps).zip(&ends) {
             let counter = inner.key(&h.key, h.window, h.start);
             let leases = format!("{counter}:leases");
@@ -628,6 +666,18 @@ impl Ledger for RedisLedger {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // Settles still unanswered go to the outbox (and so to the file): sent again at
+        // the next start, applied at most once by their markers.
+        let unanswered: Vec<SettleCall> = inner
+            .unanswered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in unanswered {
+            inner.keep(c);
         }
         let i2 = Arc::clone(inner);
         let _ = self.rt.block_on(async move {
