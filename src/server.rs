@@ -36,6 +36,10 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     };
     ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
     sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
+    // Last: at shutdown the ledger is flushed before spans wait on a collector.
+    let traces = crate::telemetry::traces::TraceSink::new(&config.traces)?;
+    let trace_counters = traces.counters.clone();
+    sinks.push(Box::new(traces));
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
@@ -47,6 +51,9 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         .register(Box::new(crate::budget::BudgetCollector::new(
             Arc::downgrade(&shared),
         )))
+        .map_err(|e| e.to_string())?;
+    trace_counters
+        .register(&shared.metrics.registry)
         .map_err(|e| e.to_string())?;
     let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
     // SIGHUP would end the process by default: take it over before anything else runs.

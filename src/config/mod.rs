@@ -36,6 +36,7 @@ pub struct Config {
     pub pricing: PriceTable,
     pub metrics: MetricsConfig,
     pub budgets: crate::budget::policy::BudgetPolicy,
+    pub traces: crate::telemetry::traces::TracesConfig,
 }
 
 /// How metrics label calls; bounds the number of series whatever clients send.
@@ -382,6 +383,9 @@ fn compile(
         }
     };
 
+    let traces =
+        crate::telemetry::traces::compile(&raw.traces).map_err(|m| ConfigError::new(file, m))?;
+
     let mut files = vec![file.to_path_buf()];
     let mut digest = sha2::Sha256::new();
     digest.update(text.as_bytes());
@@ -408,6 +412,7 @@ fn compile(
         pricing,
         metrics,
         budgets,
+        traces,
     })
 }
 
@@ -433,6 +438,9 @@ impl Config {
         }
         if self.budgets.offset != running.budgets.offset {
             v.push("budgets.time_zone");
+        }
+        if self.traces.export != running.traces.export {
+            v.push("traces (endpoint, protocol, headers, service name, queue)");
         }
         v
     }

@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub budgets: crate::budget::policy::RawBudgets,
+    #[serde(default)]
+    pub traces: crate::telemetry::traces::RawTraces,
 }
 
 #[derive(Debug, Deserialize)]

@@ -144,6 +144,8 @@ pub struct UsageRecord {
     pub error: Option<String>,
     /// The budget reservation the call held (settled by the ledger sink).
     pub budget: Option<std::sync::Arc<crate::budget::Reservation>>,
+    /// The call's place in a trace, when traces are on.
+    pub trace: Option<Box<crate::telemetry::traces::CallTrace>>,
 }
 
 /// Token estimate for text the upstream did not count for us: about four bytes of UTF-8 per

@@ -46,6 +46,41 @@ pub struct Observed {
     pub unparsed_body_bytes: u64,
     /// Why the tap could not read (part of) the response, if it could not.
     pub tap_error: Option<String>,
+    /// The completion's text, only when the operator opted in to content capture: at most
+    /// `capture_limit` bytes (cut on a character boundary).
+    pub captured: Option<String>,
+    pub capture_limit: usize,
+}
+
+impl Observed {
+    fn capture(&mut self, text: &str) {
+        let limit = self.capture_limit;
+        if let Some(c) = self.captured.as_mut() {
+            let room = limit.saturating_sub(c.len());
+            if room > 0 {
+                let mut end = room.min(text.len());
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                c.push_str(&text[..end]);
+            }
+        }
+    }
+}
+
+/// The text of a choice, parsed again only when content is captured.
+#[derive(Deserialize)]
+struct TextChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<TextMessage<'a>>,
+    #[serde(borrow, default)]
+    message: Option<TextMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TextMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
 }
 
 /// How the response body is framed, decided from its head.
@@ -93,6 +128,12 @@ impl ResponseTap {
             limit,
             observed,
         }
+    }
+
+    /// Keeps up to `limit` bytes of the completion's text (content capture, opt-in).
+    pub fn capture_content(&mut self, limit: usize) {
+        self.observed.captured = Some(String::new());
+        self.observed.capture_limit = limit;
     }
 
     /// Feeds one body read. Returns true when this read carried the first content of the call.
@@ -522,6 +563,13 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
     if let Some(choices) = field::<Vec<&RawValue>>(v.choices) {
         let mut bytes = 0;
         // One choice of an unexpected shape loses only itself.
+        if obs.captured.is_some() {
+            for c in choices.iter().filter_map(|c| field::<TextChoice>(Some(c))) {
+                if let Some(t) = c.delta.or(c.message).and_then(|m| m.content) {
+                    obs.capture(&t);
+                }
+            }
+        }
         for c in choices.iter().filter_map(|c| field::<Choice>(Some(c))) {
             if let Some(m) = if chunk { &c.delta } else { &c.message } {
                 bytes += m.content.0 + m.reasoning.0 + m.refusal.0;

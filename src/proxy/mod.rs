@@ -34,6 +34,7 @@ use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::{is_chat_path, ApiError};
 use crate::telemetry::calls::{CallCollector, CallMetrics};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::{self, CallTrace};
 use crate::telemetry::Sinks;
 
 /// Largest error body (4xx/5xx) the tap reads to learn the upstream's error message.
@@ -177,6 +178,21 @@ pub struct Ctx {
     open: Option<OpenGuard>,
     /// The body is complete: decide about the call before it goes.
     decide: bool,
+    /// The call's place in a trace (traces on).
+    trace: Option<CallTrace>,
+    /// allowed, refused, fail_open, not_capped (for the span).
+    budget_decision: &'static str,
+    /// The prompt, for the span, when content capture is on.
+    input_messages: Option<String>,
+}
+
+impl Ctx {
+    /// Prompt and completion text are kept for this call's span (opted in, and sampled).
+    fn capture_content(&self) -> bool {
+        self.chat
+            && self.cfg.traces.capture_content
+            && self.trace.as_ref().is_some_and(|t| t.sampled)
+    }
 }
 
 impl TokenTap {
@@ -227,6 +243,14 @@ impl TokenTap {
     fn on_request(&self, session: &Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
+        if ctx.cfg.traces.enabled() {
+            let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+            ctx.trace = Some(CallTrace::start(
+                h("traceparent"),
+                h("tracestate"),
+                ctx.cfg.traces.sampling_ratio,
+            ));
+        }
         let limit = ctx.cfg.limits.max_request_body_bytes;
         let declared = req
             .headers
@@ -282,6 +306,12 @@ impl TokenTap {
                 Ok(m) => ctx.meta = Some(m),
                 Err(e) => ctx.meta_error = Some(e.0),
             }
+            // Content goes into the span only when the operator opted in (and is readable
+            // as sent: compressed bodies are not captured).
+            if ctx.capture_content() && ctx.request_encoding.is_none() {
+                ctx.input_messages =
+                    traces::input_messages(&whole, ctx.cfg.traces.max_content_bytes);
+            }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet.
             // (The budget decision follows, in `request_body_filter`, before this body goes.)
@@ -317,11 +347,11 @@ impl TokenTap {
             } else {
                 ctx.cfg.limits.max_response_tap_bytes
             };
-            ctx.tap = Some(ResponseTap::new(
-                kind,
-                header(header::CONTENT_ENCODING),
-                limit,
-            ));
+            let mut tap = ResponseTap::new(kind, header(header::CONTENT_ENCODING), limit);
+            if ctx.capture_content() {
+                tap.capture_content(ctx.cfg.traces.max_content_bytes);
+            }
+            ctx.tap = Some(tap);
         }
         Ok(())
     }
@@ -394,6 +424,9 @@ impl ProxyHttp for TokenTap {
             stream_active: None,
             reservation: None,
             open: None,
+            trace: None,
+            budget_decision: "not_capped",
+            input_messages: None,
             decide: false,
         }
     }
@@ -420,6 +453,14 @@ impl ProxyHttp for TokenTap {
     ) -> Result<()> {
         let url = &ctx.cfg.upstream.url;
         req.insert_header(header::HOST, url.host_header.as_str())?;
+        // Only when the operator asked: otherwise the request goes as the client sent it.
+        if let Some(t) = ctx
+            .trace
+            .as_ref()
+            .filter(|_| ctx.cfg.traces.inject_traceparent)
+        {
+            req.insert_header("traceparent", t.traceparent())?;
+        }
         if !url.base_path.is_empty() {
             let pq = req
                 .uri
@@ -448,12 +489,21 @@ impl ProxyHttp for TokenTap {
             // reached the upstream yet (it goes when this returns).
             let cfg = Arc::clone(&ctx.cfg);
             match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
-                Decision::Allow(res) => self.hold(ctx, res),
+                Decision::Allow(res) => {
+                    ctx.budget_decision = if res.is_some() {
+                        "allowed"
+                    } else {
+                        "not_capped"
+                    };
+                    self.hold(ctx, res);
+                }
                 Decision::Unchecked(res) => {
+                    ctx.budget_decision = "fail_open";
                     self.shared.calls.budget_fail_open();
                     self.hold(ctx, res);
                 }
                 Decision::Refuse(e, budget) => {
+                    ctx.budget_decision = "refused";
                     let calls = &self.shared.calls;
                     match &budget {
                         Some((user, team, tokens)) => calls.budget_rejected(

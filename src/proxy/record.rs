@@ -7,6 +7,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use super::Ctx;
 use crate::meter::{estimate_tokens, Outcome, Usage, UsageRecord, UsageSource};
 use crate::openai::response::Observed;
+use crate::telemetry::traces::{self, CallDetail};
 
 pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> UsageRecord {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
@@ -31,6 +32,27 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .or_else(|| observed.tap_error.clone())
         .or_else(|| ctx.meta_error.clone());
     let req = session.req_header();
+    let trace = ctx.trace.take().map(|mut t| {
+        let cfg = &ctx.cfg;
+        let url = &cfg.upstream.url;
+        let model = meta.and_then(|m| m.model.as_deref());
+        t.detail = CallDetail {
+            provider: cfg.traces.provider(model),
+            server_address: url.host.clone(),
+            server_port: url.port,
+            temperature: meta.and_then(|m| m.temperature),
+            top_p: meta.and_then(|m| m.top_p),
+            budget: ctx.budget_decision,
+            user_id: meta
+                .and_then(|m| m.user.as_deref())
+                .map(|u| crate::telemetry::calls::user_id(&cfg.metrics, u)),
+            input_messages: ctx.input_messages.take(),
+            output_messages: observed.captured.as_deref().map(|text| {
+                traces::output_messages(text, observed.finish_reasons.first().map(String::as_str))
+            }),
+        };
+        Box::new(t)
+    });
     UsageRecord {
         request_id: std::mem::take(&mut ctx.request_id),
         started_at: ctx.started_at,
@@ -65,6 +87,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         duration: ctx.start.elapsed(),
         error,
         budget: ctx.reservation.take(),
+        trace,
     }
 }
 

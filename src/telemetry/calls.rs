@@ -131,15 +131,7 @@ impl Labels {
             UserLabel::None => Arc::clone(&self.empty),
             UserLabel::All => self.bounded(&self.users, &self.user_count, max, u, || escape(u)),
             UserLabel::Hash => self.bounded(&self.users, &self.user_count, max, u, || {
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                h.update(self.cfg.hash_salt.as_bytes());
-                h.update([0]);
-                h.update(u.as_bytes());
-                h.finalize()[..6]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
+                hash_user(&self.cfg.hash_salt, u)
             }),
             UserLabel::Allowlist => {
                 if self.allow.contains(u) {
@@ -170,6 +162,28 @@ impl Labels {
                 || escape(m),
             ),
         }
+    }
+}
+
+/// A user id as labels show it under `user_label = "hash"`: salted, not reversible from a
+/// list of ids.
+pub fn hash_user(salt: &str, u: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(salt.as_bytes());
+    h.update([0]);
+    h.update(u.as_bytes());
+    h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The caller as traces show it (`user.id`): hashed when the label policy hashes users.
+pub fn user_id(cfg: &MetricsConfig, u: &str) -> String {
+    match cfg.user_label {
+        UserLabel::Hash => hash_user(&cfg.hash_salt, u),
+        _ => u.to_string(),
     }
 }
 
@@ -761,6 +775,7 @@ mod tests {
             duration: std::time::Duration::from_millis(5),
             error: None,
             budget: None,
+            trace: None,
         }
     }
 

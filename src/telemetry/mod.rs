@@ -5,6 +5,8 @@
 pub mod access_log;
 pub mod calls;
 pub mod metrics;
+pub mod semconv;
+pub mod traces;
 
 use std::sync::Arc;
 

@@ -1,0 +1,626 @@
+//! Traces against a real OTLP receiver started here (gRPC through tonic, HTTP/protobuf on a
+//! plain socket, both decoding the OTLP protobuf messages): span names, kinds, parents and
+//! GenAI attributes, content capture and trace-context injection when asked, and a dead
+//! collector that neither slows nor fails calls.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::{json, Value};
+
+const MODEL: &str = "anthropic/claude-opus-4.6";
+const API_KEY: &str = "sk-test-do-not-leak-4f1c2a";
+const PROMPT_TEXT: &str = "Say something about tokens";
+/// The mock's completion of three content chunks (one 4-byte token each).
+const COMPLETION_TEXT: &str = "w00 w01 w02 ";
+
+/// A span as received, with its service name and attributes as JSON values.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    span: Span,
+    attrs: BTreeMap<String, Value>,
+}
+
+impl Got {
+    fn attr(&self, k: &str) -> &Value {
+        self.attrs.get(k).unwrap_or(&Value::Null)
+    }
+}
+
+fn json_of(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Value {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Any::StringValue(s)) => json!(s),
+        Some(Any::BoolValue(b)) => json!(b),
+        Some(Any::IntValue(i)) => json!(i),
+        Some(Any::DoubleValue(d)) => json!(d),
+        Some(Any::ArrayValue(a)) => {
+            Value::Array(a.values.iter().map(|v| json_of(&Some(v.clone()))).collect())
+        }
+        _ => Value::Null,
+    }
+}
+
+type Store = Arc<Mutex<Vec<Got>>>;
+
+fn keep(store: &Store, req: ExportTraceServiceRequest) {
+    let mut s = store.lock().unwrap();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+            .map(|a| json_of(&a.value).as_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                let attrs = span
+                    .attributes
+                    .iter()
+                    .map(|a| (a.key.clone(), json_of(&a.value)))
+                    .collect();
+                s.push(Got {
+                    service: service.clone(),
+                    span,
+                    attrs,
+                });
+            }
+        }
+    }
+}
+
+struct Grpc(Store);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP receiver on a free loopback port; stops when dropped.
+struct Collector {
+    rt: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+    store: Store,
+}
+
+impl Collector {
+    fn grpc() -> Collector {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store: Store = Arc::default();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = TraceServiceServer::new(Grpc(Arc::clone(&store)));
+        rt.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Collector {
+            rt: Some(rt),
+            addr,
+            store,
+        }
+    }
+
+    /// OTLP/HTTP with protobuf bodies at `/v1/traces`, on a plain socket.
+    fn http() -> Collector {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store: Store = Arc::default();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = Arc::clone(&store);
+        rt.spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: head, then a Content-Length body.
+                        let (head_len, path, len) = loop {
+                            let mut headers = [httparse::EMPTY_HEADER; 64];
+                            let mut req = httparse::Request::new(&mut headers);
+                            if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
+                                let len = req
+                                    .headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                                    .and_then(|v| v.parse::<usize>().ok())
+                                    .unwrap_or(0);
+                                break (n, req.path.unwrap_or("").to_string(), len);
+                            }
+                            let mut chunk = [0u8; 8192];
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        while buf.len() < head_len + len {
+                            let mut chunk = [0u8; 65536];
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: Vec<u8> = buf.drain(..head_len + len).skip(head_len).collect();
+                        let status = if path == "/v1/traces" {
+                            match ExportTraceServiceRequest::decode(body.as_slice()) {
+                                Ok(r) => {
+                                    keep(&s, r);
+                                    "200 OK"
+                                }
+                                Err(_) => "400 Bad Request",
+                            }
+                        } else {
+                            "404 Not Found"
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
+                        );
+                        if c.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Collector {
+            rt: Some(rt),
+            addr,
+            store,
+        }
+    }
+
+    fn spans(&self) -> Vec<Got> {
+        self.store.lock().unwrap().clone()
+    }
+
+    /// Waits for the span of the call with this request id.
+    fn span_of(&self, request_id: &str) -> Got {
+        let start = Instant::now();
+        loop {
+            if let Some(g) = self
+                .spans()
+                .into_iter()
+                .find(|g| g.attr("tokentap.request_id") == request_id)
+            {
+                return g;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "no span for {request_id}: {:?}",
+                self.spans()
+                    .iter()
+                    .map(|g| &g.span.name)
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The request id tokentap gave the last call it logged.
+fn last_request_id(tap: &Tap, n: usize) -> String {
+    let recs = tap.wait_records(n);
+    recs[n - 1]["request_id"].as_str().unwrap().to_string()
+}
+
+fn traces_config(endpoint: &str, extra: &str) -> String {
+    format!("{TEST_PRICING}\n[traces]\nendpoint = \"{endpoint}\"\nbatch_delay_ms = 50\n{extra}\n")
+}
+
+/// No span attribute carries the API key; with capture off, none carries the prompt or the
+/// completion either.
+fn assert_clean(spans: &[Got], content_off: bool) {
+    for g in spans {
+        let text = format!("{:?} {:?}", g.span.name, g.attrs);
+        assert!(!text.contains(API_KEY), "API key in a span: {text}");
+        if content_off {
+            assert!(!text.contains(PROMPT_TEXT), "prompt in a span: {text}");
+            assert!(
+                !g.attrs.contains_key("gen_ai.output.messages") && !text.contains("w01 "),
+                "completion in a span: {text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chat_calls_become_genai_client_spans_over_grpc() {
+    let mock = Mock::start();
+    let collector = Collector::grpc();
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&traces_config(
+            &format!("http://{}", collector.addr),
+            "service_name = \"tokentap-test\"",
+        ))
+        .start();
+    let auth = format!("Bearer {API_KEY}");
+
+    // 1. A streamed call continuing the client's trace.
+    let parent_trace = "0af7651916cd43dd8448eb211c80319c";
+    let parent_span = "b7ad6b7169203331";
+    let traceparent = format!("00-{parent_trace}-{parent_span}-01");
+    let body = chat_body(
+        MODEL,
+        "alice",
+        true,
+        r#","max_tokens":50,"temperature":0.5,"top_p":0.9"#,
+    );
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("traceparent", &traceparent),
+            ("tracestate", "vendor=abc"),
+            ("x-mock-chunks", "3"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    let g = collector.span_of(&last_request_id(&tap, 1));
+    assert_eq!(g.service, "tokentap-test");
+    assert_eq!(g.span.name, format!("chat {MODEL}"));
+    assert_eq!(g.span.kind, SpanKind::Client as i32);
+    assert_eq!(hex(&g.span.trace_id), parent_trace);
+    assert_eq!(hex(&g.span.parent_span_id), parent_span);
+    assert_ne!(hex(&g.span.span_id), parent_span);
+    assert_eq!(g.span.trace_state, "vendor=abc");
+    assert!(g.span.end_time_unix_nano > g.span.start_time_unix_nano);
+    assert_eq!(g.attr("gen_ai.operation.name"), "chat");
+    assert_eq!(g.attr("gen_ai.provider.name"), "anthropic");
+    assert_eq!(g.attr("gen_ai.request.model"), MODEL);
+    assert_eq!(g.attr("gen_ai.response.model"), MODEL);
+    assert_eq!(g.attr("gen_ai.request.max_tokens"), 50);
+    assert_eq!(g.attr("gen_ai.request.temperature"), 0.5);
+    assert_eq!(g.attr("gen_ai.request.top_p"), 0.9);
+    assert_eq!(g.attr("gen_ai.request.stream"), true);
+    assert!(g
+        .attr("gen_ai.response.id")
+        .as_str()
+        .unwrap()
+        .starts_with("gen-mock-"));
+    assert_eq!(*g.attr("gen_ai.response.finish_reasons"), json!(["stop"]));
+    assert_eq!(g.attr("gen_ai.usage.input_tokens"), 14);
+    assert_eq!(g.attr("gen_ai.usage.output_tokens"), 3);
+    assert_eq!(g.attr("gen_ai.usage.cache_read.input_tokens"), 0);
+    assert_eq!(g.attr("gen_ai.usage.reasoning.output_tokens"), 0);
+    assert!(
+        g.attr("gen_ai.response.time_to_first_chunk")
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(g.attr("server.address"), "127.0.0.1");
+    assert_eq!(
+        g.attr("server.port"),
+        mock.url()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    );
+    assert_eq!(g.attr("http.response.status_code"), 200);
+    assert_eq!(g.attr("user.id"), "alice");
+    assert_eq!(g.attr("tokentap.usage.estimated"), false);
+    assert_eq!(g.attr("tokentap.web_searches"), 0);
+    assert_eq!(g.attr("tokentap.budget.decision"), "not_capped");
+    let cost = g.attr("tokentap.cost_usd").as_f64().unwrap();
+    assert!((cost - (14.0 * 5e-6 + 3.0 * 25e-6)).abs() < 1e-12, "{cost}");
+    assert_eq!(*g.attr("error.type"), Value::Null);
+    assert_eq!(
+        g.span.status.as_ref().map_or(0, |s| s.code),
+        StatusCode::Unset as i32
+    );
+    // The upstream got the client's traceparent untouched (injection is off).
+    let seen = mock.wait_requests(1);
+    assert_eq!(seen[0]["headers"]["traceparent"], traceparent);
+
+    // 2. A non-streamed call starting a new trace.
+    let body = chat_body(MODEL, "bob", false, "");
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    let g = collector.span_of(&last_request_id(&tap, 2));
+    assert_eq!(g.span.name, format!("chat {MODEL}"));
+    assert!(g.span.parent_span_id.is_empty());
+    assert_eq!(g.attr("gen_ai.request.stream"), false);
+    assert_eq!(g.attr("gen_ai.usage.output_tokens"), 5);
+    assert_eq!(*g.attr("gen_ai.response.time_to_first_chunk"), Value::Null);
+
+    // 3. An upstream error.
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &auth), ("x-mock-status", "500")],
+        &body,
+    );
+    assert_eq!(r.status, 500);
+    let g = collector.span_of(&last_request_id(&tap, 3));
+    assert_eq!(g.attr("http.response.status_code"), 500);
+    assert!(g.attr("error.type").as_str().is_some_and(|e| !e.is_empty()));
+    assert_eq!(
+        g.span.status.as_ref().map_or(0, |s| s.code),
+        StatusCode::Error as i32
+    );
+    assert_eq!(g.attr("tokentap.outcome"), "upstream_error");
+
+    // 4. A client that goes away mid-stream.
+    let mut s = TcpStream::connect(tap.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let body = chat_body(MODEL, "carol", true, "");
+    send_request(
+        &mut s,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-mock-chunks", "50"),
+            ("x-mock-delay-ms", "50"),
+        ],
+        &body,
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(9).any(|w| w == b"\"content\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let g = collector.span_of(&last_request_id(&tap, 4));
+    assert_eq!(g.attr("tokentap.outcome"), "client_disconnected");
+    assert_eq!(g.attr("error.type"), "client_disconnected");
+    assert_eq!(g.attr("tokentap.usage.estimated"), true);
+    assert!(g.attr("gen_ai.usage.output_tokens").as_i64().unwrap() >= 1);
+
+    // 5. Other paths get a plain HTTP client span.
+    let r = request(
+        tap.addr,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let g = collector.span_of(&last_request_id(&tap, 5));
+    assert_eq!(g.span.name, "GET");
+    assert_eq!(g.span.kind, SpanKind::Client as i32);
+    assert_eq!(g.attr("http.request.method"), "GET");
+    assert_eq!(g.attr("url.path"), "/v1/models");
+    assert_eq!(*g.attr("gen_ai.operation.name"), Value::Null);
+
+    // 6. Sampling is reloadable: at 0, new traces are not recorded; a sampled caller's
+    // trace still is (parent-based). Spans leave in call order, so once the second call's
+    // span is in, the first one's would be too.
+    let cfg = std::fs::read_to_string(&tap.config).unwrap();
+    let old = tap.config_hash();
+    tap.write_config(&cfg.replace(
+        "batch_delay_ms = 50",
+        "batch_delay_ms = 50\nsampling_ratio = 0",
+    ));
+    tap.wait_config_change(&old);
+    let body = chat_body(MODEL, "dave", false, "");
+    assert_eq!(
+        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+        200
+    );
+    let unsampled = last_request_id(&tap, 6);
+    assert_eq!(
+        request(
+            tap.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("traceparent", &traceparent)],
+            &body
+        )
+        .status,
+        200
+    );
+    collector.span_of(&last_request_id(&tap, 7));
+    assert!(!collector
+        .spans()
+        .iter()
+        .any(|g| g.attr("tokentap.request_id") == unsampled.as_str()));
+
+    // Nothing anywhere carries the API key or, with capture off, the conversation.
+    assert_clean(&collector.spans(), true);
+    let log = std::fs::read_to_string(&tap.log).unwrap();
+    assert!(!log.contains(API_KEY));
+    let metrics = request(tap.admin, "GET", "/metrics", &[], b"");
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(!metrics.contains(API_KEY));
+    assert!(metrics.contains("tokentap_spans_exported_total"));
+}
+
+#[test]
+fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
+    let mock = Mock::start();
+    let collector = Collector::http();
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&format!(
+            "{}\n[metrics]\nuser_label = \"hash\"\nhash_salt = \"pepper\"\n",
+            traces_config(
+                &format!("http://{}", collector.addr),
+                "protocol = \"http/protobuf\"\ninject_traceparent = true\ncapture_content = true\nmax_content_bytes = 20",
+            )
+        ))
+        .start();
+    let body = chat_body(MODEL, "erin", true, "");
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {API_KEY}")),
+            ("x-mock-chunks", "3"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    let g = collector.span_of(&last_request_id(&tap, 1));
+    assert_eq!(g.service, "tokentap");
+    // The upstream saw tokentap's span as its parent.
+    let seen = mock.wait_requests(1);
+    let tp = seen[0]["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        tp,
+        format!("00-{}-{}-01", hex(&g.span.trace_id), hex(&g.span.span_id))
+    );
+    // The conversation, cut to 20 bytes of text in all, as GenAI message JSON.
+    let input: Value =
+        serde_json::from_str(g.attr("gen_ai.input.messages").as_str().unwrap()).unwrap();
+    assert_eq!(input[0]["role"], "system");
+    assert_eq!(input[0]["parts"][0]["content"], "Be brief.");
+    assert_eq!(input[1]["parts"][0]["content"], "Say somethi");
+    let output: Value =
+        serde_json::from_str(g.attr("gen_ai.output.messages").as_str().unwrap()).unwrap();
+    assert_eq!(output[0]["role"], "assistant");
+    assert_eq!(output[0]["parts"][0]["content"], COMPLETION_TEXT);
+    assert_eq!(output[0]["finish_reason"], "stop");
+    // The user is hashed, as the label policy hashes it.
+    let uid = g.attr("user.id").as_str().unwrap();
+    assert_ne!(uid, "erin");
+    assert_eq!(uid.len(), 12);
+    assert_clean(&collector.spans(), false);
+}
+
+#[test]
+fn a_dead_collector_neither_fails_calls_nor_hides_the_dropped_spans() {
+    let mock = Mock::start();
+    // Nothing listens there.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&traces_config(
+            &dead,
+            "queue_size = 8\nbatch_size = 4\nexport_timeout_ms = 200",
+        ))
+        .start();
+    let n = 200;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = tap.addr;
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                for i in 0..n / 4 {
+                    let body = chat_body(MODEL, &format!("u{t}"), i % 2 == 0, "");
+                    send_request(&mut s, "POST", "/v1/chat/completions", &[], &body);
+                    let r = read_response(&mut s, usize::MAX);
+                    assert_eq!(r.status, 200);
+                    assert!(r.complete);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(mock.received(), n as u64);
+    // Every span is accounted for: none exported, each one dropped (queue full or export
+    // failed), none silently lost.
+    let start = Instant::now();
+    loop {
+        let full = tap.metric("tokentap_spans_dropped_total{reason=\"queue_full\"}");
+        let failed = tap.metric("tokentap_spans_dropped_total{reason=\"export_failed\"}");
+        if full + failed == n as f64 {
+            assert!(full > 0.0, "a queue of 8 took a burst of {n}");
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "dropped {full} + {failed} of {n}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tap.metric("tokentap_spans_exported_total"), 0.0);
+}
+
+#[test]
+fn spans_still_queued_are_exported_on_shutdown() {
+    let mock = Mock::start();
+    let collector = Collector::grpc();
+    // Batches would wait ten minutes: only the shutdown's flush can send this span.
+    let mut tap = TapBuilder::new(&mock.url())
+        .extra(
+            &traces_config(&format!("http://{}", collector.addr), "")
+                .replace("batch_delay_ms = 50", "batch_delay_ms = 600000"),
+        )
+        .start();
+    let body = chat_body(MODEL, "frank", false, "");
+    assert_eq!(
+        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+        200
+    );
+    let id = last_request_id(&tap, 1);
+    assert!(collector.spans().is_empty());
+    assert!(tap.proc.terminate().success());
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].attr("tokentap.request_id"), id.as_str());
+}
