@@ -499,13 +499,14 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
 fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
     let mock = Mock::start();
     let collector = Collector::http();
+    // Where and how to export come from the standard OTEL_* variables this time (a base
+    // endpoint: /v1/traces is added for HTTP).
     let tap = TapBuilder::new(&mock.url())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{}", collector.addr))
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_SERVICE_NAME", "from-env")
         .extra(&format!(
-            "{}\n[metrics]\nuser_label = \"hash\"\nhash_salt = \"pepper\"\n",
-            traces_config(
-                &format!("http://{}", collector.addr),
-                "protocol = \"http/protobuf\"\ninject_traceparent = true\ncapture_content = true\nmax_content_bytes = 20",
-            )
+            "{TEST_PRICING}\n[traces]\nbatch_delay_ms = 50\ninject_traceparent = true\ncapture_content = true\nmax_content_bytes = 20\n[metrics]\nuser_label = \"hash\"\nhash_salt = \"pepper\"\n"
         ))
         .start();
     let body = chat_body(MODEL, "erin", true, "");
@@ -521,7 +522,7 @@ fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
     );
     assert_eq!(r.status, 200);
     let g = collector.span_of(&last_request_id(&tap, 1));
-    assert_eq!(g.service, "tokentap");
+    assert_eq!(g.service, "from-env");
     // The upstream saw tokentap's span as its parent.
     let seen = mock.wait_requests(1);
     let tp = seen[0]["headers"]["traceparent"]

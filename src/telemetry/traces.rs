@@ -177,10 +177,17 @@ pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
     let export = match endpoint {
         None => None,
         Some((e, base)) => {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
+            if e.starts_with("https://") {
+                // No TLS stack is built into the exporter (yet): say so rather than fail at
+                // every export.
                 return Err(format!(
-                    "traces.endpoint: {e:?} is not an http:// or https:// URL"
+                    "traces.endpoint: {e:?}: TLS to the collector is not supported; send to a \
+                     collector or agent reachable over plain http:// (e.g. a sidecar) that \
+                     forwards over TLS"
                 ));
+            }
+            if !e.starts_with("http://") {
+                return Err(format!("traces.endpoint: {e:?} is not an http:// URL"));
             }
             let endpoint = if protocol == Protocol::HttpProtobuf && base {
                 format!("{}/v1/traces", e.trim_end_matches('/'))
@@ -921,6 +928,31 @@ mod tests {
         assert_eq!(cut[0]["parts"][0]["content"], "Be brief.");
         // 2 bytes left: "h" and not half of "é".
         assert_eq!(cut[1]["parts"][0]["content"], "h");
+    }
+
+    #[test]
+    fn endpoints_are_checked_and_http_gets_the_signal_path() {
+        let raw = |e: &str, p: &str| RawTraces {
+            endpoint: Some(e.into()),
+            protocol: Some(p.into()),
+            ..RawTraces::default()
+        };
+        let c = compile(&raw("http://c:4318/", "http/protobuf")).unwrap();
+        assert_eq!(c.export.unwrap().endpoint, "http://c:4318/v1/traces");
+        let c = compile(&raw("http://c:4317", "grpc")).unwrap();
+        assert_eq!(c.export.unwrap().endpoint, "http://c:4317");
+        assert!(compile(&raw("https://c:4317", "grpc"))
+            .unwrap_err()
+            .contains("TLS"));
+        assert!(compile(&raw("c:4317", "grpc")).is_err());
+        assert!(compile(&raw("http://c:4317", "thrift"))
+            .unwrap_err()
+            .contains("traces.protocol"));
+        let bad = RawTraces {
+            sampling_ratio: Some(1.5),
+            ..RawTraces::default()
+        };
+        assert!(compile(&bad).unwrap_err().contains("sampling_ratio"));
     }
 
     #[test]
