@@ -106,6 +106,12 @@ overview = dashboard("tokentap-overview", "tokentap / Overview",
           [target(f'histogram_quantile(0.99, sum by (le) (rate(tokentap_overhead_seconds_bucket[{RI}])))', "p99")]),
     panel("Upstream errors", "Calls the upstream failed, by kind: error status, unreachable, reset, timeout.",
           "reqps", [target(f'sum by (kind) (rate(tokentap_upstream_errors_total[{RI}]))', "{{kind}}")], w=24),
+    panel("Trace spans exported and dropped", "Spans the OTLP collector accepted, and spans dropped "
+          "because the queue was full or the collector failed or timed out (calls are never slowed "
+          "by the collector; their spans are dropped instead).", "short",
+          [target(f'sum(rate(tokentap_spans_exported_total[{RI}]))', "exported"),
+           target(f'sum by (reason) (rate(tokentap_spans_dropped_total[{RI}]))', "dropped {{reason}}", "B")],
+          w=24),
 ])
 
 spend = dashboard("tokentap-spend", "tokentap / Spend",
