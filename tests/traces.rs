@@ -400,7 +400,8 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     assert_eq!(r.status, 500);
     let g = collector.span_of(&last_request_id(&tap, 3));
     assert_eq!(g.attr("http.response.status_code"), 500);
-    assert!(g.attr("error.type").as_str().is_some_and(|e| !e.is_empty()));
+    // The upstream's error type, as its body named it.
+    assert_eq!(g.attr("error.type"), "api_error");
     assert_eq!(
         g.span.status.as_ref().map_or(0, |s| s.code),
         StatusCode::Error as i32
@@ -435,6 +436,15 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     assert_eq!(g.attr("error.type"), "client_disconnected");
     assert_eq!(g.attr("tokentap.usage.estimated"), true);
     assert!(g.attr("gen_ai.usage.output_tokens").as_i64().unwrap() >= 1);
+    // Estimated usage claims nothing about cached or reasoning tokens.
+    assert_eq!(*g.attr("gen_ai.usage.cache_read.input_tokens"), Value::Null);
+    assert!(
+        g.attr("gen_ai.response.time_to_first_chunk")
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(g.attr("http.response.status_code"), 200);
 
     // 5. Other paths get a plain HTTP client span.
     let r = request(
@@ -553,12 +563,31 @@ fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
 
 #[test]
 fn a_dead_collector_neither_fails_calls_nor_hides_the_dropped_spans() {
-    let mock = Mock::start();
     // Nothing listens there.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    burst_against(&format!("http://127.0.0.1:{}", free_port()));
+}
+
+#[test]
+fn a_collector_that_never_answers_neither_fails_calls_nor_hides_the_dropped_spans() {
+    // Accepts connections and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    burst_against(&format!("http://{addr}"));
+}
+
+/// 200 calls with spans for a collector that cannot take them: every call succeeds and
+/// every span is counted as dropped.
+fn burst_against(dead: &str) {
+    let mock = Mock::start();
     let tap = TapBuilder::new(&mock.url())
         .extra(&traces_config(
-            &dead,
+            dead,
             "queue_size = 8\nbatch_size = 4\nexport_timeout_ms = 200",
         ))
         .start();

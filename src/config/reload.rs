@@ -92,6 +92,9 @@ impl Reloader {
                 // needing a restart): moving every window start at once would zero the spend
                 // of the current windows.
                 new.budgets.offset = self.started.budgets.offset;
+                // Likewise the trace exporter (reported above): the running one stays, and
+                // calls are traced as it can export them.
+                new.traces.export = self.started.traces.export.clone();
                 if trigger == Trigger::File && new.hash == running.hash {
                     return Ok(Applied {
                         previous: running.hash.clone(),

@@ -41,6 +41,8 @@ pub struct Observed {
     /// The `type` (and `code`) of an `error` object the upstream sent (error body or
     /// mid-stream error event). Its message is not kept: some providers echo request content.
     pub upstream_error: Option<String>,
+    /// That error's `type` (else its `code`), a short identifier for `error.type`.
+    pub upstream_error_type: Option<String>,
     /// Bytes of a JSON body that could not be parsed (cut off, or not JSON): the basis of the
     /// completion estimate when a non-streaming answer was cut.
     pub unparsed_body_bytes: u64,
@@ -611,6 +613,11 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
         };
         let kind = e.as_ref().and_then(|e| part(e.kind));
         let code = e.as_ref().and_then(|e| part(e.code));
+        obs.upstream_error_type = kind
+            .as_deref()
+            .or(code.as_deref())
+            .filter(|k| !k.is_empty())
+            .map(|k| truncate(k, 64));
         let msg = match (kind, code) {
             (Some(k), Some(c)) => format!("upstream error {k} ({c})"),
             (Some(k), None) => format!("upstream error {k}"),

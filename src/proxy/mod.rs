@@ -34,7 +34,7 @@ use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::{is_chat_path, ApiError};
 use crate::telemetry::calls::{CallCollector, CallMetrics};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::traces::{self, CallTrace};
+use crate::telemetry::traces::CallTrace;
 use crate::telemetry::Sinks;
 
 /// Largest error body (4xx/5xx) the tap reads to learn the upstream's error message.
@@ -180,10 +180,12 @@ pub struct Ctx {
     decide: bool,
     /// The call's place in a trace (traces on).
     trace: Option<CallTrace>,
-    /// allowed, refused, fail_open, not_capped (for the span).
-    budget_decision: &'static str,
-    /// The prompt, for the span, when content capture is on.
-    input_messages: Option<String>,
+    /// allowed, refused, fail_open, not_capped (for the span); `None` before a decision.
+    budget_decision: Option<&'static str>,
+    /// The request body, for the span's messages, when content capture is on.
+    input_body: Option<Bytes>,
+    /// When the first chunk of the response body arrived.
+    first_chunk_at: Option<Instant>,
 }
 
 impl Ctx {
@@ -309,8 +311,7 @@ impl TokenTap {
             // Content goes into the span only when the operator opted in (and is readable
             // as sent: compressed bodies are not captured).
             if ctx.capture_content() && ctx.request_encoding.is_none() {
-                ctx.input_messages =
-                    traces::input_messages(&whole, ctx.cfg.traces.max_content_bytes);
+                ctx.input_body = Some(whole.clone());
             }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet.
@@ -425,8 +426,9 @@ impl ProxyHttp for TokenTap {
             reservation: None,
             open: None,
             trace: None,
-            budget_decision: "not_capped",
-            input_messages: None,
+            budget_decision: None,
+            input_body: None,
+            first_chunk_at: None,
             decide: false,
         }
     }
@@ -490,20 +492,20 @@ impl ProxyHttp for TokenTap {
             let cfg = Arc::clone(&ctx.cfg);
             match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
                 Decision::Allow(res) => {
-                    ctx.budget_decision = if res.is_some() {
+                    ctx.budget_decision = Some(if res.is_some() {
                         "allowed"
                     } else {
                         "not_capped"
-                    };
+                    });
                     self.hold(ctx, res);
                 }
                 Decision::Unchecked(res) => {
-                    ctx.budget_decision = "fail_open";
+                    ctx.budget_decision = Some("fail_open");
                     self.shared.calls.budget_fail_open();
                     self.hold(ctx, res);
                 }
                 Decision::Refuse(e, budget) => {
-                    ctx.budget_decision = "refused";
+                    ctx.budget_decision = Some("refused");
                     let calls = &self.shared.calls;
                     match &budget {
                         Some((user, team, tokens)) => calls.budget_rejected(
@@ -518,6 +520,9 @@ impl ProxyHttp for TokenTap {
                     return Err(self.reject(ctx, e));
                 }
             }
+            // The body goes now: time to first token counts from here, not from before the
+            // budget decision (a Redis round trip is tokentap's, not the upstream's).
+            ctx.sent_at = Some(Instant::now());
         }
         ctx.overhead += t.elapsed();
         r
@@ -544,6 +549,9 @@ impl ProxyHttp for TokenTap {
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
         if let Some(b) = body {
+            if ctx.first_chunk_at.is_none() && !b.is_empty() {
+                ctx.first_chunk_at = Some(Instant::now());
+            }
             ctx.response_bytes += b.len() as u64;
             if let Some(tap) = ctx.tap.as_mut() {
                 if tap.feed(b) {

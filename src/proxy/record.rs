@@ -32,25 +32,39 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .or_else(|| observed.tap_error.clone())
         .or_else(|| ctx.meta_error.clone());
     let req = session.req_header();
-    let trace = ctx.trace.take().map(|mut t| {
+    // Only sampled calls get a span: the rest cost nothing more here.
+    let trace = ctx.trace.take().filter(|t| t.sampled).map(|mut t| {
         let cfg = &ctx.cfg;
         let url = &cfg.upstream.url;
         let model = meta.and_then(|m| m.model.as_deref());
-        t.detail = CallDetail {
-            provider: cfg.traces.provider(model),
-            server_address: url.host.clone(),
-            server_port: url.port,
-            temperature: meta.and_then(|m| m.temperature),
-            top_p: meta.and_then(|m| m.top_p),
-            budget: ctx.budget_decision,
-            user_id: meta
-                .and_then(|m| m.user.as_deref())
-                .map(|u| crate::telemetry::calls::user_id(&cfg.metrics, u)),
-            input_messages: ctx.input_messages.take(),
-            output_messages: observed.captured.as_deref().map(|text| {
-                traces::output_messages(text, observed.finish_reasons.first().map(String::as_str))
-            }),
-        };
+        t.detail =
+            CallDetail {
+                provider: cfg.traces.provider(model),
+                server_address: url.host.clone(),
+                server_port: url.port,
+                temperature: meta.and_then(|m| m.temperature),
+                top_p: meta.and_then(|m| m.top_p),
+                budget: ctx.budget_decision,
+                upstream_error_type: observed.upstream_error_type.clone(),
+                time_to_first_chunk: ctx
+                    .first_chunk_at
+                    .filter(|_| meta.is_some_and(|m| m.stream))
+                    .map(|t| t.saturating_duration_since(ctx.sent_at.unwrap_or(ctx.start))),
+                max_content_bytes: cfg.traces.max_content_bytes,
+                user_id: meta
+                    .and_then(|m| m.user.as_deref())
+                    .map(|u| crate::telemetry::calls::user_id(&cfg.metrics, u)),
+                input_body: ctx.input_body.take(),
+                // Nothing captured (an error answer, say): no empty assistant message.
+                output_messages: observed.captured.as_deref().filter(|t| !t.is_empty()).map(
+                    |text| {
+                        traces::output_messages(
+                            text,
+                            observed.finish_reasons.first().map(String::as_str),
+                        )
+                    },
+                ),
+            };
         Box::new(t)
     });
     UsageRecord {

@@ -151,105 +151,151 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// Checks `[traces]`, filling what is unset from the standard `OTEL_*` variables.
+/// Checks `[traces]`, filling what is unset from the standard `OTEL_*` variables. Traces are
+/// off without an endpoint, with `endpoint = ""`, or with `OTEL_SDK_DISABLED=true` or
+/// `OTEL_TRACES_EXPORTER=none`. An endpoint from the environment that cannot be used turns
+/// traces off with a warning (the environment is not the operator's config); one in the
+/// config file is an error.
 pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
-    let protocol = match raw
-        .protocol
-        .clone()
-        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
-        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .as_deref()
-    {
-        None | Some("grpc") => Protocol::Grpc,
-        Some("http/protobuf") => Protocol::HttpProtobuf,
-        Some(other) => {
-            return Err(format!(
-                "traces.protocol: {other:?}: use \"grpc\" or \"http/protobuf\""
-            ))
-        }
-    };
-    // A base endpoint gets the signal's path for HTTP; a traces endpoint is used as is.
-    let endpoint = match (&raw.endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
-        (Some(e), _) => Some((e.clone(), true)),
-        (None, Some(e)) => Some((e, false)),
-        (None, None) => env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| (e, true)),
-    };
-    let export = match endpoint {
-        None => None,
-        Some((e, base)) => {
-            if e.starts_with("https://") {
-                // No TLS stack is built into the exporter (yet): say so rather than fail at
-                // every export.
-                return Err(format!(
-                    "traces.endpoint: {e:?}: TLS to the collector is not supported; send to a \
-                     collector or agent reachable over plain http:// (e.g. a sidecar) that \
-                     forwards over TLS"
-                ));
-            }
-            if !e.starts_with("http://") {
-                return Err(format!("traces.endpoint: {e:?} is not an http:// URL"));
-            }
-            let endpoint = if protocol == Protocol::HttpProtobuf && base {
-                format!("{}/v1/traces", e.trim_end_matches('/'))
-            } else {
-                e
-            };
-            let mut headers = BTreeMap::new();
-            if let Some(h) = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
-                .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
-            {
-                for pair in h.split(',').filter(|p| !p.trim().is_empty()) {
-                    let (k, v) = pair.split_once('=').ok_or_else(|| {
-                        "OTEL_EXPORTER_OTLP_HEADERS: write it as key=value,key=value".to_string()
-                    })?;
-                    let v = crate::openai::percent_decode(v.trim()).into_owned();
-                    headers.insert(k.trim().to_string(), v);
-                }
-            }
-            headers.extend(raw.headers.clone());
-            if raw.queue_size == 0 || raw.batch_size == 0 {
-                return Err("traces.queue_size and traces.batch_size: must be at least 1".into());
-            }
-            Some(ExportConfig {
-                endpoint,
-                protocol,
-                headers,
-                service_name: raw
-                    .service_name
-                    .clone()
-                    .or_else(|| env("OTEL_SERVICE_NAME"))
-                    .unwrap_or_else(|| "tokentap".into()),
-                queue_size: raw.queue_size,
-                batch_size: raw.batch_size.min(raw.queue_size),
-                batch_delay: Duration::from_millis(raw.batch_delay_ms.max(1)),
-                timeout: Duration::from_millis(raw.export_timeout_ms.max(1)),
-            })
-        }
-    };
-    let sampling_ratio = match raw.sampling_ratio {
-        Some(r) => r,
-        None => match env("OTEL_TRACES_SAMPLER_ARG") {
-            Some(a) => a.trim().parse::<f64>().map_err(|_| {
-                format!("OTEL_TRACES_SAMPLER_ARG: {a:?} is not a number from 0 to 1")
-            })?,
-            None => 1.0,
-        },
-    };
-    if !(0.0..=1.0).contains(&sampling_ratio) {
-        return Err(format!(
-            "traces.sampling_ratio: {sampling_ratio} is out of range: use 0 to 1"
-        ));
-    }
     let mut providers = builtin_providers();
     providers.extend(raw.providers.clone());
-    Ok(TracesConfig {
-        export,
-        sampling_ratio,
+    let mut cfg = TracesConfig {
+        export: None,
+        sampling_ratio: 1.0,
         inject_traceparent: raw.inject_traceparent,
         capture_content: raw.capture_content,
         max_content_bytes: raw.max_content_bytes,
         providers,
         default_provider: raw.default_provider.clone(),
+    };
+    if let Some(r) = raw.sampling_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(format!(
+                "traces.sampling_ratio: {r} is out of range: use 0 to 1"
+            ));
+        }
+        cfg.sampling_ratio = r;
+    }
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+    // (value, from the config file, a base URL that gets the signal's path)
+    let endpoint = match (&raw.endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+        (Some(e), _) if e.is_empty() => return Ok(cfg),
+        (Some(e), _) => (e.clone(), true, true),
+        (None, _) if disabled => return Ok(cfg),
+        (None, Some(e)) => (e, false, false),
+        (None, None) => match env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Some(e) => (e, false, true),
+            None => return Ok(cfg),
+        },
+    };
+    match export_config(raw, endpoint) {
+        Ok(export) => cfg.export = Some(export),
+        Err((true, e)) => return Err(e),
+        Err((false, e)) => {
+            log::warn!("traces are off: {e}");
+            return Ok(cfg);
+        }
+    }
+    if raw.sampling_ratio.is_none() {
+        // OTEL_TRACES_SAMPLER: the ratio samplers take OTEL_TRACES_SAMPLER_ARG; always_off
+        // records nothing new (a sampled caller's trace is still followed).
+        match env("OTEL_TRACES_SAMPLER").as_deref() {
+            Some("always_off" | "parentbased_always_off") => cfg.sampling_ratio = 0.0,
+            Some("traceidratio" | "parentbased_traceidratio") => {
+                if let Some(a) = env("OTEL_TRACES_SAMPLER_ARG") {
+                    match a.trim().parse::<f64>() {
+                        Ok(r) if (0.0..=1.0).contains(&r) => cfg.sampling_ratio = r,
+                        _ => log::warn!(
+                            "OTEL_TRACES_SAMPLER_ARG: {a:?} is not a number from 0 to 1; \
+                             sampling every trace"
+                        ),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(cfg)
+}
+
+/// Where spans go. Errors say whether the endpoint came from the config file.
+fn export_config(
+    raw: &RawTraces,
+    (e, from_file, base): (String, bool, bool),
+) -> Result<ExportConfig, (bool, String)> {
+    let err = |m: String| (from_file, m);
+    let what = if from_file {
+        "traces.endpoint"
+    } else {
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    };
+    let protocol = match raw.protocol.clone().or_else(|| {
+        env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    }) {
+        None => Protocol::Grpc,
+        Some(p) if p == "grpc" => Protocol::Grpc,
+        Some(p) if p == "http/protobuf" => Protocol::HttpProtobuf,
+        Some(other) => {
+            let key = if raw.protocol.is_some() {
+                "traces.protocol"
+            } else {
+                "OTEL_EXPORTER_OTLP_PROTOCOL"
+            };
+            return Err((
+                raw.protocol.is_some(),
+                format!("{key}: {other:?}: use \"grpc\" or \"http/protobuf\""),
+            ));
+        }
+    };
+    if !(e.starts_with("http://") || e.starts_with("https://")) {
+        return Err(err(format!(
+            "{what}: {e:?} is not an http:// or https:// URL"
+        )));
+    }
+    if e.starts_with("https://") && protocol == Protocol::HttpProtobuf {
+        return Err(err(format!(
+            "{what}: {e:?}: TLS is supported over gRPC (protocol = \"grpc\"), not \
+             http/protobuf; or send to a collector reachable over plain http://"
+        )));
+    }
+    let endpoint = if protocol == Protocol::HttpProtobuf && base && !e.ends_with("/v1/traces") {
+        format!("{}/v1/traces", e.trim_end_matches('/'))
+    } else {
+        e
+    };
+    if raw.queue_size == 0 || raw.batch_size == 0 {
+        return Err((
+            true,
+            "traces.queue_size and traces.batch_size: must be at least 1".into(),
+        ));
+    }
+    // Headers: [traces].headers. The exporter itself adds OTEL_EXPORTER_OTLP_(TRACES_)HEADERS,
+    // which win over the file's for the same name.
+    let mut headers = BTreeMap::new();
+    for (k, v) in &raw.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+            || http::HeaderValue::from_str(v).is_err()
+        {
+            return Err((true, format!("traces.headers: {k:?} is not a valid header")));
+        }
+        headers.insert(k.clone(), v.clone());
+    }
+    // Hours at most: an absurd value would only overflow timers.
+    const MAX_MS: u64 = 3_600_000;
+    Ok(ExportConfig {
+        endpoint,
+        protocol,
+        headers,
+        service_name: raw
+            .service_name
+            .clone()
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "tokentap".into()),
+        queue_size: raw.queue_size,
+        batch_size: raw.batch_size.min(raw.queue_size),
+        batch_delay: Duration::from_millis(raw.batch_delay_ms.clamp(1, MAX_MS)),
+        timeout: Duration::from_millis(raw.export_timeout_ms.clamp(1, MAX_MS)),
     })
 }
 
@@ -293,12 +339,19 @@ pub struct CallDetail {
     pub server_port: u16,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    /// "allowed", "refused", "fail_open" or "not_capped".
-    pub budget: &'static str,
+    /// "allowed", "refused", "fail_open" or "not_capped"; `None` when no decision ran.
+    pub budget: Option<&'static str>,
     /// As the metrics' label policy shows it (hashed when it hashes users).
     pub user_id: Option<String>,
-    pub input_messages: Option<String>,
+    /// The request body, kept (a refcounted handle) only when content is captured: the
+    /// input messages are made from it on the exporter thread.
+    pub input_body: Option<bytes::Bytes>,
+    pub max_content_bytes: usize,
     pub output_messages: Option<String>,
+    /// The upstream error's type or code, if it sent one.
+    pub upstream_error_type: Option<String>,
+    /// From sending the request to the first chunk of a streamed response.
+    pub time_to_first_chunk: Option<std::time::Duration>,
 }
 
 impl CallTrace {
@@ -486,19 +539,22 @@ pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanDa
                 sc::GEN_AI_USAGE_OUTPUT_TOKENS,
                 u.completion as i64,
             ));
-            a.push(KeyValue::new(
-                sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
-                u.cached as i64,
-            ));
-            a.push(KeyValue::new(
-                sc::GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
-                u.reasoning as i64,
-            ));
+            // An estimate knows nothing of cached or reasoning tokens: no false zeros.
+            if rec.usage_source == UsageSource::Reported {
+                a.push(KeyValue::new(
+                    sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+                    u.cached as i64,
+                ));
+                a.push(KeyValue::new(
+                    sc::GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
+                    u.reasoning as i64,
+                ));
+            }
         }
-        if let Some(ttft) = rec.ttft {
+        if let Some(t) = d.time_to_first_chunk {
             a.push(KeyValue::new(
                 sc::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
-                ttft.as_secs_f64(),
+                t.as_secs_f64(),
             ));
         }
         if let Some(c) = rec.cost {
@@ -512,12 +568,18 @@ pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanDa
             sc::TOKENTAP_WEB_SEARCHES,
             rec.usage.web_searches as i64,
         ));
-        a.push(KeyValue::new(sc::TOKENTAP_BUDGET_DECISION, d.budget));
+        if let Some(b) = d.budget {
+            a.push(KeyValue::new(sc::TOKENTAP_BUDGET_DECISION, b));
+        }
         if let Some(u) = &d.user_id {
             a.push(KeyValue::new(sc::USER_ID, u.clone()));
         }
-        if let Some(m) = &d.input_messages {
-            a.push(KeyValue::new(sc::GEN_AI_INPUT_MESSAGES, m.clone()));
+        if let Some(m) = d
+            .input_body
+            .as_ref()
+            .and_then(|b| input_messages(b, d.max_content_bytes))
+        {
+            a.push(KeyValue::new(sc::GEN_AI_INPUT_MESSAGES, m));
         }
         if let Some(m) = &d.output_messages {
             a.push(KeyValue::new(sc::GEN_AI_OUTPUT_MESSAGES, m.clone()));
@@ -533,11 +595,9 @@ pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanDa
     };
     a.push(KeyValue::new(sc::SERVER_ADDRESS, d.server_address.clone()));
     a.push(KeyValue::new(sc::SERVER_PORT, i64::from(d.server_port)));
-    if rec.status > 0 {
-        a.push(KeyValue::new(
-            sc::HTTP_RESPONSE_STATUS_CODE,
-            i64::from(rec.status),
-        ));
+    // The CLIENT span is the call to the upstream: its status, when the upstream answered.
+    if let Some(st) = rec.upstream_status {
+        a.push(KeyValue::new(sc::HTTP_RESPONSE_STATUS_CODE, i64::from(st)));
     }
     a.push(KeyValue::new(sc::TOKENTAP_OUTCOME, rec.outcome.as_str()));
     a.push(KeyValue::new(
@@ -578,34 +638,28 @@ pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanDa
     })
 }
 
-/// `error.type` of a call that did not complete: the upstream's error type, else its status,
-/// else how the call ended.
+/// `error.type` of a call that did not complete: the upstream's error type (or code), else
+/// its HTTP status, else how the call ended (tokentap refused it, the upstream could not be
+/// reached or timed out, a side hung up).
 fn error_type(rec: &UsageRecord) -> Option<String> {
-    if rec.outcome == Outcome::Complete && rec.status < 400 {
+    let upstream_failed = rec.upstream_status.is_some_and(|s| s >= 400);
+    if rec.outcome == Outcome::Complete && !upstream_failed {
         return None;
+    }
+    if let Some(t) = rec
+        .trace
+        .as_ref()
+        .and_then(|t| t.detail.upstream_error_type.clone())
+    {
+        return Some(t);
+    }
+    if let Some(s) = rec.upstream_status.filter(|s| *s >= 400) {
+        return Some(s.to_string());
     }
     if rec.outcome == Outcome::Rejected && rec.status == 429 && rec.chat {
         return Some("budget_exceeded".into());
     }
-    if let Some(e) = rec
-        .error
-        .as_deref()
-        .filter(|_| rec.upstream_status.is_some())
-    {
-        // The upstream's `type` (or `type/code`): a short identifier, never its message.
-        if let Some(kind) = e.split_whitespace().next().filter(|k| {
-            k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'/' || b == b'.')
-        }) {
-            return Some(kind.to_string());
-        }
-    }
-    match rec.outcome {
-        Outcome::Complete | Outcome::UpstreamError if rec.status >= 400 => {
-            Some(rec.status.to_string())
-        }
-        o => Some(o.as_str().to_string()),
-    }
+    Some(rec.outcome.as_str().to_string())
 }
 
 enum Msg {
@@ -659,7 +713,7 @@ impl TraceSink {
     /// nothing.
     pub fn new(cfg: &TracesConfig) -> Result<TraceSink, String> {
         let counters = TraceCounters::new();
-        for r in ["queue_full", "export_failed"] {
+        for r in ["queue_full", "export_failed", "stopped"] {
             counters.dropped.with_label_values(&[r]);
         }
         let Some(export) = cfg.export.clone() else {
@@ -704,12 +758,16 @@ fn build_exporter(cfg: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter
                     .map_err(|_| format!("traces.headers: the value of {k:?} is not valid"))?;
                 md.insert(key, val);
             }
-            opentelemetry_otlp::SpanExporter::builder()
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(cfg.endpoint.clone())
                 .with_timeout(cfg.timeout)
-                .with_metadata(md)
-                .build()
+                .with_metadata(md);
+            if cfg.endpoint.starts_with("https://") {
+                b = b
+                    .with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
+            }
+            b.build()
         }
         Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -808,7 +866,10 @@ fn export_loop(
                     }
                 }
                 export(&mut batch);
+                // The flush is the shutdown's: the exporter is done.
+                let _ = rt.block_on(async { exporter.shutdown() });
                 let _ = done.send(());
+                return;
             }
             Err(RecvTimeoutError::Timeout) => {
                 export(&mut batch);
@@ -831,11 +892,15 @@ impl super::Sink for TraceSink {
         }
         match tx.try_send(Msg::Record(Arc::clone(rec))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self
+            Err(TrySendError::Full(_)) => self
                 .counters
                 .dropped
                 .with_label_values(&["queue_full"])
                 .inc(),
+            // After the shutdown's flush (or if the exporter thread died).
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.dropped.with_label_values(&["stopped"]).inc()
+            }
         }
     }
 
@@ -859,8 +924,14 @@ impl super::Sink for TraceSink {
                 Err(_) => return,
             }
         }
-        let _ = done_rx.recv_timeout(Duration::from_secs(10));
-        let _ = self.thread.lock().map(|mut t| t.take());
+        // Long enough for the queue's batches to be tried once each, bounded.
+        if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            log::warn!("traces: the collector did not take the last spans in time; they are lost");
+            return;
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -941,9 +1012,17 @@ mod tests {
         assert_eq!(c.export.unwrap().endpoint, "http://c:4318/v1/traces");
         let c = compile(&raw("http://c:4317", "grpc")).unwrap();
         assert_eq!(c.export.unwrap().endpoint, "http://c:4317");
-        assert!(compile(&raw("https://c:4317", "grpc"))
+        assert!(compile(&raw("https://c:4317", "grpc")).is_ok());
+        assert!(compile(&raw("https://c:4318", "http/protobuf"))
             .unwrap_err()
             .contains("TLS"));
+        let c = compile(&raw("http://c:4318/v1/traces", "http/protobuf")).unwrap();
+        assert_eq!(c.export.unwrap().endpoint, "http://c:4318/v1/traces");
+        let off = RawTraces {
+            endpoint: Some(String::new()),
+            ..RawTraces::default()
+        };
+        assert!(compile(&off).unwrap().export.is_none());
         assert!(compile(&raw("c:4317", "grpc")).is_err());
         assert!(compile(&raw("http://c:4317", "thrift"))
             .unwrap_err()

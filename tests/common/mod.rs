@@ -331,7 +331,14 @@ path = "access.log"
         } else {
             std::fs::write(&config, &text).unwrap();
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokentap"));
+        // Hermetic: an OTEL_* variable of the runner's must not turn on traces here.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
