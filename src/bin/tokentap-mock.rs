@@ -195,6 +195,21 @@ struct Request {
 }
 
 impl Request {
+    /// The body, inflated when it came gzip-compressed (as an API behind a gateway reads it).
+    fn inflated(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self
+            .header("content-encoding")
+            .is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
+        {
+            use std::io::Read;
+            let mut out = Vec::new();
+            let _ = flate2::read::GzDecoder::new(&self.body[..]).read_to_end(&mut out);
+            std::borrow::Cow::Owned(out)
+        } else {
+            std::borrow::Cow::Borrowed(&self.body)
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -398,7 +413,7 @@ fn log_request(
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let user = serde_json::from_slice::<Value>(&req.body)
+    let user = serde_json::from_slice::<Value>(&req.inflated())
         .ok()
         .and_then(|v| v.get("user").cloned())
         .unwrap_or(Value::Null);
@@ -607,7 +622,7 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
         log_request(state, conn, &req, json!(null), "error", &body);
         return Ok(true);
     }
-    let body: Value = match serde_json::from_slice(&req.body) {
+    let body: Value = match serde_json::from_slice(&req.inflated()) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
             let b = error_body(400, "Missing or invalid parameter");

@@ -109,6 +109,12 @@ pub struct LimitsConfig {
     pub max_request_body_bytes: usize,
     /// Largest non-streaming response body the usage tap reads (the client always gets all bytes).
     pub max_response_tap_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_user_bytes: usize,
+    /// 0: no limit.
+    pub max_streams_per_user: usize,
+    pub request_deadline: Option<Duration>,
+    pub client_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -328,9 +334,21 @@ fn compile(
                 "must be greater than 0".into(),
             ));
         }
+        if l.client_idle_timeout_ms == 0 {
+            return Err(err(
+                "limits.client_idle_timeout_ms",
+                "must be greater than 0".into(),
+            ));
+        }
         LimitsConfig {
             max_request_body_bytes: l.max_request_body_bytes,
             max_response_tap_bytes: l.max_response_tap_bytes,
+            max_header_bytes: l.max_header_bytes,
+            max_user_bytes: l.max_user_bytes,
+            max_streams_per_user: l.max_streams_per_user,
+            request_deadline: (l.request_deadline_ms > 0)
+                .then(|| Duration::from_millis(l.request_deadline_ms)),
+            client_idle_timeout: Duration::from_millis(l.client_idle_timeout_ms),
         }
     };
 

@@ -135,6 +135,17 @@ fn d_dns() -> u64 {
 pub struct RawLimits {
     pub max_request_body_bytes: usize,
     pub max_response_tap_bytes: usize,
+    /// All request header lines together (431 beyond).
+    pub max_header_bytes: usize,
+    /// A `user` id longer than this is refused (400).
+    pub max_user_bytes: usize,
+    /// Streamed calls one user may have open at once (429 beyond); 0: no limit.
+    pub max_streams_per_user: usize,
+    /// A whole call, from its request head to its last response byte; 0: none. Before the
+    /// response starts, passing it answers 504; after, the stream is cut.
+    pub request_deadline_ms: u64,
+    /// A client that sends nothing for this long (between requests, or mid-body) is dropped.
+    pub client_idle_timeout_ms: u64,
 }
 
 impl Default for RawLimits {
@@ -142,6 +153,11 @@ impl Default for RawLimits {
         RawLimits {
             max_request_body_bytes: 32 * 1024 * 1024,
             max_response_tap_bytes: 64 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_user_bytes: 256,
+            max_streams_per_user: 0,
+            request_deadline_ms: 0,
+            client_idle_timeout_ms: 60_000,
         }
     }
 }

@@ -11,6 +11,8 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use super::ApiError;
+
 /// What the request asks for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestMeta {
@@ -39,7 +41,65 @@ pub struct RequestMeta {
     pub type_errors: Vec<String>,
 }
 
+/// Fields whose types tokentap relies on (metering, caps).
+const CHECKED: [&str; 9] = [
+    "model",
+    "user",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "tools",
+];
+
 impl RequestMeta {
+    /// Refuses what tokentap cannot meter or cap faithfully: a field of the wrong type (the
+    /// upstream would refuse it too; tokentap must not guess), and a `user` id that is too
+    /// long or holds control characters (it becomes a ledger key, a label and a log field).
+    pub fn check(&self, max_user_bytes: usize) -> Result<(), ApiError> {
+        if let Some(e) = self.type_errors.first() {
+            let field = e.split(" (").next().unwrap_or_default();
+            let param = CHECKED
+                .iter()
+                .find(|f| **f == field)
+                .copied()
+                .unwrap_or("body");
+            return Err(ApiError::new(
+                400,
+                "invalid_request_error",
+                format!(
+                    "Invalid type for `{field}`: got {}.",
+                    &e[field.len()..].trim()
+                ),
+            )
+            .param(param)
+            .code("invalid_type"));
+        }
+        if let Some(u) = &self.user {
+            if u.len() > max_user_bytes {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    format!("`user` is longer than {max_user_bytes} bytes."),
+                )
+                .param("user")
+                .code("invalid_user"));
+            }
+            if u.chars().any(char::is_control) {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "`user` contains control characters.",
+                )
+                .param("user")
+                .code("invalid_user"));
+            }
+        }
+        Ok(())
+    }
+
     /// The built-in web search tool was offered to the model.
     pub fn web_search_requested(&self) -> bool {
         self.tools

@@ -54,6 +54,8 @@ pub struct Shared {
     pub ledger: Arc<dyn Ledger>,
     /// Calls holding a budget reservation not settled yet.
     pub open_calls: Arc<OpenCalls>,
+    /// Open streams per user (`limits.max_streams_per_user`).
+    pub user_streams: Arc<dashmap::DashMap<String, usize>>,
     /// Calls between their request head and their record.
     pub in_flight: Arc<AtomicI64>,
     ids: RequestIds,
@@ -81,6 +83,7 @@ impl Shared {
             calls,
             ledger,
             open_calls: Arc::new(OpenCalls::default()),
+            user_streams: Arc::default(),
             ids: RequestIds::new(),
         })
     }
@@ -186,6 +189,38 @@ pub struct Ctx {
     input_body: Option<Bytes>,
     /// When the first chunk of the response body arrived.
     first_chunk_at: Option<Instant>,
+    /// Counts this call among its user's open streams.
+    user_stream: Option<UserStream>,
+}
+
+/// One open stream of a user, for `limits.max_streams_per_user`; released when dropped.
+struct UserStream {
+    map: Arc<dashmap::DashMap<String, usize>>,
+    user: String,
+}
+
+impl UserStream {
+    fn open(map: &Arc<dashmap::DashMap<String, usize>>, user: &str, max: usize) -> Option<Self> {
+        let mut n = map.entry(user.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UserStream {
+            map: Arc::clone(map),
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for UserStream {
+    fn drop(&mut self) {
+        // The last stream of a user removes its entry: the map holds only open streams.
+        self.map.remove_if_mut(&self.user, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
 }
 
 impl Ctx {
@@ -231,9 +266,15 @@ impl TokenTap {
         ctx.upstream_addr = Some(addr);
         let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.clone());
         let o = &mut peer.options;
-        o.connection_timeout = Some(u.connect_timeout);
-        o.total_connection_timeout = Some(u.connect_timeout * 2);
-        o.read_timeout = Some(u.read_timeout);
+        // The call's deadline bounds every wait on the upstream.
+        let left = ctx.cfg.limits.request_deadline.map(|d| {
+            d.saturating_sub(ctx.start.elapsed())
+                .max(Duration::from_millis(1))
+        });
+        let bound = |t: Duration| left.map_or(t, |l| t.min(l));
+        o.connection_timeout = Some(bound(u.connect_timeout));
+        o.total_connection_timeout = Some(bound(u.connect_timeout * 2));
+        o.read_timeout = Some(bound(u.read_timeout));
         o.write_timeout = Some(u.write_timeout);
         o.idle_timeout = Some(u.idle_timeout);
         o.verify_cert = true;
@@ -261,6 +302,21 @@ impl TokenTap {
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(self.reject(ctx, too_large(limit)));
+        }
+        let max_head = ctx.cfg.limits.max_header_bytes;
+        let head: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if head > max_head {
+            let e = ApiError::new(
+                431,
+                "invalid_request_error",
+                format!("The request's headers are larger than {max_head} bytes."),
+            )
+            .code("request_header_too_large");
+            return Err(self.reject(ctx, e));
         }
         if ctx.chat {
             ctx.request_encoding = req
@@ -357,6 +413,81 @@ impl TokenTap {
         Ok(())
     }
 
+    /// Counts a streamed call against its user's `limits.max_streams_per_user`.
+    fn open_stream(&self, ctx: &mut Ctx) -> std::result::Result<(), ApiError> {
+        let max = ctx.cfg.limits.max_streams_per_user;
+        let Some(meta) = ctx.meta.as_ref().filter(|m| m.stream && max > 0) else {
+            return Ok(());
+        };
+        let Some(user) = meta.user.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(());
+        };
+        match UserStream::open(&self.shared.user_streams, user, max) {
+            Some(g) => {
+                ctx.user_stream = Some(g);
+                Ok(())
+            }
+            None => Err(ApiError::new(
+                429,
+                "rate_limit_exceeded",
+                format!(
+                    "Too many concurrent streams for this user (at most {max}). Retry when one \
+                     has finished."
+                ),
+            )
+            .code("too_many_streams")),
+        }
+    }
+
+    /// The decision point: everything about the call is known and nothing of its body reached
+    /// the upstream yet (it goes when this returns Ok).
+    async fn decide_call(&self, ctx: &mut Ctx) -> std::result::Result<(), Box<Error>> {
+        let cfg = Arc::clone(&ctx.cfg);
+        if let Some(e) = ctx
+            .meta
+            .as_ref()
+            .and_then(|m| m.check(cfg.limits.max_user_bytes).err())
+        {
+            return Err(self.reject(ctx, e));
+        }
+        if let Err(e) = self.open_stream(ctx) {
+            return Err(self.reject(ctx, e));
+        }
+        match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
+            Decision::Allow(res) => {
+                ctx.budget_decision = Some(if res.is_some() {
+                    "allowed"
+                } else {
+                    "not_capped"
+                });
+                self.hold(ctx, res);
+            }
+            Decision::Unchecked(res) => {
+                ctx.budget_decision = Some("fail_open");
+                self.shared.calls.budget_fail_open();
+                self.hold(ctx, res);
+            }
+            Decision::Refuse(e, budget) => {
+                ctx.budget_decision = Some("refused");
+                let calls = &self.shared.calls;
+                match &budget {
+                    Some((user, team, tokens)) => calls.budget_rejected(
+                        Some(user),
+                        team,
+                        if *tokens { "tokens" } else { "usd" },
+                    ),
+                    None if e.status == 400 => calls.budget_rejected(None, "", "user_required"),
+                    None => calls.budget_rejected(None, "", "store_unavailable"),
+                }
+                return Err(self.reject(ctx, e));
+            }
+        }
+        // The body goes now: time to first token counts from here, not from before the
+        // budget decision (a Redis round trip is tokentap's, not the upstream's).
+        ctx.sent_at = Some(Instant::now());
+        Ok(())
+    }
+
     /// Keeps the call's reservation until its record settles it (or its guard does).
     fn hold(&self, ctx: &mut Ctx, res: Option<Arc<Reservation>>) {
         let Some(res) = res else { return };
@@ -429,13 +560,29 @@ impl ProxyHttp for TokenTap {
             budget_decision: None,
             input_body: None,
             first_chunk_at: None,
+            user_stream: None,
             decide: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let t = Instant::now();
-        let r = self.on_request(session, ctx);
+        // A client that goes quiet (mid-body, or between requests) cannot hold its
+        // connection for ever.
+        let idle = ctx.cfg.limits.client_idle_timeout;
+        session.set_read_timeout(Some(idle));
+        session.set_keepalive(Some(idle.as_secs().max(1)));
+        let mut r = self.on_request(session, ctx);
+        if matches!(r, Ok(false)) && ctx.chat && session.is_body_empty() {
+            // A chat call without a body never reaches the body filter: decide about it here,
+            // before anything goes upstream (or it would pass every cap unread).
+            r = self.on_request_body(&mut None, true, ctx).map(|_| false);
+            if r.is_ok() && std::mem::take(&mut ctx.decide) {
+                if let Err(e) = self.decide_call(ctx).await {
+                    r = Err(e);
+                }
+            }
+        }
         ctx.overhead += t.elapsed();
         r
     }
@@ -487,42 +634,10 @@ impl ProxyHttp for TokenTap {
         let t = Instant::now();
         let r = self.on_request_body(body, end_of_stream, ctx);
         if r.is_ok() && std::mem::take(&mut ctx.decide) {
-            // The decision point: everything about the call is known, nothing of its body
-            // reached the upstream yet (it goes when this returns).
-            let cfg = Arc::clone(&ctx.cfg);
-            match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
-                Decision::Allow(res) => {
-                    ctx.budget_decision = Some(if res.is_some() {
-                        "allowed"
-                    } else {
-                        "not_capped"
-                    });
-                    self.hold(ctx, res);
-                }
-                Decision::Unchecked(res) => {
-                    ctx.budget_decision = Some("fail_open");
-                    self.shared.calls.budget_fail_open();
-                    self.hold(ctx, res);
-                }
-                Decision::Refuse(e, budget) => {
-                    ctx.budget_decision = Some("refused");
-                    let calls = &self.shared.calls;
-                    match &budget {
-                        Some((user, team, tokens)) => calls.budget_rejected(
-                            Some(user),
-                            team,
-                            if *tokens { "tokens" } else { "usd" },
-                        ),
-                        None if e.status == 400 => calls.budget_rejected(None, "", "user_required"),
-                        None => calls.budget_rejected(None, "", "store_unavailable"),
-                    }
-                    ctx.overhead += t.elapsed();
-                    return Err(self.reject(ctx, e));
-                }
+            if let Err(e) = self.decide_call(ctx).await {
+                ctx.overhead += t.elapsed();
+                return Err(e);
             }
-            // The body goes now: time to first token counts from here, not from before the
-            // budget decision (a Redis round trip is tokentap's, not the upstream's).
-            ctx.sent_at = Some(Instant::now());
         }
         ctx.overhead += t.elapsed();
         r
@@ -548,6 +663,16 @@ impl ProxyHttp for TokenTap {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
+        if let Some(d) = ctx.cfg.limits.request_deadline {
+            if ctx.start.elapsed() > d {
+                ctx.failure = Some(deadline_passed(d));
+                return Err(Error::explain(
+                    ErrorType::ReadTimedout,
+                    "limits.request_deadline_ms passed",
+                )
+                .into_up());
+            }
+        }
         if let Some(b) = body {
             if ctx.first_chunk_at.is_none() && !b.is_empty() {
                 ctx.first_chunk_at = Some(Instant::now());
@@ -614,10 +739,16 @@ impl ProxyHttp for TokenTap {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let deadline = ctx
+            .cfg
+            .limits
+            .request_deadline
+            .filter(|d| ctx.start.elapsed() >= *d && e.esource() == &ErrorSource::Upstream);
         let api = ctx
             .rejection
             .clone()
             .or_else(|| ctx.failure.clone())
+            .or_else(|| deadline.map(deadline_passed))
             .or_else(|| failure_for(e));
         let code = match (&api, session.response_written()) {
             (_, Some(resp)) => resp.status.as_u16(),
@@ -674,6 +805,18 @@ fn too_large(limit: usize) -> ApiError {
 }
 
 /// The answer for a Pingora error tokentap did not raise itself.
+fn deadline_passed(d: Duration) -> ApiError {
+    ApiError::new(
+        504,
+        "upstream_error",
+        format!(
+            "The call did not complete within tokentap's deadline ({} ms).",
+            d.as_millis()
+        ),
+    )
+    .code("deadline_exceeded")
+}
+
 fn failure_for(e: &Error) -> Option<ApiError> {
     use ErrorType::*;
     let timeout = |what: &str| {
@@ -687,7 +830,16 @@ fn failure_for(e: &Error) -> Option<ApiError> {
     match (e.esource(), e.etype()) {
         (_, HTTPStatus(code)) => Some(ApiError::new(*code, "api_error", e.to_string())),
         (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed) => None,
-        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+        // The client stopped sending its request (limits.client_idle_timeout_ms).
+        (ErrorSource::Downstream, ReadTimedout) => Some(
+            ApiError::new(
+                408,
+                "invalid_request_error",
+                "The request did not arrive in time (the client went quiet).",
+            )
+            .code("client_timeout"),
+        ),
+        (ErrorSource::Downstream, WriteTimedout) => None,
         (ErrorSource::Downstream, _) => Some(ApiError::new(
             400,
             "invalid_request_error",
