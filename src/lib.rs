@@ -5,8 +5,10 @@
 //! (`meter`) per call to the sinks (`telemetry`).
 
 pub mod admin;
+pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod fuzzing;
 pub mod meter;
 pub mod openai;
 pub mod proxy;

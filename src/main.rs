@@ -51,6 +51,107 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: FormatArg,
     },
+    /// Issue, list and revoke virtual keys (auth.mode = "virtual_keys").
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a key for a user: printed once; only its hash is kept (in auth.keys_file).
+    Create {
+        #[arg(short, long, default_value = "config/tokentap.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// A team the key's user belongs to (for the team's budget caps).
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// The issued keys (ids, users, teams; never the keys).
+    List {
+        #[arg(short, long, default_value = "config/tokentap.toml")]
+        config: PathBuf,
+    },
+    /// Revoke a key by id: refused from the next reload on.
+    Revoke {
+        #[arg(short, long, default_value = "config/tokentap.toml")]
+        config: PathBuf,
+        id: String,
+    },
+}
+
+/// `tokentap keys ...`: works on the keys file named by the config's [auth] table.
+fn keys(action: KeysCommand) -> Result<String, String> {
+    use tokentap::auth;
+    let file_of = |config: &std::path::Path| -> Result<PathBuf, String> {
+        #[derive(serde::Deserialize)]
+        struct Only {
+            auth: Option<toml::Table>,
+        }
+        let text =
+            std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
+        let only: Only = toml::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
+        let name = only
+            .auth
+            .and_then(|a| {
+                a.get("keys_file")
+                    .and_then(|v| v.as_str())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| auth::RawAuth::default().keys_file);
+        Ok(config
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(name))
+    };
+    match action {
+        KeysCommand::Create { config, user, team } => {
+            if user.is_empty() || user.chars().any(char::is_control) {
+                return Err("--user: give a non-empty user id without control characters".into());
+            }
+            let path = file_of(&config)?;
+            let mut file = auth::read_keys(&path)?;
+            let (key, stored) = auth::issue(&user, team.as_deref())?;
+            let id = stored.id.clone();
+            file.keys.push(stored);
+            auth::write_keys(&path, &file)?;
+            Ok(format!(
+                "{key}\n(key {id} for user {user:?}; shown once, keep it now; {} keeps only its hash)\n",
+                path.display()
+            ))
+        }
+        KeysCommand::List { config } => {
+            let file = auth::read_keys(&file_of(&config)?)?;
+            let mut out = String::from("id\tuser\tteam\tcreated\trevoked\n");
+            for k in file.keys {
+                out.push_str(&format!(
+                    "{}\t{}\t{}\t{}\t{}\n",
+                    k.id,
+                    k.user,
+                    k.team.unwrap_or_default(),
+                    k.created,
+                    k.revoked
+                ));
+            }
+            Ok(out)
+        }
+        KeysCommand::Revoke { config, id } => {
+            let path = file_of(&config)?;
+            let mut file = auth::read_keys(&path)?;
+            let Some(k) = file.keys.iter_mut().find(|k| k.id == id) else {
+                return Err(format!("no key {id:?} in {}", path.display()));
+            };
+            k.revoked = true;
+            auth::write_keys(&path, &file)?;
+            Ok(format!(
+                "revoked {id}: refused once tokentap reloads (on its own when it watches {})\n",
+                path.display()
+            ))
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -118,6 +219,11 @@ fn main() -> ExitCode {
         // goes away (Kubernetes' old ..data targets): not the operator's concern.
         logger.filter_module("notify", log::LevelFilter::Error);
     }
+    // Pingora's debug log prints whole request headers, API keys included: whatever the
+    // level asked for, its modules log at info at most.
+    for m in ["pingora_proxy", "pingora_core", "pingora"] {
+        logger.filter_module(m, log::LevelFilter::Info);
+    }
     logger.target(env_logger::Target::Stderr).init();
     if !log_from_env {
         log::set_max_level(log::LevelFilter::Info);
@@ -152,6 +258,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("tokentap spend: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Keys { action } => match keys(action) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tokentap keys: {e}");
                 ExitCode::from(2)
             }
         },

@@ -134,7 +134,13 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
-        if path.starts_with("/admin/") && !self.authorized(session) {
+        let protected = {
+            let cfg = self.shared.config.load();
+            path.starts_with("/admin/")
+                || (path == "/metrics" && cfg.server.protect_metrics)
+                || (matches!(path.as_str(), "/healthz" | "/readyz") && cfg.server.protect_health)
+        };
+        if protected && !self.authorized(session) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "The admin API needs Authorization: Bearer <token> (server.admin_token_env).",

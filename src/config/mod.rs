@@ -37,6 +37,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub budgets: crate::budget::policy::BudgetPolicy,
     pub traces: crate::telemetry::traces::TracesConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// How metrics label calls; bounds the number of series whatever clients send.
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub log_level: log::LevelFilter,
     /// The bearer token `/admin/*` requires, read from `server.admin_token_env`.
     pub admin_token: Option<Secret>,
+    pub protect_metrics: bool,
+    pub protect_health: bool,
 }
 
 /// A secret that never prints.
@@ -257,6 +260,16 @@ fn compile(
                 format!("{} is out of range: use 1 to 1024", s.threads),
             ));
         }
+        if (s.protect_metrics || s.protect_health) && s.admin_token_env.is_none() {
+            return Err(err(
+                if s.protect_metrics {
+                    "server.protect_metrics"
+                } else {
+                    "server.protect_health"
+                },
+                "needs server.admin_token_env (the token that protects it)".into(),
+            ));
+        }
         ServerConfig {
             listen,
             admin_listen,
@@ -280,6 +293,8 @@ fn compile(
                     }
                 },
             },
+            protect_metrics: s.protect_metrics,
+            protect_health: s.protect_health,
             log_level: s.log_level.parse().map_err(|_| {
                 err(
                     "server.log_level",
@@ -403,6 +418,17 @@ fn compile(
 
     let traces =
         crate::telemetry::traces::compile(&raw.traces).map_err(|m| ConfigError::new(file, m))?;
+    let auth = crate::auth::compile(&raw.auth, dir).map_err(|m| ConfigError::new(file, m))?;
+    // A key issued for a team makes its user a member of that team (for the team's caps).
+    let mut budgets = budgets;
+    for (user, team) in &auth.keys.teams {
+        if budgets.teams.contains_key(team) {
+            let m = budgets.membership.entry(user.clone()).or_default();
+            if !m.contains(team) {
+                m.push(team.clone());
+            }
+        }
+    }
 
     let mut files = vec![file.to_path_buf()];
     let mut digest = sha2::Sha256::new();
@@ -413,6 +439,12 @@ fn compile(
         digest.update([0u8]);
         digest.update(content.as_bytes());
         files.push(path);
+    }
+    // The keys file is config too: a change to it (a revocation) is a reload.
+    if auth.mode == crate::auth::Mode::VirtualKeys {
+        digest.update([0u8]);
+        digest.update(std::fs::read(&auth.keys_file).unwrap_or_default());
+        files.push(auth.keys_file.clone());
     }
     let hash = digest.finalize()[..8]
         .iter()
@@ -431,6 +463,7 @@ fn compile(
         metrics,
         budgets,
         traces,
+        auth,
     })
 }
 

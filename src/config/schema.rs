@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub budgets: crate::budget::policy::RawBudgets,
     #[serde(default)]
     pub traces: crate::telemetry::traces::RawTraces,
+    #[serde(default)]
+    pub auth: crate::auth::RawAuth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +82,10 @@ pub struct RawServer {
     /// The environment variable holding the bearer token `/admin/*` requires (unset: the
     /// admin API is open to whoever reaches the admin listener).
     pub admin_token_env: Option<String>,
+    /// `/metrics` needs the admin token too (per-user spend is in it).
+    pub protect_metrics: bool,
+    /// `/healthz` and `/readyz` need the admin token too (probes must then send it).
+    pub protect_health: bool,
 }
 
 impl Default for RawServer {
@@ -91,6 +97,8 @@ impl Default for RawServer {
             drain_timeout_ms: 30_000,
             log_level: "info".into(),
             admin_token_env: None,
+            protect_metrics: false,
+            protect_health: false,
         }
     }
 }

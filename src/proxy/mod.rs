@@ -191,6 +191,10 @@ pub struct Ctx {
     first_chunk_at: Option<Instant>,
     /// Counts this call among its user's open streams.
     user_stream: Option<UserStream>,
+    /// The caller, from its virtual key.
+    pub(crate) identity: Option<crate::auth::Identity>,
+    /// The body's `user` is to be replaced by the key's (auth.user_mismatch = "overwrite").
+    rewrite_user: bool,
 }
 
 /// One open stream of a user, for `limits.max_streams_per_user`; released when dropped.
@@ -302,6 +306,23 @@ impl TokenTap {
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(self.reject(ctx, too_large(limit)));
+        }
+        if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
+            let Some(id) = crate::auth::presented(&req.headers)
+                .and_then(|k| ctx.cfg.auth.keys.lookup(k))
+                .cloned()
+            else {
+                // Unknown and revoked keys get the same answer (and nothing of the key).
+                let e = ApiError::new(
+                    401,
+                    "invalid_request_error",
+                    "Invalid or missing API key: send a tokentap key as \
+                     `Authorization: Bearer <key>`.",
+                )
+                .code("invalid_api_key");
+                return Err(self.reject(ctx, e));
+            };
+            ctx.identity = Some(id);
         }
         let max_head = ctx.cfg.limits.max_header_bytes;
         let head: usize = req
@@ -443,6 +464,28 @@ impl TokenTap {
     /// the upstream yet (it goes when this returns Ok).
     async fn decide_call(&self, ctx: &mut Ctx) -> std::result::Result<(), Box<Error>> {
         let cfg = Arc::clone(&ctx.cfg);
+        if let Some(id) = ctx.identity.clone() {
+            // The key says who calls; a body naming someone else is refused or corrected.
+            if let Some(meta) = ctx.meta.as_mut() {
+                // The caller is the key's user, whatever the body claims (also in the record
+                // of a refused call).
+                let claimed = meta.user.replace(id.user.clone());
+                if claimed.is_some_and(|u| !u.is_empty() && u != id.user) {
+                    let can_rewrite = ctx.request_encoding.is_none();
+                    if cfg.auth.mismatch == crate::auth::Mismatch::Reject || !can_rewrite {
+                        let e = ApiError::new(
+                            403,
+                            "invalid_request_error",
+                            "The request's `user` is not the user of this API key.",
+                        )
+                        .param("user")
+                        .code("user_mismatch");
+                        return Err(self.reject(ctx, e));
+                    }
+                    ctx.rewrite_user = true;
+                }
+            }
+        }
         if let Some(e) = ctx
             .meta
             .as_ref()
@@ -561,6 +604,8 @@ impl ProxyHttp for TokenTap {
             input_body: None,
             first_chunk_at: None,
             user_stream: None,
+            identity: None,
+            rewrite_user: false,
             decide: false,
         }
     }
@@ -602,6 +647,21 @@ impl ProxyHttp for TokenTap {
     ) -> Result<()> {
         let url = &ctx.cfg.upstream.url;
         req.insert_header(header::HOST, url.host_header.as_str())?;
+        if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
+            // The client's key stays here; the upstream gets the real one (if configured).
+            req.remove_header("api-key");
+            match &ctx.cfg.auth.upstream_auth {
+                Some(s) => req.insert_header(header::AUTHORIZATION, s.0.as_str())?,
+                None => {
+                    req.remove_header(&header::AUTHORIZATION);
+                }
+            }
+            if ctx.chat && ctx.cfg.auth.mismatch == crate::auth::Mismatch::Overwrite {
+                // The body may be rewritten (its length changes): send it chunked.
+                req.remove_header(&header::CONTENT_LENGTH);
+                req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+            }
+        }
         // Only when the operator asked: otherwise the request goes as the client sent it.
         if let Some(t) = ctx
             .trace
@@ -637,6 +697,14 @@ impl ProxyHttp for TokenTap {
             if let Err(e) = self.decide_call(ctx).await {
                 ctx.overhead += t.elapsed();
                 return Err(e);
+            }
+            if std::mem::take(&mut ctx.rewrite_user) {
+                let user = ctx.identity.as_ref().map(|i| i.user.clone());
+                if let (Some(b), Some(u)) = (body.as_ref(), user) {
+                    if let Some(new) = crate::auth::rewrite_user(b, &u) {
+                        *body = Some(Bytes::from(new));
+                    }
+                }
             }
         }
         ctx.overhead += t.elapsed();

@@ -76,7 +76,9 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         model,
         response_model: observed.response_model,
         response_id: observed.response_id,
-        user: meta.and_then(|m| m.user.clone()),
+        user: meta
+            .and_then(|m| m.user.clone())
+            .or_else(|| ctx.identity.as_ref().map(|i| i.user.clone())),
         stream: meta.is_some_and(|m| m.stream),
         max_tokens: meta.and_then(|m| m.output_cap()),
         tools: meta.map(|m| m.tools.clone()).unwrap_or_default(),

@@ -211,6 +211,8 @@ pub struct TapBuilder {
     dir: Option<tempfile::TempDir>,
     env: Vec<(String, String)>,
     server_extra: String,
+    /// tokentap's log (stderr) goes to `tokentap.stderr` in its directory.
+    log_to_file: bool,
 }
 
 impl TapBuilder {
@@ -224,6 +226,7 @@ impl TapBuilder {
             dir: None,
             env: Vec::new(),
             server_extra: String::new(),
+            log_to_file: false,
         }
     }
 
@@ -231,6 +234,12 @@ impl TapBuilder {
     pub fn start_with_server_extra(mut self, lines: &str) -> Tap {
         self.server_extra = lines.to_string();
         self.start()
+    }
+
+    /// Sends tokentap's log to `tokentap.stderr` in its directory (to read it back).
+    pub fn log_to_file(mut self) -> Self {
+        self.log_to_file = true;
+        self
     }
 
     /// An environment variable for the tokentap process.
@@ -297,6 +306,7 @@ impl TapBuilder {
             dir: _,
             env,
             server_extra,
+            log_to_file,
         } = self;
         let drain = if server_extra.contains("drain_timeout_ms") {
             ""
@@ -344,7 +354,17 @@ path = "access.log"
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(if *log_to_file {
+                Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.path().join("tokentap.stderr"))
+                        .unwrap(),
+                )
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("start tokentap");
         let mut tap = Tap {

@@ -1,0 +1,77 @@
+//! The fuzz targets' bodies, shared with the test that replays their corpus
+//! (`tests/fuzz_corpus.rs`): any input, split anywhere, must decode the same and never panic.
+
+use bytes::Bytes;
+
+use crate::openai::request;
+use crate::openai::response::{BodyKind, ResponseTap};
+use crate::openai::sse::SseDecoder;
+
+/// Splits `data` into the input and a split point taken from its first two bytes.
+fn split(data: &[u8]) -> (&[u8], usize) {
+    match data {
+        [a, b, rest @ ..] => (rest, usize::from(u16::from_le_bytes([*a, *b]))),
+        _ => (data, 0),
+    }
+}
+
+fn events(chunks: &[&[u8]]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut d = SseDecoder::new(64 * 1024);
+    let mut on =
+        |e: crate::openai::sse::SseEvent<'_>| out.push((e.event.to_vec(), e.data.to_vec()));
+    for c in chunks {
+        d.feed(c, &mut on);
+    }
+    d.finish(&mut on);
+    out
+}
+
+/// The SSE decoder: whole, or split in two anywhere, the same events.
+pub fn sse(data: &[u8]) {
+    let (input, at) = split(data);
+    let at = at.min(input.len());
+    let whole = events(&[input]);
+    let parts = events(&[&input[..at], &input[at..]]);
+    assert_eq!(whole, parts, "an SSE split at {at} changed the events");
+}
+
+/// Request inspection (plain, and as each supported encoding would be tried) and its checks.
+pub fn request(data: &[u8]) {
+    if let Ok(m) = request::inspect(data) {
+        let _ = m.check(256);
+        let _ = m.output_cap();
+        let _ = m.web_search_requested();
+    }
+    for enc in [
+        None,
+        Some("gzip"),
+        Some("deflate"),
+        Some("br"),
+        Some("zstd"),
+    ] {
+        let _ = request::inspect_encoded(data, enc, 1 << 20);
+    }
+}
+
+fn observe(kind: BodyKind, chunks: &[&[u8]]) -> String {
+    let mut tap = ResponseTap::new(kind, None, 1 << 20);
+    for c in chunks {
+        tap.feed(&Bytes::copy_from_slice(c));
+    }
+    format!("{:?}", tap.finish())
+}
+
+/// Usage extraction from SSE and JSON bodies: whole, or split in two anywhere, the same.
+pub fn response(data: &[u8]) {
+    let (input, at) = split(data);
+    let at = at.min(input.len());
+    for kind in [BodyKind::Sse, BodyKind::Json] {
+        let whole = observe(kind, &[input]);
+        let parts = observe(kind, &[&input[..at], &input[at..]]);
+        assert_eq!(
+            whole, parts,
+            "a {kind:?} body split at {at} changed what was observed"
+        );
+    }
+}

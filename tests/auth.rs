@@ -1,0 +1,212 @@
+//! Virtual keys against the real binary: identity from the key, never from the body; the
+//! real upstream key sent instead; revocation on reload; and no key anywhere in what tokentap
+//! writes (its log at debug level, the access log, metrics, the admin API, the keys file).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+const MODEL: &str = "anthropic/claude-opus-4.6";
+const UPSTREAM_KEY: &str = "sk-upstream-real-7c1d9e";
+
+fn keys(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issues a key; returns (key, id).
+fn issue(tap: &Tap, user: &str) -> (String, String) {
+    let old = tap.config_hash();
+    let out = keys(&tap.config, &["create", "--user", user]);
+    let key = out.lines().next().unwrap().trim().to_string();
+    assert!(key.starts_with("tt-"), "{out}");
+    let id = out
+        .split("(key ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // The keys file is config: tokentap reloads on its own.
+    tap.wait_config_change(&old);
+    (key, id)
+}
+
+fn call(tap: &Tap, key: Option<&str>, user: Option<&str>) -> Resp {
+    let bearer = key.map(|k| format!("Bearer {k}"));
+    let mut h: Vec<(&str, &str)> = Vec::new();
+    if let Some(b) = &bearer {
+        h.push(("authorization", b));
+    }
+    let extra = user.map_or(String::new(), |u| format!(r#","user":"{u}""#));
+    let body =
+        format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
+    request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &h,
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
+    let mock = Mock::start();
+    let tap = TapBuilder::new(&mock.url())
+        .env("UPSTREAM_KEY", UPSTREAM_KEY)
+        // Debug level: not even Pingora's own debug log may carry a key.
+        .env("RUST_LOG", "debug")
+        .log_to_file()
+        .extra(&format!(
+            "{TEST_PRICING}\n[auth]\nmode = \"virtual_keys\"\nupstream_key_env = \"UPSTREAM_KEY\"\n"
+        ))
+        .start();
+    let (alice, alice_id) = issue(&tap, "alice");
+
+    // No key, or a key tokentap never issued: 401, nothing upstream.
+    for k in [None, Some("tt-0000"), Some(UPSTREAM_KEY)] {
+        let r = call(&tap, k, Some("alice"));
+        assert_eq!(r.status, 401, "{k:?}");
+        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(mock.received(), 0);
+
+    // alice's key naming bob: refused, bob is never charged.
+    let r = call(&tap, Some(&alice), Some("bob"));
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "user_mismatch");
+    assert_eq!(r.json()["error"]["param"], "user");
+    assert_eq!(mock.received(), 0);
+
+    // Her own name, or none: charged to alice; the upstream gets the real key only.
+    assert_eq!(call(&tap, Some(&alice), Some("alice")).status, 200);
+    assert_eq!(call(&tap, Some(&alice), None).status, 200);
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("api-key", &alice)],
+        format!(r#"{{"model":"{MODEL}","messages":[]}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "a key in api-key works too");
+    let r = request(
+        tap.addr,
+        "GET",
+        "/v1/models",
+        &[("authorization", &format!("Bearer {alice}"))],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let seen = mock.wait_requests(4);
+    for s in &seen {
+        assert_eq!(
+            s["headers"]["authorization"],
+            format!("Bearer {UPSTREAM_KEY}")
+        );
+        assert!(s["headers"].get("api-key").is_none());
+    }
+    let recs = tap.wait_records(8);
+    for r in &recs {
+        assert_ne!(r["user"], "bob", "{r}");
+    }
+    assert!(recs
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .all(|r| r["user"] == "alice"));
+
+    // Overwrite mode: carol's key naming mallory goes through as carol.
+    let old = tap.config_hash();
+    let text = std::fs::read_to_string(&tap.config).unwrap();
+    tap.write_config(&text.replace(
+        "mode = \"virtual_keys\"",
+        "mode = \"virtual_keys\"\nuser_mismatch = \"overwrite\"",
+    ));
+    tap.wait_config_change(&old);
+    let (carol, _) = issue(&tap, "carol");
+    let r = call(&tap, Some(&carol), Some("mallory"));
+    assert_eq!(r.status, 200);
+    let seen = mock.wait_requests(5);
+    assert_eq!(seen[4]["user"], "carol", "the upstream saw the key's user");
+    assert_eq!(tap.wait_records(9)[8]["user"], "carol");
+
+    // Revoked: refused from the reload on.
+    let old = tap.config_hash();
+    keys(&tap.config, &["revoke", &alice_id]);
+    tap.wait_config_change(&old);
+    assert_eq!(call(&tap, Some(&alice), Some("alice")).status, 401);
+    assert_eq!(call(&tap, Some(&carol), Some("carol")).status, 200);
+    let listed = keys(&tap.config, &["list"]);
+    assert!(
+        listed.contains(&alice_id) && listed.contains("true"),
+        "{listed}"
+    );
+
+    // No key anywhere tokentap writes.
+    let metrics = request(tap.admin, "GET", "/metrics", &[], b"");
+    let admin = request(tap.admin, "GET", "/admin/config", &[], b"");
+    let written = [
+        std::fs::read_to_string(tap.dir.path().join("tokentap.stderr")).unwrap(),
+        std::fs::read_to_string(&tap.log).unwrap(),
+        String::from_utf8_lossy(&metrics.body).into_owned(),
+        String::from_utf8_lossy(&admin.body).into_owned(),
+        std::fs::read_to_string(tap.dir.path().join("tokentap-keys.toml")).unwrap(),
+        listed,
+    ];
+    assert!(written[0].contains("tokentap listening"), "this is the log");
+    for text in &written {
+        for secret in [alice.as_str(), carol.as_str(), UPSTREAM_KEY, &alice[3..]] {
+            assert!(
+                !text.contains(secret),
+                "a key was written: {secret} in {}",
+                text.lines()
+                    .find(|l| l.contains(secret))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_admin_listener_protects_admin_and_optionally_metrics() {
+    let mock = Mock::start();
+    let token = "admin-token-0123456789abcdef";
+    let tap = TapBuilder::new(&mock.url())
+        .env("TT_ADMIN_TOKEN", token)
+        .start_with_server_extra("admin_token_env = \"TT_ADMIN_TOKEN\"\nprotect_metrics = true\n");
+    let bearer = format!("Bearer {token}");
+    for path in ["/admin/config", "/metrics"] {
+        let r = request(tap.admin, "GET", path, &[], b"");
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(r.json()["error"]["type"], "authentication_error", "{path}");
+        let r = request(
+            tap.admin,
+            "GET",
+            path,
+            &[("authorization", "Bearer wrong")],
+            b"",
+        );
+        assert_eq!(r.status, 401, "{path}");
+        let r = request(tap.admin, "GET", path, &[("authorization", &bearer)], b"");
+        assert_eq!(r.status, 200, "{path}");
+    }
+    // Probes stay open unless protect_health says otherwise.
+    assert_eq!(request(tap.admin, "GET", "/healthz", &[], b"").status, 200);
+    // The admin listener is on loopback by default.
+    let defaults =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokentap.toml"))
+            .unwrap();
+    assert!(defaults.contains("admin_listen = \"127.0.0.1:"));
+}
