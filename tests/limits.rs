@@ -375,3 +375,29 @@ fn each_limit_answers_with_its_status_and_error() {
         "the quiet client's request never went upstream"
     );
 }
+
+#[test]
+fn an_upstream_that_never_accepts_the_connection_gets_504() {
+    use socket2::{Domain, Socket, Type};
+    // A listener whose accept queue is full and never drained: new connections hang in SYN.
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let _fillers: Vec<TcpStream> = (0..8)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    let tap = Tap::start(&format!("http://{addr}"), TEST_PRICING);
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat_body(MODEL, "a", false, ""),
+    );
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    let rec = &tap.wait_records(1)[0];
+    assert_eq!(rec["outcome"], "timeout");
+}
