@@ -3,6 +3,8 @@
 //! writes (its log at debug level, the access log, metrics, the admin API, the keys file).
 
 mod common;
+#[path = "common/otlp.rs"]
+mod otlp;
 
 use std::path::Path;
 
@@ -65,13 +67,15 @@ fn call(tap: &Tap, key: Option<&str>, user: Option<&str>) -> Resp {
 #[test]
 fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
     let mock = Mock::start();
+    let collector = otlp::Collector::http();
     let tap = TapBuilder::new(&mock.url())
         .env("UPSTREAM_KEY", UPSTREAM_KEY)
         // Debug level: not even Pingora's own debug log may carry a key.
         .env("RUST_LOG", "debug")
         .log_to_file()
         .extra(&format!(
-            "{TEST_PRICING}\n[auth]\nmode = \"virtual_keys\"\nupstream_key_env = \"UPSTREAM_KEY\"\n"
+            "{TEST_PRICING}\n[auth]\nmode = \"virtual_keys\"\nupstream_key_env = \"UPSTREAM_KEY\"\n[traces]\nendpoint = \"http://{}\"\nprotocol = \"http/protobuf\"\nbatch_delay_ms = 50\n",
+            collector.addr
         ))
         .start();
     let (alice, alice_id) = issue(&tap, "alice");
@@ -154,7 +158,13 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
         "{listed}"
     );
 
-    // No key anywhere tokentap writes.
+    // No key anywhere tokentap writes: spans (every call's), logs, metrics, admin, files.
+    let recs = tap.records();
+    for r in &recs {
+        collector.span_of(r["request_id"].as_str().unwrap());
+    }
+    let spans = format!("{:?}", collector.spans());
+    assert!(spans.contains("alice"), "the spans name the key's user");
     let metrics = request(tap.admin, "GET", "/metrics", &[], b"");
     let admin = request(tap.admin, "GET", "/admin/config", &[], b"");
     let written = [
@@ -164,6 +174,7 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
         String::from_utf8_lossy(&admin.body).into_owned(),
         std::fs::read_to_string(tap.dir.path().join("tokentap-keys.toml")).unwrap(),
         listed,
+        spans,
     ];
     assert!(written[0].contains("tokentap listening"), "this is the log");
     for text in &written {
