@@ -13,23 +13,25 @@ need_deb promtool prometheus
 # A real Redis backs the shared-budget tests (tests/redis.rs).
 need_deb redis-server redis-server
 
-# The openai SDK, for the "same objects through tokentap" test: use the system's if it has one,
-# else a private virtualenv (Debian's own Python refuses system-wide pip installs).
-if python3 -c 'import openai' 2>/dev/null; then
-    TOKENTAP_PYTHON=python3
-else
-    venv=target/sdk-venv
-    if [ ! -x "$venv/bin/python" ]; then
-        python3 -m venv "$venv" 2>/dev/null || {
-            rm -rf "$venv"
-            install_deb python3-venv
-            python3 -m venv "$venv"
-        }
-    fi
-    "$venv/bin/python" -c 'import openai' 2>/dev/null ||
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai
-    TOKENTAP_PYTHON="$PWD/$venv/bin/python"
+# docker-compose parses the compose stack (tests/deploy.rs); it need not run containers.
+need_deb docker-compose docker-compose
+
+# A private virtualenv (Debian's own Python refuses system-wide pip installs) with the openai
+# SDK, for the "same objects through tokentap" test, and kubernetes-validate, which checks the
+# Kubernetes manifests against the Kubernetes schemas.
+venv=target/sdk-venv
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || {
+        rm -rf "$venv"
+        install_deb python3-venv
+        python3 -m venv "$venv"
+    }
 fi
+"$venv/bin/python" -c 'import openai' 2>/dev/null ||
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai
+[ -x "$venv/bin/kubernetes-validate" ] ||
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check kubernetes-validate
+TOKENTAP_PYTHON="$PWD/$venv/bin/python"
 export TOKENTAP_PYTHON
 
 # Integration tests open many sockets.

@@ -51,6 +51,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: FormatArg,
     },
+    /// Exit 0 when tokentap's admin listener answers /healthz with 200 (container health
+    /// checks: the runtime image has no curl).
+    Health {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Issue, list and revoke virtual keys (auth.mode = "virtual_keys").
     Keys {
         #[command(subcommand)]
@@ -81,6 +88,27 @@ enum KeysCommand {
         config: PathBuf,
         id: String,
     },
+}
+
+/// One `GET /healthz` on the admin listener, with short timeouts.
+fn health(admin: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let t = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, t).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 16];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{admin}/healthz answered {:?}",
+            line.lines().next().unwrap_or("")
+        ))
+    }
 }
 
 /// `tokentap keys ...`: works on the keys file named by the config's [auth] table.
@@ -259,6 +287,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("tokentap spend: {e}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Health { admin } => match health(admin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tokentap health: {e}");
+                ExitCode::FAILURE
             }
         },
         Command::Keys { action } => match keys(action) {

@@ -213,8 +213,14 @@ fn the_admin_listener_protects_admin_and_optionally_metrics() {
         let r = request(tap.admin, "GET", path, &[("authorization", &bearer)], b"");
         assert_eq!(r.status, 200, "{path}");
     }
-    // Probes stay open unless protect_health says otherwise.
+    // Probes stay open unless protect_health says otherwise (the container's health check
+    // uses /healthz too).
     assert_eq!(request(tap.admin, "GET", "/healthz", &[], b"").status, 200);
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .args(["health", "--admin", &tap.admin.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
     // The admin listener is on loopback by default.
     let defaults =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokentap.toml"))
