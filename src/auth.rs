@@ -25,6 +25,10 @@ pub struct RawAuth {
     /// A body `user` other than the key's: "reject" (403) or "overwrite" (the body sent
     /// upstream names the key's user).
     pub user_mismatch: String,
+    /// What a virtual key may call upstream (with the real key): "METHOD /path" entries. Chat
+    /// Completions is always allowed; everything else is refused with 403 (an unmetered path
+    /// on the operator's key would bypass every cap).
+    pub allow: Vec<String>,
 }
 
 impl Default for RawAuth {
@@ -34,6 +38,7 @@ impl Default for RawAuth {
             keys_file: PathBuf::from("tokentap-keys.toml"),
             upstream_key_env: None,
             user_mismatch: "reject".into(),
+            allow: vec!["GET /v1/models".into()],
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct AuthConfig {
     /// `Authorization` value sent upstream in virtual_keys mode (`Bearer <key>`).
     pub upstream_auth: Option<Secret>,
     pub mismatch: Mismatch,
+    /// (method, path) pairs a virtual key may call besides Chat Completions.
+    pub allow: Vec<(http::Method, String)>,
 }
 
 impl Default for AuthConfig {
@@ -79,6 +86,7 @@ impl Default for AuthConfig {
             keys: Arc::default(),
             upstream_auth: None,
             mismatch: Mismatch::Reject,
+            allow: Vec::new(),
         }
     }
 }
@@ -211,6 +219,7 @@ pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
         for k in file.keys {
             let mut h = [0u8; 32];
             if k.sha256.len() != 64
+                || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit())
                 || (0..32).any(|i| {
                     u8::from_str_radix(&k.sha256[2 * i..2 * i + 2], 16)
                         .map(|b| h[i] = b)
@@ -241,8 +250,24 @@ pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
             let v = std::env::var(var).map_err(|_| {
                 format!("auth.upstream_key_env: the environment variable {var} is not set")
             })?;
-            upstream_auth = Some(Secret(format!("Bearer {}", v.trim())));
+            let value = format!("Bearer {}", v.trim());
+            if http::HeaderValue::from_str(&value).is_err() {
+                return Err(format!(
+                    "auth.upstream_key_env: the key in {var} is not a valid header value"
+                ));
+            }
+            upstream_auth = Some(Secret(value));
         }
+    }
+    let mut allow = Vec::new();
+    for a in &raw.allow {
+        let (m, p) = a
+            .split_once(' ')
+            .filter(|(_, p)| p.starts_with('/'))
+            .ok_or_else(|| format!("auth.allow: {a:?}: write it as \"GET /v1/models\""))?;
+        let m = http::Method::from_bytes(m.as_bytes())
+            .map_err(|_| format!("auth.allow: {a:?}: {m:?} is not an HTTP method"))?;
+        allow.push((m, p.to_string()));
     }
     Ok(AuthConfig {
         mode,
@@ -250,6 +275,7 @@ pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
         keys: Arc::new(store),
         upstream_auth,
         mismatch,
+        allow,
     })
 }
 

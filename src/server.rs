@@ -84,6 +84,12 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     server.bootstrap();
     spawn_drain_watch(&server, Arc::clone(&shared));
 
+    if !admin_listen.ip().is_loopback() && shared.config.load().server.admin_token.is_none() {
+        log::warn!(
+            "the admin API on {admin_listen} is reachable off this host and has no token: set \
+             server.admin_token_env"
+        );
+    }
     log::info!("tokentap listening on {listen}, admin on {admin_listen}");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),

@@ -70,8 +70,9 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
     let collector = otlp::Collector::http();
     let tap = TapBuilder::new(&mock.url())
         .env("UPSTREAM_KEY", UPSTREAM_KEY)
-        // Debug level: not even Pingora's own debug log may carry a key.
-        .env("RUST_LOG", "debug")
+        // Debug level, Pingora included (a narrower directive beats the cap on its modules):
+        // not even its header dumps may carry a key.
+        .env("RUST_LOG", "debug,pingora_proxy::proxy_h1=debug,pingora_core=debug")
         .log_to_file()
         .extra(&format!(
             "{TEST_PRICING}\n[auth]\nmode = \"virtual_keys\"\nupstream_key_env = \"UPSTREAM_KEY\"\n[traces]\nendpoint = \"http://{}\"\nprotocol = \"http/protobuf\"\nbatch_delay_ms = 50\n",
@@ -131,6 +132,71 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
         .filter(|r| r["status"] == 200)
         .all(|r| r["user"] == "alice"));
 
+    // Nothing the key does not allow, nothing tokentap cannot read, nothing ambiguous reaches
+    // the upstream on the real key.
+    let before = mock.received();
+    let bearer = format!("Bearer {alice}");
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/completions",
+        &[("authorization", &bearer)],
+        br#"{"model":"m","prompt":"x"}"#,
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "endpoint_not_allowed");
+    let utf16: Vec<u8> = format!(r#"{{"model":"{MODEL}","messages":[],"user":"mallory"}}"#)
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        &utf16,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_body");
+    let dup = format!(r#"{{"model":"{MODEL}","messages":[],"user":"mallory","user":"alice"}}"#);
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        dup.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "ambiguous_field");
+    let r = request(
+        tap.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer)],
+        b"",
+    );
+    assert_eq!(r.status, 400, "a bodiless chat call is not forwarded");
+    assert_eq!(mock.received(), before);
+    // The client may not pick the organisation the real key bills.
+    assert_eq!(
+        request(
+            tap.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("authorization", &bearer),
+                ("openai-organization", "org-other")
+            ],
+            format!(r#"{{"model":"{MODEL}","messages":[]}}"#).as_bytes(),
+        )
+        .status,
+        200
+    );
+    let seen = mock.wait_requests(before as usize + 1);
+    assert!(seen.last().unwrap()["headers"]
+        .get("openai-organization")
+        .is_none());
+
     // Overwrite mode: carol's key naming mallory goes through as carol.
     let old = tap.config_hash();
     let text = std::fs::read_to_string(&tap.config).unwrap();
@@ -142,9 +208,9 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
     let (carol, _) = issue(&tap, "carol");
     let r = call(&tap, Some(&carol), Some("mallory"));
     assert_eq!(r.status, 200);
-    let seen = mock.wait_requests(5);
-    assert_eq!(seen[4]["user"], "carol", "the upstream saw the key's user");
-    assert_eq!(tap.wait_records(9)[8]["user"], "carol");
+    let seen = mock.wait_requests(6);
+    assert_eq!(seen[5]["user"], "carol", "the upstream saw the key's user");
+    assert_eq!(tap.wait_records(14)[13]["user"], "carol");
 
     // Revoked: refused from the reload on.
     let old = tap.config_hash();
@@ -177,6 +243,10 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
         spans,
     ];
     assert!(written[0].contains("tokentap listening"), "this is the log");
+    assert!(
+        written[0].contains("Sending header to upstream"),
+        "Pingora's header dumps ran"
+    );
     for text in &written {
         for secret in [alice.as_str(), carol.as_str(), UPSTREAM_KEY, &alice[3..]] {
             assert!(

@@ -84,6 +84,21 @@ fn bad_inputs_get_defined_answers_and_never_bypass_a_cap() {
         "zipped",
     );
     gz.headers.push(("content-encoding", "gzip"));
+    let utf16: Vec<u8> = String::from_utf8(body(r#","user":"a""#))
+        .unwrap()
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let mut bom = b"\xef\xbb\xbf".to_vec();
+    bom.extend(body(r#","user":"a""#));
+    let mut zstd = refused(
+        "zstd body",
+        body(r#","user":"a""#),
+        400,
+        "invalid_body",
+        None,
+    );
+    zstd.headers.push(("content-encoding", "zstd"));
     let rows = vec![
         refused(
             "malformed JSON",
@@ -175,12 +190,39 @@ fn bad_inputs_get_defined_answers_and_never_bypass_a_cap() {
         refused("truncated body", truncated, 400, "invalid_body", None),
         refused("invalid UTF-8", bad_utf8, 400, "invalid_body", None),
         ok("unicode user", body(r#","user":"ünï-😀""#), "ünï-😀"),
-        // The last of duplicate keys wins, as in the upstream's JSON parser.
-        ok(
+        // Parsers disagree on duplicates (first or last wins) and some match keys without
+        // regard to case: a body that can be read two ways is refused.
+        refused(
             "duplicate user keys",
             body(r#","user":"first","user":"second""#),
-            "second",
+            400,
+            "ambiguous_field",
+            None,
         ),
+        refused(
+            "case-variant max_tokens",
+            body(r#","user":"a","max_tokens":1,"MAX_TOKENS":100000"#),
+            400,
+            "ambiguous_field",
+            None,
+        ),
+        refused(
+            "long-s stream",
+            body(r#","user":"a","ſtream":true"#),
+            400,
+            "ambiguous_field",
+            None,
+        ),
+        refused("UTF-16 body", utf16, 400, "invalid_body", None),
+        refused("byte-order mark", bom, 400, "invalid_body", None),
+        refused(
+            "NaN",
+            body(r#","user":"a","temperature":NaN"#),
+            400,
+            "invalid_body",
+            None,
+        ),
+        zstd,
         gz,
     ];
     let mut forwarded = 0;

@@ -517,9 +517,12 @@ pub fn parse_upstream_url(s: &str) -> Result<UpstreamUrl, String> {
         .authority()
         .ok_or_else(|| format!("{s:?} has no host"))?;
     if auth.as_str().contains('@') {
-        return Err(format!(
-            "{s:?} contains credentials: put API keys in headers, not in the URL"
-        ));
+        // Not echoed: the part before @ is a secret.
+        return Err(
+            "upstream.url contains credentials (user:key@): put API keys in headers, not in \
+             the URL"
+                .into(),
+        );
     }
     let host = auth.host().trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -528,7 +531,11 @@ pub fn parse_upstream_url(s: &str) -> Result<UpstreamUrl, String> {
     let default_port = if tls { 443 } else { 80 };
     let port = auth.port_u16().unwrap_or(default_port);
     if uri.query().is_some() {
-        return Err(format!("{s:?} has a query string; the base URL takes none"));
+        // The query is not echoed: it may hold a key.
+        return Err(format!(
+            "{:?} has a query string; the base URL takes none",
+            s.split('?').next().unwrap_or_default()
+        ));
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     let host_header = if port == default_port {

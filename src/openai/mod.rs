@@ -14,11 +14,21 @@ use serde::Serialize;
 /// repeated slashes and `.` / `..` segments resolved, any case, query ignored), so that a
 /// disguised path cannot slip a chat call past inspection.
 pub fn is_chat_path(path: &str) -> bool {
+    matches!(
+        normalized_path(path).as_str(),
+        "/v1/chat/completions" | "/chat/completions"
+    )
+}
+
+/// A path as a lenient router might read it: query dropped, percent-decoded, empty, `.` and
+/// `..` segments resolved, `;` parameters dropped, lower case. `/V1//chat/./Completions;x`
+/// is `/v1/chat/completions`.
+pub fn normalized_path(path: &str) -> String {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let decoded = percent_decode(path);
     let mut segs: Vec<&str> = Vec::with_capacity(4);
     for seg in decoded.split('/') {
-        match seg {
+        match seg.split(';').next().unwrap_or_default() {
             "" | "." => {}
             ".." => {
                 segs.pop();
@@ -26,14 +36,37 @@ pub fn is_chat_path(path: &str) -> bool {
             s => segs.push(s),
         }
     }
-    let is = |want: &[&str]| {
-        segs.len() == want.len()
-            && segs
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.eq_ignore_ascii_case(b))
-    };
-    is(&["v1", "chat", "completions"]) || is(&["chat", "completions"])
+    let mut out = String::with_capacity(path.len());
+    for s in segs {
+        out.push('/');
+        out.push_str(&s.to_ascii_lowercase());
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_read_as_lenient_routers_read_them() {
+        for p in [
+            "/v1/chat/completions",
+            "/V1//Chat/./completions",
+            "/v1/chat/completions;jsessionid=x",
+            "/v1/x/../chat/completions?a=b",
+            "/v1/chat%2Fcompletions",
+            "/chat/completions",
+        ] {
+            assert!(is_chat_path(p), "{p}");
+        }
+        assert!(!is_chat_path("/v1/completions"));
+        assert_eq!(normalized_path("/V1/Models/"), "/v1/models");
+        assert_eq!(normalized_path(""), "/");
+    }
 }
 
 pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {

@@ -39,6 +39,38 @@ pub struct RequestMeta {
     pub tool_max_searches: Option<u64>,
     /// Fields present with a type tokentap did not expect, e.g. `user (number)`.
     pub type_errors: Vec<String>,
+    /// Keys that could mean two things: duplicates, or case variants of a known field.
+    pub ambiguous: Vec<String>,
+}
+
+/// The top-level fields tokentap reads.
+const KNOWN: [&str; 14] = [
+    "messages",
+    "model",
+    "user",
+    "stream",
+    "max_tokens",
+    "n",
+    "response_format",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "functions",
+];
+
+/// A key as a case-insensitive parser may read it (Unicode simple folding of the letters
+/// that fold onto ASCII: `ſ` is `s`, the Kelvin sign is `k`).
+fn fold(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '\u{17F}' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 /// Fields whose types tokentap relies on (metering, caps).
@@ -59,6 +91,14 @@ impl RequestMeta {
     /// upstream would refuse it too; tokentap must not guess), and a `user` id that is too
     /// long or holds control characters (it becomes a ledger key, a label and a log field).
     pub fn check(&self, max_user_bytes: usize) -> Result<(), ApiError> {
+        if let Some(a) = self.ambiguous.first() {
+            return Err(ApiError::new(
+                400,
+                "invalid_request_error",
+                format!("Ambiguous request body: {a}. Send each field once, in lower case."),
+            )
+            .code("ambiguous_field"));
+        }
         if let Some(e) = self.type_errors.first() {
             let field = e.split(" (").next().unwrap_or_default();
             let param = CHECKED
@@ -177,7 +217,22 @@ impl<'de> Visitor<'de> for MetaVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestMeta, A::Error> {
         let mut m = RequestMeta::default();
+        let mut seen: Vec<std::borrow::Cow<'de, str>> = Vec::new();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            // Parsers disagree about duplicate keys (first or last wins) and some match keys
+            // case-insensitively: a body that could mean two things to tokentap and the
+            // upstream is refused, not guessed at.
+            if seen.contains(&key) {
+                m.ambiguous.push(format!("`{key}` appears twice"));
+            } else if !KNOWN.contains(&key.as_ref()) {
+                let folded = fold(&key);
+                if let Some(k) = KNOWN.iter().find(|k| **k == folded) {
+                    m.ambiguous.push(format!("`{key}` looks like `{k}`"));
+                }
+            }
+            if seen.len() < 256 {
+                seen.push(key.clone());
+            }
             match key.as_ref() {
                 "messages" => {
                     let (n, bytes) = map.next_value_seed(MessagesSeed)?;

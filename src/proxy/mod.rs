@@ -279,7 +279,9 @@ impl TokenTap {
         o.connection_timeout = Some(bound(u.connect_timeout));
         o.total_connection_timeout = Some(bound(u.connect_timeout * 2));
         o.read_timeout = Some(bound(u.read_timeout));
-        o.write_timeout = Some(u.write_timeout);
+        // (Per read: a stream that stalls just before the deadline is cut at most one
+        // read_timeout later.)
+        o.write_timeout = Some(bound(u.write_timeout));
         o.idle_timeout = Some(u.idle_timeout);
         o.verify_cert = true;
         o.verify_hostname = true;
@@ -289,7 +291,7 @@ impl TokenTap {
     /// The request head arrived (Pingora made the context then: config snapshot, start time).
     fn on_request(&self, session: &Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
-        ctx.chat = req.method == http::Method::POST && is_chat_path(req.uri.path());
+        ctx.chat = req.method.as_str().eq_ignore_ascii_case("POST") && is_chat_path(req.uri.path());
         if ctx.cfg.traces.enabled() {
             let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
             ctx.trace = Some(CallTrace::start(
@@ -323,6 +325,19 @@ impl TokenTap {
                 return Err(self.reject(ctx, e));
             };
             ctx.identity = Some(id);
+            let allowed = ctx.chat
+                || ctx.cfg.auth.allow.iter().any(|(m, p)| {
+                    *m == req.method && crate::openai::normalized_path(req.uri.path()) == *p
+                });
+            if !allowed {
+                let e = ApiError::new(
+                    403,
+                    "invalid_request_error",
+                    "This API key may not call this endpoint through tokentap.",
+                )
+                .code("endpoint_not_allowed");
+                return Err(self.reject(ctx, e));
+            }
         }
         let max_head = ctx.cfg.limits.max_header_bytes;
         let head: usize = req
@@ -440,9 +455,8 @@ impl TokenTap {
         let Some(meta) = ctx.meta.as_ref().filter(|m| m.stream && max > 0) else {
             return Ok(());
         };
-        let Some(user) = meta.user.as_deref().filter(|u| !u.is_empty()) else {
-            return Ok(());
-        };
+        // Calls without a user share one count (omitting `user` is no way around the limit).
+        let user = meta.user.as_deref().unwrap_or_default();
         match UserStream::open(&self.shared.user_streams, user, max) {
             Some(g) => {
                 ctx.user_stream = Some(g);
@@ -471,7 +485,10 @@ impl TokenTap {
                 // of a refused call).
                 let claimed = meta.user.replace(id.user.clone());
                 if claimed.is_some_and(|u| !u.is_empty() && u != id.user) {
-                    let can_rewrite = ctx.request_encoding.is_none();
+                    let can_rewrite = ctx
+                        .request_encoding
+                        .as_deref()
+                        .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
                     if cfg.auth.mismatch == crate::auth::Mismatch::Reject || !can_rewrite {
                         let e = ApiError::new(
                             403,
@@ -491,6 +508,18 @@ impl TokenTap {
             .as_ref()
             .and_then(|m| m.check(cfg.limits.max_user_bytes).err())
         {
+            return Err(self.reject(ctx, e));
+        }
+        // A body tokentap cannot read cannot be checked against the key or counted as a
+        // stream: refused where either applies (budgets refuse it on their own).
+        if ctx.meta.is_none() && (ctx.identity.is_some() || cfg.limits.max_streams_per_user > 0) {
+            let e = ApiError::new(
+                400,
+                "invalid_request_error",
+                "tokentap could not read the request body: send a JSON object (UTF-8, not \
+                 compressed with an unsupported encoding).",
+            )
+            .code("invalid_body");
             return Err(self.reject(ctx, e));
         }
         if let Err(e) = self.open_stream(ctx) {
@@ -616,11 +645,15 @@ impl ProxyHttp for TokenTap {
         // connection for ever.
         let idle = ctx.cfg.limits.client_idle_timeout;
         session.set_read_timeout(Some(idle));
-        session.set_keepalive(Some(idle.as_secs().max(1)));
+        // Only shortens keep-alive where Pingora kept it (it turns it off, e.g., for requests
+        // with both Transfer-Encoding and Content-Length).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(idle.as_secs().max(1)));
+        }
         let mut r = self.on_request(session, ctx);
         if matches!(r, Ok(false)) && ctx.chat && session.is_body_empty() {
-            // A chat call without a body never reaches the body filter: decide about it here,
-            // before anything goes upstream (or it would pass every cap unread).
+            // A chat call without a body: decided here, before anything goes upstream (the
+            // body filter, called for its end, then has nothing left to do).
             r = self.on_request_body(&mut None, true, ctx).map(|_| false);
             if r.is_ok() && std::mem::take(&mut ctx.decide) {
                 if let Err(e) = self.decide_call(ctx).await {
@@ -650,8 +683,17 @@ impl ProxyHttp for TokenTap {
         if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
             // The client's key stays here; the upstream gets the real one (if configured).
             req.remove_header("api-key");
+            // The client may not choose which organisation or project the real key bills.
+            req.remove_header("openai-organization");
+            req.remove_header("openai-project");
             match &ctx.cfg.auth.upstream_auth {
-                Some(s) => req.insert_header(header::AUTHORIZATION, s.0.as_str())?,
+                Some(s) => {
+                    // Sensitive: its Debug print (Pingora's debug log) shows no value.
+                    let mut v = http::HeaderValue::from_str(&s.0)
+                        .map_err(|e| Error::because(ErrorType::InternalError, "upstream key", e))?;
+                    v.set_sensitive(true);
+                    req.insert_header(header::AUTHORIZATION, v)?
+                }
                 None => {
                     req.remove_header(&header::AUTHORIZATION);
                 }
@@ -700,9 +742,23 @@ impl ProxyHttp for TokenTap {
             }
             if std::mem::take(&mut ctx.rewrite_user) {
                 let user = ctx.identity.as_ref().map(|i| i.user.clone());
-                if let (Some(b), Some(u)) = (body.as_ref(), user) {
-                    if let Some(new) = crate::auth::rewrite_user(b, &u) {
-                        *body = Some(Bytes::from(new));
+                let new = match (body.as_ref(), user) {
+                    (Some(b), Some(u)) => crate::auth::rewrite_user(b, &u),
+                    _ => None,
+                };
+                match new {
+                    Some(new) => *body = Some(Bytes::from(new)),
+                    None => {
+                        // Never send the body naming someone else.
+                        let e = ApiError::new(
+                            403,
+                            "invalid_request_error",
+                            "The request's `user` is not the user of this API key.",
+                        )
+                        .param("user")
+                        .code("user_mismatch");
+                        ctx.overhead += t.elapsed();
+                        return Err(self.reject(ctx, e));
                     }
                 }
             }
@@ -731,16 +787,6 @@ impl ProxyHttp for TokenTap {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
-        if let Some(d) = ctx.cfg.limits.request_deadline {
-            if ctx.start.elapsed() > d {
-                ctx.failure = Some(deadline_passed(d));
-                return Err(Error::explain(
-                    ErrorType::ReadTimedout,
-                    "limits.request_deadline_ms passed",
-                )
-                .into_up());
-            }
-        }
         if let Some(b) = body {
             if ctx.first_chunk_at.is_none() && !b.is_empty() {
                 ctx.first_chunk_at = Some(Instant::now());
@@ -759,6 +805,18 @@ impl ProxyHttp for TokenTap {
             }
         }
         ctx.overhead += t.elapsed();
+        // Past the deadline, the stream is cut (after the tap saw this chunk: it may carry
+        // the usage).
+        if let Some(d) = ctx.cfg.limits.request_deadline {
+            if ctx.start.elapsed() > d {
+                ctx.failure = Some(deadline_passed(d));
+                return Err(Error::explain(
+                    ErrorType::ReadTimedout,
+                    "limits.request_deadline_ms passed",
+                )
+                .into_up());
+            }
+        }
         Ok(None)
     }
 
