@@ -309,6 +309,25 @@ impl TokenTap {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(self.reject(ctx, too_large(limit)));
         }
+        let max_head = ctx.cfg.limits.max_header_bytes;
+        // The request line and every header line.
+        let head: usize = req.method.as_str().len()
+            + req.uri.to_string().len()
+            + 12
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head > max_head {
+            let e = ApiError::new(
+                431,
+                "invalid_request_error",
+                format!("The request's headers are larger than {max_head} bytes."),
+            )
+            .code("request_header_too_large");
+            return Err(self.reject(ctx, e));
+        }
         if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
             let Some(id) = crate::auth::presented(&req.headers)
                 .and_then(|k| ctx.cfg.auth.keys.lookup(k))
@@ -338,21 +357,6 @@ impl TokenTap {
                 .code("endpoint_not_allowed");
                 return Err(self.reject(ctx, e));
             }
-        }
-        let max_head = ctx.cfg.limits.max_header_bytes;
-        let head: usize = req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        if head > max_head {
-            let e = ApiError::new(
-                431,
-                "invalid_request_error",
-                format!("The request's headers are larger than {max_head} bytes."),
-            )
-            .code("request_header_too_large");
-            return Err(self.reject(ctx, e));
         }
         if ctx.chat {
             ctx.request_encoding = req
