@@ -235,6 +235,10 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     assert_eq!(g.span.kind, SpanKind::Client as i32);
     assert_eq!(g.attr("http.request.method"), "GET");
     assert_eq!(g.attr("url.path"), "/v1/models");
+    assert_eq!(
+        g.attr("url.full"),
+        format!("{}/v1/models", mock.url()).as_str()
+    );
     assert_eq!(*g.attr("gen_ai.operation.name"), Value::Null);
 
     // 6. Sampling is reloadable: at 0, new traces are not recorded; a sampled caller's

@@ -294,9 +294,17 @@ impl TokenTap {
         ctx.chat = req.method.as_str().eq_ignore_ascii_case("POST") && is_chat_path(req.uri.path());
         if ctx.cfg.traces.enabled() {
             let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+            // Several tracestate lines are one list (W3C Trace Context).
+            let state: Vec<&str> = req
+                .headers
+                .get_all("tracestate")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let state = (!state.is_empty()).then(|| state.join(","));
             ctx.trace = Some(CallTrace::start(
                 h("traceparent"),
-                h("tracestate"),
+                state.as_deref(),
                 ctx.cfg.traces.sampling_ratio,
             ));
         }

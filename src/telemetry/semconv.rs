@@ -30,6 +30,7 @@ pub const ERROR_TYPE: &str = "error.type";
 pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
 pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
 pub const URL_PATH: &str = "url.path";
+pub const URL_FULL: &str = "url.full";
 pub const USER_ID: &str = "user.id";
 pub const SERVICE_NAME: &str = "service.name";
 

@@ -337,6 +337,8 @@ pub struct CallDetail {
     pub provider: String,
     pub server_address: String,
     pub server_port: u16,
+    /// `scheme://host[:port][/base]` of the upstream.
+    pub url_base: String,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     /// "allowed", "refused", "fail_open" or "not_capped"; `None` when no decision ran.
@@ -589,9 +591,27 @@ pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanDa
             None => sc::OPERATION_CHAT.to_string(),
         }
     } else {
-        a.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, rec.method.clone()));
+        // HTTP semantic conventions: known methods by name, the rest as _OTHER.
+        const KNOWN: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ];
+        let method = if KNOWN.contains(&rec.method.as_str()) {
+            rec.method.clone()
+        } else {
+            "_OTHER".to_string()
+        };
+        a.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method.clone()));
         a.push(KeyValue::new(sc::URL_PATH, rec.path.clone()));
-        rec.method.clone()
+        // The upstream URL without its query (which may hold secrets).
+        a.push(KeyValue::new(
+            sc::URL_FULL,
+            format!("{}{}", d.url_base, rec.path),
+        ));
+        if method == "_OTHER" {
+            "HTTP".to_string()
+        } else {
+            method
+        }
     };
     a.push(KeyValue::new(sc::SERVER_ADDRESS, d.server_address.clone()));
     a.push(KeyValue::new(sc::SERVER_PORT, i64::from(d.server_port)));
