@@ -83,6 +83,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     server.add_service(admin);
     server.bootstrap();
     spawn_drain_watch(&server, Arc::clone(&shared));
+    spawn_lease_renewal(&shared);
 
     if !admin_listen.ip().is_loopback() && shared.config.load().server.admin_token.is_none() {
         log::warn!(
@@ -157,6 +158,26 @@ fn spawn_drain_watch(server: &Server, shared: Arc<Shared>) {
             Err(_) => return,
         }
     });
+}
+
+/// Keeps the leases of calls in flight alive, for stores whose reservations expire (Redis):
+/// a stream longer than budgets.ledger.reservation_ttl_s keeps holding its worst case.
+fn spawn_lease_renewal(shared: &Arc<Shared>) {
+    let Some(every) = shared.ledger.renew_every() else {
+        return;
+    };
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("tokentap-leases".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(shared) = weak.upgrade() else { return };
+            let held = shared.open_calls.held();
+            if !held.is_empty() {
+                shared.ledger.renew(&held);
+            }
+        })
+        .expect("spawn lease renewal");
 }
 
 fn server_conf(c: &Config) -> ServerConf {

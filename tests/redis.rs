@@ -281,6 +281,10 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
     assert_eq!(r.status, 429);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("in flight"), "{msg}");
+    // While a lives, it renews the lease: past the lease's length, the call still holds.
+    std::thread::sleep(Duration::from_secs(4));
+    let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+    assert_eq!(r.status, 429, "a live call's lease was renewed");
     // a dies without settling: its lease ends and the next reserve releases it.
     a.proc.signal("KILL");
     let _ = a.proc.child.wait();

@@ -195,6 +195,13 @@ pub trait Ledger: Send + Sync {
     fn settle(&self, r: &Reservation, actual: Amount, now: i64);
     /// Called for every soft threshold a settle passes (once, across replicas).
     fn set_soft_hook(&self, hook: SoftHook);
+    /// Extends the leases of reservations still held by calls in flight (stores whose
+    /// reservations expire; the embedded ledger's live as long as the process).
+    fn renew(&self, _held: &[Arc<Reservation>]) {}
+    /// How often `renew` should run, if the store needs it.
+    fn renew_every(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Records a call for reports (whether or not it was capped).
     fn record_call(&self, row: CallRow);
     /// Spend so far in the window containing `now`, for `subject` (committed, reserved).
@@ -568,6 +575,14 @@ impl OpenCalls {
             calls: Arc::clone(self),
             ledger,
         }
+    }
+
+    /// The reservations of the calls in flight.
+    pub fn held(&self) -> Vec<Arc<Reservation>> {
+        self.calls
+            .iter()
+            .map(|e| Arc::clone(&e.value().reservation))
+            .collect()
     }
 
     /// Settles every open call at its estimate (the drain deadline is ending the process);

@@ -120,9 +120,9 @@ pub struct RawLedger {
     /// When the store cannot be reached: "fail_open" lets calls through uncapped (and counts
     /// it), "fail_closed" refuses them with 503.
     pub on_error: String,
-    /// The Redis backend holds a call's reservation at most this long: a replica that dies
-    /// (or loses a reply) mid-call cannot keep its callers' budget blocked for longer. Calls
-    /// that run longer are still charged in full; they only stop holding their worst case.
+    /// The Redis backend's reservations are leases of this length, renewed every third of it
+    /// while their call runs: a replica that dies (or loses a reply) mid-call cannot keep its
+    /// callers' budget blocked for longer.
     pub reservation_ttl_s: u64,
     /// A Redis round trip longer than this counts as Redis being down (`on_error` applies).
     pub redis_timeout_ms: u64,

@@ -128,6 +128,17 @@ end
 return out
 "#;
 
+const RENEW: &str = r#"
+-- KEYS: the leases sets of one reservation. ARGV: its lease member, the lease's length in
+-- seconds. Moves the deadline on where the lease is still held (a swept lease stays gone:
+-- its hold was released).
+local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2])
+for _, l in ipairs(KEYS) do
+  redis.call('ZADD', l, 'XX', deadline, ARGV[1])
+end
+return 0
+"#;
+
 /// One settle, as sent to Redis (and kept in the outbox until Redis takes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SettleCall {
@@ -153,6 +164,7 @@ struct Inner {
     timeout: Duration,
     reserve: Script,
     settle: Script,
+    renew: Script,
     /// Per-call rows for reports, and the outbox, go to this replica's embedded file.
     rows: Arc<Embedded>,
     errors: AtomicU64,
@@ -201,6 +213,7 @@ impl RedisLedger {
             timeout: cfg.redis_timeout,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
+            renew: Script::new(RENEW),
             rows,
             errors: AtomicU64::new(0),
             pending: AtomicI64::new(0),
@@ -613,6 +626,47 @@ impl Ledger for RedisLedger {
 
     fn set_soft_hook(&self, hook: SoftHook) {
         let _ = self.inner.soft.set(hook);
+    }
+
+    fn renew(&self, held: &[Arc<Reservation>]) {
+        let inner = Arc::clone(&self.inner);
+        let calls: Vec<(Vec<String>, String)> = held
+            .iter()
+            .filter(|r| !r.holds.is_empty())
+            .map(|r| {
+                let keys = r
+                    .holds
+                    .iter()
+                    .map(|h| format!("{}:leases", inner.key(&h.key, h.window, h.start)))
+                    .collect();
+                (keys, lease_member(r))
+            })
+            .collect();
+        if calls.is_empty() {
+            return;
+        }
+        let ttl = inner.lease.as_secs().max(1);
+        self.rt.spawn(async move {
+            let mut con = inner.con.clone();
+            for (keys, member) in calls {
+                let mut inv = inner.renew.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(&member).arg(ttl);
+                let r =
+                    tokio::time::timeout(inner.timeout, inv.invoke_async::<i64>(&mut con)).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    let _ = inner.failed("renew", &"failed or timed out");
+                    return;
+                }
+            }
+        });
+    }
+
+    fn renew_every(&self) -> Option<Duration> {
+        // A third of the lease: two renewals can fail before a live call loses its hold.
+        Some((self.inner.lease / 3).max(Duration::from_millis(500)))
     }
 
     fn record_call(&self, row: CallRow) {
