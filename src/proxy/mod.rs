@@ -319,8 +319,10 @@ impl TokenTap {
         }
         let max_head = ctx.cfg.limits.max_header_bytes;
         // The request line and every header line.
+        let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + req.uri.authority().map_or(0, |a| a.as_str().len());
         let head: usize = req.method.as_str().len()
-            + req.uri.to_string().len()
+            + target
             + 12
             + req
                 .headers
