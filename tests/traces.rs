@@ -343,7 +343,7 @@ fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
 #[test]
 fn a_dead_collector_neither_fails_calls_nor_hides_the_dropped_spans() {
     // Nothing listens there.
-    burst_against(&format!("http://127.0.0.1:{}", free_port()));
+    burst_against(&format!("http://127.0.0.1:{}", free_port()), false);
 }
 
 #[test]
@@ -357,12 +357,13 @@ fn a_collector_that_never_answers_neither_fails_calls_nor_hides_the_dropped_span
             held.push(c);
         }
     });
-    burst_against(&format!("http://{addr}"));
+    // Each batch of 4 waits the 200 ms export timeout: the queue of 8 must overflow.
+    burst_against(&format!("http://{addr}"), true);
 }
 
 /// 200 calls with spans for a collector that cannot take them: every call succeeds and
 /// every span is counted as dropped.
-fn burst_against(dead: &str) {
+fn burst_against(dead: &str, overflows: bool) {
     let mock = Mock::start();
     let tap = TapBuilder::new(&mock.url())
         .extra(&traces_config(
@@ -398,7 +399,9 @@ fn burst_against(dead: &str) {
         let full = tap.metric("tokentap_spans_dropped_total{reason=\"queue_full\"}");
         let failed = tap.metric("tokentap_spans_dropped_total{reason=\"export_failed\"}");
         if full + failed == n as f64 {
-            assert!(full > 0.0, "a queue of 8 took a burst of {n}");
+            // (A refused connection fails fast: whether the queue overflows then depends on
+            // timing, so only the silent collector must show it.)
+            assert!(!overflows || full > 0.0, "a queue of 8 took a burst of {n}");
             break;
         }
         assert!(
