@@ -14,19 +14,9 @@ const MODEL: &str = "anthropic/claude-opus-4.6";
 const UPSTREAM_KEY: &str = "sk-upstream-real-7c1d9e";
 
 fn keys(config: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
-        .arg("keys")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let mut all = vec!["keys"];
+    all.extend_from_slice(args);
+    tokentap_cli(&all, config)
 }
 
 /// Issues a key; returns (key, id).

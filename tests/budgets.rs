@@ -650,19 +650,9 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     let cost = |u: &str| -> u64 { recs.iter().filter(|r| r["user"] == u).map(pico_of).sum() };
     assert!(tap.proc.terminate().success());
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
-            .arg("spend")
-            .arg("--config")
-            .arg(&tap.config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let mut all = vec!["spend"];
+        all.extend_from_slice(args);
+        tokentap_cli(&all, &tap.config)
     };
     let json: Value = serde_json::from_str(&run(&["--format", "json"])).unwrap();
     let row = |u: &str| {

@@ -653,6 +653,23 @@ pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
 }
 
 /// A chat request body.
+/// Runs the `tokentap` command line (`args`, then `--config config`) and returns what it
+/// printed; it must succeed.
+pub fn tokentap_cli(args: &[&str], config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tokentap {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn chat_body(model: &str, user: &str, stream: bool, extra: &str) -> Vec<u8> {
     format!(
         r#"{{"model":"{model}","messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"Say something about tokens, please."}}],"stream":{stream},"user":"{user}"{extra}}}"#

@@ -97,16 +97,21 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn grpc() -> Collector {
+    /// Its runtime, store and a listener on a free loopback port.
+    fn parts() -> (tokio::runtime::Runtime, Store, tokio::net::TcpListener) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let store: Store = Arc::default();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
+        (rt, Arc::default(), listener)
+    }
+
+    pub fn grpc() -> Collector {
+        let (rt, store, listener) = Self::parts();
         let addr = listener.local_addr().unwrap();
         let svc = TraceServiceServer::new(Grpc(Arc::clone(&store)));
         rt.spawn(async move {
@@ -125,15 +130,7 @@ impl Collector {
 
     /// OTLP/HTTP with protobuf bodies at `/v1/traces`, on a plain socket.
     pub fn http() -> Collector {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let store: Store = Arc::default();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let (rt, store, listener) = Self::parts();
         let addr = listener.local_addr().unwrap();
         let s = Arc::clone(&store);
         rt.spawn(async move {
