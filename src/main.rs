@@ -51,6 +51,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: FormatArg,
     },
+    /// Copy the embedded ledger to FILE while tokentap runs (a consistent snapshot).
+    Backup {
+        #[arg(short, long, default_value = "config/tokentap.toml")]
+        config: PathBuf,
+        /// Where the copy goes (must not exist yet).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Exit 0 when tokentap's admin listener answers /healthz with 200 (container health
     /// checks: the runtime image has no curl).
     Health {
@@ -88,6 +96,28 @@ enum KeysCommand {
         config: PathBuf,
         id: String,
     },
+}
+
+/// `VACUUM INTO`: SQLite writes a consistent copy of the ledger, readers and the running
+/// tokentap undisturbed (WAL mode).
+fn backup(config: &std::path::Path, to: &std::path::Path) -> Result<String, String> {
+    let cfg = tokentap::config::load(config).map_err(|e| e.to_string())?;
+    let from = &cfg.budgets.ledger.path;
+    if !from.exists() {
+        return Err(format!(
+            "{}: no ledger here (budgets.ledger.path)",
+            from.display()
+        ));
+    }
+    if to.exists() {
+        return Err(format!("{} exists: give a new file", to.display()));
+    }
+    let db =
+        rusqlite::Connection::open_with_flags(from, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("{}: {e}", from.display()))?;
+    db.execute("VACUUM INTO ?1", [to.to_string_lossy()])
+        .map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
+    Ok(format!("{} -> {}\n", from.display(), to.display()))
 }
 
 /// One `GET /healthz` on the admin listener, with short timeouts.
@@ -286,6 +316,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("tokentap spend: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Backup { config, to } => match backup(&config, &to) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tokentap backup: {e}");
                 ExitCode::from(2)
             }
         },

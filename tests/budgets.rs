@@ -648,6 +648,19 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     }
     let recs = tap.wait_records(5);
     let cost = |u: &str| -> u64 { recs.iter().filter(|r| r["user"] == u).map(pico_of).sum() };
+    // A backup while tokentap runs holds what was flushed.
+    let start = Instant::now();
+    while ledger_rows(&tap) < 5 {
+        assert!(start.elapsed() < PATIENCE, "rows never reached the ledger");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let copy = tap.dir.path().join("backup.db");
+    tokentap_cli(&["backup", "--to", copy.to_str().unwrap()], &tap.config);
+    let rows: i64 = rusqlite::Connection::open(&copy)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 5);
     assert!(tap.proc.terminate().success());
     let run = |args: &[&str]| {
         let mut all = vec!["spend"];
