@@ -41,6 +41,14 @@ fn ledger_rows(tap: &Tap) -> u64 {
         .unwrap() as u64
 }
 
+/// What the calls the upstream answered with 200 cost, by their records.
+fn spent_by_answered(recs: &[Value]) -> u64 {
+    recs.iter()
+        .filter(|r| r["status"] == 200)
+        .map(pico_of)
+        .sum()
+}
+
 #[test]
 fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
     let mock = Mock::start();
@@ -106,11 +114,7 @@ fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
     // The refused calls never reached the upstream.
     assert_eq!(mock.received(), ok as u64);
     let recs = tap.wait_records(64);
-    let spent: u64 = recs
-        .iter()
-        .filter(|r| r["status"] == 200)
-        .map(pico_of)
-        .sum();
+    let spent = spent_by_answered(&recs);
     assert!(
         spent <= cap + worst,
         "spent {spent} > cap {cap} + worst {worst}"
@@ -153,12 +157,7 @@ fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
     assert!(msg.contains("daily") && msg.contains("resets at"), "{msg}");
     let retry: u64 = last.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=86_400).contains(&retry));
-    let spent: u64 = tap
-        .wait_records(64 + more + waited + 1)
-        .iter()
-        .filter(|r| r["status"] == 200)
-        .map(pico_of)
-        .sum();
+    let spent = spent_by_answered(&tap.wait_records(64 + more + waited + 1));
     assert!(
         spent <= cap + worst,
         "spent {spent} > cap {cap} + worst {worst}"

@@ -294,40 +294,28 @@ fn each_limit_answers_with_its_status_and_error() {
         ))
         .start();
     let chat = |user: &str, stream: bool| chat_body(MODEL, user, stream, "");
+    let post = |h: &[(&str, &str)], body: &[u8]| {
+        request(tap.addr, "POST", "/v1/chat/completions", h, body)
+    };
 
     // Body size: 413.
     let big = body(&format!(r#","user":"a","pad":"{}""#, "x".repeat(20_000)));
-    let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &big);
+    let r = post(&[], &big);
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "request_too_large");
 
     // Header size: 431.
     let huge = "h".repeat(8000);
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-big", &huge)],
-        &chat("a", false),
-    );
+    let r = post(&[("x-big", &huge)], &chat("a", false));
     assert_eq!(r.status, 431);
     assert_eq!(r.json()["error"]["code"], "request_header_too_large");
 
     // Overall deadline, before the answer: 504.
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-delay-ms", "3000")],
-        &chat("a", false),
-    );
+    let r = post(&[("x-mock-delay-ms", "3000")], &chat("a", false));
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["error"]["code"], "deadline_exceeded");
     // ... and during a stream: cut.
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
+    let r = post(
         &[("x-mock-chunks", "40"), ("x-mock-delay-ms", "100")],
         &chat("a", true),
     );
@@ -351,31 +339,13 @@ fn each_limit_answers_with_its_status_and_error() {
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat("alice", true),
-    );
+    let r = post(&[], &chat("alice", true));
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "too_many_streams");
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat("bob", true),
-    );
+    let r = post(&[], &chat("bob", true));
     assert_eq!(r.status, 200);
     // Non-streamed calls are not streams.
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat("alice", false),
-    );
+    let r = post(&[], &chat("alice", false));
     assert_eq!(r.status, 200);
     let mut rest = Vec::new();
     let _ = first.read_to_end(&mut rest);
@@ -383,13 +353,7 @@ fn each_limit_answers_with_its_status_and_error() {
     // Once alice's stream is over, she may open another.
     let start = std::time::Instant::now();
     loop {
-        let r = request(
-            tap.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            &chat("alice", true),
-        );
+        let r = post(&[], &chat("alice", true));
         if r.status == 200 {
             break;
         }
