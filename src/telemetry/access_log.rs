@@ -2,8 +2,9 @@
 //! timings. Never an API key, never prompt or completion text.
 //!
 //! Records are queued to a dedicated writer thread that serializes and writes them in batches,
-//! flushing whenever the queue runs dry; a full queue drops (and counts) rather than stall
-//! requests.
+//! every [`TICK`] (or as soon as [`BATCH`] records wait), flushing after each batch; a full
+//! queue drops (and counts) rather than stall requests. The writer is never woken per record
+//! (see [`super::wake`]).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,11 +16,16 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::wake::LazyWake;
 use super::Sink;
 use crate::config::AccessLogTarget;
 use crate::meter::{Outcome, UsageRecord, UsageSource};
 
 const QUEUE: usize = 65_536;
+/// How long a record may wait for the writer, at most.
+const TICK: Duration = Duration::from_millis(50);
+/// Records that wake the writer before its tick.
+const BATCH: usize = QUEUE / 8;
 
 enum Msg {
     Record(Arc<UsageRecord>),
@@ -35,6 +41,7 @@ type Reopen = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
 
 pub struct AccessLog {
     tx: SyncSender<Msg>,
+    wake: Arc<LazyWake>,
     reopen: Reopen,
     /// `access_log.enabled` of the running config.
     enabled: AtomicBool,
@@ -76,11 +83,15 @@ impl AccessLog {
         let errors = Arc::clone(&write_errors);
         let reopen: Reopen = Arc::default();
         let slot = Arc::clone(&reopen);
+        let wake = Arc::new(LazyWake::new(BATCH));
+        let w = Arc::clone(&wake);
         let worker = std::thread::Builder::new()
             .name("tokentap-access-log".into())
-            .spawn(move || write_loop(rx, out, &slot, &errors))?;
+            .spawn(move || write_loop(rx, &w, out, &slot, &errors))?;
+        wake.set_worker(worker.thread().clone());
         Ok(AccessLog {
             tx,
+            wake,
             reopen,
             enabled: AtomicBool::new(cfg.enabled),
             target: Mutex::new(target),
@@ -111,7 +122,7 @@ impl Sink for AccessLog {
             return self.drop_one("already shut down");
         }
         match self.tx.try_send(Msg::Record(Arc::clone(rec))) {
-            Ok(()) => {}
+            Ok(()) => self.wake.queued(),
             Err(TrySendError::Full(_)) => self.drop_one("queue full: the output is too slow"),
             Err(TrySendError::Disconnected(_)) => self.drop_one("writer stopped"),
         }
@@ -125,6 +136,7 @@ impl Sink for AccessLog {
                 Ok(out) => {
                     *self.reopen.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
                     let _ = self.tx.try_send(Msg::Wake);
+                    self.wake.now();
                     *target = Some(want.target.clone());
                 }
                 Err(e) => {
@@ -141,16 +153,24 @@ impl Sink for AccessLog {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.wake.now();
         let _ = self.tx.send(Msg::Stop);
+        self.wake.now();
         if let Some(w) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = w.join();
         }
     }
 }
 
-/// Writes records in batches, flushing whenever the queue runs dry. A failing output is
-/// reported and counted, and writing goes on (a full disk may free up).
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, reopen: &Reopen, errors: &AtomicU64) {
+/// Writes records in batches: each tick (or wake-up), everything queued, then one flush. A
+/// failing output is reported and counted, and writing goes on (a full disk may free up).
+fn write_loop(
+    rx: Receiver<Msg>,
+    wake: &LazyWake,
+    out: Box<dyn Write + Send>,
+    reopen: &Reopen,
+    errors: &AtomicU64,
+) {
     let mut line = Vec::with_capacity(1024);
     let failed = |e: std::io::Error| {
         if errors
@@ -161,27 +181,33 @@ fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, reopen: &Reopen, er
         }
     };
     let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(msg) = rx.recv() {
-        let mut next = Some(msg);
-        while let Some(msg) = next {
+    loop {
+        wake.wait(TICK);
+        // A new output (a reload) takes the records queued after it.
+        let swap = |buffered: &mut std::io::BufWriter<Box<dyn Write + Send>>| {
             if let Some(new) = reopen.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 if let Err(e) = buffered.flush() {
                     failed(e);
                 }
-                buffered = std::io::BufWriter::with_capacity(64 * 1024, new);
+                *buffered = std::io::BufWriter::with_capacity(64 * 1024, new);
             }
-            let rec = match msg {
-                Msg::Record(rec) => rec,
-                Msg::Wake => {
-                    next = rx.try_recv().ok();
+        };
+        swap(&mut buffered);
+        let mut wrote = false;
+        loop {
+            let rec = match rx.try_recv() {
+                Ok(Msg::Record(rec)) => rec,
+                Ok(Msg::Wake) => {
+                    swap(&mut buffered);
                     continue;
                 }
-                Msg::Stop => {
+                Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
                     if let Err(e) = buffered.flush() {
                         failed(e);
                     }
                     return;
                 }
+                Err(mpsc::TryRecvError::Empty) => break,
             };
             line.clear();
             if serde_json::to_writer(&mut line, &Line::from(&*rec)).is_ok() {
@@ -189,11 +215,13 @@ fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, reopen: &Reopen, er
                 if let Err(e) = buffered.write_all(&line) {
                     failed(e);
                 }
+                wrote = true;
             }
-            next = rx.try_recv().ok();
         }
-        if let Err(e) = buffered.flush() {
-            failed(e);
+        if wrote {
+            if let Err(e) = buffered.flush() {
+                failed(e);
+            }
         }
     }
 }

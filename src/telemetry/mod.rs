@@ -7,6 +7,7 @@ pub mod calls;
 pub mod metrics;
 pub mod semconv;
 pub mod traces;
+pub mod wake;
 
 use std::sync::Arc;
 

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanExp
 use serde::Deserialize;
 
 use super::semconv as sc;
+use super::wake::LazyWake;
 use crate::meter::{Outcome, UsageRecord, UsageSource};
 
 /// `[traces]` as written.
@@ -691,6 +692,8 @@ enum Msg {
 /// The trace sink: queues sampled records for the exporter thread.
 pub struct TraceSink {
     tx: Option<SyncSender<Msg>>,
+    /// Wakes the exporter thread when a batch waits (else it sleeps until the batch is due).
+    wake: Arc<LazyWake>,
     pub counters: TraceCounters,
     stopped: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -739,6 +742,7 @@ impl TraceSink {
         let Some(export) = cfg.export.clone() else {
             return Ok(TraceSink {
                 tx: None,
+                wake: Arc::new(LazyWake::new(1)),
                 counters,
                 stopped: AtomicBool::new(false),
                 thread: Mutex::new(None),
@@ -751,12 +755,16 @@ impl TraceSink {
             .map_err(|e| e.to_string())?;
         let exporter = rt.block_on(async { build_exporter(&export) })?;
         let c = counters.clone();
+        let wake = Arc::new(LazyWake::new(export.batch_size.min(export.queue_size / 2)));
+        let w = Arc::clone(&wake);
         let thread = std::thread::Builder::new()
             .name("tokentap-traces".into())
-            .spawn(move || export_loop(rt, exporter, rx, export, c))
+            .spawn(move || export_loop(rt, exporter, rx, &w, export, c))
             .map_err(|e| e.to_string())?;
+        wake.set_worker(thread.thread().clone());
         Ok(TraceSink {
             tx: Some(tx),
+            wake,
             counters,
             stopped: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
@@ -810,6 +818,7 @@ fn export_loop(
     rt: tokio::runtime::Runtime,
     exporter: opentelemetry_otlp::SpanExporter,
     rx: Receiver<Msg>,
+    wake: &LazyWake,
     cfg: ExportConfig,
     counters: TraceCounters,
 ) {
@@ -862,44 +871,48 @@ fn export_loop(
         }
     };
     loop {
-        let wait = due.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Record(rec)) => {
-                if let Some(s) = span_of(&rec, &scope) {
-                    batch.push(s);
-                }
-                if batch.len() >= cfg.batch_size {
-                    export(&mut batch);
-                    due = Instant::now() + cfg.batch_delay;
-                }
-            }
-            Ok(Msg::Flush(done)) => {
-                // Everything queued before the flush, then answer.
-                while let Ok(m) = rx.try_recv() {
-                    if let Msg::Record(rec) = m {
-                        if let Some(s) = span_of(&rec, &scope) {
-                            batch.push(s);
-                        }
-                        if batch.len() >= cfg.batch_size {
-                            export(&mut batch);
-                        }
+        // Asleep until the batch is due, or a full batch or a flush wakes it.
+        wake.wait(due.saturating_duration_since(Instant::now()));
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Record(rec)) => {
+                    if let Some(s) = span_of(&rec, &scope) {
+                        batch.push(s);
+                    }
+                    if batch.len() >= cfg.batch_size {
+                        export(&mut batch);
+                        due = Instant::now() + cfg.batch_delay;
                     }
                 }
-                export(&mut batch);
-                // The flush is the shutdown's: the exporter is done.
-                let _ = rt.block_on(async { exporter.shutdown() });
-                let _ = done.send(());
-                return;
+                Ok(Msg::Flush(done)) => {
+                    // Everything queued before the flush, then answer.
+                    while let Ok(m) = rx.try_recv() {
+                        if let Msg::Record(rec) = m {
+                            if let Some(s) = span_of(&rec, &scope) {
+                                batch.push(s);
+                            }
+                            if batch.len() >= cfg.batch_size {
+                                export(&mut batch);
+                            }
+                        }
+                    }
+                    export(&mut batch);
+                    // The flush is the shutdown's: the exporter is done.
+                    let _ = rt.block_on(async { exporter.shutdown() });
+                    let _ = done.send(());
+                    return;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    export(&mut batch);
+                    let _ = rt.block_on(async { exporter.shutdown() });
+                    return;
+                }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&mut batch);
-                due = Instant::now() + cfg.batch_delay;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                export(&mut batch);
-                let _ = rt.block_on(async { exporter.shutdown() });
-                return;
-            }
+        }
+        if Instant::now() >= due {
+            export(&mut batch);
+            due = Instant::now() + cfg.batch_delay;
         }
     }
 }
@@ -911,7 +924,7 @@ impl super::Sink for TraceSink {
             return;
         }
         match tx.try_send(Msg::Record(Arc::clone(rec))) {
-            Ok(()) => {}
+            Ok(()) => self.wake.queued(),
             Err(TrySendError::Full(_)) => self
                 .counters
                 .dropped
@@ -935,8 +948,12 @@ impl super::Sink for TraceSink {
         let sent = std::time::Instant::now();
         let mut msg = Msg::Flush(done_tx);
         loop {
+            self.wake.now();
             match tx.try_send(msg) {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.wake.now();
+                    break;
+                }
                 Err(TrySendError::Full(m)) if sent.elapsed() < Duration::from_secs(5) => {
                     msg = m;
                     std::thread::sleep(Duration::from_millis(10));
