@@ -266,6 +266,12 @@ fn spend(
     report::report(&cfg.budgets.ledger.path, from, to, by, format)
 }
 
+/// mimalloc instead of glibc's malloc: allocation was a fifth of tokentap's instructions per
+/// call (docs/benchmarks.md, "Tuning tried").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // RUST_LOG, when set, governs logging; otherwise server.log_level does, and a reload can
     // change it (the logger lets everything through and log's max level filters).

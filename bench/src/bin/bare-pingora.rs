@@ -12,6 +12,10 @@ use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use tokentap_bench::{arg_addr, arg_num};
 
+/// tokentap's allocator (see src/main.rs), so that the two differ only by metering.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Bare {
     upstream: SocketAddr,
 }
