@@ -4,17 +4,15 @@
 //! two is what tokentap's metering costs.
 //!
 //! `bare-pingora --listen 127.0.0.1:18001 --upstream 127.0.0.1:18000 --threads 1`
+//! (`--l4-read-buffer BYTES` sets the listener's read buffer, Pingora's default otherwise.)
 
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
-use tokentap_bench::{arg_addr, arg_num};
-
-/// tokentap's allocator (see src/main.rs), so that the two differ only by metering.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use tokentap_bench::{arg, arg_addr, arg_num};
 
 struct Bare {
     upstream: SocketAddr,
@@ -43,7 +41,11 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut proxy = http_proxy_service(&server.configuration, Bare { upstream });
-    proxy.add_tcp(&listen.to_string());
+    let mut endpoint = ListenerConfig::tcp(listen.to_string());
+    if let Ok(read) = arg("--l4-read-buffer", "").parse::<usize>() {
+        endpoint = endpoint.l4_buffer(L4BufferSettings::default().read(read));
+    }
+    proxy.add_listener(endpoint);
     server.add_service(proxy);
     server.bootstrap();
     println!("bare-pingora listening on {listen}, upstream {upstream}");
