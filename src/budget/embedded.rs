@@ -375,11 +375,14 @@ fn lock_file(path: &Path) -> Result<std::fs::File, String> {
 fn spawn_flusher(ledger: Weak<Embedded>, every: Duration) {
     std::thread::Builder::new()
         .name("tokentap-ledger".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            match ledger.upgrade() {
-                Some(l) => l.flush(),
-                None => return,
+        .spawn(move || {
+            crate::telemetry::wake::lower_priority();
+            loop {
+                std::thread::sleep(every);
+                match ledger.upgrade() {
+                    Some(l) => l.flush(),
+                    None => return,
+                }
             }
         })
         .expect("spawn ledger flusher");

@@ -87,7 +87,10 @@ impl AccessLog {
         let w = Arc::clone(&wake);
         let worker = std::thread::Builder::new()
             .name("tokentap-access-log".into())
-            .spawn(move || write_loop(rx, &w, out, &slot, &errors))?;
+            .spawn(move || {
+                super::wake::lower_priority();
+                write_loop(rx, &w, out, &slot, &errors)
+            })?;
         wake.set_worker(worker.thread().clone());
         Ok(AccessLog {
             tx,

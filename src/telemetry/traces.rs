@@ -759,7 +759,10 @@ impl TraceSink {
         let w = Arc::clone(&wake);
         let thread = std::thread::Builder::new()
             .name("tokentap-traces".into())
-            .spawn(move || export_loop(rt, exporter, rx, &w, export, c))
+            .spawn(move || {
+                super::wake::lower_priority();
+                export_loop(rt, exporter, rx, &w, export, c)
+            })
             .map_err(|e| e.to_string())?;
         wake.set_worker(thread.thread().clone());
         Ok(TraceSink {

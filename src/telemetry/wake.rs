@@ -12,6 +12,31 @@ use std::sync::OnceLock;
 use std::thread::Thread;
 use std::time::Duration;
 
+/// How much less a background thread weighs than a proxy worker (nice +10: about a tenth of
+/// the CPU share when both want the core).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority. Called by the threads that do tokentap's
+/// work off the byte path (encoding and exporting spans, writing the access log, flushing the
+/// ledger): their work comes in bursts (a batch of 512 spans is milliseconds of CPU), and at
+/// equal priority a burst on a busy core delays the proxy's workers, which shows as tail
+/// latency. At a lower priority they take the time the workers leave; they still get it all
+/// on an idle core, and their queues are bounded (full queues drop and count, never block).
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours. On Linux,
+        // PRIO_PROCESS with who = 0 applies to the calling thread only (threads are tasks).
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+        if r != 0 {
+            log::debug!(
+                "cannot lower a background thread's priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 pub struct LazyWake {
     worker: OnceLock<Thread>,
     pending: AtomicUsize,
