@@ -148,8 +148,11 @@ def header(R):
                f"{p['load_cpus']} (`taskset -c {p['load_cpus']}`).")
     out.append(f"- Threads: nginx `{ts['nginx']}`, bare-pingora `{ts['bare-pingora']}`, tokentap "
                f"`{ts['tokentap']}`, LiteLLM `{ts['LiteLLM']}`, bench-mock `{ts['bench-mock']}`.")
-    out.append(f"- Load: [oha]({'https://github.com/hatoo/oha'}), {d['duration_s']:g} s per run. Saturation: closed "
-               f"loop, {s['saturation_connections']['non-streaming']} connections (non-streaming) or "
+    repeats = d.get("saturation_repeats", 1)
+    median = (f"the median of {repeats} runs (the range of all {repeats} in brackets), "
+              if repeats > 1 else "")
+    out.append(f"- Load: [oha]({'https://github.com/hatoo/oha'}), {d['duration_s']:g} s per run. Saturation: "
+               f"{median}closed loop, {s['saturation_connections']['non-streaming']} connections (non-streaming) or "
                f"{s['saturation_connections']['streaming']} (streaming). Fixed rates "
                f"{', '.join(str(r) for r in s['fixed_rates'])}/s: open loop (`-q`, `--latency-correction`), "
                f"{s['rate_connections']} connections; a run that completed fewer than "
@@ -283,7 +286,10 @@ def workload_tables(R):
                 continue
             s = R.sat(n, w["id"])
             cpu = "–" if s["cpu_s_per_1k"] is None else f"{s['cpu_s_per_1k']:.3f}"
-            row = f"| {R.label(n)} | {rate(s['rps'])}{run_flags(s)} | {cpu} | {mb(s['rss_peak_bytes'])} |"
+            spread = ""
+            if len(s.get("rps_runs", [])) > 1:
+                spread = f" ({rate(min(s['rps_runs']))}–{rate(max(s['rps_runs']))})"
+            row = f"| {R.label(n)} | {rate(s['rps'])}{spread}{run_flags(s)} | {cpu} | {mb(s['rss_peak_bytes'])} |"
             for r in rates:
                 run = R.at(n, w["id"], r)
                 lat = run["latency_ms"]

@@ -16,6 +16,7 @@
 #
 # Knobs (environment):
 #   BENCH_DURATION=8s   length of every load run
+#   BENCH_REPEAT=3      saturation runs per workload and target (the median is reported)
 #   BENCH_QUICK=1       2 s runs, fewer rates, 500 held streams instead of 5000: for trying it
 #   BENCH_TARGETS=...   a comma list, a subset of direct,nginx,bare,tokentap,litellm
 #   THREADS=1           worker threads of each proxy

@@ -4,7 +4,8 @@
 //! two is what tokentap's metering costs.
 //!
 //! `bare-pingora --listen 127.0.0.1:18001 --upstream 127.0.0.1:18000 --threads 1`
-//! (`--l4-read-buffer BYTES` sets the listener's read buffer, Pingora's default otherwise.)
+//! (`--l4-read-buffer BYTES` and `--l4-write-buffer BYTES` set the listener's buffers, Pingora's
+//! defaults otherwise.)
 
 use std::net::SocketAddr;
 
@@ -42,9 +43,14 @@ fn main() {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut proxy = http_proxy_service(&server.configuration, Bare { upstream });
     let mut endpoint = ListenerConfig::tcp(listen.to_string());
+    let mut buffers = L4BufferSettings::default();
     if let Ok(read) = arg("--l4-read-buffer", "").parse::<usize>() {
-        endpoint = endpoint.l4_buffer(L4BufferSettings::default().read(read));
+        buffers = buffers.read(read);
     }
+    if let Ok(write) = arg("--l4-write-buffer", "").parse::<usize>() {
+        buffers = buffers.write(write);
+    }
+    endpoint = endpoint.l4_buffer(buffers);
     proxy.add_listener(endpoint);
     server.add_service(proxy);
     server.bootstrap();
