@@ -12,6 +12,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member: cargo reads its manifest even when building tokentap alone.
+COPY bench ./bench
 RUN cargo build --release --locked --bin tokentap --bin tokentap-mock \
     && strip target/release/tokentap target/release/tokentap-mock
 

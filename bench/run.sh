@@ -110,6 +110,7 @@ DIR=$(mktemp -d /tmp/tokentap-bench.XXXXXX)
 chmod 755 "$DIR"
 PIDS=()
 FAILED=""
+MEASURE_PID=
 
 alive() {
     local s
@@ -134,6 +135,9 @@ stop() {
 
 cleanup() {
     local status=$? p
+    if [ -n "${MEASURE_PID:-}" ]; then
+        kill -TERM -- "-$MEASURE_PID" 2>/dev/null || true
+    fi
     for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop "$p"; done
     if [ "$status" -eq 0 ] && [ -z "$FAILED" ]; then
         rm -rf "$DIR"
@@ -206,8 +210,14 @@ measure() {
         return 0
     fi
     say "measuring $name (pid $pid, port $port)"
-    taskset -c "$LOAD_CPU" "$PY" bench/measure.py target "$name" --pid "$pid" --port "$port" \
-        --dir "$DIR" --mock-port "$MOCK_PORT" || failed "$name" "the measurement failed"
+    # In the background, in its own process group, so that a signal reaches the traps at
+    # once (bash runs them only when a foreground command ends) and cleanup can stop it with
+    # the load it started.
+    setsid taskset -c "$LOAD_CPU" "$PY" bench/measure.py target "$name" --pid "$pid" --port "$port" \
+        --dir "$DIR" --mock-port "$MOCK_PORT" &
+    MEASURE_PID=$!
+    wait "$MEASURE_PID" || failed "$name" "the measurement failed"
+    MEASURE_PID=
 }
 
 for port in $MOCK_PORT $OTLP_PORT $NGINX_PORT $BARE_PORT $TOKENTAP_PORT $TOKENTAP_ADMIN_PORT $LITELLM_PORT; do

@@ -4,9 +4,11 @@
 //! `POST /v1/chat/completions` reads the whole body. Prompt tokens are its bytes / 4 (the body
 //! is not parsed: a JSON parse of a 256 KiB prompt would make the floor slower than the proxies'
 //! work). A body with `"stream": true` gets a stream: `role`, then `x-bench-chunks` content
-//! chunks (default 20), each after `x-bench-delay-us` microseconds (default 1000), then `finish`,
-//! `usage` and `data: [DONE]`, as separate writes. Otherwise a `chat.completion` with `usage`.
-//! `GET /__bench/requests` answers the number of chat requests served.
+//! chunks (default 20), each after `x-bench-delay-us` microseconds (default 1000), each its own
+//! write, then `finish`, `usage` and `data: [DONE]` in one last write. Otherwise a
+//! `chat.completion` with `usage`. `GET /__bench/requests` answers the number of chat requests
+//! served; `GET /__bench/active` the number of streams in progress (started, not yet ended or
+//! abandoned by the client), which proves how many are open at once.
 //!
 //! `bench-mock --listen 127.0.0.1:18000 --threads 1`
 
@@ -60,12 +62,37 @@ fn chunk(id: u64, kind: &str, rest: &str) -> Bytes {
     ))
 }
 
-async fn handle(
-    req: Request<Incoming>,
+/// Counts a stream as active from its start until its body is dropped (sent to the end, or
+/// abandoned when the client went away).
+struct Active(Arc<AtomicU64>);
+
+impl Active {
+    fn new(n: &Arc<AtomicU64>) -> Active {
+        n.fetch_add(1, Ordering::Relaxed);
+        Active(Arc::clone(n))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Counts {
     served: Arc<AtomicU64>,
-) -> Result<Response<Body>, Infallible> {
-    if req.uri().path() == "/__bench/requests" {
-        let n = served.load(Ordering::Relaxed).to_string();
+    active: Arc<AtomicU64>,
+}
+
+async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<Body>, Infallible> {
+    let count = match req.uri().path() {
+        "/__bench/requests" => Some(&counts.served),
+        "/__bench/active" => Some(&counts.active),
+        _ => None,
+    };
+    if let Some(c) = count {
+        let n = c.load(Ordering::Relaxed).to_string();
         return Ok(Response::new(Full::new(Bytes::from(n)).boxed_unsync()));
     }
     let chunks = header_num(&req, "x-bench-chunks", 20);
@@ -74,7 +101,7 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    let id = served.fetch_add(1, Ordering::Relaxed);
+    let id = counts.served.fetch_add(1, Ordering::Relaxed);
     let prompt = (body.len() as u64).div_ceil(4);
     if !is_stream(&body) {
         let content = "w00 ".repeat(chunks as usize);
@@ -88,7 +115,8 @@ async fn handle(
         return Ok(r);
     }
     // Step 0: the role chunk at once; 1..=chunks: content after the delay; then the tail.
-    let frames = futures::stream::unfold(0u64, move |step| async move {
+    let active = Active::new(&counts.active);
+    let frames = futures::stream::unfold((0u64, active), move |(step, active)| async move {
         let data = match step {
             0 => chunk(
                 id,
@@ -120,7 +148,7 @@ async fn handle(
             }
             _ => return None,
         };
-        Some((Ok::<_, Infallible>(Frame::data(data)), step + 1))
+        Some((Ok::<_, Infallible>(Frame::data(data)), (step + 1, active)))
     });
     let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames.boxed())));
     let h = r.headers_mut();
@@ -132,7 +160,7 @@ async fn handle(
 fn main() {
     let addr = arg_addr("--listen", "127.0.0.1:18000");
     let threads = arg_num("--threads", 1usize);
-    let served = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
     runtime(threads).block_on(async move {
         let listener = listen(addr).expect("bind");
         println!("bench-mock listening on {addr}");
@@ -141,9 +169,9 @@ fn main() {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let served = Arc::clone(&served);
+            let counts = Arc::clone(&counts);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |r| handle(r, Arc::clone(&served)));
+                let svc = hyper::service::service_fn(move |r| handle(r, Arc::clone(&counts)));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
