@@ -211,6 +211,11 @@ def ratios(R):
             elif tt_run.get("saturated"):
                 rows.append((name, w["label"], measured + " ⚠ neither tokentap nor bare-pingora reached the rate",
                              "within 10 %", False))
+            elif bare <= 0:
+                # bare Pingora's whole path was faster than the floor's own: the floor's latency
+                # at this rate is a queue on the load CPU, and "within 10 %" of it means nothing.
+                rows.append((name, w["label"], measured + " ⚠ bare-pingora's added latency is not positive: the "
+                             "floor's own queue dominates at this rate", "within 10 %", None))
             elif bare_run.get("saturated"):
                 # Nothing to compare at the same load: not judged.
                 rows.append((name, w["label"], measured + " ⚠ bare-pingora did not reach the rate (tokentap did)",
