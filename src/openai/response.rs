@@ -272,9 +272,15 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 }
 
 /// The top level of a response or chunk. Fields are kept raw and parsed one by one, so a field
-/// of an unexpected shape loses only itself.
+/// of an unexpected shape loses only itself. The choices are `C`: raw (`View<&RawValue>`, the
+/// lenient path, where one odd choice loses only itself), or parsed in the same pass
+/// (`View<Vec<Choice>>`, the shape nearly every chunk has). [`apply_json`] tries the one-pass
+/// parse first and falls back to the lenient one when a choice does not fit; when it fits,
+/// both give the same result (a property test checks it), and a streamed answer's content
+/// chunks are parsed once instead of three times.
 #[derive(Deserialize)]
-struct View<'a> {
+#[serde(bound(deserialize = "C: Deserialize<'de>"))]
+struct View<'a, C> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -283,8 +289,8 @@ struct View<'a> {
     request_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    choices: Option<&'a RawValue>,
+    #[serde(default)]
+    choices: Option<C>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -297,32 +303,34 @@ struct View<'a> {
     error: Option<&'a RawValue>,
 }
 
-/// [`View`] with the choices parsed in the same pass: the shape nearly every chunk has. When a
-/// chunk does not fit it (a choice of another shape), [`apply_json`] falls back to [`View`],
-/// which loses only the odd choice; when it fits, both give the same result (a property test
-/// checks it), and a streamed answer's content chunks are parsed once instead of three times.
-#[derive(Deserialize)]
-struct FastView<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    request_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(borrow, default)]
-    usage: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    meta: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    search_results: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    warning: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    error: Option<&'a RawValue>,
+/// How a [`View`]'s choices become parsed choices.
+trait Choices<'a> {
+    fn parsed(self, obs: &mut Observed) -> Option<Vec<Choice<'a>>>;
+}
+
+impl<'a> Choices<'a> for Vec<Choice<'a>> {
+    fn parsed(self, _: &mut Observed) -> Option<Vec<Choice<'a>>> {
+        Some(self)
+    }
+}
+
+impl<'a> Choices<'a> for &'a RawValue {
+    fn parsed(self, obs: &mut Observed) -> Option<Vec<Choice<'a>>> {
+        let raw = field::<Vec<&RawValue>>(Some(self))?;
+        // One choice of an unexpected shape loses only itself.
+        if obs.captured.is_some() {
+            for c in raw.iter().filter_map(|c| field::<TextChoice>(Some(c))) {
+                if let Some(t) = c.delta.or(c.message).and_then(|m| m.content) {
+                    obs.capture(&t);
+                }
+            }
+        }
+        Some(
+            raw.iter()
+                .filter_map(|c| field::<Choice>(Some(c)))
+                .collect(),
+        )
+    }
 }
 
 fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
@@ -570,20 +578,8 @@ const MAX_ERROR_CHARS: usize = 300;
 fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
     // Captured text needs each choice's content itself: that is the lenient path's work.
     if obs.captured.is_none() {
-        if let Ok(f) = serde_json::from_slice::<FastView>(json) {
-            let v = View {
-                kind: f.kind,
-                id: f.id,
-                request_id: f.request_id,
-                model: f.model,
-                choices: None,
-                usage: f.usage,
-                meta: f.meta,
-                search_results: f.search_results,
-                warning: f.warning,
-                error: f.error,
-            };
-            apply_view(obs, v, Some(f.choices.unwrap_or_default()), chunk);
+        if let Ok(v) = serde_json::from_slice::<View<Vec<Choice>>>(json) {
+            apply_view(obs, v, chunk);
             return Ok(());
         }
     }
@@ -592,13 +588,13 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
 
 /// [`apply_json`] without the one-pass fast path.
 fn apply_lenient(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
-    let v: View = serde_json::from_slice(json)?;
-    apply_view(obs, v, None, chunk);
+    let v: View<&RawValue> = serde_json::from_slice(json)?;
+    apply_view(obs, v, chunk);
     Ok(())
 }
 
-/// Applies a parsed object; `parsed` holds its choices when the fast path parsed them.
-fn apply_view<'a>(obs: &mut Observed, v: View<'a>, parsed: Option<Vec<Choice<'a>>>, chunk: bool) {
+/// Applies a parsed object.
+fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: bool) {
     if obs.response_id.is_none() {
         obs.response_id = field::<Cow<str>>(v.id)
             .or_else(|| field(v.request_id))
@@ -620,22 +616,7 @@ fn apply_view<'a>(obs: &mut Observed, v: View<'a>, parsed: Option<Vec<Choice<'a>
             .map(|g| g.results.as_ref().map_or(0, |r| r.len() as u64))
             .sum::<u64>();
     }
-    let choices = parsed.or_else(|| {
-        let raw = field::<Vec<&RawValue>>(v.choices)?;
-        // One choice of an unexpected shape loses only itself.
-        if obs.captured.is_some() {
-            for c in raw.iter().filter_map(|c| field::<TextChoice>(Some(c))) {
-                if let Some(t) = c.delta.or(c.message).and_then(|m| m.content) {
-                    obs.capture(&t);
-                }
-            }
-        }
-        Some(
-            raw.iter()
-                .filter_map(|c| field::<Choice>(Some(c)))
-                .collect(),
-        )
-    });
+    let choices = v.choices.and_then(|c| c.parsed(obs));
     if let Some(choices) = choices {
         let mut bytes = 0;
         for c in &choices {
