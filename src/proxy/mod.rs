@@ -135,6 +135,17 @@ pub struct TokenTap {
     pub shared: Arc<Shared>,
 }
 
+/// 403 for a body whose `user` names someone other than the virtual key's user.
+fn user_mismatch() -> ApiError {
+    ApiError::new(
+        403,
+        "invalid_request_error",
+        "The request's `user` is not the user of this API key.",
+    )
+    .param("user")
+    .code("user_mismatch")
+}
+
 /// Per-request state.
 pub struct Ctx {
     cfg: Arc<Config>,
@@ -504,14 +515,7 @@ impl TokenTap {
                         .as_deref()
                         .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
                     if cfg.auth.mismatch == crate::auth::Mismatch::Reject || !can_rewrite {
-                        let e = ApiError::new(
-                            403,
-                            "invalid_request_error",
-                            "The request's `user` is not the user of this API key.",
-                        )
-                        .param("user")
-                        .code("user_mismatch");
-                        return Err(self.reject(ctx, e));
+                        return Err(self.reject(ctx, user_mismatch()));
                     }
                     ctx.rewrite_user = true;
                 }
@@ -764,15 +768,8 @@ impl ProxyHttp for TokenTap {
                     Some(new) => *body = Some(Bytes::from(new)),
                     None => {
                         // Never send the body naming someone else.
-                        let e = ApiError::new(
-                            403,
-                            "invalid_request_error",
-                            "The request's `user` is not the user of this API key.",
-                        )
-                        .param("user")
-                        .code("user_mismatch");
                         ctx.overhead += t.elapsed();
-                        return Err(self.reject(ctx, e));
+                        return Err(self.reject(ctx, user_mismatch()));
                     }
                 }
             }
