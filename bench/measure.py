@@ -255,18 +255,10 @@ def summarize(raw, connections, rate=None):
 # ---------------------------------------------------------------- one target
 
 
-def mock_served(mock_port):
+def mock_count(mock_port, what):
+    """One of the mock's counters: `requests` served so far, or streams `active` right now."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mock_port}/__bench/requests", timeout=5) as r:
-            return int(r.read())
-    except Exception:
-        return None
-
-
-def mock_active(mock_port):
-    """Streams the mock is serving right now."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{mock_port}/__bench/active", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mock_port}/__bench/{what}", timeout=5) as r:
             return int(r.read())
     except Exception:
         return None
@@ -278,7 +270,7 @@ def hold_streams(pid, port, n, mock_port):
     # 20 s streams: every one is still running when the last has opened (checked below).
     cmd += ["--n", str(n), "--delay-us", "1000000", "--chunks", "20"]
     result = {"streams": n, "delay_us": 1000000, "chunks": 20, "rss_open_bytes": None}
-    served = mock_served(mock_port)
+    served = mock_count(mock_port, "requests")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines, failures = [], []
@@ -292,7 +284,7 @@ def hold_streams(pid, port, n, mock_port):
                 result["open_after_s"] = round(time.monotonic() - start, 2)
                 # The proof that all n are open at this moment, end to end: the mock is
                 # still serving each of them.
-                result["mock_active_at_sample"] = mock_active(mock_port)
+                result["mock_active_at_sample"] = mock_count(mock_port, "active")
 
     def read_err():
         for line in proc.stderr:
@@ -307,7 +299,7 @@ def hold_streams(pid, port, n, mock_port):
         except subprocess.TimeoutExpired:
             # How far it got: the memory then, and the calls that reached the mock.
             result["rss_at_timeout_bytes"] = rss_bytes(tree(pid))
-            now = mock_served(mock_port)
+            now = mock_count(mock_port, "requests")
             if served is not None and now is not None:
                 result["upstream_requests_at_timeout"] = now - served
             proc.kill()
@@ -346,7 +338,7 @@ def cmd_target(args):
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     bodies = {w["id"]: body_file(args.dir, w) for w in WORKLOADS}
     res = {"name": name, "label": TARGETS[name], "port": port, "status": "ok", "workloads": {}}
-    served_before = mock_served(args.mock_port)
+    served_before = mock_count(args.mock_port, "requests")
     calls = {"ok": 0, "completed": 0, "aborted_at_deadline": 0}
 
     def count(run):
@@ -453,7 +445,7 @@ def cmd_target(args):
         log(f"{name}: the {HOLD_STREAMS} streams did not all open: {hs['output']} {hs['failure_reasons']}")
     time.sleep(2)
 
-    served_after = mock_served(args.mock_port)
+    served_after = mock_count(args.mock_port, "requests")
     # Every call of the load (not the two sample calls of bench/run.sh's check).
     res["calls"] = calls
     if served_before is not None and served_after is not None:
