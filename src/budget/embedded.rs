@@ -145,11 +145,16 @@ impl Embedded {
     ) -> Result<Reservation, Rejection> {
         let caps = policy.caps_for(user);
         let offset = policy.offset();
+        // Each cap's hold (its key and window bounds), worked out once, outside the lock.
+        let holds: Vec<(Hold, i64)> = caps
+            .iter()
+            .map(|(subject, cap)| super::hold(subject, cap, now, offset))
+            .collect();
         let mut st = self.lock();
         let mut refused: Option<Rejection> = None;
-        for (subject, cap) in &caps {
-            let (start, end) = cap.window.bounds(now, offset);
-            let c = st.counter(&subject.key(), cap.window, start);
+        for ((subject, cap), (h, end)) in caps.iter().zip(&holds) {
+            let end = *end;
+            let c = st.counter(&h.key, h.window, h.start);
             let mut settled = c.spent;
             settled.add(worst);
             let mut after = settled;
@@ -178,14 +183,13 @@ impl Embedded {
         if let Some(r) = refused {
             return Err(r);
         }
-        let mut holds = Vec::with_capacity(caps.len());
-        for (subject, cap) in &caps {
-            let (h, _) = super::hold(subject, cap, now, offset);
+        let holds: Vec<Hold> = holds.into_iter().map(|(h, _)| h).collect();
+        for h in &holds {
             let c = st.counter(&h.key, h.window, h.start);
             c.reserved.add(worst);
             c.touched = now;
-            holds.push(h);
         }
+        drop(st);
         Ok(Reservation::new(policy, user, holds, worst))
     }
 
