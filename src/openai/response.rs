@@ -578,6 +578,10 @@ const MAX_ERROR_CHARS: usize = 300;
 fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
     // Captured text needs each choice's content itself: that is the lenient path's work.
     if obs.captured.is_none() {
+        if let Some(c) = chunk.then(|| super::skim::chunk(json)).flatten() {
+            apply_skimmed(obs, c);
+            return Ok(());
+        }
         if let Ok(v) = serde_json::from_slice::<View<Vec<Choice>>>(json) {
             apply_view(obs, v, chunk);
             return Ok(());
@@ -586,7 +590,32 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
     apply_lenient(obs, json, chunk)
 }
 
-/// [`apply_json`] without the one-pass fast path.
+/// A chunk [`super::skim`] read: what [`apply_view`] does with the same chunk.
+fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>) {
+    if obs.response_id.is_none() {
+        obs.response_id = c.id.map(str::to_string);
+    }
+    if obs.response_model.is_none() {
+        obs.response_model = c.model.map(str::to_string);
+    }
+    if c.search_done {
+        obs.search_ran = true;
+    }
+    if !c.has_choices {
+        return;
+    }
+    for r in c.finish.into_iter().flatten() {
+        if !obs.finish_reasons.iter().any(|x| x == r) {
+            obs.finish_reasons.push(r.to_string());
+        }
+    }
+    if c.content_bytes > 0 {
+        obs.content_chunks += 1;
+        obs.content_bytes += c.content_bytes;
+    }
+}
+
+/// [`apply_json`] without the fast paths.
 fn apply_lenient(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
     let v: View<&RawValue> = serde_json::from_slice(json)?;
     apply_view(obs, v, chunk);
@@ -1029,11 +1058,97 @@ mod tests {
         }
     }
 
+    #[test]
+    fn hand_picked_chunks_read_the_same_on_every_path() {
+        let reasons = r#"[{"finish_reason":"a"},{"finish_reason":"b"},{"finish_reason":"c"},{"finish_reason":"d"},{"finish_reason":"e"}]"#;
+        let many = format!(r#"{{"id":"g","choices":{reasons}}}"#);
+        for j in [
+            many.as_bytes(),
+            br#"{"id":"g","created":01,"choices":[]}"#,
+            br#"{"id":"g","created":-0.5e+3,"choices":[{"index":1E2}]}"#,
+            br#"{"id":"g","created":1.,"choices":[]}"#,
+            br#"{"id":"g","x":-,"choices":[]}"#,
+            b"{\"id\":\"g\",\"choices\":[{\"delta\":{\"content\":\"a\x01\"}}]}",
+            b"{\"id\":\"g\",\"choices\":[{\"delta\":{\"content\":\"a\xc3\"}}]}",
+            br#"{"id":"g","choices":[{"delta":{"content":"\ud83d\ude00\u00e9\/"}}]}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"\ud83d"}}]}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"\ude00"}}]}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"\x"}}]}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"a"}}]} "#,
+            br#"{"id":"g","choices":[{"delta":{"content":"a"}}]}}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"a"}},]}"#,
+            br#"{"id":"g","choices":[{"delta":{},"delta":{"content":"a"}}]}"#,
+            br#"{"id":"g","choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+            br#"{"id":"g","nested":[[[[{"a":[true,false,null]}]]]],"choices":[]}"#,
+        ] {
+            let (mut fast, mut lenient) = (Observed::default(), Observed::default());
+            let a = apply_json(&mut fast, j, true).is_ok();
+            let b = apply_lenient(&mut lenient, j, true).is_ok();
+            let text = String::from_utf8_lossy(j);
+            assert_eq!(a, b, "{text}");
+            assert_eq!(fast, lenient, "{text}");
+        }
+    }
+
+    /// Chunks of the shape nearly every stream chunk has, with the variations upstreams write.
+    fn usual_chunk() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::{json, Value};
+        let text = prop_oneof![
+            Just(json!("w00 ")),
+            Just(json!("")),
+            Just(json!("é \" \\ \n\t / \u{1F600} \u{7} \u{2028}")),
+            Just(Value::Null),
+        ];
+        let delta = prop_oneof![
+            text.clone().prop_map(|t| json!({"content": t})),
+            (text.clone(), text.clone())
+                .prop_map(|(r, t)| json!({"role": "assistant", "reasoning": r, "content": t})),
+            text.clone()
+                .prop_map(|t| json!({"refusal": t, "tool_calls": null})),
+            Just(json!({})),
+            Just(json!({"content": "a", "tool_calls": "x"})),
+            Just(Value::Null),
+        ];
+        let finish = prop_oneof![
+            Just(Value::Null),
+            Just(json!("stop")),
+            Just(json!("length"))
+        ];
+        let choice = (delta, finish, proptest::option::of(text)).prop_map(|(d, f, m)| {
+            let mut c = json!({"index": 0, "delta": d, "finish_reason": f, "logprobs": {"content": [1, -2.5e3, true]}});
+            if let Some(m) = m {
+                c["message"] = json!({"content": m});
+            }
+            c
+        });
+        let scalar = prop_oneof![Just(json!("gen-1")), Just(json!(5)), Just(Value::Null)];
+        let kind = prop_oneof![
+            Just(json!("content")),
+            Just(json!("search_done")),
+            Just(json!(3))
+        ];
+        (
+            proptest::collection::vec(choice, 0..6),
+            scalar.clone(),
+            scalar,
+            proptest::option::of(kind),
+        )
+            .prop_map(|(choices, id, model, kind)| {
+                let mut c = json!({"id": id, "object": "chat.completion.chunk",
+                    "created": 1764000000, "model": model, "choices": choices});
+                if let Some(k) = kind {
+                    c["type"] = k;
+                }
+                c
+            })
+    }
+
     /// Chunks of every shape a field can take, well-formed and not.
     fn any_chunk() -> impl Strategy<Value = serde_json::Value> {
         use serde_json::{json, Value};
         let content = prop_oneof![
             Just(json!("hello")),
+            Just(json!("é \" \\ \n\t / \u{1F600} \u{7}")),
             Just(Value::Null),
             Just(json!(5)),
             Just(json!([{"type": "text", "text": "ab"}, "cd"])),
@@ -1120,6 +1235,54 @@ mod tests {
                 let b = apply_lenient(&mut lenient, &bytes, chunk).is_ok();
                 prop_assert_eq!(a, b);
             }
+            prop_assert_eq!(fast, lenient);
+        }
+
+        /// Chunks as an upstream might write them (other whitespace, escapes where none are
+        /// needed, a field twice) and damaged ones: every fast path gives what the lenient
+        /// one gives.
+        #[test]
+        fn edited_chunks_read_the_same_on_every_path(
+            c in prop_oneof![any_chunk(), usual_chunk()],
+            twice in proptest::option::of(prop_oneof![
+                Just(r#""id":"x","#), Just(r#""choices":[],"#), Just(r#""object":1,"#)
+            ]),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..9), 0..4),
+        ) {
+            let mut bytes = serde_json::to_vec(&c).unwrap();
+            if let (Some(t), Some(b'{')) = (twice, bytes.first()) {
+                bytes.splice(1..1, t.bytes()).for_each(drop);
+            }
+            for (at, how) in edits {
+                let i = at.index(bytes.len() + 1);
+                match how {
+                    0 => bytes.insert(i, b' '),
+                    1 => bytes.splice(i..i, *b"\r\n\t").for_each(drop),
+                    // A letter as a \u escape: the same text inside a string, damage outside.
+                    2 if i < bytes.len() && bytes[i].is_ascii_alphabetic() => {
+                        let e = format!("\\u{:04x}", bytes[i]);
+                        bytes.splice(i..=i, e.into_bytes()).for_each(drop);
+                    }
+                    3 if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    4 => bytes.insert(i, b'"'),
+                    5 => bytes.insert(i, b','),
+                    // The emoji as the surrogate pair an upstream may send instead.
+                    6 => {
+                        let emoji = "\u{1F600}".as_bytes();
+                        if let Some(j) = bytes.windows(4).position(|w| w == emoji) {
+                            bytes.splice(j..j + 4, *br"\ud83d\ude00").for_each(drop);
+                        }
+                    }
+                    7 => bytes.push(if i % 2 == 0 { b'}' } else { b'x' }),
+                    _ => bytes.insert(i, b'0'),
+                }
+            }
+            let (mut fast, mut lenient) = (Observed::default(), Observed::default());
+            let a = apply_json(&mut fast, &bytes, true).is_ok();
+            let b = apply_lenient(&mut lenient, &bytes, true).is_ok();
+            prop_assert_eq!(a, b);
             prop_assert_eq!(fast, lenient);
         }
 

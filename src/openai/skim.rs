@@ -1,0 +1,406 @@
+//! A one-pass reader for the shape nearly every stream chunk has:
+//! `{"id": "…", "model": "…", "choices": [{"index": 0, "delta": {"content": "…"},
+//! "finish_reason": null}], …}`.
+//!
+//! A streamed answer is mostly such chunks, and serde's derived readers cost ~7k instructions
+//! for each ~200-byte one (callgrind; more than the rest of the call's bookkeeping). This reader
+//! builds nothing: it walks the bytes once and keeps what the tap needs (the id, the model,
+//! whether `type` is `search_done`, the content's byte length, the finish reasons).
+//!
+//! It gives up (`None`) at anything it would need serde for: a field it does not read here
+//! (`usage`, `error`, `search_results`, `meta`, `warning`, `request_id`, tool calls, content
+//! parts), a repeated field, an escape in a key or in a string it keeps, a choice or message of
+//! another type, and any syntax it does not check exactly as strictly as serde_json does. The
+//! serde path then reads the chunk. When it does not give up it gives what the serde path gives
+//! (a property test in `response.rs` checks it).
+
+/// What the tap needs from a chunk of the usual shape.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Chunk<'a> {
+    /// `id` when it is a string (another type counts as absent, as on the serde path).
+    pub id: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub search_done: bool,
+    /// `choices` was an array (even empty).
+    pub has_choices: bool,
+    /// Decoded bytes of `delta.content`, `delta.reasoning` and `delta.refusal` over the choices.
+    pub content_bytes: u64,
+    /// The choices' finish reasons, in order (at most [`MAX_FINISH`]).
+    pub finish: [Option<&'a str>; MAX_FINISH],
+}
+
+/// Choices with a finish reason in one chunk, at most (more: the serde path reads it).
+pub(super) const MAX_FINISH: usize = 4;
+
+/// Deeper nesting than this in a skipped value: the serde path reads it (serde_json itself
+/// stops at 128).
+const MAX_DEPTH: u32 = 100;
+
+/// Reads a stream chunk of the usual shape, or `None` (then the serde path reads it).
+pub(super) fn chunk(json: &[u8]) -> Option<Chunk<'_>> {
+    // Every string sliced out below starts and ends at an ASCII quote, so it is valid too.
+    std::str::from_utf8(json).ok()?;
+    let mut p = Reader { b: json, i: 0 };
+    let mut c = Chunk::default();
+    let mut seen = [false; 4];
+    p.object(|p, key| {
+        let slot = match key {
+            b"id" => 0,
+            b"model" => 1,
+            b"type" => 2,
+            b"choices" => 3,
+            b"request_id" | b"usage" | b"meta" | b"search_results" | b"warning" | b"error" => {
+                return None
+            }
+            _ => return p.skip(0),
+        };
+        if std::mem::replace(&mut seen[slot], true) {
+            return None;
+        }
+        match slot {
+            0 => c.id = p.loose_str()?,
+            1 => c.model = p.loose_str()?,
+            2 => c.search_done = p.loose_str()? == Some("search_done"),
+            _ => match p.peek()? {
+                b'n' => p.literal(b"null")?,
+                b'[' => {
+                    c.has_choices = true;
+                    let mut n = 0;
+                    p.array(|p| {
+                        let (bytes, finish) = p.choice()?;
+                        c.content_bytes += bytes;
+                        if let Some(f) = finish {
+                            *c.finish.get_mut(n)? = Some(f);
+                            n += 1;
+                        }
+                        Some(())
+                    })?;
+                }
+                _ => return None,
+            },
+        }
+        Some(())
+    })?;
+    p.ws();
+    (p.i == json.len()).then_some(c)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// JSON's whitespace: exactly these four.
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    fn literal(&mut self, lit: &[u8]) -> Option<()> {
+        self.ws();
+        let end = self.i + lit.len();
+        (self.b.get(self.i..end)? == lit).then(|| self.i = end)
+    }
+
+    /// `{ "key": value, … }`, each value read by `f`. Keys with escapes: `None`.
+    fn object(&mut self, mut f: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.plain_bytes()?;
+            self.eat(b':')?;
+            f(self, key)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `[ value, … ]`, each value read by `f`.
+    fn array(&mut self, mut f: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(b'[')?;
+        if self.peek()? == b']' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            f(self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The bytes up to the next quote, backslash or control character (one of which must
+    /// come), and that byte.
+    fn run(&mut self) -> Option<(&'a [u8], u8)> {
+        let rest = self.b.get(self.i..)?;
+        let n = rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        self.i += n + 1;
+        Some((&rest[..n], rest[n]))
+    }
+
+    /// A string without escapes or control characters, as it stands in the input.
+    fn plain_bytes(&mut self) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        match self.run()? {
+            (s, b'"') => Some(s),
+            _ => None,
+        }
+    }
+
+    /// [`Self::plain_bytes`] as text (the chunk was checked to be UTF-8 and the string is cut
+    /// at ASCII quotes, so this only re-checks).
+    fn plain_str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.plain_bytes()?).ok()
+    }
+
+    /// A field the serde path reads as `Option<&RawValue>` and then as a string: a plain string
+    /// is kept; null and the other types count as absent (but must be well-formed).
+    fn loose_str(&mut self) -> Option<Option<&'a str>> {
+        if self.peek()? == b'"' {
+            self.plain_str().map(Some)
+        } else {
+            self.skip(0).map(|_| None)
+        }
+    }
+
+    /// A string's length once decoded, in UTF-8 bytes (what `StrLen` counts).
+    fn str_len(&mut self) -> Option<u64> {
+        self.eat(b'"')?;
+        let mut n = 0u64;
+        loop {
+            let (run, end) = self.run()?;
+            n += run.len() as u64;
+            match end {
+                b'"' => return Some(n),
+                b'\\' => n += self.escape_len()?,
+                _ => return None,
+            }
+        }
+    }
+
+    /// The decoded length of the escape after a backslash; lone surrogates give up.
+    fn escape_len(&mut self) -> Option<u64> {
+        let e = *self.b.get(self.i)?;
+        self.i += 1;
+        match e {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(1),
+            b'u' => {
+                let cp = self.hex4()?;
+                if (0xD800..0xDC00).contains(&cp) {
+                    if self.b.get(self.i..self.i + 2)? != b"\\u" {
+                        return None;
+                    }
+                    self.i += 2;
+                    (0xDC00..0xE000).contains(&self.hex4()?).then_some(4)
+                } else {
+                    char::from_u32(cp).map(|c| c.len_utf8() as u64)
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let h = self.b.get(self.i..self.i + 4)?;
+        self.i += 4;
+        h.iter()
+            .try_fold(0u32, |v, &d| Some(v * 16 + (d as char).to_digit(16)?))
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn number(&mut self) -> Option<()> {
+        self.ws();
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match *self.b.get(self.i)? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.b.get(self.i) {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.b.get(self.i) {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    /// Any well-formed value, read and dropped.
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match self.peek()? {
+            b'"' => self.str_len().map(|_| ()),
+            b'{' => self.object(|p, _| p.skip(depth + 1)),
+            b'[' => self.array(|p| p.skip(depth + 1)),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    /// One choice: the content bytes of its `delta` and its finish reason.
+    fn choice(&mut self) -> Option<(u64, Option<&'a str>)> {
+        let (mut bytes, mut finish) = (0, None);
+        let mut seen = [false; 3];
+        self.object(|p, key| {
+            let slot = match key {
+                b"delta" => 0,
+                b"message" => 1,
+                b"finish_reason" => 2,
+                _ => return p.skip(0),
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return None;
+            }
+            match slot {
+                // A chunk counts its delta; a message in a chunk must still be well-shaped.
+                0 => bytes = p.message()?,
+                1 => {
+                    p.message()?;
+                }
+                _ => {
+                    finish = match p.peek()? {
+                        b'n' => p.literal(b"null").map(|_| None)?,
+                        _ => Some(p.plain_str()?),
+                    }
+                }
+            }
+            Some(())
+        })?;
+        Some((bytes, finish))
+    }
+
+    /// A `delta` (or `message`): null, or an object whose text fields are strings or null and
+    /// whose `tool_calls`, if any, is null. Its text's decoded bytes.
+    fn message(&mut self) -> Option<u64> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|_| 0);
+        }
+        let mut bytes = 0;
+        let mut seen = [false; 4];
+        self.object(|p, key| {
+            let slot = match key {
+                b"content" => 0,
+                b"reasoning" => 1,
+                b"refusal" => 2,
+                b"tool_calls" => 3,
+                _ => return p.skip(0),
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return None;
+            }
+            match p.peek()? {
+                b'n' => p.literal(b"null"),
+                b'"' if slot < 3 => {
+                    bytes += p.str_len()?;
+                    Some(())
+                }
+                _ => None,
+            }
+        })?;
+        Some(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usual_chunks_are_read_without_serde() {
+        let c = chunk(
+            br#"{"type":"content","id":"gen-1","object":"chat.completion.chunk","created":1764000000,"model":"m/x","choices":[{"index":0,"delta":{"role":"assistant","content":"w\u00e9 \n"},"finish_reason":null}]}"#,
+        )
+        .expect("the usual shape");
+        assert_eq!(c.id, Some("gen-1"));
+        assert_eq!(c.model, Some("m/x"));
+        assert!(!c.search_done && c.has_choices);
+        assert_eq!(c.content_bytes, "wé \n".len() as u64);
+        assert_eq!(c.finish, [None; MAX_FINISH]);
+
+        let c = chunk(br#" {"id": 5, "choices": [{"delta": {}, "finish_reason": "stop"}], "type": "search_done"} "#)
+            .expect("the finish chunk");
+        assert_eq!((c.id, c.search_done), (None, true));
+        assert_eq!(c.finish[0], Some("stop"));
+        assert_eq!(c.content_bytes, 0);
+    }
+
+    #[test]
+    fn anything_else_is_left_to_serde() {
+        for j in [
+            &br#"{"id":"a","usage":{"prompt_tokens":1}}"#[..],
+            br#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{}"}}]}}]}"#,
+            br#"{"choices":[{"delta":{"content":[{"type":"text","text":"a"}]}}]}"#,
+            br#"{"choices":[null]}"#,
+            br#"{"choices":"x"}"#,
+            br#"{"id":"a","id":"b"}"#,
+            br#"{"i\u0064":"a"}"#,
+            br#"{"id":"a\"b"}"#,
+            br#"{"choices":[{"finish_reason":"st\u006fp"}]}"#,
+            br#"{"x":01}"#,
+            br#"{"x":1.}"#,
+            br#"{"x":tru}"#,
+            br#"{"x":"\ud800"}"#,
+            br#"{"x":"a"}x"#,
+            br#"{"x":"a",}"#,
+            br#"{"x":"tab	"}"#,
+            b"{\"x\":\"\xff\"}",
+            br#"[]"#,
+        ] {
+            assert_eq!(chunk(j), None, "{}", String::from_utf8_lossy(j));
+        }
+    }
+}
