@@ -592,11 +592,13 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
 
 /// A chunk [`super::skim`] read: what [`apply_view`] does with the same chunk.
 fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>) {
+    // (Checked UTF-8 by the reader; converted only while still unknown, i.e. once.)
+    let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_string);
     if obs.response_id.is_none() {
-        obs.response_id = c.id.map(str::to_string);
+        obs.response_id = c.id.and_then(text);
     }
     if obs.response_model.is_none() {
-        obs.response_model = c.model.map(str::to_string);
+        obs.response_model = c.model.and_then(text);
     }
     if c.search_done {
         obs.search_ran = true;
