@@ -197,6 +197,25 @@ pub fn inspect_encoded(
 
 /// Inspects a whole request body.
 pub fn inspect(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
+    // A long conversation's messages are read without serde, and serde reads the rest, with
+    // `0` where the messages were. Anything unusual (or a rest serde refuses): serde reads the
+    // whole body, so the answer and its error message are serde's.
+    if let Some(m) = super::skim::messages(body) {
+        let mut rest = Vec::with_capacity(body.len() - m.span.len() + 1);
+        rest.extend_from_slice(&body[..m.span.start]);
+        rest.push(b'0');
+        rest.extend_from_slice(&body[m.span.end..]);
+        if let Ok(mut meta) = inspect_serde(&rest) {
+            meta.messages = m.count;
+            meta.prompt_text_bytes = m.text_bytes;
+            return Ok(meta);
+        }
+    }
+    inspect_serde(body)
+}
+
+/// [`inspect`] by serde alone.
+fn inspect_serde(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let meta = de
         .deserialize_any(MetaVisitor)
@@ -417,7 +436,7 @@ impl<'de> DeserializeSeed<'de> for MessagesSeed {
 /// cut-off call's prompt estimate must not count it as such.
 struct TextBytes;
 
-const MEDIA_KEYS: [&str; 4] = ["image", "image_url", "input_audio", "file"];
+pub(super) const MEDIA_KEYS: [&str; 4] = ["image", "image_url", "input_audio", "file"];
 
 impl<'de> DeserializeSeed<'de> for TextBytes {
     type Value = u64;
@@ -472,6 +491,7 @@ impl<'de> Visitor<'de> for TextBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn reads_the_fields_metering_needs() {
@@ -559,5 +579,122 @@ mod tests {
         assert!(inspect(b"{\"a\":1").is_err());
         assert!(inspect(b"{} x").is_err());
         assert!(inspect(b"").is_err());
+    }
+
+    /// Request bodies as clients write them, and damaged ones.
+    fn any_request() -> impl Strategy<Value = String> {
+        use serde_json::json;
+        let text = prop_oneof![
+            Just(json!("hello")),
+            Just(json!("")),
+            Just(json!("é \" \\ \n\t / \u{1F600} \u{7} \u{2028}")),
+            Just(json!("a long turn of a conversation, ".repeat(9))),
+        ];
+        let part = prop_oneof![
+            text.clone()
+                .prop_map(|t| json!({"type": "text", "text": t})),
+            Just(json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})),
+            text.clone(),
+        ];
+        let content = prop_oneof![
+            text.clone(),
+            proptest::collection::vec(part, 0..3).prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ];
+        let scalar = prop_oneof![
+            Just(json!(7)),
+            Just(json!(-0)),
+            Just(json!(123456789012345678_u64)),
+            Just(json!(12345678901234567890_u64)),
+            Just(json!(0.5)),
+            Just(json!(true)),
+            Just(json!([1, {"k": null}])),
+            // Numbers serde_json reads as out of range (written in below).
+            Just(json!("@E400@")),
+            Just(json!("@D400@")),
+            Just(json!({"input_audio": {"data": "AAAA", "n": 1.5e300}})),
+        ];
+        let message = (content, proptest::option::of(scalar.clone())).prop_map(|(c, extra)| {
+            let mut m = json!({"role": "user", "content": c});
+            if let Some(x) = extra {
+                m["name"] = x;
+            }
+            m
+        });
+        let messages = prop_oneof![
+            4 => proptest::collection::vec(message.clone(), 0..4).prop_map(serde_json::Value::from),
+            1 => message,
+            1 => text,
+            1 => scalar,
+        ];
+        (messages, any::<bool>(), any::<bool>()).prop_map(|(msgs, first, user)| {
+            let mut m = serde_json::Map::new();
+            if first {
+                m.insert("messages".into(), msgs.clone());
+            }
+            m.insert("model".into(), json!("m/x"));
+            if user {
+                m.insert("user".into(), json!("alice"));
+            }
+            m.insert("temperature".into(), json!(0.25));
+            if !first {
+                m.insert("messages".into(), msgs);
+            }
+            serde_json::Value::Object(m)
+                .to_string()
+                .replace(r#""@E400@""#, "1e400")
+                .replace(r#""@D400@""#, &format!("1{}", "0".repeat(400)))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_messages_reader_gives_what_serde_gives(
+            body in any_request(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..9), 0..3),
+        ) {
+            let mut b = body.into_bytes();
+            for (at, how) in edits {
+                let i = at.index(b.len() + 1);
+                match how {
+                    0 => b.insert(i, b' '),
+                    1 => b.splice(i..i, *b"\r\n\t").for_each(drop),
+                    2 if i < b.len() && b[i].is_ascii_alphabetic() => {
+                        let e = format!("\\u{:04x}", b[i]);
+                        b.splice(i..=i, e.into_bytes()).for_each(drop);
+                    }
+                    3 if i < b.len() => {
+                        b.remove(i);
+                    }
+                    4 => b.insert(i, b'"'),
+                    5 => b.insert(i, b'0'),
+                    6 => {
+                        let emoji = "\u{1F600}".as_bytes();
+                        if let Some(j) = b.windows(4).position(|w| w == emoji) {
+                            b.splice(j..j + 4, *br"\ud83d\ude00").for_each(drop);
+                        }
+                    }
+                    7 => b.insert(i, if i % 2 == 0 { 0x01 } else { 0xff }),
+                    _ => {
+                        let dup = br#""messages":[],"#;
+                        if b.first() == Some(&b'{') {
+                            b.splice(1..1, dup.iter().copied()).for_each(drop);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(inspect(&b), inspect_serde(&b), "{}", String::from_utf8_lossy(&b));
+        }
+    }
+
+    #[test]
+    fn long_conversations_are_read_without_serde_and_counted_the_same() {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}},{{"role":"assistant","content":[{{"type":"text","text":"ok\n"}},{{"type":"image_url","image_url":{{"url":"data:x"}}}}]}}],"user":"u"}}"#,
+            "x".repeat(100_000)
+        );
+        let m = super::super::skim::messages(body.as_bytes()).expect("the usual shape");
+        assert_eq!((m.count, m.text_bytes), (2, 4 + 100_000 + 9 + 4 + 3 + 9));
+        assert_eq!(inspect(body.as_bytes()), inspect_serde(body.as_bytes()));
     }
 }
