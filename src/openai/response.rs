@@ -578,8 +578,8 @@ const MAX_ERROR_CHARS: usize = 300;
 fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
     // Captured text needs each choice's content itself: that is the lenient path's work.
     if obs.captured.is_none() {
-        if let Some(c) = chunk.then(|| super::skim::chunk(json)).flatten() {
-            apply_skimmed(obs, c);
+        if let Some(c) = super::skim::chunk(json) {
+            apply_skimmed(obs, c, chunk);
             return Ok(());
         }
         if let Ok(v) = serde_json::from_slice::<View<Vec<Choice>>>(json) {
@@ -591,7 +591,7 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
 }
 
 /// A chunk [`super::skim`] read: what [`apply_view`] does with the same chunk.
-fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>) {
+fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>, chunk: bool) {
     // (Checked UTF-8 by the reader; converted only while still unknown, i.e. once.)
     let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_string);
     if obs.response_id.is_none() {
@@ -603,17 +603,34 @@ fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>) {
     if c.search_done {
         obs.search_ran = true;
     }
-    if !c.has_choices {
-        return;
-    }
-    for r in c.finish.into_iter().flatten() {
-        if !obs.finish_reasons.iter().any(|x| x == r) {
-            obs.finish_reasons.push(r.to_string());
+    if c.has_choices {
+        for r in c.finish.into_iter().flatten() {
+            if !obs.finish_reasons.iter().any(|x| x == r) {
+                obs.finish_reasons.push(r.to_string());
+            }
+        }
+        let bytes = if chunk {
+            c.content_bytes
+        } else {
+            c.message_bytes
+        };
+        if bytes > 0 {
+            obs.content_chunks += 1;
+            obs.content_bytes += bytes;
         }
     }
-    if c.content_bytes > 0 {
-        obs.content_chunks += 1;
-        obs.content_bytes += c.content_bytes;
+    // As usage_from: no usage without a prompt or a completion count.
+    if let Some(u) = c
+        .usage
+        .filter(|u| u.prompt.is_some() || u.completion.is_some())
+    {
+        obs.usage = Some(Usage {
+            prompt: u.prompt.unwrap_or(0),
+            completion: u.completion.unwrap_or(0),
+            cached: u.cached.unwrap_or(0),
+            reasoning: u.reasoning.unwrap_or(0),
+            web_searches: u.searches.unwrap_or(0),
+        });
     }
 }
 
@@ -1093,7 +1110,7 @@ mod tests {
     }
 
     /// Chunks of the shape nearly every stream chunk has, with the variations upstreams write.
-    fn usual_chunk() -> impl Strategy<Value = serde_json::Value> {
+    fn usual_chunk() -> BoxedStrategy<serde_json::Value> {
         use serde_json::{json, Value};
         let text = prop_oneof![
             Just(json!("w00 ")),
@@ -1129,20 +1146,70 @@ mod tests {
             Just(json!("search_done")),
             Just(json!(3))
         ];
+        let count = prop_oneof![
+            Just(json!(257)),
+            Just(json!(0)),
+            Just(Value::Null),
+            Just(json!(12.0)),
+            Just(json!(-3)),
+            Just(json!("7")),
+            Just(json!(1e20)),
+        ];
+        let details = |key: &'static str| {
+            prop_oneof![
+                count
+                    .clone()
+                    .prop_map(move |n| json!({ key: n, "audio_tokens": 0 })),
+                Just(Value::Null),
+                Just(json!({})),
+                Just(json!(4)),
+            ]
+        };
+        let usage = (
+            proptest::option::of(count.clone()),
+            proptest::option::of(count.clone()),
+            proptest::option::of(details("cached_tokens")),
+            proptest::option::of(details("reasoning_tokens")),
+            proptest::option::of(count),
+            proptest::option::of(prop_oneof![Just(json!(0.0012)), Just(json!("0.5"))]),
+        )
+            .prop_map(|(p, c, pd, cd, q, cost)| {
+                let mut u = serde_json::Map::new();
+                u.insert("total_tokens".into(), json!(277));
+                for (k, v) in [
+                    ("prompt_tokens", p),
+                    ("completion_tokens", c),
+                    ("prompt_tokens_details", pd),
+                    ("completion_tokens_details", cd),
+                    ("num_search_queries", q),
+                    ("cost", cost),
+                ] {
+                    if let Some(v) = v {
+                        u.insert(k.into(), v);
+                    }
+                }
+                Value::Object(u)
+            })
+            .boxed();
         (
             proptest::collection::vec(choice, 0..6),
             scalar.clone(),
             scalar,
             proptest::option::of(kind),
+            proptest::option::of(prop_oneof![4 => usage, 1 => Just(Value::Null)]),
         )
-            .prop_map(|(choices, id, model, kind)| {
+            .prop_map(|(choices, id, model, kind, usage)| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk",
                     "created": 1764000000, "model": model, "choices": choices});
                 if let Some(k) = kind {
                     c["type"] = k;
                 }
+                if let Some(u) = usage {
+                    c["usage"] = u;
+                }
                 c
             })
+            .boxed()
     }
 
     /// Chunks of every shape a field can take, well-formed and not.
@@ -1250,6 +1317,7 @@ mod tests {
                 Just(r#""id":"x","#), Just(r#""choices":[],"#), Just(r#""object":1,"#)
             ]),
             edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..9), 0..4),
+            chunk in any::<bool>(),
         ) {
             let mut bytes = serde_json::to_vec(&c).unwrap();
             if let (Some(t), Some(b'{')) = (twice, bytes.first()) {
@@ -1282,8 +1350,8 @@ mod tests {
                 }
             }
             let (mut fast, mut lenient) = (Observed::default(), Observed::default());
-            let a = apply_json(&mut fast, &bytes, true).is_ok();
-            let b = apply_lenient(&mut lenient, &bytes, true).is_ok();
+            let a = apply_json(&mut fast, &bytes, chunk).is_ok();
+            let b = apply_lenient(&mut lenient, &bytes, chunk).is_ok();
             prop_assert_eq!(a, b);
             prop_assert_eq!(fast, lenient);
         }

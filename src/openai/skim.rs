@@ -10,8 +10,9 @@
 //! builds nothing: it walks the bytes once and keeps what the tap needs (the id, the model,
 //! whether `type` is `search_done`, the content's byte length, the finish reasons).
 //!
-//! It gives up (`None`) at anything it would need serde for: a field it does not read here
-//! (`usage`, `error`, `search_results`, `meta`, `warning`, `request_id`, tool calls, content
+//! It reads whole (non-streamed) answers too, and `usage` when it holds plain counts. It gives
+//! up (`None`) at anything it would need serde for: a field it does not read here (`error`,
+//! `search_results`, `meta`, `warning`, `request_id`, a usage `cost`, tool calls, content
 //! parts), a repeated field, an escape in a key or in a string it keeps, a choice or message of
 //! another type, and any syntax it does not check exactly as strictly as serde_json does. The
 //! serde path then reads the chunk. When it does not give up it gives what the serde path gives
@@ -38,8 +39,23 @@ pub(super) struct Chunk<'a> {
     pub has_choices: bool,
     /// Decoded bytes of `delta.content`, `delta.reasoning` and `delta.refusal` over the choices.
     pub content_bytes: u64,
+    /// The same of `message` (what a whole, non-streamed answer counts).
+    pub message_bytes: u64,
+    /// `usage`, when it is an object of plain counts.
+    pub usage: Option<Counts>,
     /// The choices' finish reasons, in order (at most [`MAX_FINISH`]).
     pub finish: [Option<&'a str>; MAX_FINISH],
+}
+
+/// The counts of a `usage` object (`None`: absent or null), before the rules of
+/// `response::usage_from` apply.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Counts {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+    pub cached: Option<u64>,
+    pub reasoning: Option<u64>,
+    pub searches: Option<u64>,
 }
 
 /// Choices with a finish reason in one chunk, at most (more: the serde path reads it).
@@ -55,16 +71,15 @@ pub(super) fn chunk(json: &[u8]) -> Option<Chunk<'_>> {
     std::str::from_utf8(json).ok()?;
     let mut p = Reader { b: json, i: 0 };
     let mut c = Chunk::default();
-    let mut seen = [false; 4];
+    let mut seen = [false; 5];
     p.object(|p, key| {
         let slot = match key {
             b"id" => 0,
             b"model" => 1,
             b"type" => 2,
             b"choices" => 3,
-            b"request_id" | b"usage" | b"meta" | b"search_results" | b"warning" | b"error" => {
-                return None
-            }
+            b"usage" => 4,
+            b"request_id" | b"meta" | b"search_results" | b"warning" | b"error" => return None,
             _ => return p.skip(0),
         };
         if std::mem::replace(&mut seen[slot], true) {
@@ -74,14 +89,15 @@ pub(super) fn chunk(json: &[u8]) -> Option<Chunk<'_>> {
             0 => c.id = p.loose_str()?,
             1 => c.model = p.loose_str()?,
             2 => c.search_done = p.loose_str()? == Some(b"search_done"),
-            _ => match p.peek()? {
+            3 => match p.peek()? {
                 b'n' => p.literal(b"null")?,
                 b'[' => {
                     c.has_choices = true;
                     let mut n = 0;
                     p.array(|p| {
-                        let (bytes, finish) = p.choice()?;
+                        let (bytes, message, finish) = p.choice()?;
                         c.content_bytes += bytes;
+                        c.message_bytes += message;
                         if let Some(f) = finish {
                             *c.finish.get_mut(n)? = Some(f);
                             n += 1;
@@ -91,6 +107,13 @@ pub(super) fn chunk(json: &[u8]) -> Option<Chunk<'_>> {
                 }
                 _ => return None,
             },
+            _ => {
+                if p.peek()? == b'n' {
+                    p.literal(b"null")?;
+                } else {
+                    c.usage = Some(p.usage()?);
+                }
+            }
         }
         Some(())
     })?;
@@ -442,9 +465,77 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// One choice: the content bytes of its `delta` and its finish reason.
-    fn choice(&mut self) -> Option<(u64, Option<&'a str>)> {
-        let (mut bytes, mut finish) = (0, None);
+    /// `usage`: an object of plain counts (a `cost`, a count of another kind, a repeated
+    /// field: `None`, the serde path reads it).
+    fn usage(&mut self) -> Option<Counts> {
+        let mut u = Counts::default();
+        let mut seen = [false; 5];
+        self.object(|p, key| {
+            let slot = match key {
+                b"prompt_tokens" => 0,
+                b"completion_tokens" => 1,
+                b"prompt_tokens_details" => 2,
+                b"completion_tokens_details" => 3,
+                b"num_search_queries" => 4,
+                b"cost" => return None,
+                _ => return p.skip(0),
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return None;
+            }
+            match slot {
+                0 => u.prompt = p.count()?,
+                1 => u.completion = p.count()?,
+                2 => u.cached = p.details(b"cached_tokens")?,
+                3 => u.reasoning = p.details(b"reasoning_tokens")?,
+                _ => u.searches = p.count()?,
+            }
+            Some(())
+        })?;
+        Some(u)
+    }
+
+    /// A token count: null (absent), or a non-negative plain integer.
+    fn count(&mut self) -> Option<Option<u64>> {
+        match self.peek()? {
+            b'n' => self.literal(b"null").map(|_| None),
+            b'0'..=b'9' => {
+                let start = self.i;
+                self.integer()?;
+                std::str::from_utf8(&self.b[start..self.i])
+                    .ok()?
+                    .parse()
+                    .ok()
+                    .map(Some)
+            }
+            _ => None,
+        }
+    }
+
+    /// `prompt_tokens_details` or `completion_tokens_details`: null, or an object whose `key`
+    /// is a count.
+    fn details(&mut self, key: &[u8]) -> Option<Option<u64>> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|_| None);
+        }
+        let (mut n, mut seen) = (None, false);
+        self.object(|p, k| {
+            if k != key {
+                return p.skip(0);
+            }
+            if std::mem::replace(&mut seen, true) {
+                return None;
+            }
+            n = p.count()?;
+            Some(())
+        })?;
+        Some(n)
+    }
+
+    /// One choice: the content bytes of its `delta` and of its `message`, and its finish
+    /// reason.
+    fn choice(&mut self) -> Option<(u64, u64, Option<&'a str>)> {
+        let (mut bytes, mut message, mut finish) = (0, 0, None);
         let mut seen = [false; 3];
         self.object(|p, key| {
             let slot = match key {
@@ -457,11 +548,8 @@ impl<'a> Reader<'a> {
                 return None;
             }
             match slot {
-                // A chunk counts its delta; a message in a chunk must still be well-shaped.
                 0 => bytes = p.message()?,
-                1 => {
-                    p.message()?;
-                }
+                1 => message = p.message()?,
                 _ => {
                     finish = match p.peek()? {
                         b'n' => p.literal(b"null").map(|_| None)?,
@@ -471,7 +559,7 @@ impl<'a> Reader<'a> {
             }
             Some(())
         })?;
-        Some((bytes, finish))
+        Some((bytes, message, finish))
     }
 
     /// A `delta` (or `message`): null, or an object whose text fields are strings or null and
@@ -532,7 +620,9 @@ mod tests {
     #[test]
     fn anything_else_is_left_to_serde() {
         for j in [
-            &br#"{"id":"a","usage":{"prompt_tokens":1}}"#[..],
+            &br#"{"id":"a","usage":{"prompt_tokens":1,"cost":0.5}}"#[..],
+            br#"{"usage":{"prompt_tokens":1.0}}"#,
+            br#"{"usage":{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}}"#,
             br#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{}"}}]}}]}"#,
             br#"{"choices":[{"delta":{"content":[{"type":"text","text":"a"}]}}]}"#,
             br#"{"choices":[null]}"#,
