@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{SpanId, TraceId, TraceState};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::{Span, SpanFlags, Status};
@@ -23,7 +22,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use super::otlp::transport::Exporter;
-use super::otlp::Batch;
+use super::otlp::{Attrs, Batch};
 use super::semconv as sc;
 use super::wake::LazyWake;
 use crate::meter::{Outcome, UsageRecord, UsageSource};
@@ -605,15 +604,15 @@ fn text_part(t: &str, left: &mut usize) -> serde_json::Value {
     serde_json::json!({ "type": "text", "content": &t[..end] })
 }
 
-/// The span of a call, as the OTLP message.
-pub fn span_of(rec: &UsageRecord) -> Option<Span> {
+/// The span of a call, as the OTLP message, its attributes written into `a` (cleared first).
+pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
     let t = rec.trace.as_ref()?;
     let d = &t.detail;
-    let mut a = Attrs(Vec::with_capacity(32));
+    a.clear();
     let name = if rec.chat {
-        chat_attrs(rec, d, &mut a)
+        chat_attrs(rec, d, a)
     } else {
-        http_attrs(rec, d, &mut a)
+        http_attrs(rec, d, a)
     };
     a.str(sc::SERVER_ADDRESS, d.server_address.as_str());
     a.int(sc::SERVER_PORT, i64::from(d.server_port));
@@ -654,7 +653,6 @@ pub fn span_of(rec: &UsageRecord) -> Option<Span> {
         kind: SpanKind::Client as i32,
         start_time_unix_nano: unix_nanos(rec.started_at),
         end_time_unix_nano: unix_nanos(rec.started_at + rec.duration),
-        attributes: a.0,
         status: Some(status),
         ..Span::default()
     })
@@ -709,15 +707,21 @@ fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
         .as_ref()
         .and_then(|b| input_messages(b, d.max_content_bytes))
     {
-        a.str(sc::GEN_AI_INPUT_MESSAGES, m);
+        a.str(sc::GEN_AI_INPUT_MESSAGES, &m);
     }
     if let Some(m) = &d.output_messages {
         a.str(sc::GEN_AI_OUTPUT_MESSAGES, m.as_str());
     }
-    match &rec.model {
-        Some(m) => format!("{} {m}", sc::OPERATION_CHAT),
-        None => sc::OPERATION_CHAT.to_string(),
+    // `chat {model}`, put together by hand: `format!` costs several times as much, per span.
+    let mut name = String::with_capacity(
+        sc::OPERATION_CHAT.len() + 1 + rec.model.as_ref().map_or(0, String::len),
+    );
+    name.push_str(sc::OPERATION_CHAT);
+    if let Some(m) = &rec.model {
+        name.push(' ');
+        name.push_str(m);
     }
+    name
 }
 
 /// Token counts, when there are any.
@@ -749,7 +753,7 @@ fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     a.str(sc::HTTP_REQUEST_METHOD, method);
     a.str(sc::URL_PATH, rec.path.as_str());
     // The upstream URL without its query (which may hold secrets).
-    a.str(sc::URL_FULL, format!("{}{}", d.url_base, rec.path));
+    a.str(sc::URL_FULL, &format!("{}{}", d.url_base, rec.path));
     if method == "_OTHER" {
         "HTTP".to_string()
     } else {
@@ -757,42 +761,10 @@ fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     }
 }
 
-/// A span's attributes as OTLP key-values, typed as the OpenTelemetry API typed them.
-struct Attrs(Vec<KeyValue>);
-
-impl Attrs {
-    fn put(&mut self, key: &str, value: any_value::Value) {
-        self.0.push(KeyValue {
-            key: key.to_string(),
-            value: Some(AnyValue { value: Some(value) }),
-            key_strindex: 0,
-        });
-    }
-
-    fn str(&mut self, key: &str, v: impl Into<String>) {
-        self.put(key, any_value::Value::StringValue(v.into()));
-    }
-
-    fn int(&mut self, key: &str, v: i64) {
-        self.put(key, any_value::Value::IntValue(v));
-    }
-
-    fn f64(&mut self, key: &str, v: f64) {
-        self.put(key, any_value::Value::DoubleValue(v));
-    }
-
-    fn bool(&mut self, key: &str, v: bool) {
-        self.put(key, any_value::Value::BoolValue(v));
-    }
-
-    fn strs(&mut self, key: &str, v: &[String]) {
-        let values = v
-            .iter()
-            .map(|s| AnyValue {
-                value: Some(any_value::Value::StringValue(s.clone())),
-            })
-            .collect();
-        self.put(key, any_value::Value::ArrayValue(ArrayValue { values }));
+/// A record's span, into the batch.
+fn add(batch: &mut Batch, attrs: &mut Attrs, rec: &UsageRecord) {
+    if let Some(s) = span_of(rec, attrs) {
+        batch.push(s, attrs);
     }
 }
 
@@ -929,6 +901,7 @@ fn export_loop(
     counters: TraceCounters,
 ) {
     let mut batch = Batch::new(&cfg.service_name);
+    let mut attrs = Attrs::default();
     let mut due = Instant::now() + cfg.batch_delay;
     // One warning per run of failures (a dead collector would otherwise fill the log).
     let failing = std::cell::Cell::new(false);
@@ -980,9 +953,7 @@ fn export_loop(
         loop {
             match rx.try_recv() {
                 Ok(Msg::Record(rec)) => {
-                    if let Some(s) = span_of(&rec) {
-                        batch.push(&s);
-                    }
+                    add(&mut batch, &mut attrs, &rec);
                     if batch.len() >= cfg.batch_size {
                         export(&mut batch);
                         due = Instant::now() + cfg.batch_delay;
@@ -992,9 +963,7 @@ fn export_loop(
                     // Everything queued before the flush, then answer.
                     while let Ok(m) = rx.try_recv() {
                         if let Msg::Record(rec) = m {
-                            if let Some(s) = span_of(&rec) {
-                                batch.push(&s);
-                            }
+                            add(&mut batch, &mut attrs, &rec);
                             if batch.len() >= cfg.batch_size {
                                 export(&mut batch);
                             }
@@ -1077,6 +1046,7 @@ impl super::Sink for TraceSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
     #[test]
     fn traceparent_is_parsed_strictly() {
@@ -1372,6 +1342,16 @@ mod tests {
         }
     }
 
+    /// A record's span as a collector gets it.
+    fn encoded(rec: &UsageRecord) -> Span {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let mut batch = Batch::new("svc");
+        add(&mut batch, &mut Attrs::default(), rec);
+        let mut req = ExportTraceServiceRequest::decode(batch.request()).unwrap();
+        req.resource_spans[0].scope_spans[0].spans.remove(0)
+    }
+
     fn attr<'a>(s: &'a Span, k: &str) -> &'a any_value::Value {
         let kv = s.attributes.iter().find(|a| a.key == k);
         let v = kv
@@ -1383,7 +1363,7 @@ mod tests {
     #[test]
     fn a_span_carries_the_calls_context_and_attributes() {
         use any_value::Value as V;
-        let full = span_of(&record("full")).unwrap();
+        let full = encoded(&record("full"));
         assert_eq!(full.name, "chat anthropic/claude");
         assert_eq!(full.kind, SpanKind::Client as i32);
         assert_eq!(
@@ -1416,7 +1396,7 @@ mod tests {
             matches!(attr(&full, "gen_ai.input.messages"), V::StringValue(m) if m.contains("hi"))
         );
 
-        let bare = span_of(&record("bare")).unwrap();
+        let bare = encoded(&record("bare"));
         assert_eq!(bare.name, "chat");
         assert!(bare.parent_span_id.is_empty());
         assert_eq!(bare.trace_state, "", "a new trace has no tracestate");
@@ -1438,7 +1418,7 @@ mod tests {
             ]
         );
 
-        let other = span_of(&record("other")).unwrap();
+        let other = encoded(&record("other"));
         assert_eq!(other.name, "HTTP");
         assert_eq!(
             *attr(&other, "http.request.method"),
@@ -1456,7 +1436,7 @@ mod tests {
         if let Some(t) = rec.trace.as_mut() {
             t.tracestate = Some("vendor=abc,no equals sign".into());
         }
-        assert_eq!(span_of(&rec).unwrap().trace_state, "");
+        assert_eq!(encoded(&rec).trace_state, "");
     }
 
     #[test]
@@ -1465,12 +1445,12 @@ mod tests {
         use prost::Message;
         let kinds = ["full", "bare", "other"];
         for n in [0, 1, 2, 3, 50] {
-            let spans: Vec<Span> = (0..n)
-                .map(|i| span_of(&record(kinds[i % 3])).unwrap())
-                .collect();
+            let recs: Vec<UsageRecord> = (0..n).map(|i| record(kinds[i % 3])).collect();
+            let spans: Vec<Span> = recs.iter().map(encoded).collect();
             let mut batch = Batch::new("svc");
-            for s in &spans {
-                batch.push(s);
+            let mut attrs = Attrs::default();
+            for r in &recs {
+                add(&mut batch, &mut attrs, r);
             }
             let want = crate::telemetry::otlp::tests::expected("svc", spans);
             let got = batch.request();

@@ -4,10 +4,14 @@
 //! prost encodes a message by asking every nested message for its length at each level of
 //! nesting, so a span inside the request's three wrappers (ResourceSpans, ScopeSpans, the
 //! request itself) had its attributes measured again for each. Here a span is measured and
-//! written once, and the wrappers, whose only content is the resource, the scope and the
-//! spans, are written around the concatenated span bytes: their lengths are sums.
+//! written once (its attributes as they are added, see [`Attrs`]), and the wrappers, whose
+//! only content is the resource, the scope and the spans, are written around the
+//! concatenated span bytes: their lengths are sums.
 
+mod attrs;
 pub mod transport;
+
+pub use attrs::Attrs;
 
 use bytes::Bytes;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
@@ -63,15 +67,33 @@ impl Batch {
         }
     }
 
-    /// Adds a span, encoded now: the batch keeps its bytes, not the message.
-    pub fn push(&mut self, span: &Span) {
+    /// Adds a span, encoded now: `span`'s fields, with `attrs` after its own attributes (if
+    /// any). The batch keeps the bytes, not the message.
+    pub fn push(&mut self, mut span: Span, attrs: &Attrs) {
+        // prost writes fields in tag order: a span is its fields up to the attributes (1 to
+        // 9), then the rest (10 to 16). Split so, the two halves, prost-encoded, go around the
+        // attributes written already.
+        let rest = Span {
+            dropped_attributes_count: std::mem::take(&mut span.dropped_attributes_count),
+            events: std::mem::take(&mut span.events),
+            dropped_events_count: std::mem::take(&mut span.dropped_events_count),
+            links: std::mem::take(&mut span.links),
+            dropped_links_count: std::mem::take(&mut span.dropped_links_count),
+            status: span.status.take(),
+            flags: std::mem::take(&mut span.flags),
+            ..Span::default()
+        };
+        let len = span.encoded_len() + attrs.bytes().len() + rest.encoded_len();
         encode_key(
             SCOPE_SPANS_SPANS,
             WireType::LengthDelimited,
             &mut self.spans,
         );
-        // Into a Vec this cannot fail: it grows as needed.
-        let _ = span.encode_length_delimited(&mut self.spans);
+        encode_varint(len as u64, &mut self.spans);
+        // Into a Vec these cannot fail: it grows as needed.
+        let _ = span.encode(&mut self.spans);
+        self.spans.extend_from_slice(attrs.bytes());
+        let _ = rest.encode(&mut self.spans);
         self.count += 1;
     }
 
@@ -189,7 +211,7 @@ pub(crate) mod tests {
             let spans: Vec<Span> = (0..n).map(|i| span(&format!("s{i}"), i % 40)).collect();
             let mut b = Batch::new("svc");
             for s in &spans {
-                b.push(s);
+                b.push(s.clone(), &Attrs::default());
             }
             assert_eq!(b.len(), n);
             let want = expected("svc", spans);
@@ -203,12 +225,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn written_attributes_join_the_spans_own_in_place() {
+        let mut with = span("s", 3);
+        with.events.push(Default::default());
+        with.flags = 0x301;
+        let mut own = with.clone();
+        let extra = own.attributes.split_off(1);
+        let mut attrs = Attrs::default();
+        for kv in &extra {
+            match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::IntValue(i)) => attrs.int(&kv.key, *i),
+                other => panic!("not an int: {other:?}"),
+            }
+        }
+        let mut b = Batch::new("svc");
+        b.push(own, &attrs);
+        let want = expected("svc", vec![with]);
+        assert_eq!(b.request().as_ref(), want.encode_to_vec().as_slice());
+    }
+
+    #[test]
     fn a_cleared_batch_starts_over() {
         let mut b = Batch::new("svc");
-        b.push(&span("old", 3));
+        b.push(span("old", 3), &Attrs::default());
         b.clear();
         assert!(b.is_empty());
-        b.push(&span("new", 1));
+        b.push(span("new", 1), &Attrs::default());
         let got = ExportTraceServiceRequest::decode(b.request()).unwrap();
         assert_eq!(got, expected("svc", vec![span("new", 1)]));
     }
