@@ -152,10 +152,9 @@ async fn send_grpc(
 /// may echo credentials there); a status tonic made from a local error keeps that error.
 fn grpc_failure(s: &Status) -> Failure {
     let mut why = format!("the collector answered gRPC status {:?}", s.code());
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        why.push_str(&format!(": {e}"));
-        source = e.source();
+    if let Some(e) = std::error::Error::source(s) {
+        why.push_str(": ");
+        why.push_str(&error_chain(e));
     }
     Failure {
         why,
@@ -318,11 +317,18 @@ fn http_retry(status: u16, retry_after_secs: Option<u64>) -> Retry {
     }
 }
 
+/// An error and its sources, each said once (a wrapper often repeats its source's text).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
+    let mut last = out.clone();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
+        let text = s.to_string();
+        if !last.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         source = s.source();
     }
     out
