@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod calls;
 pub mod metrics;
+pub mod otlp;
 pub mod semconv;
 pub mod traces;
 pub mod wake;

@@ -14,13 +14,15 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanExporter};
+use opentelemetry::trace::{SpanId, TraceId, TraceState};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use opentelemetry_proto::tonic::trace::v1::{Span, SpanFlags, Status};
+use rand::Rng;
 use serde::Deserialize;
 
+use super::otlp::transport::Exporter;
+use super::otlp::{Attrs, Batch};
 use super::semconv as sc;
 use super::wake::LazyWake;
 use crate::meter::{Outcome, UsageRecord, UsageSource};
@@ -36,7 +38,8 @@ pub struct RawTraces {
     /// "grpc" or "http/protobuf" (else `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`,
     /// `OTEL_EXPORTER_OTLP_PROTOCOL`, "grpc").
     pub protocol: Option<String>,
-    /// Sent with every export (added to `OTEL_EXPORTER_OTLP_HEADERS`).
+    /// Sent with every export, with those of `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (else
+    /// `OTEL_EXPORTER_OTLP_HEADERS`), which win for the same name.
     pub headers: BTreeMap<String, String>,
     /// Else `OTEL_SERVICE_NAME`, else "tokentap".
     pub service_name: Option<String>,
@@ -93,6 +96,7 @@ pub enum Protocol {
 pub struct ExportConfig {
     pub endpoint: String,
     pub protocol: Protocol,
+    /// `[traces].headers` and the environment's, names lowercase.
     pub headers: BTreeMap<String, String>,
     pub service_name: String,
     pub queue_size: usize,
@@ -148,8 +152,14 @@ fn builtin_providers() -> BTreeMap<String, String> {
     .collect()
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+/// The environment `compile` reads its `OTEL_*` variables from: the process's, or a test's.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    /// A variable that is set and not blank.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
 }
 
 /// Checks `[traces]`, filling what is unset from the standard `OTEL_*` variables. Traces are
@@ -158,6 +168,10 @@ fn env(name: &str) -> Option<String> {
 /// traces off with a warning (the environment is not the operator's config); one in the
 /// config file is an error.
 pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
+    compile_in(raw, &Env(&|name| std::env::var(name).ok()))
+}
+
+fn compile_in(raw: &RawTraces, env: &Env) -> Result<TracesConfig, String> {
     let mut providers = builtin_providers();
     providers.extend(raw.providers.clone());
     let mut cfg = TracesConfig {
@@ -177,20 +191,24 @@ pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
         }
         cfg.sampling_ratio = r;
     }
-    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+    let disabled = env
+        .get("OTEL_SDK_DISABLED")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env
+            .get("OTEL_TRACES_EXPORTER")
+            .is_some_and(|v| v.eq_ignore_ascii_case("none"));
     // (value, from the config file, a base URL that gets the signal's path)
-    let endpoint = match (&raw.endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+    let endpoint = match (&raw.endpoint, env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
         (Some(e), _) if e.is_empty() => return Ok(cfg),
         (Some(e), _) => (e.clone(), true, true),
         (None, _) if disabled => return Ok(cfg),
         (None, Some(e)) => (e, false, false),
-        (None, None) => match env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        (None, None) => match env.get("OTEL_EXPORTER_OTLP_ENDPOINT") {
             Some(e) => (e, false, true),
             None => return Ok(cfg),
         },
     };
-    match export_config(raw, endpoint) {
+    match export_config(raw, endpoint, env) {
         Ok(export) => cfg.export = Some(export),
         Err((true, e)) => return Err(e),
         Err((false, e)) => {
@@ -201,10 +219,10 @@ pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
     if raw.sampling_ratio.is_none() {
         // OTEL_TRACES_SAMPLER: the ratio samplers take OTEL_TRACES_SAMPLER_ARG; always_off
         // records nothing new (a sampled caller's trace is still followed).
-        match env("OTEL_TRACES_SAMPLER").as_deref() {
+        match env.get("OTEL_TRACES_SAMPLER").as_deref() {
             Some("always_off" | "parentbased_always_off") => cfg.sampling_ratio = 0.0,
             Some("traceidratio" | "parentbased_traceidratio") => {
-                if let Some(a) = env("OTEL_TRACES_SAMPLER_ARG") {
+                if let Some(a) = env.get("OTEL_TRACES_SAMPLER_ARG") {
                     match a.trim().parse::<f64>() {
                         Ok(r) if (0.0..=1.0).contains(&r) => cfg.sampling_ratio = r,
                         _ => log::warn!(
@@ -224,6 +242,7 @@ pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
 fn export_config(
     raw: &RawTraces,
     (e, from_file, base): (String, bool, bool),
+    env: &Env,
 ) -> Result<ExportConfig, (bool, String)> {
     let err = |m: String| (from_file, m);
     let what = if from_file {
@@ -231,24 +250,7 @@ fn export_config(
     } else {
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     };
-    let protocol = match raw.protocol.clone().or_else(|| {
-        env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-    }) {
-        None => Protocol::Grpc,
-        Some(p) if p == "grpc" => Protocol::Grpc,
-        Some(p) if p == "http/protobuf" => Protocol::HttpProtobuf,
-        Some(other) => {
-            let key = if raw.protocol.is_some() {
-                "traces.protocol"
-            } else {
-                "OTEL_EXPORTER_OTLP_PROTOCOL"
-            };
-            return Err((
-                raw.protocol.is_some(),
-                format!("{key}: {other:?}: use \"grpc\" or \"http/protobuf\""),
-            ));
-        }
-    };
+    let protocol = protocol(raw, env)?;
     if !(e.starts_with("http://") || e.starts_with("https://")) {
         return Err(err(format!(
             "{what}: {e:?} is not an http:// or https:// URL"
@@ -271,18 +273,20 @@ fn export_config(
             "traces.queue_size and traces.batch_size: must be at least 1".into(),
         ));
     }
-    // Headers: [traces].headers. The exporter itself adds OTEL_EXPORTER_OTLP_(TRACES_)HEADERS,
-    // which win over the file's for the same name.
-    let mut headers = BTreeMap::new();
-    for (k, v) in &raw.headers {
-        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
-            || http::HeaderValue::from_str(v).is_err()
-        {
-            return Err((true, format!("traces.headers: {k:?} is not a valid header")));
+    let mut headers = file_headers(raw, protocol).map_err(|e| (true, e))?;
+    // The environment's win over the file's for the same name (as the OTLP exporter has it).
+    headers.extend(env_headers(env, protocol));
+    // The OTLP exporter, built without compression, ignored these as well: say so.
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        if let Some(v) = env.get(var).filter(|v| !v.eq_ignore_ascii_case("none")) {
+            log::warn!("{var}: {v:?} is not supported: spans are sent uncompressed");
         }
-        headers.insert(k.clone(), v.clone());
     }
-    // Hours at most: an absurd value would only overflow timers.
+    // Hours at most: an absurd value would only overflow timers. (The OTLP exporter's
+    // OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT never applied: tokentap always sets the timeout.)
     const MAX_MS: u64 = 3_600_000;
     Ok(ExportConfig {
         endpoint,
@@ -291,13 +295,120 @@ fn export_config(
         service_name: raw
             .service_name
             .clone()
-            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .or_else(|| env.get("OTEL_SERVICE_NAME"))
             .unwrap_or_else(|| "tokentap".into()),
         queue_size: raw.queue_size,
         batch_size: raw.batch_size.min(raw.queue_size),
         batch_delay: Duration::from_millis(raw.batch_delay_ms.clamp(1, MAX_MS)),
         timeout: Duration::from_millis(raw.export_timeout_ms.clamp(1, MAX_MS)),
     })
+}
+
+/// `traces.protocol`, else the `OTEL_*` variables, else gRPC.
+fn protocol(raw: &RawTraces, env: &Env) -> Result<Protocol, (bool, String)> {
+    let chosen = raw.protocol.clone().or_else(|| {
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| env.get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    });
+    match chosen.as_deref() {
+        None | Some("grpc") => Ok(Protocol::Grpc),
+        Some("http/protobuf") => Ok(Protocol::HttpProtobuf),
+        Some(other) => {
+            let key = if raw.protocol.is_some() {
+                "traces.protocol"
+            } else {
+                "OTEL_EXPORTER_OTLP_PROTOCOL"
+            };
+            Err((
+                raw.protocol.is_some(),
+                format!("{key}: {other:?}: use \"grpc\" or \"http/protobuf\""),
+            ))
+        }
+    }
+}
+
+/// Why a header cannot be sent, if it cannot: names are compared lowercase, and gRPC's
+/// binary metadata (`-bin` names) would need base64 values tokentap cannot vouch for.
+fn header_problem(name: &str, value: &str, protocol: Protocol) -> Option<&'static str> {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Some("is not a valid header name");
+    }
+    if protocol == Protocol::Grpc && name.to_ascii_lowercase().ends_with("-bin") {
+        return Some("is binary gRPC metadata (a -bin name), which is not supported");
+    }
+    if http::HeaderValue::from_str(value).is_err() {
+        return Some("has a value that is not a valid header value");
+    }
+    None
+}
+
+/// `[traces].headers`, names lowercase. A header that cannot be sent is a config error.
+fn file_headers(raw: &RawTraces, protocol: Protocol) -> Result<BTreeMap<String, String>, String> {
+    let mut headers = BTreeMap::new();
+    for (k, v) in &raw.headers {
+        if let Some(why) = header_problem(k, v, protocol) {
+            return Err(format!("traces.headers: {k:?} {why}"));
+        }
+        headers.insert(k.to_ascii_lowercase(), v.clone());
+    }
+    Ok(headers)
+}
+
+/// `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`, as the OTLP
+/// exporter reads them: the signal's variable, when set (even empty), replaces the generic
+/// one; comma-separated `name=value` entries, values percent-decoded. An entry that cannot
+/// be a header is skipped with a warning (the environment is not the operator's config);
+/// the warning never shows a value, which may be a secret.
+fn env_headers(env: &Env, protocol: Protocol) -> Vec<(String, String)> {
+    let var = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
+    let (var, list) = match (env.0)(var) {
+        Some(l) => (var, l),
+        None => match (env.0)("OTEL_EXPORTER_OTLP_HEADERS") {
+            Some(l) => ("OTEL_EXPORTER_OTLP_HEADERS", l),
+            None => return Vec::new(),
+        },
+    };
+    let mut headers = Vec::new();
+    for (i, entry) in list.split_terminator(',').map(str::trim).enumerate() {
+        let Some((k, v)) = entry.split_once('=') else {
+            if !entry.is_empty() {
+                log::warn!("{var}: entry {} is not name=value; it is not sent", i + 1);
+            }
+            continue;
+        };
+        let (k, v) = (k.trim(), percent_decoded(v.trim()));
+        let why = if k.is_empty() || v.is_empty() {
+            Some("has an empty name or value")
+        } else {
+            header_problem(k, &v, protocol)
+        };
+        match why {
+            Some(why) => log::warn!("{var}: entry {} ({k:?}) {why}; it is not sent", i + 1),
+            None => headers.push((k.to_ascii_lowercase(), v)),
+        }
+    }
+    headers
+}
+
+/// `%XX` escapes decoded (OTLP's header variables percent-encode their values); a value
+/// with a broken escape, or one that does not decode to UTF-8, is taken as written.
+fn percent_decoded(v: &str) -> String {
+    let mut out = Vec::with_capacity(v.len());
+    let mut rest = v.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b != b'%' {
+            out.push(b);
+            rest = tail;
+            continue;
+        }
+        let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) => out.push(byte),
+            None => return v.to_string(),
+        }
+        rest = &tail[2..];
+    }
+    String::from_utf8(out).unwrap_or_else(|_| v.to_string())
 }
 
 impl TracesConfig {
@@ -360,8 +471,8 @@ pub struct CallDetail {
 impl CallTrace {
     /// The trace of a call whose head carried `traceparent` (and `tracestate`), or a new one.
     pub fn start(traceparent: Option<&str>, tracestate: Option<&str>, ratio: f64) -> CallTrace {
-        let ids = RandomIdGenerator::default();
-        let span_id = ids.new_span_id();
+        let mut rng = rand::thread_rng();
+        let span_id = SpanId::from(rng.gen::<u64>());
         if let Some((trace_id, parent, sampled)) = traceparent.and_then(parse_traceparent) {
             return CallTrace {
                 trace_id,
@@ -372,7 +483,7 @@ impl CallTrace {
                 detail: CallDetail::default(),
             };
         }
-        let trace_id = ids.new_trace_id();
+        let trace_id = TraceId::from(rng.gen::<u128>());
         CallTrace {
             trace_id,
             span_id,
@@ -493,170 +604,175 @@ fn text_part(t: &str, left: &mut usize) -> serde_json::Value {
     serde_json::json!({ "type": "text", "content": &t[..end] })
 }
 
-/// The span of a call.
-pub fn span_of(rec: &UsageRecord, scope: &InstrumentationScope) -> Option<SpanData> {
+/// The span of a call, as the OTLP message, its attributes written into `a` (cleared first).
+pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
     let t = rec.trace.as_ref()?;
     let d = &t.detail;
-    let mut a: Vec<KeyValue> = Vec::with_capacity(32);
-    let error_type = error_type(rec);
+    a.clear();
     let name = if rec.chat {
-        a.push(KeyValue::new(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT));
-        a.push(KeyValue::new(sc::GEN_AI_PROVIDER_NAME, d.provider.clone()));
-        if let Some(m) = &rec.model {
-            a.push(KeyValue::new(sc::GEN_AI_REQUEST_MODEL, m.clone()));
-        }
-        if let Some(m) = &rec.response_model {
-            a.push(KeyValue::new(sc::GEN_AI_RESPONSE_MODEL, m.clone()));
-        }
-        if let Some(n) = rec.max_tokens {
-            a.push(KeyValue::new(sc::GEN_AI_REQUEST_MAX_TOKENS, n as i64));
-        }
-        if let Some(v) = d.temperature {
-            a.push(KeyValue::new(sc::GEN_AI_REQUEST_TEMPERATURE, v));
-        }
-        if let Some(v) = d.top_p {
-            a.push(KeyValue::new(sc::GEN_AI_REQUEST_TOP_P, v));
-        }
-        a.push(KeyValue::new(sc::GEN_AI_REQUEST_STREAM, rec.stream));
-        if let Some(id) = &rec.response_id {
-            a.push(KeyValue::new(sc::GEN_AI_RESPONSE_ID, id.clone()));
-        }
-        if !rec.finish_reasons.is_empty() {
-            let v: Vec<opentelemetry::StringValue> = rec
-                .finish_reasons
-                .iter()
-                .map(|r| r.clone().into())
-                .collect();
-            a.push(KeyValue::new(
-                sc::GEN_AI_RESPONSE_FINISH_REASONS,
-                Value::Array(v.into()),
-            ));
-        }
-        if rec.usage_source != UsageSource::None {
-            let u = &rec.usage;
-            a.push(KeyValue::new(
-                sc::GEN_AI_USAGE_INPUT_TOKENS,
-                u.prompt as i64,
-            ));
-            a.push(KeyValue::new(
-                sc::GEN_AI_USAGE_OUTPUT_TOKENS,
-                u.completion as i64,
-            ));
-            // An estimate knows nothing of cached or reasoning tokens: no false zeros.
-            if rec.usage_source == UsageSource::Reported {
-                a.push(KeyValue::new(
-                    sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
-                    u.cached as i64,
-                ));
-                a.push(KeyValue::new(
-                    sc::GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
-                    u.reasoning as i64,
-                ));
-            }
-        }
-        if let Some(t) = d.time_to_first_chunk {
-            a.push(KeyValue::new(
-                sc::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
-                t.as_secs_f64(),
-            ));
-        }
-        if let Some(c) = rec.cost {
-            a.push(KeyValue::new(sc::TOKENTAP_COST_USD, c.0 as f64 / 1e12));
-        }
-        a.push(KeyValue::new(
-            sc::TOKENTAP_USAGE_ESTIMATED,
-            rec.usage_source == UsageSource::Estimated,
-        ));
-        a.push(KeyValue::new(
-            sc::TOKENTAP_WEB_SEARCHES,
-            rec.usage.web_searches as i64,
-        ));
-        if let Some(b) = d.budget {
-            a.push(KeyValue::new(sc::TOKENTAP_BUDGET_DECISION, b));
-        }
-        if let Some(u) = &d.user_id {
-            a.push(KeyValue::new(sc::USER_ID, u.clone()));
-        }
-        if let Some(m) = d
-            .input_body
-            .as_ref()
-            .and_then(|b| input_messages(b, d.max_content_bytes))
-        {
-            a.push(KeyValue::new(sc::GEN_AI_INPUT_MESSAGES, m));
-        }
-        if let Some(m) = &d.output_messages {
-            a.push(KeyValue::new(sc::GEN_AI_OUTPUT_MESSAGES, m.clone()));
-        }
-        match &rec.model {
-            Some(m) => format!("{} {m}", sc::OPERATION_CHAT),
-            None => sc::OPERATION_CHAT.to_string(),
-        }
+        chat_attrs(rec, d, a)
     } else {
-        // HTTP semantic conventions: known methods by name, the rest as _OTHER.
-        const KNOWN: [&str; 9] = [
-            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-        ];
-        let method = if KNOWN.contains(&rec.method.as_str()) {
-            rec.method.clone()
-        } else {
-            "_OTHER".to_string()
-        };
-        a.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method.clone()));
-        a.push(KeyValue::new(sc::URL_PATH, rec.path.clone()));
-        // The upstream URL without its query (which may hold secrets).
-        a.push(KeyValue::new(
-            sc::URL_FULL,
-            format!("{}{}", d.url_base, rec.path),
-        ));
-        if method == "_OTHER" {
-            "HTTP".to_string()
-        } else {
-            method
-        }
+        http_attrs(rec, d, a)
     };
-    a.push(KeyValue::new(sc::SERVER_ADDRESS, d.server_address.clone()));
-    a.push(KeyValue::new(sc::SERVER_PORT, i64::from(d.server_port)));
+    a.str(sc::SERVER_ADDRESS, d.server_address.as_str());
+    a.int(sc::SERVER_PORT, i64::from(d.server_port));
     // The CLIENT span is the call to the upstream: its status, when the upstream answered.
     if let Some(st) = rec.upstream_status {
-        a.push(KeyValue::new(sc::HTTP_RESPONSE_STATUS_CODE, i64::from(st)));
+        a.int(sc::HTTP_RESPONSE_STATUS_CODE, i64::from(st));
     }
-    a.push(KeyValue::new(sc::TOKENTAP_OUTCOME, rec.outcome.as_str()));
-    a.push(KeyValue::new(
-        sc::TOKENTAP_REQUEST_ID,
-        rec.request_id.clone(),
-    ));
-    let status = match &error_type {
+    a.str(sc::TOKENTAP_OUTCOME, rec.outcome.as_str());
+    a.str(sc::TOKENTAP_REQUEST_ID, rec.request_id.as_str());
+    let status = match error_type(rec) {
         Some(e) => {
-            a.push(KeyValue::new(sc::ERROR_TYPE, e.clone()));
-            Status::error(e.clone())
+            a.str(sc::ERROR_TYPE, e.as_str());
+            Status {
+                code: StatusCode::Error as i32,
+                message: e,
+            }
         }
-        None => Status::Unset,
+        None => Status::default(),
     };
-    let flags = if t.sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    let state = t
-        .tracestate
-        .as_deref()
-        .and_then(|s| s.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    Some(SpanData {
-        span_context: SpanContext::new(t.trace_id, t.span_id, flags, false, state),
-        parent_span_id: t.parent.unwrap_or(SpanId::INVALID),
-        parent_span_is_remote: t.parent.is_some(),
-        span_kind: SpanKind::Client,
-        name: name.into(),
-        start_time: rec.started_at,
-        end_time: rec.started_at + rec.duration,
-        attributes: a,
-        dropped_attributes_count: 0,
-        events: Default::default(),
-        links: Default::default(),
-        status,
-        instrumentation_scope: scope.clone(),
+    // W3C trace flags (sampled), and that the parent, if any, came from another process.
+    let mut flags = u32::from(t.sampled) | SpanFlags::ContextHasIsRemoteMask as u32;
+    if t.parent.is_some() {
+        flags |= SpanFlags::ContextIsRemoteMask as u32;
+    }
+    Some(Span {
+        trace_id: t.trace_id.to_bytes().to_vec(),
+        span_id: t.span_id.to_bytes().to_vec(),
+        // As received when valid; an invalid list is dropped, not passed on.
+        trace_state: t
+            .tracestate
+            .as_deref()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .map(|s| s.header())
+            .unwrap_or_default(),
+        parent_span_id: t.parent.map(|p| p.to_bytes().to_vec()).unwrap_or_default(),
+        flags,
+        name,
+        kind: SpanKind::Client as i32,
+        start_time_unix_nano: unix_nanos(rec.started_at),
+        end_time_unix_nano: unix_nanos(rec.started_at + rec.duration),
+        status: Some(status),
+        ..Span::default()
     })
+}
+
+/// The GenAI attributes of a chat call; its span name.
+fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
+    a.str(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT);
+    a.str(sc::GEN_AI_PROVIDER_NAME, d.provider.as_str());
+    if let Some(m) = &rec.model {
+        a.str(sc::GEN_AI_REQUEST_MODEL, m.as_str());
+    }
+    if let Some(m) = &rec.response_model {
+        a.str(sc::GEN_AI_RESPONSE_MODEL, m.as_str());
+    }
+    if let Some(n) = rec.max_tokens {
+        a.int(sc::GEN_AI_REQUEST_MAX_TOKENS, n as i64);
+    }
+    if let Some(v) = d.temperature {
+        a.f64(sc::GEN_AI_REQUEST_TEMPERATURE, v);
+    }
+    if let Some(v) = d.top_p {
+        a.f64(sc::GEN_AI_REQUEST_TOP_P, v);
+    }
+    a.bool(sc::GEN_AI_REQUEST_STREAM, rec.stream);
+    if let Some(id) = &rec.response_id {
+        a.str(sc::GEN_AI_RESPONSE_ID, id.as_str());
+    }
+    if !rec.finish_reasons.is_empty() {
+        a.strs(sc::GEN_AI_RESPONSE_FINISH_REASONS, &rec.finish_reasons);
+    }
+    usage_attrs(rec, a);
+    if let Some(t) = d.time_to_first_chunk {
+        a.f64(sc::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, t.as_secs_f64());
+    }
+    if let Some(c) = rec.cost {
+        a.f64(sc::TOKENTAP_COST_USD, c.0 as f64 / 1e12);
+    }
+    a.bool(
+        sc::TOKENTAP_USAGE_ESTIMATED,
+        rec.usage_source == UsageSource::Estimated,
+    );
+    a.int(sc::TOKENTAP_WEB_SEARCHES, rec.usage.web_searches as i64);
+    if let Some(b) = d.budget {
+        a.str(sc::TOKENTAP_BUDGET_DECISION, b);
+    }
+    if let Some(u) = &d.user_id {
+        a.str(sc::USER_ID, u.as_str());
+    }
+    if let Some(m) = d
+        .input_body
+        .as_ref()
+        .and_then(|b| input_messages(b, d.max_content_bytes))
+    {
+        a.str(sc::GEN_AI_INPUT_MESSAGES, &m);
+    }
+    if let Some(m) = &d.output_messages {
+        a.str(sc::GEN_AI_OUTPUT_MESSAGES, m.as_str());
+    }
+    // `chat {model}`, put together by hand: `format!` costs several times as much, per span.
+    let mut name = String::with_capacity(
+        sc::OPERATION_CHAT.len() + 1 + rec.model.as_ref().map_or(0, String::len),
+    );
+    name.push_str(sc::OPERATION_CHAT);
+    if let Some(m) = &rec.model {
+        name.push(' ');
+        name.push_str(m);
+    }
+    name
+}
+
+/// Token counts, when there are any.
+fn usage_attrs(rec: &UsageRecord, a: &mut Attrs) {
+    if rec.usage_source == UsageSource::None {
+        return;
+    }
+    let u = &rec.usage;
+    a.int(sc::GEN_AI_USAGE_INPUT_TOKENS, u.prompt as i64);
+    a.int(sc::GEN_AI_USAGE_OUTPUT_TOKENS, u.completion as i64);
+    // An estimate knows nothing of cached or reasoning tokens: no false zeros.
+    if rec.usage_source == UsageSource::Reported {
+        a.int(sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, u.cached as i64);
+        a.int(sc::GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, u.reasoning as i64);
+    }
+}
+
+/// The HTTP attributes of any other call; its span name.
+fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
+    // HTTP semantic conventions: known methods by name, the rest as _OTHER.
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let method = if KNOWN.contains(&rec.method.as_str()) {
+        rec.method.as_str()
+    } else {
+        "_OTHER"
+    };
+    a.str(sc::HTTP_REQUEST_METHOD, method);
+    a.str(sc::URL_PATH, rec.path.as_str());
+    // The upstream URL without its query (which may hold secrets).
+    a.str(sc::URL_FULL, &format!("{}{}", d.url_base, rec.path));
+    if method == "_OTHER" {
+        "HTTP".to_string()
+    } else {
+        method.to_string()
+    }
+}
+
+/// A record's span, into the batch.
+fn add(batch: &mut Batch, attrs: &mut Attrs, rec: &UsageRecord) {
+    if let Some(s) = span_of(rec, attrs) {
+        batch.push(s, attrs);
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 before it).
+fn unix_nanos(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// `error.type` of a call that did not complete: the upstream's error type (or code), else
@@ -753,7 +869,8 @@ impl TraceSink {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let exporter = rt.block_on(async { build_exporter(&export) })?;
+        // Inside the runtime: the gRPC channel starts its worker there.
+        let exporter = rt.block_on(async { Exporter::new(&export) })?;
         let c = counters.clone();
         let wake = Arc::new(LazyWake::new(export.batch_size.min(export.queue_size / 2)));
         let w = Arc::clone(&wake);
@@ -775,71 +892,28 @@ impl TraceSink {
     }
 }
 
-fn build_exporter(cfg: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-    let built = match cfg.protocol {
-        Protocol::Grpc => {
-            let mut md = tonic::metadata::MetadataMap::new();
-            for (k, v) in &cfg.headers {
-                let key =
-                    tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| format!("traces.headers: {k:?} is not a valid header name"))?;
-                let val = v
-                    .parse()
-                    .map_err(|_| format!("traces.headers: the value of {k:?} is not valid"))?;
-                md.insert(key, val);
-            }
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_timeout(cfg.timeout)
-                .with_metadata(md);
-            if cfg.endpoint.starts_with("https://") {
-                b = b
-                    .with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
-            }
-            b.build()
-        }
-        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(cfg.endpoint.clone())
-            .with_timeout(cfg.timeout)
-            .with_headers(cfg.headers.clone().into_iter().collect())
-            .build(),
-    };
-    let mut exporter = built.map_err(|e| format!("traces: cannot build the OTLP exporter: {e}"))?;
-    exporter.set_resource(
-        &opentelemetry_sdk::Resource::builder_empty()
-            .with_attribute(KeyValue::new(sc::SERVICE_NAME, cfg.service_name.clone()))
-            .build(),
-    );
-    Ok(exporter)
-}
-
 fn export_loop(
     rt: tokio::runtime::Runtime,
-    exporter: opentelemetry_otlp::SpanExporter,
+    exporter: Exporter,
     rx: Receiver<Msg>,
     wake: &LazyWake,
     cfg: ExportConfig,
     counters: TraceCounters,
 ) {
-    let scope = InstrumentationScope::builder("tokentap")
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build();
-    let mut batch: Vec<SpanData> = Vec::with_capacity(cfg.batch_size);
+    let mut batch = Batch::new(&cfg.service_name);
+    let mut attrs = Attrs::default();
     let mut due = Instant::now() + cfg.batch_delay;
     // One warning per run of failures (a dead collector would otherwise fill the log).
     let failing = std::cell::Cell::new(false);
-    let export = |batch: &mut Vec<SpanData>| {
+    let export = |batch: &mut Batch| {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
-        let spans = std::mem::take(batch);
+        let body = batch.request();
+        batch.clear();
         let r =
-            rt.block_on(async { tokio::time::timeout(cfg.timeout, exporter.export(spans)).await });
+            rt.block_on(async { tokio::time::timeout(cfg.timeout, exporter.export(body)).await });
         match r {
             Ok(Ok(())) => {
                 counters.exported.inc_by(n);
@@ -879,9 +953,7 @@ fn export_loop(
         loop {
             match rx.try_recv() {
                 Ok(Msg::Record(rec)) => {
-                    if let Some(s) = span_of(&rec, &scope) {
-                        batch.push(s);
-                    }
+                    add(&mut batch, &mut attrs, &rec);
                     if batch.len() >= cfg.batch_size {
                         export(&mut batch);
                         due = Instant::now() + cfg.batch_delay;
@@ -891,9 +963,7 @@ fn export_loop(
                     // Everything queued before the flush, then answer.
                     while let Ok(m) = rx.try_recv() {
                         if let Msg::Record(rec) = m {
-                            if let Some(s) = span_of(&rec, &scope) {
-                                batch.push(s);
-                            }
+                            add(&mut batch, &mut attrs, &rec);
                             if batch.len() >= cfg.batch_size {
                                 export(&mut batch);
                             }
@@ -901,14 +971,12 @@ fn export_loop(
                     }
                     export(&mut batch);
                     // The flush is the shutdown's: the exporter is done.
-                    let _ = rt.block_on(async { exporter.shutdown() });
                     let _ = done.send(());
                     return;
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     export(&mut batch);
-                    let _ = rt.block_on(async { exporter.shutdown() });
                     return;
                 }
             }
@@ -978,6 +1046,7 @@ impl super::Sink for TraceSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
     #[test]
     fn traceparent_is_parsed_strictly() {
@@ -1072,6 +1141,325 @@ mod tests {
             ..RawTraces::default()
         };
         assert!(compile(&bad).unwrap_err().contains("sampling_ratio"));
+    }
+
+    /// `compile` in an environment of these variables only.
+    fn compile_env(raw: &RawTraces, vars: &[(&str, &str)]) -> Result<TracesConfig, String> {
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        compile_in(raw, &Env(&|name| vars.get(name).cloned()))
+    }
+
+    fn grpc_to(headers: &[(&str, &str)]) -> RawTraces {
+        RawTraces {
+            endpoint: Some("http://c:4317".into()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..RawTraces::default()
+        }
+    }
+
+    fn headers_of(c: Result<TracesConfig, String>) -> Vec<(String, String)> {
+        c.unwrap().export.unwrap().headers.into_iter().collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn otlp_header_variables_add_to_the_files_and_win_for_the_same_name() {
+        let raw = grpc_to(&[("X-Team", "file"), ("Authorization", "file")]);
+        let vars = [
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20abc , x-extra = 1,",
+            ),
+            // Never applied: the config always sets the timeout (as the exporter had it).
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "1"),
+        ];
+        let c = compile_env(&raw, &vars);
+        assert_eq!(
+            c.as_ref()
+                .unwrap()
+                .export
+                .as_ref()
+                .unwrap()
+                .timeout
+                .as_millis(),
+            5000
+        );
+        assert_eq!(
+            headers_of(c),
+            pairs(&[
+                ("authorization", "Bearer abc"),
+                ("x-extra", "1"),
+                ("x-team", "file")
+            ])
+        );
+        assert_eq!(
+            headers_of(compile_env(&raw, &[])),
+            pairs(&[("authorization", "file"), ("x-team", "file")])
+        );
+    }
+
+    #[test]
+    fn the_traces_header_variable_replaces_the_generic_one() {
+        let raw = grpc_to(&[]);
+        let generic = ("OTEL_EXPORTER_OTLP_HEADERS", "a=1,b=2");
+        let c = compile_env(
+            &raw,
+            &[generic, ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=3")],
+        );
+        assert_eq!(headers_of(c), pairs(&[("b", "3")]));
+        // Set but empty, it still hides the generic one.
+        let c = compile_env(&raw, &[generic, ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")]);
+        assert_eq!(headers_of(c), pairs(&[]));
+        let c = compile_env(&raw, &[generic]);
+        assert_eq!(headers_of(c), pairs(&[("a", "1"), ("b", "2")]));
+    }
+
+    #[test]
+    fn header_variable_entries_that_cannot_be_sent_are_skipped() {
+        let list = "novalue,=x,k=,bad name=1,ok=1,v=%zz,x-bin=AAEC,ctl=%0A";
+        let vars = [("OTEL_EXPORTER_OTLP_HEADERS", list)];
+        let c = compile_env(&grpc_to(&[]), &vars);
+        assert_eq!(headers_of(c), pairs(&[("ok", "1"), ("v", "%zz")]));
+        // Binary metadata is a gRPC notion: over HTTP it is a header like any other.
+        let http = RawTraces {
+            protocol: Some("http/protobuf".into()),
+            ..grpc_to(&[])
+        };
+        let c = compile_env(&http, &vars);
+        assert_eq!(
+            headers_of(c),
+            pairs(&[("ok", "1"), ("v", "%zz"), ("x-bin", "AAEC")])
+        );
+    }
+
+    #[test]
+    fn file_headers_that_cannot_be_sent_are_config_errors() {
+        for bad in [
+            ("bad name", "v"),
+            ("x-key", "line\nbreak"),
+            ("x-bin", "AAEC"),
+        ] {
+            let e = compile_env(&grpc_to(&[bad]), &[]).unwrap_err();
+            assert!(e.starts_with("traces.headers: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn header_values_are_percent_decoded_unless_broken() {
+        for (v, want) in [
+            ("a%20b", "a b"),
+            ("%C3%A9t%C3%A9", "été"),
+            ("100%", "100%"),
+            ("%4", "%4"),
+            ("%zz1", "%zz1"),
+            ("%FF", "%FF"),
+            ("plain", "plain"),
+        ] {
+            assert_eq!(percent_decoded(v), want, "{v}");
+        }
+    }
+
+    /// A traced call: a chat call with every optional field set, or with none; or another
+    /// call.
+    fn record(kind: &str) -> UsageRecord {
+        let full = kind == "full";
+        let some = |v: &str| full.then(|| v.to_string());
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut trace = CallTrace::start(full.then_some(tp), Some("vendor=abc"), 1.0);
+        trace.detail = CallDetail {
+            provider: "anthropic".into(),
+            server_address: "api.example".into(),
+            server_port: 443,
+            url_base: "https://api.example/api".into(),
+            temperature: full.then_some(0.5),
+            top_p: full.then_some(0.9),
+            budget: full.then_some("allowed"),
+            user_id: some("u-1"),
+            input_body: full.then(|| {
+                bytes::Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}]}"#)
+            }),
+            max_content_bytes: 100,
+            output_messages: some("[]"),
+            upstream_error_type: some("overloaded"),
+            time_to_first_chunk: full.then_some(Duration::from_millis(30)),
+        };
+        UsageRecord {
+            request_id: "req-1".into(),
+            started_at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
+            path: "/v1/chat/completions".into(),
+            chat: kind != "other",
+            model: some("anthropic/claude"),
+            response_model: some("anthropic/claude-1"),
+            response_id: some("gen-1"),
+            user: some("alice"),
+            stream: full,
+            max_tokens: full.then_some(50),
+            tools: Vec::new(),
+            web_search_requested: false,
+            status: if full { 529 } else { 200 },
+            upstream_status: full.then_some(529),
+            outcome: Outcome::Complete,
+            usage: crate::meter::Usage {
+                prompt: 10,
+                completion: 5,
+                cached: 4,
+                reasoning: 2,
+                web_searches: 1,
+            },
+            usage_source: if full {
+                UsageSource::Reported
+            } else {
+                UsageSource::None
+            },
+            cost: full.then_some(crate::meter::Pico(1_500_000)),
+            upstream_cost_usd: None,
+            finish_reasons: if full { vec!["stop".into()] } else { vec![] },
+            search_ran: false,
+            search_results: 0,
+            warning: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            content_chunks: 0,
+            ttfb: None,
+            ttft: None,
+            generation: None,
+            duration: Duration::from_millis(1500),
+            error: None,
+            budget: None,
+            trace: Some(Box::new(trace)),
+        }
+    }
+
+    /// A record's span as a collector gets it.
+    fn encoded(rec: &UsageRecord) -> Span {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let mut batch = Batch::new("svc");
+        add(&mut batch, &mut Attrs::default(), rec);
+        let mut req = ExportTraceServiceRequest::decode(batch.request()).unwrap();
+        req.resource_spans[0].scope_spans[0].spans.remove(0)
+    }
+
+    fn attr<'a>(s: &'a Span, k: &str) -> &'a any_value::Value {
+        let kv = s.attributes.iter().find(|a| a.key == k);
+        let v = kv
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| v.value.as_ref());
+        v.unwrap_or_else(|| panic!("no {k}"))
+    }
+
+    #[test]
+    fn a_span_carries_the_calls_context_and_attributes() {
+        use any_value::Value as V;
+        let full = encoded(&record("full"));
+        assert_eq!(full.name, "chat anthropic/claude");
+        assert_eq!(full.kind, SpanKind::Client as i32);
+        assert_eq!(
+            full.parent_span_id,
+            [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]
+        );
+        assert_eq!(full.trace_state, "vendor=abc");
+        assert_eq!(full.flags, 0x301, "sampled, with a remote parent");
+        assert_eq!(full.start_time_unix_nano, 1_700_000_000_000_000_000);
+        assert_eq!(full.end_time_unix_nano, 1_700_000_001_500_000_000);
+        let status = full.status.as_ref().unwrap();
+        assert_eq!(
+            (status.code, status.message.as_str()),
+            (StatusCode::Error as i32, "overloaded")
+        );
+        assert_eq!(
+            *attr(&full, "error.type"),
+            V::StringValue("overloaded".into())
+        );
+        assert_eq!(*attr(&full, "gen_ai.request.max_tokens"), V::IntValue(50));
+        assert_eq!(*attr(&full, "gen_ai.request.top_p"), V::DoubleValue(0.9));
+        assert_eq!(*attr(&full, "gen_ai.request.stream"), V::BoolValue(true));
+        assert_eq!(*attr(&full, "tokentap.cost_usd"), V::DoubleValue(1.5e-6));
+        assert_eq!(*attr(&full, "http.response.status_code"), V::IntValue(529));
+        let V::ArrayValue(reasons) = attr(&full, "gen_ai.response.finish_reasons") else {
+            panic!("not an array")
+        };
+        assert_eq!(reasons.values[0].value, Some(V::StringValue("stop".into())));
+        assert!(
+            matches!(attr(&full, "gen_ai.input.messages"), V::StringValue(m) if m.contains("hi"))
+        );
+
+        let bare = encoded(&record("bare"));
+        assert_eq!(bare.name, "chat");
+        assert!(bare.parent_span_id.is_empty());
+        assert_eq!(bare.trace_state, "", "a new trace has no tracestate");
+        assert_eq!(bare.flags, 0x101, "sampled, no remote parent");
+        assert_eq!(bare.status, Some(Status::default()));
+        let keys: Vec<&str> = bare.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "gen_ai.operation.name",
+                "gen_ai.provider.name",
+                "gen_ai.request.stream",
+                "tokentap.usage.estimated",
+                "tokentap.web_searches",
+                "server.address",
+                "server.port",
+                "tokentap.outcome",
+                "tokentap.request_id",
+            ]
+        );
+
+        let other = encoded(&record("other"));
+        assert_eq!(other.name, "HTTP");
+        assert_eq!(
+            *attr(&other, "http.request.method"),
+            V::StringValue("_OTHER".into())
+        );
+        assert_eq!(
+            *attr(&other, "url.full"),
+            V::StringValue("https://api.example/api/v1/chat/completions".into())
+        );
+    }
+
+    #[test]
+    fn an_invalid_tracestate_is_dropped() {
+        let mut rec = record("full");
+        if let Some(t) = rec.trace.as_mut() {
+            t.tracestate = Some("vendor=abc,no equals sign".into());
+        }
+        assert_eq!(encoded(&rec).trace_state, "");
+    }
+
+    #[test]
+    fn batches_of_real_spans_decode_to_what_prost_encodes() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let kinds = ["full", "bare", "other"];
+        for n in [0, 1, 2, 3, 50] {
+            let recs: Vec<UsageRecord> = (0..n).map(|i| record(kinds[i % 3])).collect();
+            let spans: Vec<Span> = recs.iter().map(encoded).collect();
+            let mut batch = Batch::new("svc");
+            let mut attrs = Attrs::default();
+            for r in &recs {
+                add(&mut batch, &mut attrs, r);
+            }
+            let want = crate::telemetry::otlp::tests::expected("svc", spans);
+            let got = batch.request();
+            assert_eq!(
+                ExportTraceServiceRequest::decode(got.clone()).unwrap(),
+                want
+            );
+            assert_eq!(got.as_ref(), want.encode_to_vec().as_slice(), "{n} spans");
+        }
     }
 
     #[test]
