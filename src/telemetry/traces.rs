@@ -383,7 +383,12 @@ fn env_headers(env: &Env, protocol: Protocol) -> Vec<(String, String)> {
             header_problem(k, &v, protocol)
         };
         match why {
-            Some(why) => log::warn!("{var}: entry {} ({k:?}) {why}; it is not sent", i + 1),
+            // The name only when it is one: a mistyped entry ("Authorization: Basic …", with
+            // `:` for `=`) would otherwise print the secret as the "name".
+            Some(why) if http::HeaderName::from_bytes(k.as_bytes()).is_ok() => {
+                log::warn!("{var}: entry {} ({k:?}) {why}; it is not sent", i + 1)
+            }
+            Some(why) => log::warn!("{var}: entry {} {why}; it is not sent", i + 1),
             None => headers.push((k.to_ascii_lowercase(), v)),
         }
     }

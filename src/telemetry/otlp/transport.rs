@@ -137,9 +137,12 @@ async fn send_grpc(
     body: Bytes,
 ) -> Result<(), Failure> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| grpc_failure(&Status::unknown(format!("not ready: {e}"))))?;
+    // Not ready: the channel could not connect (a local failure, not the collector's
+    // answer), retried like a network error.
+    grpc.ready().await.map_err(|e| Failure {
+        why: format!("the collector could not be reached: {}", error_chain(&e)),
+        retry: Retry::Backoff,
+    })?;
     let request = tonic::Request::from_parts(metadata.clone(), Default::default(), body);
     let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT);
     grpc.unary(request, path, Preencoded)
@@ -269,8 +272,12 @@ async fn send_http(
     headers: &http::HeaderMap,
     body: Bytes,
 ) -> Result<(), Failure> {
+    // Without the URL: reqwest's error text names it with its query, which may hold a key.
     let network = |e: reqwest::Error| Failure {
-        why: format!("the collector could not be reached: {}", error_chain(&e)),
+        why: format!(
+            "the collector could not be reached: {}",
+            error_chain(&e.without_url())
+        ),
         retry: Retry::Backoff,
     };
     let mut response = client
