@@ -148,6 +148,56 @@ pub struct UsageRecord {
     pub trace: Option<Box<crate::telemetry::traces::CallTrace>>,
 }
 
+#[cfg(test)]
+impl UsageRecord {
+    /// A complete, non-streamed chat call of `alice`, for tests to adjust
+    /// (`UsageRecord { model: …, ..UsageRecord::test_chat() }`).
+    pub fn test_chat() -> Self {
+        UsageRecord {
+            request_id: "req-1".into(),
+            started_at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            chat: true,
+            model: Some("m".into()),
+            response_model: None,
+            response_id: None,
+            user: Some("alice".into()),
+            stream: false,
+            max_tokens: None,
+            tools: Vec::new(),
+            web_search_requested: false,
+            status: 200,
+            upstream_status: Some(200),
+            outcome: Outcome::Complete,
+            usage: Usage {
+                prompt: 10,
+                completion: 5,
+                cached: 4,
+                reasoning: 2,
+                web_searches: 0,
+            },
+            usage_source: UsageSource::Reported,
+            cost: None,
+            upstream_cost_usd: None,
+            finish_reasons: Vec::new(),
+            search_ran: false,
+            search_results: 0,
+            warning: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            content_chunks: 0,
+            ttfb: None,
+            ttft: None,
+            generation: None,
+            duration: Duration::from_millis(5),
+            error: None,
+            budget: None,
+            trace: None,
+        }
+    }
+}
+
 /// Token estimate for text the upstream did not count for us: about four bytes of UTF-8 per
 /// token, never zero for non-empty text.
 pub fn estimate_tokens(text_bytes: u64) -> u64 {

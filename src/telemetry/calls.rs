@@ -736,46 +736,10 @@ mod tests {
 
     fn record(model: &str, user: &str, cost: u64) -> UsageRecord {
         UsageRecord {
-            request_id: String::new(),
-            started_at: std::time::SystemTime::now(),
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            chat: true,
             model: Some(model.into()),
-            response_model: None,
-            response_id: None,
             user: Some(user.into()),
-            stream: false,
-            max_tokens: None,
-            tools: Vec::new(),
-            web_search_requested: false,
-            status: 200,
-            upstream_status: Some(200),
-            outcome: Outcome::Complete,
-            usage: crate::meter::Usage {
-                prompt: 10,
-                completion: 5,
-                cached: 4,
-                reasoning: 2,
-                web_searches: 0,
-            },
-            usage_source: UsageSource::Reported,
             cost: Some(crate::meter::Pico(cost)),
-            upstream_cost_usd: None,
-            finish_reasons: Vec::new(),
-            search_ran: false,
-            search_results: 0,
-            warning: None,
-            request_bytes: 0,
-            response_bytes: 0,
-            content_chunks: 0,
-            ttfb: None,
-            ttft: None,
-            generation: None,
-            duration: std::time::Duration::from_millis(5),
-            error: None,
-            budget: None,
-            trace: None,
+            ..UsageRecord::test_chat()
         }
     }
 

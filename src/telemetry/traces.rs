@@ -1300,10 +1300,7 @@ mod tests {
             time_to_first_chunk: full.then_some(Duration::from_millis(30)),
         };
         UsageRecord {
-            request_id: "req-1".into(),
-            started_at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
-            path: "/v1/chat/completions".into(),
             chat: kind != "other",
             model: some("anthropic/claude"),
             response_model: some("anthropic/claude-1"),
@@ -1311,17 +1308,11 @@ mod tests {
             user: some("alice"),
             stream: full,
             max_tokens: full.then_some(50),
-            tools: Vec::new(),
-            web_search_requested: false,
             status: if full { 529 } else { 200 },
             upstream_status: full.then_some(529),
-            outcome: Outcome::Complete,
             usage: crate::meter::Usage {
-                prompt: 10,
-                completion: 5,
-                cached: 4,
-                reasoning: 2,
                 web_searches: 1,
+                ..UsageRecord::test_chat().usage
             },
             usage_source: if full {
                 UsageSource::Reported
@@ -1329,21 +1320,10 @@ mod tests {
                 UsageSource::None
             },
             cost: full.then_some(crate::meter::Pico(1_500_000)),
-            upstream_cost_usd: None,
             finish_reasons: if full { vec!["stop".into()] } else { vec![] },
-            search_ran: false,
-            search_results: 0,
-            warning: None,
-            request_bytes: 0,
-            response_bytes: 0,
-            content_chunks: 0,
-            ttfb: None,
-            ttft: None,
-            generation: None,
             duration: Duration::from_millis(1500),
-            error: None,
-            budget: None,
             trace: Some(Box::new(trace)),
+            ..UsageRecord::test_chat()
         }
     }
 
