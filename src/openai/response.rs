@@ -1316,39 +1316,12 @@ mod tests {
             twice in proptest::option::of(prop_oneof![
                 Just(r#""id":"x","#), Just(r#""choices":[],"#), Just(r#""object":1,"#)
             ]),
-            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..9), 0..4),
+            edits in proptest::collection::vec(
+                (any::<prop::sample::Index>(), 0..super::super::skim::damage::KINDS), 0..4),
             chunk in any::<bool>(),
         ) {
             let mut bytes = serde_json::to_vec(&c).unwrap();
-            if let (Some(t), Some(b'{')) = (twice, bytes.first()) {
-                bytes.splice(1..1, t.bytes()).for_each(drop);
-            }
-            for (at, how) in edits {
-                let i = at.index(bytes.len() + 1);
-                match how {
-                    0 => bytes.insert(i, b' '),
-                    1 => bytes.splice(i..i, *b"\r\n\t").for_each(drop),
-                    // A letter as a \u escape: the same text inside a string, damage outside.
-                    2 if i < bytes.len() && bytes[i].is_ascii_alphabetic() => {
-                        let e = format!("\\u{:04x}", bytes[i]);
-                        bytes.splice(i..=i, e.into_bytes()).for_each(drop);
-                    }
-                    3 if i < bytes.len() => {
-                        bytes.remove(i);
-                    }
-                    4 => bytes.insert(i, b'"'),
-                    5 => bytes.insert(i, b','),
-                    // The emoji as the surrogate pair an upstream may send instead.
-                    6 => {
-                        let emoji = "\u{1F600}".as_bytes();
-                        if let Some(j) = bytes.windows(4).position(|w| w == emoji) {
-                            bytes.splice(j..j + 4, *br"\ud83d\ude00").for_each(drop);
-                        }
-                    }
-                    7 => bytes.push(if i % 2 == 0 { b'}' } else { b'x' }),
-                    _ => bytes.insert(i, b'0'),
-                }
-            }
+            super::super::skim::damage::apply(&mut bytes, twice, &edits);
             let (mut fast, mut lenient) = (Observed::default(), Observed::default());
             let a = apply_json(&mut fast, &bytes, chunk).is_ok();
             let b = apply_lenient(&mut lenient, &bytes, chunk).is_ok();

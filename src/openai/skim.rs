@@ -645,3 +645,47 @@ mod tests {
         }
     }
 }
+
+/// Damage for the property tests of both readers: JSON as writers vary it and broken.
+#[cfg(test)]
+pub(super) mod damage {
+    use proptest::sample::Index;
+
+    /// Kinds of edit [`apply`] knows.
+    pub const KINDS: u8 = 10;
+
+    /// Applies `edits` (where, which kind) to `b`; `twice`, if any, goes in after the
+    /// opening brace (a field written twice).
+    pub fn apply(b: &mut Vec<u8>, twice: Option<&str>, edits: &[(Index, u8)]) {
+        if let (Some(t), Some(b'{')) = (twice, b.first()) {
+            b.splice(1..1, t.bytes()).for_each(drop);
+        }
+        for (at, how) in edits {
+            let i = at.index(b.len() + 1);
+            match how {
+                0 => b.insert(i, b' '),
+                1 => b.splice(i..i, *b"\r\n\t").for_each(drop),
+                // A letter as a \u escape: the same text inside a string, damage outside.
+                2 if i < b.len() && b[i].is_ascii_alphabetic() => {
+                    let e = format!("\\u{:04x}", b[i]);
+                    b.splice(i..=i, e.into_bytes()).for_each(drop);
+                }
+                3 if i < b.len() => {
+                    b.remove(i);
+                }
+                4 => b.insert(i, b'"'),
+                5 => b.insert(i, b','),
+                // The emoji as the surrogate pair a writer may send instead.
+                6 => {
+                    let emoji = "\u{1F600}".as_bytes();
+                    if let Some(j) = b.windows(4).position(|w| w == emoji) {
+                        b.splice(j..j + 4, *br"\ud83d\ude00").for_each(drop);
+                    }
+                }
+                7 => b.push(if i % 2 == 0 { b'}' } else { b'x' }),
+                8 => b.insert(i, b'0'),
+                _ => b.insert(i, if i % 2 == 0 { 0x01 } else { 0xff }),
+            }
+        }
+    }
+}
