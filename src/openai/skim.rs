@@ -82,9 +82,7 @@ pub(super) fn chunk(json: &[u8]) -> Option<Chunk<'_>> {
             b"request_id" | b"meta" | b"search_results" | b"warning" | b"error" => return None,
             _ => return p.skip(0),
         };
-        if std::mem::replace(&mut seen[slot], true) {
-            return None;
-        }
+        first(&mut seen[slot])?;
         match slot {
             0 => c.id = p.loose_str()?,
             1 => c.model = p.loose_str()?,
@@ -178,6 +176,12 @@ pub(crate) fn messages(body: &[u8]) -> Option<Messages> {
     let m = found.filter(|_| p.i == body.len())?;
     std::str::from_utf8(&body[m.span.clone()]).ok()?;
     Some(m)
+}
+
+/// `Some` the first time a field is met, `None` (give up) when it comes again: serde's derived
+/// readers refuse a repeated field.
+fn first(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
 }
 
 struct Reader<'a> {
@@ -480,9 +484,7 @@ impl<'a> Reader<'a> {
                 b"cost" => return None,
                 _ => return p.skip(0),
             };
-            if std::mem::replace(&mut seen[slot], true) {
-                return None;
-            }
+            first(&mut seen[slot])?;
             match slot {
                 0 => u.prompt = p.count()?,
                 1 => u.completion = p.count()?,
@@ -523,9 +525,7 @@ impl<'a> Reader<'a> {
             if k != key {
                 return p.skip(0);
             }
-            if std::mem::replace(&mut seen, true) {
-                return None;
-            }
+            first(&mut seen)?;
             n = p.count()?;
             Some(())
         })?;
@@ -544,9 +544,7 @@ impl<'a> Reader<'a> {
                 b"finish_reason" => 2,
                 _ => return p.skip(0),
             };
-            if std::mem::replace(&mut seen[slot], true) {
-                return None;
-            }
+            first(&mut seen[slot])?;
             match slot {
                 0 => bytes = p.message()?,
                 1 => message = p.message()?,
@@ -578,9 +576,7 @@ impl<'a> Reader<'a> {
                 b"tool_calls" => 3,
                 _ => return p.skip(0),
             };
-            if std::mem::replace(&mut seen[slot], true) {
-                return None;
-            }
+            first(&mut seen[slot])?;
             match p.peek()? {
                 b'n' => p.literal(b"null"),
                 b'"' if slot < 3 => {
