@@ -582,9 +582,13 @@ fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_
             apply_skimmed(obs, c, chunk);
             return Ok(());
         }
-        if let Ok(v) = serde_json::from_slice::<View<Vec<Choice>>>(json) {
-            apply_view(obs, v, chunk);
-            return Ok(());
+        // (serde skips ignored fields without checking their UTF-8; the lenient path's raw
+        // values do check it: a chunk that is not UTF-8 is refused on every path.)
+        if std::str::from_utf8(json).is_ok() {
+            if let Ok(v) = serde_json::from_slice::<View<Vec<Choice>>>(json) {
+                apply_view(obs, v, chunk);
+                return Ok(());
+            }
         }
     }
     apply_lenient(obs, json, chunk)
@@ -1099,6 +1103,7 @@ mod tests {
             br#"{"id":"g","choices":[{"delta":{},"delta":{"content":"a"}}]}"#,
             br#"{"id":"g","choices":[{"delta":{"content":"a","content":"b"}}]}"#,
             br#"{"id":"g","nested":[[[[{"a":[true,false,null]}]]]],"choices":[]}"#,
+            b"{\"choices\":[{\"delta\":{\"content\":\"a\"},\"logprobs\":{\"c\xffontent\":[]}}]}",
         ] {
             let (mut fast, mut lenient) = (Observed::default(), Observed::default());
             let a = apply_json(&mut fast, j, true).is_ok();
