@@ -4,7 +4,6 @@
 //! lost. The file holds per-window aggregates (what budgets need after a restart) and one row
 //! per call (what reports need), the rows kept for `retention_days`.
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -24,12 +23,45 @@ struct Counter {
     /// When a call last reserved or settled here (idle counters of ended windows are dropped
     /// from memory; the file keeps them).
     touched: i64,
+    /// Its spend is not in the file yet (its key is then in [`State::dirty`], once).
+    dirty: bool,
+}
+
+/// A counter's key: its subject's key and the window.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    name: String,
+    window: Window,
+}
+
+/// A [`Key`] borrowed from a hold, to find a counter without building its key (reservations
+/// and settles look up every counter of every call). Hashes as `Key` does.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    name: &'a str,
+    window: Window,
+}
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, k: &Key) -> bool {
+        self.window == k.window && self.name == k.name
+    }
+}
+
+impl From<&KeyRef<'_>> for Key {
+    fn from(k: &KeyRef<'_>) -> Key {
+        Key {
+            name: k.name.to_string(),
+            window: k.window,
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
-    counters: HashMap<(String, Window), Counter>,
-    dirty: HashSet<(String, Window)>,
+    counters: hashbrown::HashMap<Key, Counter, std::hash::RandomState>,
+    /// The counters whose spend the file does not have yet.
+    dirty: Vec<Key>,
     rows: Vec<CallRow>,
     /// The Redis ledger's settles that Redis has not taken yet: added, and taken.
     outbox_put: Vec<(String, String)>,
@@ -41,12 +73,17 @@ struct State {
 impl State {
     /// The counter of `key` for the window starting at `start` (a new window starts at zero).
     fn counter(&mut self, key: &str, window: Window, start: i64) -> &mut Counter {
-        let c = self
+        let k = KeyRef { name: key, window };
+        let (_, c) = self
             .counters
-            .entry((key.to_string(), window))
-            .or_insert(Counter {
-                start,
-                ..Counter::default()
+            .raw_entry_mut()
+            .from_key(&k)
+            .or_insert_with(|| {
+                let c = Counter {
+                    start,
+                    ..Counter::default()
+                };
+                (Key::from(&k), c)
             });
         if c.start != start {
             c.start = start;
@@ -56,6 +93,30 @@ impl State {
         c
     }
 
+    /// Lists the counter for the next write to the file (once, however often it changes).
+    fn mark_dirty(&mut self, name: &str, window: Window) {
+        if let Some(c) = self.counters.get_mut(&KeyRef { name, window }) {
+            if !std::mem::replace(&mut c.dirty, true) {
+                self.dirty.push(Key {
+                    name: name.to_string(),
+                    window,
+                });
+            }
+        }
+    }
+
+    /// The spend to write to the file: the counters changed since the last write.
+    fn take_dirty(&mut self) -> Vec<(String, Window, Counter)> {
+        let keys = std::mem::take(&mut self.dirty);
+        keys.into_iter()
+            .filter_map(|k| {
+                let c = self.counters.get_mut(&k)?;
+                c.dirty = false;
+                Some((k.name, k.window, *c))
+            })
+            .collect()
+    }
+
     /// Forgets counters whose window has surely ended since they were last used and that hold
     /// nothing: memory follows the callers of the current windows, not every caller ever.
     fn evict_idle(&mut self, now: i64) {
@@ -63,10 +124,9 @@ impl State {
             return;
         }
         self.last_evict = now;
-        let dirty = &self.dirty;
         self.counters.retain(|k, c| {
-            let ended = k.1.max_len().is_some_and(|len| now - c.touched > len);
-            !ended || c.reserved != Amount::default() || dirty.contains(k)
+            let ended = k.window.max_len().is_some_and(|len| now - c.touched > len);
+            !ended || c.reserved != Amount::default() || c.dirty
         });
     }
 }
@@ -108,7 +168,7 @@ impl Embedded {
                 let Ok(window) = Window::parse(&window) else {
                     continue;
                 };
-                let c = state.counters.entry((key, window)).or_default();
+                let c = state.counters.entry(Key { name: key, window }).or_default();
                 // Keep the newest window of each counter; older ones are history.
                 if start >= c.start {
                     *c = Counter {
@@ -119,6 +179,7 @@ impl Embedded {
                         },
                         reserved: Amount::default(),
                         touched: start,
+                        dirty: false,
                     };
                 }
             }
@@ -205,7 +266,7 @@ impl Embedded {
             let before = c.spent;
             c.spent.add(actual);
             let after = c.spent;
-            st.dirty.insert((h.key.clone(), h.window));
+            st.mark_dirty(&h.key, h.window);
             // A soft threshold only signals.
             if h.passes_soft(before, after) {
                 crossed_holds.push(h.clone());
@@ -246,7 +307,11 @@ impl Embedded {
     ) -> (Amount, Amount) {
         let (start, _) = window.bounds(now, policy.offset());
         let st = self.lock();
-        match st.counters.get(&(subject.key(), window)) {
+        let name = subject.key();
+        match st.counters.get(&KeyRef {
+            name: &name,
+            window,
+        }) {
             Some(c) if c.start == start => (c.spent, c.reserved),
             Some(c) => (Amount::default(), c.reserved),
             None => (Amount::default(), Amount::default()),
@@ -453,11 +518,11 @@ impl Ledger for Embedded {
         self.lock()
             .counters
             .iter()
-            .map(|((k, w), c)| {
-                let current = c.start == w.bounds(now, offset).0;
+            .map(|(k, c)| {
+                let current = c.start == k.window.bounds(now, offset).0;
                 (
-                    k.clone(),
-                    *w,
+                    k.name.clone(),
+                    k.window,
                     if current { c.spent } else { Amount::default() },
                 )
             })
@@ -469,7 +534,7 @@ impl Ledger for Embedded {
         let key = subject.key();
         let mut st = self.lock();
         st.counter(&key, window, start).spent = Amount::default();
-        st.dirty.insert((key, window));
+        st.mark_dirty(&key, window);
     }
 
     fn errors(&self) -> u64 {
@@ -491,13 +556,8 @@ impl Ledger for Embedded {
             {
                 return;
             }
-            let dirty = std::mem::take(&mut st.dirty);
-            let spend: Vec<(String, Window, Counter)> = dirty
-                .into_iter()
-                .filter_map(|k| st.counters.get(&k).map(|c| (k.0, k.1, *c)))
-                .collect();
             (
-                spend,
+                st.take_dirty(),
                 std::mem::take(&mut st.rows),
                 std::mem::take(&mut st.outbox_put),
                 std::mem::take(&mut st.outbox_done),
@@ -508,8 +568,8 @@ impl Ledger for Embedded {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::error!("ledger: cannot write to its file: {e}; will retry");
             let mut st = self.lock();
-            for (k, w, _) in spend {
-                st.dirty.insert((k, w));
+            for (k, w, _) in &spend {
+                st.mark_dirty(k, *w);
             }
             let mut rows = rows;
             rows.append(&mut st.rows);
@@ -540,7 +600,7 @@ mod tests {
         held.reserved.pico = 5;
         // Used yesterday, spend not yet written to the file: kept until it is.
         st.counter("user:dirty", Window::Daily, 0).touched = 100;
-        st.dirty.insert(("user:dirty".into(), Window::Daily));
+        st.mark_dirty("user:dirty", Window::Daily);
         // Used just now, and a total that never ends: kept.
         st.counter("user:now", Window::Daily, day).touched = 2 * day;
         st.counter("user:old", Window::Total, 0).touched = 100;
@@ -548,7 +608,7 @@ mod tests {
         let mut left: Vec<String> = st
             .counters
             .keys()
-            .map(|(k, w)| format!("{k}/{w}"))
+            .map(|k| format!("{}/{}", k.name, k.window))
             .collect();
         left.sort();
         assert_eq!(
@@ -561,7 +621,7 @@ mod tests {
             ]
         );
         // At most once a minute.
-        st.dirty.clear();
+        assert_eq!(st.take_dirty().len(), 1);
         st.evict_idle(2 * day + 20);
         assert_eq!(st.counters.len(), 4);
     }
