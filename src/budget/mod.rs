@@ -123,19 +123,40 @@ pub fn holds_for(policy: &BudgetPolicy, user: &str, now: i64) -> Vec<Hold> {
         .collect()
 }
 
-/// A reservation id unique across processes and restarts.
+/// A reservation id unique across processes, replicas and restarts: the process's own
+/// prefix (pid, the time of its first reservation and 32 random bits: replicas in containers
+/// all run as pid 1) and a counter. The prefix is made once: `getpid` and formatting per call
+/// cost a syscall and ~1,700 instructions.
 pub fn reservation_id() -> String {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!(
-        "{:x}-{:x}-{:x}",
-        std::process::id(),
-        t,
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )
+    let prefix = PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!(
+            "{:x}-{:x}-{:08x}-",
+            std::process::id(),
+            t,
+            rand::random::<u32>()
+        )
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    push_hex(&mut id, n);
+    id
+}
+
+/// `n` in lowercase hex, as `{:x}` writes it.
+fn push_hex(s: &mut String, n: u64) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        s.push(char::from(
+            b"0123456789abcdef"[(n >> (i * 4)) as usize & 0xf],
+        ));
+    }
 }
 
 /// A cap the call would pass.
@@ -821,5 +842,36 @@ impl prometheus::core::Collector for BudgetCollector {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn push_hex_writes_what_lower_hex_formatting_writes(n: u64, shift in 0u32..64) {
+            for n in [n, n >> shift] {
+                let mut s = String::from("x");
+                push_hex(&mut s, n);
+                proptest::prop_assert_eq!(s, format!("x{n:x}"));
+            }
+        }
+    }
+
+    #[test]
+    fn reservation_ids_share_the_process_prefix_and_never_repeat() {
+        let a = reservation_id();
+        let b = reservation_id();
+        assert_ne!(a, b);
+        let prefix = |s: &str| s[..s.rfind('-').unwrap()].to_string();
+        assert_eq!(prefix(&a), prefix(&b));
+        assert!(prefix(&a).starts_with(&format!("{:x}-", std::process::id())));
+        for n in [0, 9, 10, 255, u64::MAX] {
+            let mut s = String::new();
+            push_hex(&mut s, n);
+            assert_eq!(s, format!("{n:x}"));
+        }
     }
 }

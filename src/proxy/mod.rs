@@ -122,12 +122,16 @@ impl RequestIds {
         }
     }
 
+    /// `tt-<prefix>-<n>`, without the formatting machinery (one allocation per request).
     fn next(&self) -> String {
-        format!(
-            "tt-{}-{}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        let mut n = itoa::Buffer::new();
+        let n = n.format(self.next.fetch_add(1, Ordering::Relaxed));
+        let mut id = String::with_capacity(4 + self.prefix.len() + n.len());
+        id.push_str("tt-");
+        id.push_str(&self.prefix);
+        id.push('-');
+        id.push_str(n);
+        id
     }
 }
 
