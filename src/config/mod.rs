@@ -105,6 +105,9 @@ pub struct UpstreamUrl {
     pub base_path: String,
     /// The value of the `Host` header sent upstream (`host` or `host:port` for a non-default port).
     pub host_header: String,
+    /// `scheme://host_header` and the base path: what a span's `url.full` starts with (made
+    /// once here, shared by every span).
+    pub url_base: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone)]
@@ -543,12 +546,18 @@ pub fn parse_upstream_url(s: &str) -> Result<UpstreamUrl, String> {
     } else {
         format!("{}:{}", auth.host(), port)
     };
+    let url_base = format!(
+        "{}://{host_header}{base_path}",
+        if tls { "https" } else { "http" }
+    )
+    .into();
     Ok(UpstreamUrl {
         tls,
         host: host.to_string(),
         port,
         base_path,
         host_header,
+        url_base,
     })
 }
 

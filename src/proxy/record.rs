@@ -42,12 +42,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
                 provider: cfg.traces.provider(model),
                 server_address: url.host.clone(),
                 server_port: url.port,
-                url_base: format!(
-                    "{}://{}{}",
-                    if url.tls { "https" } else { "http" },
-                    url.host_header,
-                    url.base_path
-                ),
+                url_base: url.url_base.clone(),
                 temperature: meta.and_then(|m| m.temperature),
                 top_p: meta.and_then(|m| m.top_p),
                 budget: ctx.budget_decision,

@@ -455,7 +455,7 @@ pub struct CallDetail {
     pub server_address: String,
     pub server_port: u16,
     /// `scheme://host[:port][/base]` of the upstream.
-    pub url_base: String,
+    pub url_base: std::sync::Arc<str>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     /// "allowed", "refused", "fail_open" or "not_capped"; `None` when no decision ran.
