@@ -46,6 +46,9 @@ DURATION = os.environ.get("BENCH_DURATION") or ("2s" if QUICK else "8s")
 # rates). Repeats on this (virtual) machine differ by up to a third from one another.
 REPEAT = int(os.environ.get("BENCH_REPEAT") or ("1" if QUICK else "3"))
 FIXED_RATES = [500, 2000]
+# One call at a time (one connection, closed loop), per workload: the latency a call pays for
+# the proxy when nothing queues.
+SERIAL_DURATION = os.environ.get("BENCH_SERIAL_DURATION") or ("1s" if QUICK else "5s")
 SERIES_RATES = [250, 500, 2000] if QUICK else [250, 500, 1000, 2000, 4000, 8000]
 HOLD_STREAMS = 500 if QUICK else 5000
 HOLD_TIMEOUT_S = float(os.environ.get("BENCH_HOLD_TIMEOUT", "60" if QUICK else "180"))
@@ -414,6 +417,11 @@ def cmd_target(args):
                 f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
             )
             settle()
+        run = summarize(oha(url, bodies[w["id"]], SERIAL_DURATION, 1), 1)
+        count(run)
+        entry["serial"] = run
+        log(f"{name} {w['id']} one call at a time: {run['rps']:.0f}/s, {latency_text(run)}")
+        settle()
         res["workloads"][w["id"]] = entry
 
     # Latency against rate, one workload. Rates above the measured saturation are skipped,
@@ -624,6 +632,7 @@ def cmd_finish(args):
             "saturation_connections": {"non-streaming": SATURATION_CONNECTIONS[False], "streaming": SATURATION_CONNECTIONS[True]},
             "rate_connections": RATE_CONNECTIONS,
             "fixed_rates": FIXED_RATES,
+            "serial_duration": SERIAL_DURATION,
             "series_rates": SERIES_RATES,
             "series_workload": SERIES_WORKLOAD,
             "reached_share": REACHED,

@@ -54,6 +54,10 @@ def ms(v):
     return f"{v:,.0f}"
 
 
+def signed(v):
+    return "–" if v is None else ("+" if v >= 0 else "") + ms(v)
+
+
 def rate(v):
     return "–" if v is None else f"{v:,.0f}"
 
@@ -342,6 +346,55 @@ def workload_tables(R):
     return out
 
 
+def serial_section(R):
+    """One call at a time: the latency of the proxy itself, with no queue (not a target of the
+    issue; shown because at fixed rates the queue on the shared core dominates)."""
+    names = [n for n in R.targets if R.ok(n)]
+    if not names or not any("serial" in R.targets[n]["workloads"][w["id"]] for n in names for w in R.workloads):
+        return []
+    dur = R.d["settings"].get("serial_duration", "?")
+    out = ["### One call at a time", ""]
+    out.append(f"One connection, closed loop, {dur} per workload and target (`oha -c 1`): the next call starts "
+               "when the last has ended, so nothing queues and the proxy's core idles between calls. Not one of "
+               "the issue's targets; shown because it isolates what the proxy adds to a single call. "
+               "p50 / p99 in ms, and added p50 / p99 (minus direct).")
+    out.append("")
+    head, sep = "| Target |", "|---|"
+    for w in R.workloads:
+        head += f" {w['label']} |"
+        sep += "---:|"
+    out += [head, sep]
+
+    def serial(n, wl):
+        return R.targets[n]["workloads"][wl].get("serial")
+
+    for n in names:
+        row = f"| {R.label(n)} |"
+        for w in R.workloads:
+            run, floor = serial(n, w["id"]), serial("direct", w["id"]) if R.ok("direct") else None
+            if not run:
+                row += " – |"
+                continue
+            lat = run["latency_ms"]
+            row += f" {ms(lat['p50'])} / {ms(lat['p99'])}{run_flags(run)}"
+            if n != "direct" and floor:
+                f = floor["latency_ms"]
+                row += f" ({signed(lat['p50'] - f['p50'])} / {signed(lat['p99'] - f['p99'])})"
+            row += " |"
+        out.append(row)
+    out.append("")
+    diffs = []
+    for w in R.workloads:
+        if R.ok("tokentap") and R.ok("bare"):
+            a, b = serial("tokentap", w["id"]), serial("bare", w["id"])
+            if a and b:
+                diffs.append(f"{w['label']} {a['latency_ms']['p50'] - b['latency_ms']['p50']:+.3f} ms")
+    if diffs:
+        out.append("tokentap's p50 minus bare-pingora's, one call at a time: " + "; ".join(diffs) + ".")
+        out.append("")
+    return out
+
+
 def memory_table(R):
     out = ["### Memory and held streams", ""]
     out.append("| Target | Processes | RSS idle (MB) | Held streams | RSS with them open (MB) | Peak RSS during the test (MB) | Open after (s) | Result |")
@@ -539,7 +592,7 @@ def chart(R):
 
 
 def generate(R):
-    parts = [header(R), ratios(R), workload_tables(R), memory_table(R), series_section(R), metering_section(R),
+    parts = [header(R), ratios(R), workload_tables(R), serial_section(R), memory_table(R), series_section(R), metering_section(R),
              errors_section(R)]
     return "\n".join(line for part in parts for line in part + [""])
 
