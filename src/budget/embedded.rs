@@ -588,6 +588,96 @@ impl Ledger for Embedded {
 mod tests {
     use super::*;
 
+    /// Every row lands with every column in its place.
+    #[test]
+    fn every_call_row_is_written_with_its_own_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LedgerConfig {
+            path: dir.path().join("ledger.db"),
+            flush_interval: Duration::from_secs(3600),
+            ..LedgerConfig::default()
+        };
+        let ledger = Embedded::open(&cfg).unwrap();
+        let n = 133;
+        // Recent: older rows than `retention_days` are deleted as they are written.
+        let now = super::super::now_unix();
+        let row = |i: usize| CallRow {
+            ts: now - 1000 + i as i64,
+            request_id: format!("req-{i}"),
+            user: (!i.is_multiple_of(3)).then(|| format!("user-{i}")),
+            teams: (0..i % 3).map(|t| format!("team-{t}")).collect(),
+            model: (!i.is_multiple_of(4)).then(|| format!("model-{i}")),
+            usage: crate::meter::Usage {
+                prompt: i as u64 * 10 + 1,
+                completion: i as u64 * 10 + 2,
+                cached: i as u64 * 10 + 3,
+                reasoning: i as u64 * 10 + 4,
+                web_searches: i as u64 * 10 + 5,
+            },
+            cost_pico: (!i.is_multiple_of(5)).then_some(i as u64 * 1000 + 6),
+            estimated: i.is_multiple_of(2),
+            outcome: ["complete", "rejected"][i % 2],
+            status: 200 + i as u16,
+        };
+        for i in 0..n {
+            ledger.record_call(row(i));
+        }
+        ledger.flush();
+        let db = Connection::open(&cfg.path).unwrap();
+        let mut q = db
+            .prepare(
+                "SELECT ts, request_id, user, teams, model, prompt, completion, cached, reasoning,
+                 web_searches, cost_pico, estimated, outcome, status FROM calls ORDER BY ts",
+            )
+            .unwrap();
+        let got: Vec<String> = q
+            .query_map([], |r| {
+                Ok(format!(
+                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {}",
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, Option<i64>>(10)?,
+                    r.get::<_, bool>(11)?,
+                    r.get::<_, String>(12)?,
+                    r.get::<_, i64>(13)?,
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let want: Vec<String> = (0..n)
+            .map(|i| {
+                let r = row(i);
+                format!(
+                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {}",
+                    r.ts,
+                    r.request_id,
+                    r.user,
+                    r.teams.join(","),
+                    r.model,
+                    r.usage.prompt,
+                    r.usage.completion,
+                    r.usage.cached,
+                    r.usage.reasoning,
+                    r.usage.web_searches,
+                    r.cost_pico,
+                    r.estimated,
+                    r.outcome,
+                    r.status
+                )
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn idle_counters_of_ended_windows_leave_memory_and_busy_ones_stay() {
         let mut st = State::default();
