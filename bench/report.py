@@ -352,6 +352,10 @@ def serial_section(R):
     names = [n for n in R.targets if R.ok(n)]
     if not names or not any("serial" in R.targets[n]["workloads"][w["id"]] for n in names for w in R.workloads):
         return []
+
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
     dur = R.d["settings"].get("serial_duration", "?")
     out = ["### One call at a time", ""]
     out.append(f"One connection, closed loop, {dur} per workload and target (`oha -c 1`): the next call starts "
@@ -368,7 +372,10 @@ def serial_section(R):
     def serial(n, wl):
         return R.targets[n]["workloads"][wl].get("serial")
 
-    for n in names:
+    for n in R.targets:
+        if not R.ok(n):
+            out.append(f"| {R.label(n)} | failed: {R.targets[n].get('error', '')[:200]} |" + " |" * (len(R.workloads) - 1))
+            continue
         row = f"| {R.label(n)} |"
         for w in R.workloads:
             run, floor = serial(n, w["id"]), serial("direct", w["id"]) if R.ok("direct") else None
@@ -379,7 +386,7 @@ def serial_section(R):
             row += f" {ms(lat['p50'])} / {ms(lat['p99'])}{run_flags(run)}"
             if n != "direct" and floor:
                 f = floor["latency_ms"]
-                row += f" ({signed(lat['p50'] - f['p50'])} / {signed(lat['p99'] - f['p99'])})"
+                row += f" ({signed(diff(lat['p50'], f['p50']))} / {signed(diff(lat['p99'], f['p99']))})"
             row += " |"
         out.append(row)
     out.append("")
@@ -387,8 +394,9 @@ def serial_section(R):
     for w in R.workloads:
         if R.ok("tokentap") and R.ok("bare"):
             a, b = serial("tokentap", w["id"]), serial("bare", w["id"])
-            if a and b:
-                diffs.append(f"{w['label']} {a['latency_ms']['p50'] - b['latency_ms']['p50']:+.3f} ms")
+            d = diff(a["latency_ms"]["p50"], b["latency_ms"]["p50"]) if a and b else None
+            if d is not None:
+                diffs.append(f"{w['label']} {d:+.3f} ms")
     if diffs:
         out.append("tokentap's p50 minus bare-pingora's, one call at a time: " + "; ".join(diffs) + ".")
         out.append("")

@@ -266,7 +266,13 @@ impl Embedded {
             let before = c.spent;
             c.spent.add(actual);
             let after = c.spent;
-            st.mark_dirty(&h.key, h.window);
+            // Listed once until the next flush (the counter is at hand: no second lookup).
+            if !std::mem::replace(&mut c.dirty, true) {
+                st.dirty.push(Key {
+                    name: h.key.clone(),
+                    window: h.window,
+                });
+            }
             // A soft threshold only signals.
             if h.passes_soft(before, after) {
                 crossed_holds.push(h.clone());
