@@ -62,6 +62,9 @@ struct State {
     counters: hashbrown::HashMap<Key, Counter, std::hash::RandomState>,
     /// The counters whose spend the file does not have yet.
     dirty: Vec<Key>,
+    /// Windows that ended with spend the file does not have yet (their counter moved on to
+    /// the next window before a flush): written as they ended.
+    rolled: Vec<(String, Window, Counter)>,
     rows: Vec<CallRow>,
     /// The Redis ledger's settles that Redis has not taken yet: added, and taken.
     outbox_put: Vec<(String, String)>,
@@ -86,6 +89,10 @@ impl State {
                 (Key::from(&k), c)
             });
         if c.start != start {
+            if c.dirty {
+                // The ended window's last spend still goes to the file, under its own start.
+                self.rolled.push((key.to_string(), window, *c));
+            }
             c.start = start;
             c.spent = Amount::default();
         }
@@ -105,16 +112,36 @@ impl State {
         }
     }
 
-    /// The spend to write to the file: the counters changed since the last write.
+    /// The spend to write to the file: windows that ended since the last write, then the
+    /// counters changed since it.
     fn take_dirty(&mut self) -> Vec<(String, Window, Counter)> {
+        let mut spend = std::mem::take(&mut self.rolled);
         let keys = std::mem::take(&mut self.dirty);
-        keys.into_iter()
-            .filter_map(|k| {
-                let c = self.counters.get_mut(&k)?;
-                c.dirty = false;
-                Some((k.name, k.window, *c))
-            })
-            .collect()
+        spend.extend(keys.into_iter().filter_map(|k| {
+            let c = self.counters.get_mut(&k)?;
+            c.dirty = false;
+            Some((k.name, k.window, *c))
+        }));
+        spend
+    }
+
+    /// Puts back what a failed write took: a counter's current window is marked again (the
+    /// next write takes its newest spend), an ended one is kept as it was.
+    fn untake_dirty(&mut self, spend: Vec<(String, Window, Counter)>) {
+        for (name, window, c) in spend {
+            let current = self
+                .counters
+                .get(&KeyRef {
+                    name: &name,
+                    window,
+                })
+                .is_some_and(|now| now.start == c.start);
+            if current {
+                self.mark_dirty(&name, window);
+            } else {
+                self.rolled.push((name, window, c));
+            }
+        }
     }
 
     /// Forgets counters whose window has surely ended since they were last used and that hold
@@ -556,6 +583,7 @@ impl Ledger for Embedded {
             let mut st = self.lock();
             st.evict_idle(super::now_unix());
             if st.dirty.is_empty()
+                && st.rolled.is_empty()
                 && st.rows.is_empty()
                 && st.outbox_put.is_empty()
                 && st.outbox_done.is_empty()
@@ -574,9 +602,7 @@ impl Ledger for Embedded {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             log::error!("ledger: cannot write to its file: {e}; will retry");
             let mut st = self.lock();
-            for (k, w, _) in &spend {
-                st.mark_dirty(k, *w);
-            }
+            st.untake_dirty(spend);
             let mut rows = rows;
             rows.append(&mut st.rows);
             st.rows = rows;
@@ -682,6 +708,44 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// A window that ends with spend not yet written still gets its row, under its own
+    /// start, and a failed write keeps it for the next one.
+    #[test]
+    fn an_ended_windows_unwritten_spend_is_written_as_it_ended() {
+        let day = 86_400;
+        let mut st = State::default();
+        st.counter("user:a", Window::Daily, 0).spent.pico = 7;
+        st.mark_dirty("user:a", Window::Daily);
+        // The next day's first call, before a flush.
+        st.counter("user:a", Window::Daily, day).spent.pico = 2;
+        st.mark_dirty("user:a", Window::Daily);
+        let rows = |spend: &[(String, Window, Counter)]| {
+            spend
+                .iter()
+                .map(|(k, w, c)| (k.clone(), *w, c.start, c.spent.pico))
+                .collect::<Vec<_>>()
+        };
+        let want = vec![
+            ("user:a".to_string(), Window::Daily, 0, 7),
+            ("user:a".to_string(), Window::Daily, day, 2),
+        ];
+        let spend = st.take_dirty();
+        assert_eq!(rows(&spend), want);
+        // The write failed: both are written next time, the current window with its newest
+        // spend.
+        st.untake_dirty(spend);
+        st.counter("user:a", Window::Daily, day).spent.pico = 3;
+        let again = st.take_dirty();
+        assert_eq!(
+            rows(&again),
+            [
+                want[0].clone(),
+                ("user:a".to_string(), Window::Daily, day, 3)
+            ]
+        );
+        assert!(st.take_dirty().is_empty());
     }
 
     #[test]
