@@ -153,6 +153,15 @@ pub(crate) mod tests {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 
+    /// `got` decodes to `want` and is byte for byte what prost encodes for it.
+    pub(crate) fn assert_encodes_as(got: Bytes, want: &ExportTraceServiceRequest, n: usize) {
+        assert_eq!(
+            &ExportTraceServiceRequest::decode(got.clone()).unwrap(),
+            want
+        );
+        assert_eq!(got.as_ref(), want.encode_to_vec().as_slice(), "{n} spans");
+    }
+
     /// What the OTLP exporter built for these spans: one resource, one scope.
     pub(crate) fn expected(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest {
@@ -214,13 +223,7 @@ pub(crate) mod tests {
                 b.push(s.clone(), &Attrs::default());
             }
             assert_eq!(b.len(), n);
-            let want = expected("svc", spans);
-            let got = b.request();
-            assert_eq!(
-                ExportTraceServiceRequest::decode(got.clone()).unwrap(),
-                want
-            );
-            assert_eq!(got.as_ref(), want.encode_to_vec().as_slice(), "{n} spans");
+            assert_encodes_as(b.request(), &expected("svc", spans), n);
         }
     }
 
