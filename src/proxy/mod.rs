@@ -618,10 +618,13 @@ impl TokenTap {
 
 #[async_trait]
 impl ProxyHttp for TokenTap {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context in its per-request future, in more than one place
+    /// across awaits, so an inline `Ctx` (~2 KB) made every open call's future ~6 KB larger
+    /// and was copied with it.
+    type CTX = Box<Ctx>;
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx {
             cfg: self.shared.config.load_full(),
             start: Instant::now(),
             started_at: SystemTime::now(),
@@ -658,10 +661,10 @@ impl ProxyHttp for TokenTap {
             identity: None,
             rewrite_user: false,
             decide: false,
-        }
+        })
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let t = Instant::now();
         // A client that goes quiet (mid-body, or between requests) cannot hold its
         // connection for ever.
@@ -687,7 +690,11 @@ impl ProxyHttp for TokenTap {
         r
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let t = Instant::now();
         let r = self.upstream_peer_inner(ctx).await;
         ctx.overhead += t.elapsed();
@@ -698,7 +705,7 @@ impl ProxyHttp for TokenTap {
         &self,
         _session: &mut Session,
         req: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         let url = &ctx.cfg.upstream.url;
         req.insert_header(header::HOST, url.host_header.as_str())?;
@@ -753,7 +760,7 @@ impl ProxyHttp for TokenTap {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         let t = Instant::now();
         let r = self.on_request_body(body, end_of_stream, ctx);
@@ -786,7 +793,7 @@ impl ProxyHttp for TokenTap {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         let t = Instant::now();
         let r = self.on_response(resp, ctx);
@@ -799,7 +806,7 @@ impl ProxyHttp for TokenTap {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
         if let Some(b) = body {
@@ -839,7 +846,7 @@ impl ProxyHttp for TokenTap {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing was sent on a connection that never opened: try the name's next address, if
@@ -855,7 +862,7 @@ impl ProxyHttp for TokenTap {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
@@ -879,7 +886,12 @@ impl ProxyHttp for TokenTap {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let deadline = ctx
             .cfg
             .limits
@@ -918,7 +930,7 @@ impl ProxyHttp for TokenTap {
         }
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let t = Instant::now();
         ctx.stream_active = None;
         let rec = record::build(session, e, ctx);
@@ -927,7 +939,7 @@ impl ProxyHttp for TokenTap {
         self.shared.calls.observe_overhead(total.as_secs_f64());
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
         // Refusals and clients hanging up are outcomes, recorded in the access log.
         ctx.rejection.is_some() || *e.esource() == ErrorSource::Downstream
     }
