@@ -1,7 +1,7 @@
 //! The floor of tokentap's own design: a Pingora HTTP proxy that forwards everything to one
 //! upstream and does nothing else (no inspection, no metering, no logging). Same Pingora
-//! version, same server settings as tokentap's (`src/server.rs`), so the distance between the
-//! two is what tokentap's metering costs.
+//! version, same server settings and same allocator as tokentap's (`src/server.rs`,
+//! `src/main.rs`), so the distance between the two is what tokentap's metering costs.
 //!
 //! `bare-pingora --listen 127.0.0.1:18001 --upstream 127.0.0.1:18000 --threads 1`
 //! (`--l4-read-buffer BYTES` and `--l4-write-buffer BYTES` set the listener's buffers, Pingora's
@@ -14,6 +14,10 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use tokentap_bench::{arg, arg_addr, arg_num};
+
+/// tokentap's allocator (mimalloc without transparent huge pages, tokentap's default build).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     upstream: SocketAddr,
