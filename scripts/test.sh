@@ -39,6 +39,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The build without the default allocator (mimalloc) must stay sound too.
+cargo clippy --no-default-features -- -D warnings
 # The benchmark's own programs (bench/) are held to the same lints.
 cargo clippy -p tokentap-bench --all-targets -- -D warnings
 

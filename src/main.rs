@@ -266,15 +266,30 @@ fn spend(
     report::report(&cfg.budgets.ledger.path, from, to, by, format)
 }
 
-/// mimalloc, not the system allocator (feature `mimalloc`, on by default; built without its
-/// transparent-huge-page requests, see Cargo.toml). Measured (docs/benchmarks.md, "Tuning
-/// tried"): glibc's malloc and free were 12 % of the proxy thread's time per call; with
-/// mimalloc, CPU per call is 7-10 % lower and throughput 9-12 % higher.
+/// mimalloc, not the system allocator (feature `mimalloc`, on by default). Why, and what was
+/// measured: docs/benchmarks.md, "Tuning tried" (glibc's malloc and free took ~12 % of the proxy
+/// thread's time per call).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// No transparent huge pages for this process. mimalloc is built not to ask for them (`no_thp`,
+/// see Cargo.toml), which is enough where the host's THP mode is `madvise` (Debian's); where it
+/// is `always`, the kernel would still back mimalloc's 2 MiB-aligned regions with huge pages and
+/// RSS with many open streams would roughly double. Inherited by nothing that matters: tokentap
+/// runs no child processes.
+#[cfg(all(feature = "mimalloc", target_os = "linux"))]
+fn no_huge_pages() -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    match unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(all(feature = "mimalloc", target_os = "linux"))]
+    let thp = no_huge_pages();
     // RUST_LOG, when set, governs logging; otherwise server.log_level does, and a reload can
     // change it (the logger lets everything through and log's max level filters).
     let log_from_env = std::env::var_os("RUST_LOG").is_some();
@@ -293,6 +308,10 @@ fn main() -> ExitCode {
     logger.target(env_logger::Target::Stderr).init();
     if !log_from_env {
         log::set_max_level(log::LevelFilter::Info);
+    }
+    #[cfg(all(feature = "mimalloc", target_os = "linux"))]
+    if let Err(e) = thp {
+        log::warn!("could not turn transparent huge pages off (RSS may be higher): {e}");
     }
     let cli = Cli::parse();
     match cli.command {
