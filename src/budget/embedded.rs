@@ -27,6 +27,14 @@ struct Counter {
     dirty: bool,
 }
 
+impl Counter {
+    /// Marks its spend as not in the file yet; `true` when it was not marked already (its key
+    /// is then to be listed in [`State::dirty`]).
+    fn mark_dirty(&mut self) -> bool {
+        !std::mem::replace(&mut self.dirty, true)
+    }
+}
+
 /// A counter's key: its subject's key and the window.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -103,7 +111,7 @@ impl State {
     /// Lists the counter for the next write to the file (once, however often it changes).
     fn mark_dirty(&mut self, name: &str, window: Window) {
         if let Some(c) = self.counters.get_mut(&KeyRef { name, window }) {
-            if !std::mem::replace(&mut c.dirty, true) {
+            if c.mark_dirty() {
                 self.dirty.push(Key {
                     name: name.to_string(),
                     window,
@@ -294,7 +302,7 @@ impl Embedded {
             c.spent.add(actual);
             let after = c.spent;
             // Listed once until the next flush (the counter is at hand: no second lookup).
-            if !std::mem::replace(&mut c.dirty, true) {
+            if c.mark_dirty() {
                 st.dirty.push(Key {
                     name: h.key.clone(),
                     window: h.window,
