@@ -4,11 +4,13 @@
     measure.py bodies DIR
         The request bodies: DIR/body-{1k,256k}-{n,s}.jsonl, 100 lines each, one JSON body a line,
         users user-000..user-099, each line exactly 1 KiB or 256 KiB.
-    measure.py target NAME --pid PID --port PORT --dir DIR --mock-port PORT
-        Every measurement of one running target (its process tree is PID and its descendants):
-        warm-up and idle RSS, then per workload a saturation run (closed loop) with CPU and peak
-        RSS, and runs at fixed rates (open loop); the latency-against-rate series; RSS with many
-        open streams. Writes DIR/results/NAME.json.
+    measure.py all --target NAME:PID:PORT [--target ...] --dir DIR --mock-port PORT
+        Every measurement of the running targets (a target's process tree is PID and its
+        descendants), interleaved: warm-up, idle RSS and idle CPU, then per workload saturation
+        rounds (closed loop) with CPU and peak RSS, runs at fixed rates (open loop) and one call
+        at a time; the latency-against-rate series; RSS with many open streams. Each step runs
+        every target in turn, in the given order and in reverse order the next step, so that a
+        slow minute of the machine falls on neighbours alike. Writes DIR/results/NAME.json.
     measure.py metering NAME --dir DIR --otlp-port P --access-log FILE --config FILE --tokentap BIN
         After tokentap has stopped: the proof that it metered (spans received by the OTLP sink,
         access-log lines, the ledger's spend). Added to DIR/results/NAME.json.
@@ -68,7 +70,10 @@ WORKLOADS = [
     {"id": "256k-n", "label": "non-streaming, 256 KiB prompt", "stream": False, "size": 256 * 1024},
     {"id": "256k-s", "label": "streaming, 256 KiB prompt", "stream": True, "size": 256 * 1024},
 ]
+WORKLOADS_BY_ID = {w["id"]: w for w in WORKLOADS}
 SERIES_WORKLOAD = "1k-n"
+# How long each target is watched, idle, for the CPU it uses while the others are measured.
+IDLE_WINDOW_S = 1 if QUICK else 5
 
 TARGETS = {
     "direct": "direct (mock)",
@@ -172,6 +177,26 @@ def rss_bytes(pids):
                         break
         except OSError:
             pass
+    return total
+
+
+def cpu_ns_exact(pids):
+    """CPU time of the processes' live threads from the scheduler's own clock
+    (/proc/PID/task/TID/schedstat, nanoseconds). utime and stime are sampled at the timer tick,
+    which charges a whole tick to a thread that wakes briefly just then: a process that wakes
+    a few times a second would show ten times the CPU it uses."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
     return total
 
 
@@ -336,141 +361,226 @@ def hold_streams(pid, port, n, mock_port):
     return result
 
 
-def cmd_target(args):
-    name, pid, port = args.name, args.pid, args.port
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    bodies = {w["id"]: body_file(args.dir, w) for w in WORKLOADS}
-    res = {"name": name, "label": TARGETS[name], "port": port, "status": "ok", "workloads": {}}
-    served_before = mock_count(args.mock_port, "requests")
-    calls = {"ok": 0, "completed": 0, "aborted_at_deadline": 0}
+class Target:
+    """One running target and what has been measured of it so far."""
 
-    def count(run):
-        for k in calls:
-            calls[k] += run[k]
+    def __init__(self, name, pid, port, dir_, mock_port):
+        self.name, self.pid, self.port, self.dir, self.mock_port = name, pid, port, dir_, mock_port
+        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.res = {"name": name, "label": TARGETS[name], "port": port, "status": "ok", "workloads": {}}
+        self.calls = {"ok": 0, "completed": 0, "aborted_at_deadline": 0}
+        # Requests the mock served during this target's runs (None once a count was missed).
+        self.upstream = 0
 
-    def settle():
+    def count(self, run):
+        for k in self.calls:
+            self.calls[k] += run[k]
+
+    def settle(self):
         """Until the target is idle again: a slow one (LiteLLM) still works through the calls
-        that a run cut off at its deadline, which would slow down the next run."""
+        that a run cut off at its deadline, which would slow down the next run, and tokentap's
+        deferred work (span export, log and ledger writes at a lower priority) belongs to the
+        calls just made."""
         time.sleep(1)
         for _ in range(120):
-            procs = tree(pid)
+            procs = tree(self.pid)
             before = cpu_seconds(procs)
             time.sleep(0.5)
             if cpu_seconds(procs) - before < 0.05:
                 return
 
-    # Warm-up, then the idle memory.
-    warm = summarize(oha(url, bodies["1k-n"], None, 1, n=20), 1)
-    count(warm)
-    res["warmup"] = warm
-    settle()
-    procs = tree(pid)
-    res["processes_idle"] = len(procs)
-    res["rss_idle_bytes"] = rss_bytes(procs)
-    log(f"{name}: idle RSS {res['rss_idle_bytes'] / 1e6:.1f} MB ({len(procs)} processes)")
+    def load(self, workload, duration, connections, rate=None, n=None, sampler=False):
+        """One oha run against this target, then settle. Returns (summary, CPU seconds of the
+        target's tree over the run and its settling, the peak RSS and sample count if sampled)."""
+        body = body_file(self.dir, workload)
+        before = mock_count(self.mock_port, "requests")
+        cpu0 = cpu_seconds(tree(self.pid))
+        if sampler:
+            with RssSampler(self.pid) as s:
+                raw = oha(self.url, body, duration, connections, rate=rate, n=n)
+            peak = (s.peak, s.samples)
+        else:
+            raw = oha(self.url, body, duration, connections, rate=rate, n=n)
+            peak = None
+        self.settle()
+        cpu = cpu_seconds(tree(self.pid)) - cpu0
+        after = mock_count(self.mock_port, "requests")
+        if self.upstream is not None and before is not None and after is not None:
+            self.upstream += after - before
+        else:
+            self.upstream = None
+        run = summarize(raw, connections, rate)
+        self.count(run)
+        return run, cpu, peak
+
+    def write(self):
+        self.res["calls"] = self.calls
+        if self.upstream is not None:
+            self.res["upstream_requests"] = self.upstream
+        self.res["rss_end_bytes"] = rss_bytes(tree(self.pid))
+        out = Path(self.dir) / "results" / f"{self.name}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(self.res, indent=1))
+
+
+def write_failed(dir_, name, error):
+    out = Path(dir_) / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"name": name, "label": TARGETS[name], "status": "failed", "error": error}, indent=1))
+
+
+def cmd_all(args):
+    """Every measurement of every target, interleaved: each step (a saturation round, a fixed
+    rate, ...) runs the targets one after another, in the given order and then in reverse
+    order the next step (A B C, C B A, ...). A slow minute of the machine then lands on targets
+    measured side by side rather than on one target's whole series, and neighbours in the
+    order (bare-pingora and tokentap) are always measured next to each other."""
+    targets = []
+    for spec in args.target:
+        name, pid, port = spec.split(":")
+        if name not in TARGETS:
+            sys.exit(f"error: unknown target {name!r}")
+        targets.append(Target(name, int(pid), int(port), args.dir, args.mock_port))
+    active = list(targets)
+    step = [0]
+
+    def each(what, fn):
+        """fn(target) for every active target, in this step's order. A target whose measurement
+        fails is recorded as failed and left out of the rest; the others go on."""
+        order = active if step[0] % 2 == 0 else active[::-1]
+        step[0] += 1
+        for t in list(order):
+            try:
+                fn(t)
+            except Exception as e:
+                log(f"{t.name}: {what} failed: {e}")
+                write_failed(args.dir, t.name, f"{what}: {e}")
+                active.remove(t)
+
+    # Warm-up, then the idle memory and the CPU an idle target uses (it runs while the others
+    # are measured, on the same core).
+    def warm(t):
+        run, _, _ = t.load(WORKLOADS_BY_ID["1k-n"], None, 1, n=20)
+        t.res["warmup"] = run
+
+    each("warm-up", warm)
+    for t in active:
+        procs = tree(t.pid)
+        t.res["processes_idle"] = len(procs)
+        t.res["rss_idle_bytes"] = rss_bytes(procs)
+        ns0 = cpu_ns_exact(procs)
+        time.sleep(IDLE_WINDOW_S)
+        t.res["idle_cpu_share"] = (cpu_ns_exact(procs) - ns0) / 1e9 / IDLE_WINDOW_S
+        log(f"{t.name}: idle RSS {t.res['rss_idle_bytes'] / 1e6:.1f} MB ({len(procs)} processes), "
+            f"idle CPU {t.res['idle_cpu_share']:.1%}")
 
     for w in WORKLOADS:
-        stream = w["stream"]
-        entry = {}
-        c = SATURATION_CONNECTIONS[stream]
-        runs, cpu, answered, peak, samples = [], 0.0, 0, 0, 0
+        c = SATURATION_CONNECTIONS[w["stream"]]
+        runs = {t.name: [] for t in active}
+        acc = {t.name: {"cpu": 0.0, "peak": 0, "samples": 0} for t in active}
+
         for i in range(REPEAT):
-            procs = tree(pid)
-            cpu0 = cpu_seconds(procs)
-            with RssSampler(pid) as sampler:
-                raw = oha(url, bodies[w["id"]], DURATION, c)
-            # Until idle: work a target defers (tokentap's span export, log and ledger writes
-            # at a lower priority) belongs to these calls.
-            settle()
-            procs = tree(pid)
-            cpu += cpu_seconds(procs) - cpu0
-            one = summarize(raw, c)
-            count(one)
-            answered += one["ok"]
-            peak = max(peak, sampler.peak)
-            samples += sampler.samples
-            runs.append(one)
-        # The median run by throughput; CPU (per call answered 200), memory and failures over
-        # all of them.
-        sat = dict(sorted(runs, key=lambda r: r["rps"])[len(runs) // 2])
-        sat["rps_runs"] = [r["rps"] for r in runs]
-        sat["non_200"] = sum(r["non_200"] for r in runs)
-        sat["error_count"] = sum(r["error_count"] for r in runs)
-        sat["cpu_s"] = cpu
-        sat["cpu_s_per_1k"] = cpu / answered * 1000 if answered else None
-        sat["rss_peak_bytes"] = peak
-        sat["rss_samples"] = samples
-        sat["processes"] = len(procs)
-        entry["saturation"] = sat
-        log(
-            f"{name} {w['id']}: saturation {sat['rps']:.0f}/s, "
-            f"{sat['cpu_s_per_1k'] or 0:.3f} CPU s/1k, non-200 {sat['non_200']}, errors {sat['error_count']}"
-        )
-        settle()
-        entry["rates"] = {}
-        for rate in FIXED_RATES:
-            run = summarize(oha(url, bodies[w["id"]], DURATION, RATE_CONNECTIONS, rate=rate), RATE_CONNECTIONS, rate)
-            count(run)
-            entry["rates"][str(rate)] = run
+            def saturate(t, i=i):
+                run, cpu, (peak, samples) = t.load(w, DURATION, c, sampler=True)
+                run["round"] = i
+                runs[t.name].append(run)
+                a = acc[t.name]
+                a["cpu"] += cpu
+                a["peak"] = max(a["peak"], peak)
+                a["samples"] += samples
+                log(f"{t.name} {w['id']} saturation round {i + 1}: {run['rps']:.0f}/s")
+
+            each(f"{w['id']} saturation", saturate)
+
+        for t in active:
+            rs, a = runs[t.name], acc[t.name]
+            answered = sum(r["ok"] for r in rs)
+            # The median run by throughput; CPU (per call answered 200), memory and failures
+            # over all of them. rps_runs is in round order, so that round i of two targets
+            # can be compared as a pair.
+            sat = dict(sorted(rs, key=lambda r: r["rps"])[len(rs) // 2])
+            sat["rps_runs"] = [r["rps"] for r in rs]
+            sat["non_200"] = sum(r["non_200"] for r in rs)
+            sat["error_count"] = sum(r["error_count"] for r in rs)
+            sat["cpu_s"] = a["cpu"]
+            sat["cpu_s_per_1k"] = a["cpu"] / answered * 1000 if answered else None
+            sat["rss_peak_bytes"] = a["peak"]
+            sat["rss_samples"] = a["samples"]
+            sat["processes"] = len(tree(t.pid))
+            t.res["workloads"][w["id"]] = {"saturation": sat, "rates": {}}
             log(
-                f"{name} {w['id']} @{rate}/s: reached {run['rps']:.0f}/s"
-                f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
+                f"{t.name} {w['id']}: saturation {sat['rps']:.0f}/s, "
+                f"{sat['cpu_s_per_1k'] or 0:.3f} CPU s/1k, non-200 {sat['non_200']}, errors {sat['error_count']}"
             )
-            settle()
-        run = summarize(oha(url, bodies[w["id"]], SERIAL_DURATION, 1), 1)
-        count(run)
-        entry["serial"] = run
-        log(f"{name} {w['id']} one call at a time: {run['rps']:.0f}/s, {latency_text(run)}")
-        settle()
-        res["workloads"][w["id"]] = entry
 
-    # Latency against rate, one workload. Rates above the measured saturation are skipped,
-    # except the lowest, so that every target has a point.
-    series_sat = res["workloads"][SERIES_WORKLOAD]["saturation"]["rps"]
-    res["series"] = {}
+        for rate in FIXED_RATES:
+            def fixed(t, rate=rate):
+                run, _, _ = t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)
+                t.res["workloads"][w["id"]]["rates"][str(rate)] = run
+                log(
+                    f"{t.name} {w['id']} @{rate}/s: reached {run['rps']:.0f}/s"
+                    f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
+                )
+
+            each(f"{w['id']} at {rate}/s", fixed)
+
+        def serial(t):
+            run, _, _ = t.load(w, SERIAL_DURATION, 1)
+            t.res["workloads"][w["id"]]["serial"] = run
+            log(f"{t.name} {w['id']} one call at a time: {run['rps']:.0f}/s, {latency_text(run)}")
+
+        each(f"{w['id']} one call at a time", serial)
+
+    # Latency against rate, one workload. Rates above a target's measured saturation are
+    # skipped, except the lowest, so that every target has a point.
+    for t in active:
+        t.res["series"] = {}
     for i, rate in enumerate(SERIES_RATES):
-        key = str(rate)
-        if key in res["workloads"][SERIES_WORKLOAD]["rates"]:
-            res["series"][key] = res["workloads"][SERIES_WORKLOAD]["rates"][key]
-            continue
-        if rate > series_sat and i > 0:
-            res["series"][key] = {"offered_rate": rate, "skipped": f"above the saturation ({series_sat:.0f}/s)"}
-            continue
-        run = summarize(oha(url, bodies[SERIES_WORKLOAD], DURATION, RATE_CONNECTIONS, rate=rate), RATE_CONNECTIONS, rate)
-        count(run)
-        res["series"][key] = run
-        log(f"{name} series @{rate}/s: reached {run['rps']:.0f}/s, {latency_text(run)}")
-        settle()
+        def point(t, i=i, rate=rate):
+            key = str(rate)
+            wl = t.res["workloads"][SERIES_WORKLOAD]
+            if key in wl["rates"]:
+                t.res["series"][key] = wl["rates"][key]
+                return
+            sat = wl["saturation"]["rps"]
+            if rate > sat and i > 0:
+                t.res["series"][key] = {"offered_rate": rate, "skipped": f"above the saturation ({sat:.0f}/s)"}
+                return
+            run, _, _ = t.load(WORKLOADS_BY_ID[SERIES_WORKLOAD], DURATION, RATE_CONNECTIONS, rate=rate)
+            t.res["series"][key] = run
+            log(f"{t.name} series @{rate}/s: reached {run['rps']:.0f}/s, {latency_text(run)}")
 
-    log(f"{name}: holding {HOLD_STREAMS} streams")
-    hs = hold_streams(pid, port, HOLD_STREAMS, args.mock_port)
-    res["streams"] = hs
-    calls["ok"] += hs["ok"] or 0
-    calls["completed"] += hs["ok"] or 0
-    if hs["rss_open_bytes"] is not None:
-        log(f"{name}: RSS with {HOLD_STREAMS} open streams {hs['rss_open_bytes'] / 1e6:.1f} MB; {hs['output'][-1:]}")
-    else:
-        log(f"{name}: the {HOLD_STREAMS} streams did not all open: {hs['output']} {hs['failure_reasons']}")
-    time.sleep(2)
+        each(f"series at {rate}/s", point)
 
-    served_after = mock_count(args.mock_port, "requests")
-    # Every call of the load (not the two sample calls of bench/run.sh's check).
-    res["calls"] = calls
-    if served_before is not None and served_after is not None:
-        res["upstream_requests"] = served_after - served_before
-    res["rss_end_bytes"] = rss_bytes(tree(pid))
-    out = Path(args.dir) / "results" / f"{name}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    # Held streams last, one target at a time (each needs the load core to itself).
+    def hold(t):
+        log(f"{t.name}: holding {HOLD_STREAMS} streams")
+        before = mock_count(t.mock_port, "requests")
+        hs = hold_streams(t.pid, t.port, HOLD_STREAMS, t.mock_port)
+        t.res["streams"] = hs
+        t.calls["ok"] += hs["ok"] or 0
+        t.calls["completed"] += hs["ok"] or 0
+        if hs["rss_open_bytes"] is not None:
+            log(f"{t.name}: RSS with {HOLD_STREAMS} open streams {hs['rss_open_bytes'] / 1e6:.1f} MB; {hs['output'][-1:]}")
+        else:
+            log(f"{t.name}: the {HOLD_STREAMS} streams did not all open: {hs['output']} {hs['failure_reasons']}")
+        time.sleep(2)
+        after = mock_count(t.mock_port, "requests")
+        if t.upstream is not None and before is not None and after is not None:
+            t.upstream += after - before
+        else:
+            t.upstream = None
+
+    each("held streams", hold)
+    for t in active:
+        t.write()
+    if len(active) < len(targets):
+        sys.exit(1)
 
 
 def cmd_failed(args):
     """A target that did not start or did not answer: recorded, not hidden."""
-    out = Path(args.dir) / "results" / f"{args.name}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps({"name": args.name, "label": TARGETS[args.name], "status": "failed", "error": args.error}, indent=1)
-    )
+    write_failed(args.dir, args.name, args.error)
 
 
 # ---------------------------------------------------------------- tokentap's metering evidence
@@ -640,6 +750,9 @@ def cmd_finish(args):
             "stream_delay_us": STREAM_DELAY_US,
             "hold_streams": HOLD_STREAMS,
             "hold_timeout_s": HOLD_TIMEOUT_S,
+            # Every step runs the targets in turn, forward then reverse (cmd_all): round i of
+            # one target's saturation runs is next to round i of its neighbours'.
+            "interleaved": True,
         },
         "workloads": WORKLOADS,
         "targets": results,
@@ -656,10 +769,8 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bodies")
     b.add_argument("dir")
-    t = sub.add_parser("target")
-    t.add_argument("name", choices=TARGETS)
-    t.add_argument("--pid", type=int, required=True)
-    t.add_argument("--port", type=int, required=True)
+    t = sub.add_parser("all")
+    t.add_argument("--target", action="append", required=True, metavar="NAME:PID:PORT")
     t.add_argument("--dir", required=True)
     t.add_argument("--mock-port", type=int, required=True)
     f = sub.add_parser("failed")
@@ -681,7 +792,7 @@ def main():
     z.add_argument("--started", required=True)
     z.add_argument("--started-epoch", required=True)
     args = p.parse_args()
-    {"bodies": cmd_bodies, "target": cmd_target, "failed": cmd_failed, "metering": cmd_metering, "finish": cmd_finish}[
+    {"bodies": cmd_bodies, "all": cmd_all, "failed": cmd_failed, "metering": cmd_metering, "finish": cmd_finish}[
         args.cmd
     ](args)
 

@@ -10,6 +10,7 @@ PASS/FAIL is computed from the results.
 
 import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def run_flags(run):
     return f" ⚠ {', '.join(flags)}" if flags else ""
 
 
+def idle_cpu_text(R):
+    """The CPU each target used while idle (it runs beside the one being measured)."""
+    shares = [f"{R.label(n)} {t['idle_cpu_share']:.2%}" for n, t in R.targets.items()
+              if R.ok(n) and t.get("idle_cpu_share") is not None and n != "direct"]
+    return (" Idle, after the warm-up, the proxies used of their core: " + ", ".join(shares) + ".") if shares else ""
+
+
 def header(R):
     d = R.d
     m, v, p = d["machine"], d["versions"], d["placement"]
@@ -160,6 +168,13 @@ def header(R):
     repeats = d.get("saturation_repeats", 1)
     median = (f"the median of {repeats} runs (the range of all {repeats} in brackets), "
               if repeats > 1 else "")
+    if s.get("interleaved"):
+        out.append("- Order: every target runs at once, idle while the others are measured, and every "
+                   "measurement step (a saturation round, a fixed rate, one call at a time, a point of the "
+                   "series) runs the targets in turn, forward and then in reverse order the next step. A "
+                   "ratio of saturation throughputs is the median of the rounds' ratios (round i of two "
+                   "targets ran side by side). Held streams come last, one target at a time."
+                   + idle_cpu_text(R))
     out.append(f"- Load: [oha]({'https://github.com/hatoo/oha'}), {d['duration_s']:g} s per run. Saturation: "
                f"{median}closed loop, {s['saturation_connections']['non-streaming']} connections (non-streaming) or "
                f"{s['saturation_connections']['streaming']} (streaming). Fixed rates "
@@ -178,6 +193,15 @@ def header(R):
                "100 ms during the saturation runs. RSS idle: after start and a 20-call warm-up. For *direct*, CPU and RSS are the "
                "mock's own.")
     return out
+
+
+def paired(R, a, b):
+    """The per-round ratios of two targets' saturation runs when the run interleaved them
+    (round i of each side by side), else None."""
+    ra, rb = a.get("rps_runs") or [], b.get("rps_runs") or []
+    if not R.d["settings"].get("interleaved") or len(ra) < 2 or len(ra) != len(rb) or not all(rb):
+        return None
+    return [x / y for x, y in zip(ra, rb)]
 
 
 def ratios(R):
@@ -204,9 +228,20 @@ def ratios(R):
                 rows.append((crit, w["label"], f"{x_text} ({rate(a['rps'])} / {b_text} req/s) ⚠ bound by "
                              f"the load core: the direct floor reached {rate(floor['rps'])}/s{cpu}", target, None))
             elif a and b and b["rps"] > 0:
-                x = a["rps"] / b["rps"]
-                x_text, b_text = shown(x, b["rps"])
-                rows.append((crit, w["label"], f"{x_text} ({rate(a['rps'])} / {b_text} req/s)", target, x >= minimum))
+                pairs = paired(R, a, b)
+                if pairs:
+                    # Round i of both ran side by side: the median of the rounds' ratios, which a
+                    # slow minute of the machine moves far less than the ratio of two medians.
+                    x = statistics.median(pairs)
+                    each = ", ".join(shown(p, b["rps"])[0] for p in pairs)
+                    x_text, b_text = shown(x, b["rps"])
+                    measured = (f"{x_text} (median of the rounds' ratios: {each}; median rates "
+                                f"{rate(a['rps'])} / {b_text} req/s)")
+                else:
+                    x = a["rps"] / b["rps"]
+                    x_text, b_text = shown(x, b["rps"])
+                    measured = f"{x_text} ({rate(a['rps'])} / {b_text} req/s)"
+                rows.append((crit, w["label"], measured, target, x >= minimum))
             elif a and b:
                 rows.append((crit, w["label"], f"{label} completed no call", target, None))
             else:

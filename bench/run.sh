@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark, in one command: builds in release mode, starts the fast mock upstream and an
-# OTLP receiver, then measures each target in turn on the same machine and workloads:
+# OTLP receiver, starts every target, then measures them interleaved (each step runs every
+# target in turn, forward then reverse order) on the same machine and workloads:
 #   direct    straight to the mock (the floor)
 #   nginx     nginx as a plain pass-through (bench/conf/nginx.conf)
 #   bare      bare-pingora, Pingora forwarding and nothing else (with tokentap's listener
@@ -203,23 +204,6 @@ failed() {
     "$PY" bench/measure.py failed "$name" --dir "$DIR" --error "$why"
 }
 
-measure() {
-    local name=$1 pid=$2 port=$3 why
-    if ! why=$(check_200 "$port"); then
-        failed "$name" "$why" "$DIR/$name.log"
-        return 0
-    fi
-    say "measuring $name (pid $pid, port $port)"
-    # In the background, in its own process group, so that a signal reaches the traps at
-    # once (bash runs them only when a foreground command ends) and cleanup can stop it with
-    # the load it started.
-    setsid taskset -c "$LOAD_CPU" "$PY" bench/measure.py target "$name" --pid "$pid" --port "$port" \
-        --dir "$DIR" --mock-port "$MOCK_PORT" &
-    MEASURE_PID=$!
-    wait "$MEASURE_PID" || failed "$name" "the measurement failed"
-    MEASURE_PID=
-}
-
 for port in $MOCK_PORT $OTLP_PORT $NGINX_PORT $BARE_PORT $TOKENTAP_PORT $TOKENTAP_ADMIN_PORT $LITELLM_PORT; do
     if port_open "$port"; then die "port $port is taken: the benchmark uses 18100-18199"; fi
 done
@@ -232,11 +216,17 @@ start otlp-sink "$LOAD_CPU" "$BIN/otlp-sink" --listen "127.0.0.1:$OTLP_PORT"
 wait_ready "$MOCK_PID" 10 "$MOCK_PORT" || die "the mock did not start: $(cat "$DIR/mock.log")"
 wait_ready "$LAST_PID" 10 "$OTLP_PORT" || die "otlp-sink did not start: $(cat "$DIR/otlp-sink.log")"
 
+# Every target is started first and measured in one interleaved pass (bench/measure.py all):
+# each step runs the targets in turn, so a slow minute of this machine falls on targets side by
+# side instead of on one target's whole series. A target waits idle, on its core, while the
+# others are measured; the report shows the CPU an idle target uses.
+SPECS=()
+declare -A TARGET_PID
 for t in ${BENCH_TARGETS//,/ }; do
-    say "target $t"
+    say "starting $t"
     case $t in
     direct)
-        measure direct "$MOCK_PID" "$MOCK_PORT"
+        SPECS+=("direct:$MOCK_PID:$MOCK_PORT")
         continue
         ;;
     nginx)
@@ -267,18 +257,50 @@ for t in ${BENCH_TARGETS//,/ }; do
         ;;
     esac
     pid=$LAST_PID
-    if wait_ready "$pid" "$wait_s" "$ready"; then
-        measure "$t" "$pid" "$port"
-    else
+    if ! wait_ready "$pid" "$wait_s" "$ready"; then
         failed "$t" "did not start within $wait_s s" "$DIR/$t.log"
-    fi
-    stop "$pid"
-    if [ "$t" = tokentap ] && [ -f "$DIR/results/tokentap.json" ]; then
-        # Stopped, so every span, log line and ledger row is flushed: the proof of metering.
-        "$PY" bench/measure.py metering tokentap --dir "$DIR" --otlp-port "$OTLP_PORT" \
-            --access-log "$DIR/tokentap-access.log" --config "$DIR/tokentap.toml" --tokentap "$BIN/tokentap"
+        stop "$pid"
+    elif ! why=$(check_200 "$port"); then
+        failed "$t" "$why" "$DIR/$t.log"
+        stop "$pid"
+    else
+        SPECS+=("$t:$pid:$port")
+        TARGET_PID[$t]=$pid
     fi
 done
+# direct answers too (a failing mock would show in every target).
+if [[ " ${SPECS[*]} " == *" direct:"* ]] && ! why=$(check_200 "$MOCK_PORT"); then
+    die "the mock does not answer: $why"
+fi
+
+if [ "${#SPECS[@]}" -gt 0 ]; then
+    say "measuring ${SPECS[*]}"
+    args=()
+    for s in "${SPECS[@]}"; do args+=(--target "$s"); done
+    # In the background, in its own process group, so that a signal reaches the traps at
+    # once (bash runs them only when a foreground command ends) and cleanup can stop it with
+    # the load it started.
+    setsid taskset -c "$LOAD_CPU" "$PY" bench/measure.py all "${args[@]}" --dir "$DIR" --mock-port "$MOCK_PORT" &
+    MEASURE_PID=$!
+    if ! wait "$MEASURE_PID"; then
+        # The targets it could not measure have a failed result; the others have theirs.
+        for s in "${SPECS[@]}"; do
+            t=${s%%:*}
+            grep -q '"status": "failed"' "$DIR/results/$t.json" 2>/dev/null && FAILED="$FAILED $t"
+            [ -f "$DIR/results/$t.json" ] || failed "$t" "the measurement failed"
+        done
+    fi
+    MEASURE_PID=
+fi
+
+for t in "${!TARGET_PID[@]}"; do
+    stop "${TARGET_PID[$t]}"
+done
+if [ -n "${TARGET_PID[tokentap]:-}" ] && grep -q '"status": "ok"' "$DIR/results/tokentap.json" 2>/dev/null; then
+    # Stopped, so every span, log line and ledger row is flushed: the proof of metering.
+    "$PY" bench/measure.py metering tokentap --dir "$DIR" --otlp-port "$OTLP_PORT" \
+        --access-log "$DIR/tokentap-access.log" --config "$DIR/tokentap.toml" --tokentap "$BIN/tokentap"
+fi
 
 mkdir -p bench/results
 "$PY" bench/measure.py finish --dir "$DIR" --targets "$BENCH_TARGETS" --out bench/results/latest.json \
