@@ -214,7 +214,41 @@ impl Window {
 
     /// Start and end (Unix seconds) of the window containing `now` in `zone`; `end` is
     /// `i64::MAX` for `Total`.
+    ///
+    /// A call asks for the same few windows several times (reserve, settle, the spend
+    /// report), each a calendar computation of ~500 instructions, and in a fixed-offset zone
+    /// the answer only changes when a window ends; so the last answers are kept per thread and
+    /// reused while `now` is inside them (`bounds_uncached` is the computation). Not in a
+    /// named zone: where its offset changes by a fraction of an hour (Lord Howe's 30 minutes),
+    /// the hours before and after the change overlap, and which one `now` falls in depends on
+    /// the offset at `now`, not on a window already found.
     pub fn bounds(&self, now: i64, zone: Zone) -> (i64, i64) {
+        if let Zone::Named(_) = zone {
+            return self.bounds_uncached(now, zone);
+        }
+        thread_local! {
+            static LAST: std::cell::Cell<[Option<KeptBounds>; BOUNDS_KEPT]> =
+                const { std::cell::Cell::new([None; BOUNDS_KEPT]) };
+        }
+        LAST.with(|last| {
+            let mut kept = last.get();
+            for (w, z, start, end) in kept.iter().flatten() {
+                if w == self && *z == zone && *start <= now && now < *end {
+                    return (*start, *end);
+                }
+            }
+            let (start, end) = self.bounds_uncached(now, zone);
+            // Only a window that contains `now` can answer for other moments.
+            if start <= now && now < end {
+                kept.rotate_right(1);
+                kept[0] = Some((*self, zone, start, end));
+                last.set(kept);
+            }
+            (start, end)
+        })
+    }
+
+    fn bounds_uncached(&self, now: i64, zone: Zone) -> (i64, i64) {
         match zone {
             Zone::Fixed(z) => self.bounds_in(now, &z),
             Zone::Named(z) => self.bounds_in(now, &z),
@@ -273,6 +307,12 @@ impl Window {
         }
     }
 }
+
+/// How many recent windows [`Window::bounds`] keeps per thread: a call with a daily and a
+/// monthly cap asks for two.
+const BOUNDS_KEPT: usize = 4;
+/// A window kept by [`Window::bounds`]: its kind, its zone, its start and end.
+type KeptBounds = (Window, Zone, i64, i64);
 
 /// Where calendar windows are computed: a fixed UTC offset, or an IANA time zone (whose
 /// midnights follow daylight saving time).
@@ -547,6 +587,57 @@ fn parse_offset(s: &str) -> Result<FixedOffset, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The kept windows answer exactly as the computation would, in any order of calls,
+        /// across daylight-saving changes (a 30-minute one, one at midnight: named zones are
+        /// not kept, and this shows why), month ends and window kinds that share a thread's
+        /// memory.
+        #[test]
+        fn kept_bounds_equal_computed(
+            steps in proptest::collection::vec((0usize..8, 0usize..6, -3i64 * 86_400..3 * 86_400), 1..60)
+        ) {
+            let zones = [
+                Zone::utc(),
+                Zone::Fixed(FixedOffset::east_opt(5 * 3600 + 1800).unwrap()),
+                Zone::Named("Europe/Berlin".parse().unwrap()),
+                Zone::Named("America/Santiago".parse().unwrap()),
+                Zone::Named("Australia/Lord_Howe".parse().unwrap()),
+                Zone::Named("America/Havana".parse().unwrap()),
+            ];
+            let windows = [
+                Window::Hourly,
+                Window::Daily,
+                Window::Weekly,
+                Window::Monthly,
+                Window::Total,
+                Window::Every(90),
+                Window::Every(86_400),
+                Window::Daily,
+            ];
+            // Around changes: Berlin 2026-03-29 and 2026-10-25, Santiago 2026-04-05 and
+            // 2026-09-06 (at midnight), Lord Howe 2026-04-05 (30 minutes), a year's end.
+            let bases = [
+                ts("2026-03-29T01:00:00Z"),
+                ts("2026-10-25T01:00:00Z"),
+                ts("2026-04-05T03:00:00Z"),
+                ts("2026-09-06T04:00:00Z"),
+                ts("2026-04-04T15:00:00Z"),
+                ts("2026-12-31T23:30:00Z"),
+            ];
+            for (w, z, delta) in steps {
+                let (window, zone) = (windows[w], zones[z % zones.len()]);
+                let now = bases[(w + z) % bases.len()] + delta;
+                let (start, end) = window.bounds(now, zone);
+                proptest::prop_assert_eq!((start, end), window.bounds_uncached(now, zone));
+                // The edges: the last second of the window kept, and the first after it.
+                let edges = if end == i64::MAX { vec![start] } else { vec![start, end - 1, end] };
+                for at in edges {
+                    proptest::prop_assert_eq!(window.bounds(at, zone), window.bounds_uncached(at, zone));
+                }
+            }
+        }
+    }
 
     fn utc() -> Zone {
         Zone::utc()
