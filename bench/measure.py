@@ -9,8 +9,9 @@
         descendants), interleaved: warm-up, idle RSS and idle CPU, then per workload saturation
         rounds (closed loop) with CPU and peak RSS, runs at fixed rates (open loop) and one call
         at a time; the latency-against-rate series; RSS with many open streams. Each step runs
-        every target in turn, in the given order and in reverse order the next step, so that a
-        slow minute of the machine falls on neighbours alike. Writes DIR/results/NAME.json.
+        every target in turn, in the given order and in reverse order the next time a step of
+        its kind comes, so that a slow minute of the machine falls on neighbours alike. Writes
+        DIR/results/NAME.json (after every step; "incomplete" until the end).
     measure.py metering NAME --dir DIR --otlp-port P --access-log FILE --config FILE --tokentap BIN
         After tokentap has stopped: the proof that it metered (spans received by the OTLP sink,
         access-log lines, the ledger's spend). Added to DIR/results/NAME.json.
@@ -30,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -364,8 +366,10 @@ def hold_streams(pid, port, n, mock_port):
 class Target:
     """One running target and what has been measured of it so far."""
 
-    def __init__(self, name, pid, port, dir_, mock_port):
+    def __init__(self, name, pid, port, dir_, mock_port, peers):
         self.name, self.pid, self.port, self.dir, self.mock_port = name, pid, port, dir_, mock_port
+        # Every target still measured (this one included): they share the proxies' core.
+        self.peers = peers
         self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
         self.res = {"name": name, "label": TARGETS[name], "port": port, "status": "ok", "workloads": {}}
         self.calls = {"ok": 0, "completed": 0, "aborted_at_deadline": 0}
@@ -377,16 +381,18 @@ class Target:
             self.calls[k] += run[k]
 
     def settle(self):
-        """Until the target is idle again: a slow one (LiteLLM) still works through the calls
-        that a run cut off at its deadline, which would slow down the next run, and tokentap's
-        deferred work (span export, log and ledger writes at a lower priority) belongs to the
-        calls just made."""
+        """Until every target is idle again and the mock has no call open: a slow target
+        (LiteLLM) still works through the calls that a run cut off at its deadline (and
+        retries some), which would slow down and be counted in the next run, of whichever
+        target; tokentap's deferred work (span export, log and ledger writes at a lower
+        priority) belongs to the calls just made."""
         time.sleep(1)
-        for _ in range(120):
-            procs = tree(self.pid)
-            before = cpu_seconds(procs)
+        for _ in range(360):
+            trees = [tree(t.pid) for t in self.peers]
+            before = [cpu_seconds(p) for p in trees]
             time.sleep(0.5)
-            if cpu_seconds(procs) - before < 0.05:
+            busy = any(cpu_seconds(p) - b >= 0.05 for p, b in zip(trees, before))
+            if not busy and (mock_count(self.mock_port, "active") or 0) == 0:
                 return
 
     def load(self, workload, duration, connections, rate=None, n=None, sampler=False):
@@ -413,7 +419,14 @@ class Target:
         self.count(run)
         return run, cpu, peak
 
-    def write(self):
+    def write(self, final=False):
+        """The figures so far; `incomplete` (which the report does not judge) until the last
+        step is done."""
+        self.res["status"] = "ok" if final else "incomplete"
+        if final:
+            self.res.pop("error", None)
+        else:
+            self.res["error"] = "the measurement stopped before its end (the figures so far are in the raw results)"
         self.res["calls"] = self.calls
         if self.upstream is not None:
             self.res["upstream_requests"] = self.upstream
@@ -431,31 +444,45 @@ def write_failed(dir_, name, error):
 
 def cmd_all(args):
     """Every measurement of every target, interleaved: each step (a saturation round, a fixed
-    rate, ...) runs the targets one after another, in the given order and then in reverse
-    order the next step (A B C, C B A, ...). A slow minute of the machine then lands on targets
-    measured side by side rather than on one target's whole series, and neighbours in the
-    order (bare-pingora and tokentap) are always measured next to each other."""
+    rate, ...) runs the targets one after another, in the given order and in reverse order the
+    next time a step of that kind comes (A B C, C B A, ...). A slow minute of the machine then
+    lands on targets measured side by side rather than on one target's whole series, and
+    neighbours in the order (bare-pingora and tokentap) are always measured next to each
+    other. Every run starts when all targets are idle and the mock has no call open."""
     targets = []
+    active = []
     for spec in args.target:
         name, pid, port = spec.split(":")
         if name not in TARGETS:
             sys.exit(f"error: unknown target {name!r}")
-        targets.append(Target(name, int(pid), int(port), args.dir, args.mock_port))
-    active = list(targets)
-    step = [0]
+        targets.append(Target(name, int(pid), int(port), args.dir, args.mock_port, active))
+    active.extend(targets)
+    # Forward or reverse, per kind of step: each kind alternates on its own (so the rate of
+    # 2,000/s, say, does not always run in the same order).
+    turns = {}
 
-    def each(what, fn):
-        """fn(target) for every active target, in this step's order. A target whose measurement
-        fails is recorded as failed and left out of the rest; the others go on."""
-        order = active if step[0] % 2 == 0 else active[::-1]
-        step[0] += 1
-        for t in list(order):
+    def each(kind, what, fn, reverse_allowed=True):
+        """fn(target) for every active target, in this kind's turn of order. A target whose
+        measurement fails is recorded as failed, stopped (it would go on loading the shared
+        core) and left out of the rest; the others go on. Every target's figures so far are
+        written after each step, so a crash later loses nothing measured."""
+        turn = turns.get(kind, 0)
+        turns[kind] = turn + 1
+        order = active[::-1] if reverse_allowed and turn % 2 else list(active)
+        for t in order:
             try:
                 fn(t)
             except Exception as e:
                 log(f"{t.name}: {what} failed: {e}")
-                write_failed(args.dir, t.name, f"{what}: {e}")
                 active.remove(t)
+                write_failed(args.dir, t.name, f"{what}: {e}")
+                if t.name != "direct":  # the mock serves every other target
+                    try:
+                        os.killpg(t.pid, signal.SIGTERM)
+                    except OSError:
+                        pass
+        for t in active:
+            t.write()
 
     # Warm-up, then the idle memory and the CPU an idle target uses (it runs while the others
     # are measured, on the same core).
@@ -463,7 +490,7 @@ def cmd_all(args):
         run, _, _ = t.load(WORKLOADS_BY_ID["1k-n"], None, 1, n=20)
         t.res["warmup"] = run
 
-    each("warm-up", warm)
+    each("warm-up", "warm-up", warm)
     for t in active:
         procs = tree(t.pid)
         t.res["processes_idle"] = len(procs)
@@ -490,7 +517,7 @@ def cmd_all(args):
                 a["samples"] += samples
                 log(f"{t.name} {w['id']} saturation round {i + 1}: {run['rps']:.0f}/s")
 
-            each(f"{w['id']} saturation", saturate)
+            each("saturation", f"{w['id']} saturation", saturate)
 
         for t in active:
             rs, a = runs[t.name], acc[t.name]
@@ -522,14 +549,14 @@ def cmd_all(args):
                     f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
                 )
 
-            each(f"{w['id']} at {rate}/s", fixed)
+            each(f"rate {rate}", f"{w['id']} at {rate}/s", fixed)
 
         def serial(t):
             run, _, _ = t.load(w, SERIAL_DURATION, 1)
             t.res["workloads"][w["id"]]["serial"] = run
             log(f"{t.name} {w['id']} one call at a time: {run['rps']:.0f}/s, {latency_text(run)}")
 
-        each(f"{w['id']} one call at a time", serial)
+        each("serial", f"{w['id']} one call at a time", serial)
 
     # Latency against rate, one workload. Rates above a target's measured saturation are
     # skipped, except the lowest, so that every target has a point.
@@ -550,10 +577,12 @@ def cmd_all(args):
             t.res["series"][key] = run
             log(f"{t.name} series @{rate}/s: reached {run['rps']:.0f}/s, {latency_text(run)}")
 
-        each(f"series at {rate}/s", point)
+        each("series", f"series at {rate}/s", point)
 
-    # Held streams last, one target at a time (each needs the load core to itself).
+    # Held streams last, one target at a time (each needs the load core to itself), in the
+    # given order (LiteLLM, which may not open them all, last), each after all are quiet.
     def hold(t):
+        t.settle()
         log(f"{t.name}: holding {HOLD_STREAMS} streams")
         before = mock_count(t.mock_port, "requests")
         hs = hold_streams(t.pid, t.port, HOLD_STREAMS, t.mock_port)
@@ -564,16 +593,16 @@ def cmd_all(args):
             log(f"{t.name}: RSS with {HOLD_STREAMS} open streams {hs['rss_open_bytes'] / 1e6:.1f} MB; {hs['output'][-1:]}")
         else:
             log(f"{t.name}: the {HOLD_STREAMS} streams did not all open: {hs['output']} {hs['failure_reasons']}")
-        time.sleep(2)
+        t.settle()
         after = mock_count(t.mock_port, "requests")
         if t.upstream is not None and before is not None and after is not None:
             t.upstream += after - before
         else:
             t.upstream = None
 
-    each("held streams", hold)
+    each("held streams", "held streams", hold, reverse_allowed=False)
     for t in active:
-        t.write()
+        t.write(final=True)
     if len(active) < len(targets):
         sys.exit(1)
 

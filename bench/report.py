@@ -127,7 +127,8 @@ def run_flags(run):
 
 
 def idle_cpu_text(R):
-    """The CPU each target used while idle (it runs beside the one being measured)."""
+    """The CPU each target used idle, after the warm-up (while one target is measured, the
+    others wait idle on the same core)."""
     shares = [f"{R.label(n)} {t['idle_cpu_share']:.2%}" for n, t in R.targets.items()
               if R.ok(n) and t.get("idle_cpu_share") is not None and n != "direct"]
     return (" Idle, after the warm-up, the proxies used of their core: " + ", ".join(shares) + ".") if shares else ""
@@ -171,9 +172,10 @@ def header(R):
     if s.get("interleaved"):
         out.append("- Order: every target runs at once, idle while the others are measured, and every "
                    "measurement step (a saturation round, a fixed rate, one call at a time, a point of the "
-                   "series) runs the targets in turn, forward and then in reverse order the next step. A "
+                   "series) runs the targets in turn, forward, and in reverse order the next time a step of its kind comes. A "
                    "ratio of saturation throughputs is the median of the rounds' ratios (round i of two "
-                   "targets ran side by side). Held streams come last, one target at a time."
+                   "targets ran side by side). A run starts when every target is idle and the mock has no call "
+                   "open. Held streams come last, one target at a time, in the order above."
                    + idle_cpu_text(R))
     out.append(f"- Load: [oha]({'https://github.com/hatoo/oha'}), {d['duration_s']:g} s per run. Saturation: "
                f"{median}closed loop, {s['saturation_connections']['non-streaming']} connections (non-streaming) or "
