@@ -479,7 +479,9 @@ def memory_table(R):
     out.append("")
     out.append("Streams are opened by `hold-streams` (each streams 20 chunks 1 s apart); RSS is sampled right "
                "after it reports every stream open end to end, and the run passes only if the mock was then still "
-               "serving every one of them (`/__bench/active`). For *direct* the figures are the mock's.")
+               "serving every one of them (`/__bench/active`). For *direct* the figures are the mock's"
+               + (", which by then has served every target's load (its heap stays as large as that "
+                  "made it)." if R.d["settings"].get("interleaved") else "."))
     return out
 
 
