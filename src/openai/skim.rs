@@ -133,9 +133,9 @@ static STOPS: [bool; 256] = {
     t
 };
 
-/// The first quote, backslash or control character in `b` (at most 16 bytes): eight bytes a
-/// step as one `u64` (bit tricks, no `unsafe`), a table lookup a byte for a tail shorter than
-/// eight. Every string the reader meets starts here: keys, ids and roles end inside the first
+/// The first quote, backslash or control character in `b` (any length; [`Reader::run`] gives
+/// it at most 16 bytes): eight bytes a step as one `u64` (bit tricks, no `unsafe`), a table
+/// lookup a byte for a tail shorter than eight. Every string the reader meets starts here: keys, ids and roles end inside the first
 /// word (callgrind: a lookup a byte cost ~2k instructions a call, in ~30 strings).
 fn first_stop(b: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
