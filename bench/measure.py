@@ -410,14 +410,19 @@ class Target:
             peak = None
         self.settle()
         cpu = cpu_seconds(tree(self.pid)) - cpu0
+        self.add_upstream(before)
+        run = summarize(raw, connections, rate)
+        self.count(run)
+        return run, cpu, peak
+
+    def add_upstream(self, before):
+        """Adds the requests the mock served since its count was `before` (taken when this
+        target's run began; the run has settled) to the target's; unknown once a count is."""
         after = mock_count(self.mock_port, "requests")
         if self.upstream is not None and before is not None and after is not None:
             self.upstream += after - before
         else:
             self.upstream = None
-        run = summarize(raw, connections, rate)
-        self.count(run)
-        return run, cpu, peak
 
     def write(self, final=False):
         """The figures so far; `incomplete` (which the report does not judge) until the last
@@ -594,11 +599,7 @@ def cmd_all(args):
         else:
             log(f"{t.name}: the {HOLD_STREAMS} streams did not all open: {hs['output']} {hs['failure_reasons']}")
         t.settle()
-        after = mock_count(t.mock_port, "requests")
-        if t.upstream is not None and before is not None and after is not None:
-            t.upstream += after - before
-        else:
-            t.upstream = None
+        t.add_upstream(before)
 
     each("held streams", "held streams", hold, reverse_allowed=False)
     for t in active:

@@ -663,15 +663,7 @@ mod tests {
     fn kept_hours_in_lord_howe() {
         let zone = Zone::Named("Australia/Lord_Howe".parse().unwrap());
         let change = ts("2026-04-04T15:00:00Z");
-        for minute in -120..120 {
-            let now = change + minute * 60;
-            assert_eq!(
-                Window::Hourly.bounds(now, zone),
-                Window::Hourly.bounds_uncached(now, zone),
-                "{now}"
-            );
-        }
-        for minute in (-120..120).rev() {
+        for minute in (-120..120).chain((-120..120).rev()) {
             let now = change + minute * 60;
             assert_eq!(
                 Window::Hourly.bounds(now, zone),
