@@ -436,15 +436,19 @@ class Target:
         if self.upstream is not None:
             self.res["upstream_requests"] = self.upstream
         self.res["rss_end_bytes"] = rss_bytes(tree(self.pid))
-        out = Path(self.dir) / "results" / f"{self.name}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(self.res, indent=1))
+        result_path(self.dir, self.name, create=True).write_text(json.dumps(self.res, indent=1))
+
+
+def result_path(dir_, name, create=False):
+    """DIR/results/NAME.json, where a target's figures are kept (the folder made if asked)."""
+    path = Path(dir_) / "results" / f"{name}.json"
+    if create:
+        path.parent.mkdir(exist_ok=True)
+    return path
 
 
 def write_failed(dir_, name, error):
-    out = Path(dir_) / "results" / f"{name}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"name": name, "label": TARGETS[name], "status": "failed", "error": error}, indent=1))
+    result_path(dir_, name, create=True).write_text(json.dumps({"name": name, "label": TARGETS[name], "status": "failed", "error": error}, indent=1))
 
 
 def cmd_all(args):
@@ -617,7 +621,7 @@ def cmd_failed(args):
 
 
 def cmd_metering(args):
-    path = Path(args.dir) / "results" / f"{args.name}.json"
+    path = result_path(args.dir, args.name)
     res = json.loads(path.read_text())
     m = {}
     try:
@@ -735,7 +739,7 @@ def git_state():
 def cmd_finish(args):
     results = {}
     for name in args.targets.split(","):
-        path = Path(args.dir) / "results" / f"{name}.json"
+        path = result_path(args.dir, name)
         if path.exists():
             results[name] = json.loads(path.read_text())
         else:

@@ -135,22 +135,23 @@ static STOPS: [bool; 256] = {
 
 /// The first quote, backslash or control character in `b` (any length; [`Reader::run`] gives
 /// it at most 16 bytes): eight bytes a step as one `u64` (bit tricks, no `unsafe`), a table
-/// lookup a byte for a tail shorter than eight. Every string the reader meets starts here: keys, ids and roles end inside the first
-/// word (callgrind: a lookup a byte cost ~2k instructions a call, in ~30 strings).
+/// lookup a byte for a tail shorter than eight. Every string the reader meets starts here:
+/// keys, ids and roles end inside the first word (callgrind: a lookup a byte cost ~2k
+/// instructions a call, in ~30 strings).
 fn first_stop(b: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // A byte's high bit set where the byte is zero (or, only above a byte that is, a false
-    // alarm: the lowest set bit is always a true one).
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    // A byte's high bit set where the byte is below `n` (n <= 0x80; or, only above a byte that
+    // is, a false alarm from the borrow: the lowest set bit is always a true one). A byte
+    // equal to `c` is below 1 once xored with `c`.
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
     let mut at = 0;
     while let Some(word) = b.get(at..at + 8) {
         let v = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        // Below 0x20 (a byte whose high bit is clear and which underflows when 0x20 is taken
-        // from it), or equal to `"` or `\`.
-        let hits = (v.wrapping_sub(ONES * 0x20) & !v & HIGH)
-            | zero(v ^ (ONES * u64::from(b'"')))
-            | zero(v ^ (ONES * u64::from(b'\\')));
+        // A control character, or a quote or backslash.
+        let hits = below(v, 0x20)
+            | below(v ^ (ONES * u64::from(b'"')), 1)
+            | below(v ^ (ONES * u64::from(b'\\')), 1);
         if hits != 0 {
             return Some(at + hits.trailing_zeros() as usize / 8);
         }
