@@ -62,9 +62,7 @@ impl Prometheus {
         };
         let start = Instant::now();
         loop {
-            if std::net::TcpStream::connect(p.addr).is_ok()
-                && request(p.addr, "GET", "/-/ready", &[], b"").status == 200
-            {
+            if probe(p.addr, "/-/ready").is_some_and(|r| r.status == 200) {
                 return p;
             }
             assert!(

@@ -382,12 +382,11 @@ path = "access.log"
             if tap.proc.child.try_wait().unwrap().is_some() {
                 return Err(tap.into_dir());
             }
-            if TcpStream::connect(tap.admin).is_ok() {
-                let ready = request(tap.admin, "GET", "/readyz", &[], b"");
+            if let Some(ready) = probe(tap.admin, "/readyz") {
                 if !String::from_utf8_lossy(&ready.body).contains(&me) {
                     return Err(tap.into_dir()); // another process holds the admin port
                 }
-                if TcpStream::connect(tap.addr).is_ok() {
+                if listening(tap.addr) {
                     break;
                 }
             }
@@ -555,15 +554,46 @@ pub fn send_request(
     let _ = s.write_all(&msg);
 }
 
+/// A connection to whatever listens on `addr`, or `None`. A bare successful connect proves
+/// nothing: a connect to a loopback port in the ephemeral range that nobody listens on can,
+/// rarely, pick that same port as its source and connect the socket to itself (TCP
+/// simultaneous open). Such a connection is refused here.
+fn connect_listener(addr: SocketAddr) -> Option<TcpStream> {
+    let s = TcpStream::connect(addr).ok()?;
+    (s.local_addr().ok()? != s.peer_addr().ok()?).then_some(s)
+}
+
+/// Whether something listens on `addr`.
+pub fn listening(addr: SocketAddr) -> bool {
+    connect_listener(addr).is_some()
+}
+
+/// `GET path` on a server that may not be up yet (or may be going away): `None` rather than
+/// a panic when nothing listens or the connection closes before a response head.
+pub fn probe(addr: SocketAddr, path: &str) -> Option<Resp> {
+    let mut s = connect_listener(addr)?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    send_request(&mut s, "GET", path, &[], b"");
+    try_read_response(&mut s, usize::MAX).ok()
+}
+
 /// Reads one response; stops (incomplete) after `max_body` body bytes. A response that has no
 /// body by its status (204, 304), or a `max_body` of 0 (the answer to HEAD), reads none.
 pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
+    try_read_response(s, max_body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`read_response`], with an error when no complete response head arrives.
+pub fn try_read_response(s: &mut TcpStream, max_body: usize) -> Result<Resp, String> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 65536];
     let (status, headers, consumed) = loop {
         let mut hs = [httparse::EMPTY_HEADER; 64];
         let mut r = httparse::Response::new(&mut hs);
-        if let httparse::Status::Complete(n) = r.parse(&buf).unwrap() {
+        let parsed = r
+            .parse(&buf)
+            .map_err(|e| format!("bad response head: {e}"))?;
+        if let httparse::Status::Complete(n) = parsed {
             let status = r.code.unwrap();
             let headers: Vec<(String, String)> = r
                 .headers
@@ -582,17 +612,19 @@ pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
             break (status, headers, n);
         }
         let n = s.read(&mut tmp).unwrap_or(0);
-        assert!(n > 0, "connection closed before a response head");
+        if n == 0 {
+            return Err("connection closed before a response head".into());
+        }
         buf.extend_from_slice(&tmp[..n]);
     };
     buf.drain(..consumed);
     if max_body == 0 || status == 204 || status == 304 {
-        return Resp {
+        return Ok(Resp {
             status,
             headers,
             body: Vec::new(),
             complete: true,
-        };
+        });
     }
     let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let chunked = get("transfer-encoding").is_some_and(|v| v.contains("chunked"));
@@ -644,15 +676,14 @@ pub fn read_response(s: &mut TcpStream, max_body: usize) -> Resp {
             }
         }
     }
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
         complete,
-    }
+    })
 }
 
-/// A chat request body.
 /// Runs the `tokentap` command line (`args`, then `--config config`) and returns what it
 /// printed; it must succeed.
 pub fn tokentap_cli(args: &[&str], config: &Path) -> String {
@@ -670,6 +701,7 @@ pub fn tokentap_cli(args: &[&str], config: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A chat request body.
 pub fn chat_body(model: &str, user: &str, stream: bool, extra: &str) -> Vec<u8> {
     format!(
         r#"{{"model":"{model}","messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"Say something about tokens, please."}}],"stream":{stream},"user":"{user}"{extra}}}"#
