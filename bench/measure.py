@@ -32,6 +32,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -280,6 +281,37 @@ def summarize(raw, connections, rate=None):
     if rate:
         run["saturated"] = run["rps"] < REACHED * rate
     return run
+
+
+def rate_summary(runs, rate):
+    """One fixed rate's rounds as one figure: each percentile's median over the rounds, the
+    median throughput (a rate is reached when the median round reached it), failures summed,
+    and every round kept (`rounds`, in round order) so that the report can pair round i of two
+    targets, which ran side by side."""
+    if len(runs) == 1:
+        return runs[0]
+    by_rps = sorted(runs, key=lambda r: r["rps"])
+    out = dict(by_rps[len(runs) // 2])
+    out.pop("round", None)
+    out["rps"] = statistics.median(r["rps"] for r in runs)
+    out["saturated"] = out["rps"] < REACHED * rate
+    for k in ("ok", "completed", "non_200", "error_count", "aborted_at_deadline"):
+        out[k] = sum(r[k] for r in runs)
+    for k in ("statuses", "errors"):
+        out[k] = {}
+        for r in runs:
+            for code, n in r[k].items():
+                out[k][code] = out[k].get(code, 0) + n
+    lat = {}
+    for p in runs[0]["latency_ms"]:
+        xs = [r["latency_ms"][p] for r in runs if r["latency_ms"].get(p) is not None]
+        lat[p] = statistics.median(xs) if xs else None
+    out["latency_ms"] = lat
+    out["rounds"] = [
+        {k: r[k] for k in ("round", "rps", "saturated", "ok", "non_200", "error_count", "latency_ms")}
+        for r in runs
+    ]
+    return out
 
 
 # ---------------------------------------------------------------- one target
@@ -550,15 +582,19 @@ def cmd_all(args):
             )
 
         for rate in FIXED_RATES:
-            def fixed(t, rate=rate):
-                run, _, _ = t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)
-                t.res["workloads"][w["id"]]["rates"][str(rate)] = run
-                log(
-                    f"{t.name} {w['id']} @{rate}/s: reached {run['rps']:.0f}/s"
-                    f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
-                )
+            rate_runs = {t.name: [] for t in active}
+            for i in range(REPEAT):
+                def fixed(t, rate=rate, i=i):
+                    run, _, _ = t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)
+                    run["round"] = i
+                    rate_runs[t.name].append(run)
+                    t.res["workloads"][w["id"]]["rates"][str(rate)] = rate_summary(rate_runs[t.name], rate)
+                    log(
+                        f"{t.name} {w['id']} @{rate}/s round {i + 1}: reached {run['rps']:.0f}/s"
+                        f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
+                    )
 
-            each(f"rate {rate}", f"{w['id']} at {rate}/s", fixed)
+                each(f"rate {rate}", f"{w['id']} at {rate}/s", fixed)
 
         def serial(t):
             run, _, _ = t.load(w, SERIAL_DURATION, 1)
@@ -755,6 +791,8 @@ def cmd_finish(args):
         "quick": QUICK,
         "duration_s": duration_s(DURATION),
         "saturation_repeats": REPEAT,
+        # Each fixed rate runs in as many rounds as saturation (since the rounds were added).
+        "fixed_rate_repeats": REPEAT,
         "machine": machine(),
         "versions": versions(),
         "git": git_state(),

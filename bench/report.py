@@ -106,10 +106,34 @@ class Results:
         run, floor = self.at(name, wl, r), self.at("direct", wl, r)
         if not run or not floor or name == "direct":
             return None
+        pairs = paired_rounds(run, floor, p)
+        if pairs:
+            # Round i of the target and of the floor ran side by side: the median of the
+            # rounds' differences, which a slow minute moves far less than a difference of two
+            # medians.
+            return statistics.median(a - b for a, b in pairs)
         a, b = run["latency_ms"].get(p), floor["latency_ms"].get(p)
         if a is None or b is None:
             return None
         return a - b
+
+    def added_rounds(self, name, wl, r, p):
+        """The added latency of each round (paired with the floor's round), or None."""
+        run, floor = self.at(name, wl, r), self.at("direct", wl, r)
+        pairs = paired_rounds(run, floor, p) if run and floor and name != "direct" else None
+        return [a - b for a, b in pairs] if pairs else None
+
+
+def paired_rounds(a, b, p):
+    """Percentile p of round i of two fixed-rate runs, for every round both completed, when
+    the run repeated the rate in rounds (written since the fixed rates were repeated), else
+    None."""
+    ra, rb = a.get("rounds") or [], b.get("rounds") or []
+    if len(ra) < 2 or len(ra) != len(rb):
+        return None
+    pairs = [(x["latency_ms"].get(p), y["latency_ms"].get(p)) for x, y in zip(ra, rb)]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    return pairs or None
 
 
 def run_flags(run):
@@ -169,6 +193,10 @@ def header(R):
     repeats = d.get("saturation_repeats", 1)
     median = (f"the median of {repeats} runs (the range of all {repeats} in brackets), "
               if repeats > 1 else "")
+    fixed_repeats = d.get("fixed_rate_repeats", 1)
+    fixed_rounds = (f", {fixed_repeats} rounds per rate: each percentile is the median of the rounds', "
+                    "and added latency the median of the rounds' differences to the floor's round "
+                    "that ran beside it" if fixed_repeats > 1 else "")
     if s.get("interleaved"):
         out.append("- Order: every target runs at once, idle while the others are measured, and every "
                    "measurement step (a saturation round, a fixed rate, one call at a time, a point of the "
@@ -181,7 +209,7 @@ def header(R):
                f"{median}closed loop, {s['saturation_connections']['non-streaming']} connections (non-streaming) or "
                f"{s['saturation_connections']['streaming']} (streaming). Fixed rates "
                f"{', '.join(str(r) for r in s['fixed_rates'])}/s: open loop (`-q`, `--latency-correction`), "
-               f"{s['rate_connections']} connections; a run that completed fewer than "
+               f"{s['rate_connections']} connections{fixed_rounds}; a run that completed fewer than "
                f"{s['reached_share']:.0%} of the offered rate is marked ⚠ with the rate it reached. "
                "Calls in flight when a run's time is up are waited for (`oha -w`) and counted, in throughput, "
                "latency and time alike.")
@@ -267,6 +295,12 @@ def ratios(R):
             measured = f"{ms(tt)} ms vs {ms(bare)} ms"
             if bare > 0:
                 measured += f" ({ratio(tt / bare)})"
+            tt_rounds = R.added_rounds("tokentap", w["id"], r2, p)
+            bare_rounds = R.added_rounds("bare", w["id"], r2, p)
+            if tt_rounds and bare_rounds:
+                measured += (f"; added in each round: tokentap "
+                             f"{', '.join(ms(x) for x in tt_rounds)}; bare-pingora "
+                             f"{', '.join(ms(x) for x in bare_rounds)}")
             tt_run, bare_run, floor_run = runs
             if floor_run.get("saturated"):
                 # The floor itself could not carry the rate on this machine: nothing to compare.
