@@ -28,13 +28,41 @@ impl Pico {
 /// Exact decimal USD, e.g. `0.000123450000` is printed as `0.00012345`.
 impl fmt::Display for Pico {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let int = self.0 / Self::PER_USD;
-        let frac = self.0 % Self::PER_USD;
-        if frac == 0 {
-            return write!(f, "{int}");
+        f.write_str(self.decimal(&mut [0; 24]))
+    }
+}
+
+impl Pico {
+    /// The amount as an exact decimal in USD (no exponent, no trailing zeros), written into
+    /// `buf` without allocating: at most 21 bytes (`u64::MAX` is `18446744.073709551615`).
+    pub fn decimal(self, buf: &mut [u8; 24]) -> &str {
+        let mut end = buf.len();
+        let mut put = |d: u8| {
+            end -= 1;
+            buf[end] = d;
+        };
+        let mut frac = self.0 % Self::PER_USD;
+        if frac != 0 {
+            let mut digits = 12;
+            while frac.is_multiple_of(10) {
+                frac /= 10;
+                digits -= 1;
+            }
+            for _ in 0..digits {
+                put(b'0' + (frac % 10) as u8);
+                frac /= 10;
+            }
+            put(b'.');
         }
-        let digits = format!("{frac:012}");
-        write!(f, "{int}.{}", digits.trim_end_matches('0'))
+        let mut int = self.0 / Self::PER_USD;
+        loop {
+            put(b'0' + (int % 10) as u8);
+            int /= 10;
+            if int == 0 {
+                break;
+            }
+        }
+        std::str::from_utf8(&buf[end..]).unwrap_or_default()
     }
 }
 
@@ -63,6 +91,16 @@ pub enum UsageSource {
     Estimated,
     /// No usage: not a chat call, or the upstream answered with an error and billed nothing.
     None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
 }
 
 /// How a call ended.
@@ -208,12 +246,30 @@ pub fn estimate_tokens(text_bytes: u64) -> u64 {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The allocation-free decimal equals the obvious one (integer part, twelve fraction
+        /// digits with trailing zeros dropped).
+        #[test]
+        fn pico_decimal_equals_the_obvious_one(n: u64) {
+            let (int, frac) = (n / Pico::PER_USD, n % Pico::PER_USD);
+            let obvious = if frac == 0 {
+                int.to_string()
+            } else {
+                format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
+            };
+            proptest::prop_assert_eq!(Pico(n).to_string(), obvious);
+        }
+    }
+
     #[test]
     fn pico_prints_exact_decimal_usd() {
         assert_eq!(Pico(0).to_string(), "0");
         assert_eq!(Pico(1).to_string(), "0.000000000001");
         assert_eq!(Pico(123_450_000).to_string(), "0.00012345");
         assert_eq!(Pico(2 * Pico::PER_USD + 500_000_000_000).to_string(), "2.5");
+        assert_eq!(Pico(u64::MAX).to_string(), "18446744.073709551615");
+        assert_eq!(Pico(7 * Pico::PER_USD).to_string(), "7");
+        assert_eq!(Pico(Pico::PER_USD / 10).to_string(), "0.1");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 pub mod request;
 pub mod response;
-mod skim;
+pub(crate) mod skim;
 pub mod sse;
 
 use bytes::Bytes;

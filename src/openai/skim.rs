@@ -138,7 +138,7 @@ static STOPS: [bool; 256] = {
 /// lookup a byte for a tail shorter than eight. Every string the reader meets starts here:
 /// keys, ids and roles end inside the first word (callgrind: a lookup a byte cost ~2k
 /// instructions a call, in ~30 strings).
-fn first_stop(b: &[u8]) -> Option<usize> {
+pub(crate) fn first_stop(b: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     // A byte's high bit set where the byte is below `n` (n <= 0x80; or, only above a byte that
