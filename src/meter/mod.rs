@@ -25,6 +25,20 @@ impl Pico {
     }
 }
 
+#[cfg(test)]
+impl Pico {
+    /// [`Pico::decimal`] the obvious way (integer part, twelve fraction digits with trailing
+    /// zeros dropped), for tests to hold the fast one to.
+    pub fn decimal_by_format(pico: u64) -> String {
+        let (int, frac) = (pico / Self::PER_USD, pico % Self::PER_USD);
+        if frac == 0 {
+            int.to_string()
+        } else {
+            format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
+        }
+    }
+}
+
 /// Exact decimal USD, e.g. `0.000123450000` is printed as `0.00012345`.
 impl fmt::Display for Pico {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -251,13 +265,7 @@ mod tests {
         /// digits with trailing zeros dropped).
         #[test]
         fn pico_decimal_equals_the_obvious_one(n: u64) {
-            let (int, frac) = (n / Pico::PER_USD, n % Pico::PER_USD);
-            let obvious = if frac == 0 {
-                int.to_string()
-            } else {
-                format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
-            };
-            proptest::prop_assert_eq!(Pico(n).to_string(), obvious);
+            proptest::prop_assert_eq!(Pico(n).to_string(), Pico::decimal_by_format(n));
         }
     }
 

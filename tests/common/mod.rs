@@ -387,6 +387,11 @@ path = "access.log"
                     return Err(tap.into_dir()); // another process holds the admin port
                 }
                 if listening(tap.addr) {
+                    if !owns_listener(tap.proc.pid(), port) {
+                        // Another process listens on the port picked for this one, which will
+                        // fail to bind it and exit: start again on new ports.
+                        return Err(tap.into_dir());
+                    }
                     break;
                 }
             }
@@ -568,11 +573,42 @@ pub fn listening(addr: SocketAddr) -> bool {
     connect_listener(addr).is_some()
 }
 
+/// Whether process `pid` holds a listening TCP socket on port `port` (its socket descriptors
+/// against `/proc/net/tcp`), so that another process listening on a port picked for this one
+/// is not taken for it.
+fn owns_listener(pid: u32, port: u16) -> bool {
+    let Ok(tcp) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Lines: `sl local_address rem_address st ... inode`, the address as `HEXIP:HEXPORT`, the
+    // state 0A for LISTEN, the inode the tenth field.
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let p = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let inode = f.get(9)?;
+            (p == port && *f.get(3)? == "0A").then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
 /// `GET path` on a server that may not be up yet (or may be going away): `None` rather than
-/// a panic when nothing listens or the connection closes before a response head.
+/// a panic when nothing listens, nothing answers within a short while, or the connection
+/// closes before a whole response head.
 pub fn probe(addr: SocketAddr, path: &str) -> Option<Resp> {
     let mut s = connect_listener(addr)?;
-    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    // Short: a listener that accepted but does not answer (say, another test's process
+    // draining) must not use up the caller's patience in one probe.
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     send_request(&mut s, "GET", path, &[], b"");
     try_read_response(&mut s, usize::MAX).ok()
 }
@@ -634,8 +670,8 @@ pub fn try_read_response(s: &mut TcpStream, max_body: usize) -> Result<Resp, Str
         // Decode chunks as they come; stop on the last chunk or a broken connection.
         'outer: loop {
             while let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-                let size =
-                    usize::from_str_radix(String::from_utf8_lossy(&buf[..i]).trim(), 16).unwrap();
+                let size = usize::from_str_radix(String::from_utf8_lossy(&buf[..i]).trim(), 16)
+                    .map_err(|e| format!("bad chunk size: {e}"))?;
                 if buf.len() < i + 2 + size + 2 {
                     break;
                 }

@@ -172,6 +172,17 @@ mod tests {
         both(&long, Value::StringValue(long.clone()), &|a| {
             a.str(&long, &long)
         });
+        // Every length around the one-byte varint's edge, in each place a length is written:
+        // the value, the key, the whole attribute (127 and 128 bytes, and up to 255, which a
+        // wrong threshold would write as one invalid byte).
+        for n in [
+            120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 200, 255, 256,
+        ] {
+            let v = "v".repeat(n);
+            both("k", Value::StringValue(v.clone()), &|a| a.str("k", &v));
+            let k = "k".repeat(n);
+            both(&k, Value::StringValue("v".into()), &|a| a.str(&k, "v"));
+        }
         for i in [0, 1, 127, 128, -1, i64::MIN, i64::MAX] {
             both("i", Value::IntValue(i), &|a| a.int("i", i));
         }
