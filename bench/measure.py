@@ -20,7 +20,7 @@
 
 The load generator (oha) and hold-streams run pinned to CPU 0 (taskset), like the mock.
 Knobs from the environment: BENCH_DURATION (8s; 2s with BENCH_QUICK=1), BENCH_REPEAT (saturation
-runs per workload, the median reported: 3; 1 quick), BENCH_QUICK=1, THREADS,
+runs per workload, the median reported, and rounds per fixed rate: 3; 1 quick), BENCH_QUICK=1, THREADS,
 BENCH_HOLD_TIMEOUT (180 s; 60 s quick), and BENCH_COMMAND (the command line, for the report).
 """
 
@@ -47,8 +47,9 @@ PROXY_CPU = "1"
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 DURATION = os.environ.get("BENCH_DURATION") or ("2s" if QUICK else "8s")
-# Saturation runs per workload and target; the median one is reported (with the others'
-# rates). Repeats on this (virtual) machine differ by up to a third from one another.
+# Saturation runs per workload and target (the median one is reported, with the others'
+# rates), and rounds per fixed rate (each percentile's median reported). Repeats on this
+# (virtual) machine differ by up to a third from one another.
 REPEAT = int(os.environ.get("BENCH_REPEAT") or ("1" if QUICK else "3"))
 FIXED_RATES = [500, 2000]
 # One call at a time (one connection, closed loop), per workload: the latency a call pays for
@@ -284,18 +285,20 @@ def summarize(raw, connections, rate=None):
 
 
 def rate_summary(runs, rate):
-    """One fixed rate's rounds as one figure: each percentile's median over the rounds, the
-    median throughput (a rate is reached when the median round reached it), failures summed,
-    and every round kept (`rounds`, in round order) so that the report can pair round i of two
-    targets, which ran side by side."""
+    """One fixed rate's rounds as one figure: each percentile's median over the rounds (None
+    unless most rounds have it), the median throughput (a rate is reached when the median
+    round reached it), calls, failures and time summed, and every round kept (`rounds`, in
+    round order) so that the report can pair round i of two targets, which ran side by side."""
     if len(runs) == 1:
         return runs[0]
     by_rps = sorted(runs, key=lambda r: r["rps"])
     out = dict(by_rps[len(runs) // 2])
-    out.pop("round", None)
+    # The median round's own figures that would not add up with the sums below.
+    for k in ("round", "oha_requests_per_sec"):
+        out.pop(k, None)
     out["rps"] = statistics.median(r["rps"] for r in runs)
     out["saturated"] = out["rps"] < REACHED * rate
-    for k in ("ok", "completed", "non_200", "error_count", "aborted_at_deadline"):
+    for k in ("ok", "completed", "non_200", "error_count", "aborted_at_deadline", "elapsed_s"):
         out[k] = sum(r[k] for r in runs)
     for k in ("statuses", "errors"):
         out[k] = {}
@@ -305,7 +308,7 @@ def rate_summary(runs, rate):
     lat = {}
     for p in runs[0]["latency_ms"]:
         xs = [r["latency_ms"][p] for r in runs if r["latency_ms"].get(p) is not None]
-        lat[p] = statistics.median(xs) if xs else None
+        lat[p] = statistics.median(xs) if 2 * len(xs) > len(runs) else None
     out["latency_ms"] = lat
     out["rounds"] = [
         {k: r[k] for k in ("round", "rps", "saturated", "ok", "non_200", "error_count", "latency_ms")}
