@@ -386,12 +386,9 @@ path = "access.log"
                 if !String::from_utf8_lossy(&ready.body).contains(&me) {
                     return Err(tap.into_dir()); // another process holds the admin port
                 }
-                if listening(tap.addr) {
-                    if !owns_listener(tap.proc.pid(), port) {
-                        // Another process listens on the port picked for this one, which will
-                        // fail to bind it and exit: start again on new ports.
-                        return Err(tap.into_dir());
-                    }
+                // Ours, not another process's on the port picked for this one (this one would
+                // then fail to bind it and exit, which the check above sees).
+                if owns_listener(tap.proc.pid(), port) {
                     break;
                 }
             }
@@ -566,11 +563,6 @@ pub fn send_request(
 fn connect_listener(addr: SocketAddr) -> Option<TcpStream> {
     let s = TcpStream::connect(addr).ok()?;
     (s.local_addr().ok()? != s.peer_addr().ok()?).then_some(s)
-}
-
-/// Whether something listens on `addr`.
-pub fn listening(addr: SocketAddr) -> bool {
-    connect_listener(addr).is_some()
 }
 
 /// Whether process `pid` holds a listening TCP socket on port `port` (its socket descriptors
