@@ -20,7 +20,8 @@
 
 The load generator (oha) and hold-streams run pinned to CPU 0 (taskset), like the mock.
 Knobs from the environment: BENCH_DURATION (8s; 2s with BENCH_QUICK=1), BENCH_REPEAT (saturation
-runs per workload, the median reported, and rounds per fixed rate: 3; 1 quick), BENCH_QUICK=1, THREADS,
+runs per workload, the median reported, and rounds per fixed rate and of one call at a time: 3;
+1 quick), BENCH_QUICK=1, THREADS,
 BENCH_HOLD_TIMEOUT (180 s; 60 s quick), and BENCH_COMMAND (the command line, for the report).
 """
 
@@ -48,7 +49,8 @@ PROXY_CPU = "1"
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 DURATION = os.environ.get("BENCH_DURATION") or ("2s" if QUICK else "8s")
 # Saturation runs per workload and target (the median one is reported, with the others'
-# rates), and rounds per fixed rate (each percentile's median reported). Repeats on this
+# rates), and rounds per fixed rate and of one call at a time (each percentile's median
+# reported). Repeats on this
 # (virtual) machine differ by up to a third from one another.
 REPEAT = int(os.environ.get("BENCH_REPEAT") or ("1" if QUICK else "3"))
 FIXED_RATES = [500, 2000]
@@ -284,11 +286,12 @@ def summarize(raw, connections, rate=None):
     return run
 
 
-def rate_summary(runs, rate):
-    """One fixed rate's rounds as one figure: each percentile's median over the rounds (None
-    unless most rounds have it), the median throughput (a rate is reached when the median
-    round reached it), calls, failures and time summed, and every round kept (`rounds`, in
-    round order) so that the report can pair round i of two targets, which ran side by side."""
+def rounds_summary(runs, rate=None):
+    """One step's rounds (a fixed rate's, or one call at a time's) as one figure: each
+    percentile's median over the rounds (None unless most rounds have it), the median
+    throughput (a fixed rate is reached when the median round reached it), calls, failures
+    and time summed, and every round kept (`rounds`, in round order) so that the report can
+    pair round i of two targets, which ran side by side."""
     if len(runs) == 1:
         return runs[0]
     by_rps = sorted(runs, key=lambda r: r["rps"])
@@ -297,7 +300,8 @@ def rate_summary(runs, rate):
     for k in ("round", "oha_requests_per_sec"):
         out.pop(k, None)
     out["rps"] = statistics.median(r["rps"] for r in runs)
-    out["saturated"] = out["rps"] < REACHED * rate
+    if rate:
+        out["saturated"] = out["rps"] < REACHED * rate
     for k in ("ok", "completed", "non_200", "error_count", "aborted_at_deadline", "elapsed_s"):
         out[k] = sum(r[k] for r in runs)
     for k in ("statuses", "errors"):
@@ -311,7 +315,7 @@ def rate_summary(runs, rate):
         lat[p] = statistics.median(xs) if 2 * len(xs) > len(runs) else None
     out["latency_ms"] = lat
     out["rounds"] = [
-        {k: r[k] for k in ("round", "rps", "saturated", "ok", "non_200", "error_count", "latency_ms")}
+        {k: r.get(k) for k in ("round", "rps", "saturated", "ok", "non_200", "error_count", "latency_ms")}
         for r in runs
     ]
     return out
@@ -591,7 +595,7 @@ def cmd_all(args):
                     run, _, _ = t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)
                     run["round"] = i
                     rate_runs[t.name].append(run)
-                    t.res["workloads"][w["id"]]["rates"][str(rate)] = rate_summary(rate_runs[t.name], rate)
+                    t.res["workloads"][w["id"]]["rates"][str(rate)] = rounds_summary(rate_runs[t.name], rate)
                     log(
                         f"{t.name} {w['id']} @{rate}/s round {i + 1}: reached {run['rps']:.0f}/s"
                         f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
@@ -599,12 +603,16 @@ def cmd_all(args):
 
                 each(f"rate {rate}", f"{w['id']} at {rate}/s", fixed)
 
-        def serial(t):
-            run, _, _ = t.load(w, SERIAL_DURATION, 1)
-            t.res["workloads"][w["id"]]["serial"] = run
-            log(f"{t.name} {w['id']} one call at a time: {run['rps']:.0f}/s, {latency_text(run)}")
+        serial_runs = {t.name: [] for t in active}
+        for i in range(REPEAT):
+            def serial(t, i=i):
+                run, _, _ = t.load(w, SERIAL_DURATION, 1)
+                run["round"] = i
+                serial_runs[t.name].append(run)
+                t.res["workloads"][w["id"]]["serial"] = rounds_summary(serial_runs[t.name])
+                log(f"{t.name} {w['id']} one call at a time, round {i + 1}: {run['rps']:.0f}/s, {latency_text(run)}")
 
-        each("serial", f"{w['id']} one call at a time", serial)
+            each("serial", f"{w['id']} one call at a time", serial)
 
     # Latency against rate, one workload. Rates above a target's measured saturation are
     # skipped, except the lowest, so that every target has a point.
@@ -794,8 +802,10 @@ def cmd_finish(args):
         "quick": QUICK,
         "duration_s": duration_s(DURATION),
         "saturation_repeats": REPEAT,
-        # Each fixed rate runs in as many rounds as saturation (since the rounds were added).
+        # Each fixed rate, and one call at a time, run in as many rounds as saturation (since
+        # the rounds were added).
         "fixed_rate_repeats": REPEAT,
+        "serial_repeats": REPEAT,
         "machine": machine(),
         "versions": versions(),
         "git": git_state(),

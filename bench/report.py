@@ -106,17 +106,7 @@ class Results:
         run, floor = self.at(name, wl, r), self.at("direct", wl, r)
         if not run or not floor or name == "direct":
             return None
-        diffs = round_diffs(run, floor, p)
-        if diffs is not None:
-            # Round i of the target and of the floor ran side by side: the median of the
-            # rounds' differences, which a slow minute moves far less than a difference of two
-            # medians; none unless most rounds have one.
-            have = [d for d in diffs if d is not None]
-            return statistics.median(have) if 2 * len(have) > len(diffs) else None
-        a, b = run["latency_ms"].get(p), floor["latency_ms"].get(p)
-        if a is None or b is None:
-            return None
-        return a - b
+        return paired_diff(run, floor, p)
 
     def added_rounds(self, name, wl, r, p):
         """Each round's added latency and whether the target reached the rate in it (the
@@ -128,10 +118,22 @@ class Results:
         return None if diffs is None else list(zip(diffs, (x["saturated"] for x in run["rounds"])))
 
 
+def paired_diff(a, b, p):
+    """Percentile p of run a minus b's. For runs in rounds (round i of each ran side by side)
+    the median of the rounds' differences, which a slow minute moves far less than a
+    difference of two medians; None unless most rounds have one."""
+    diffs = round_diffs(a, b, p)
+    if diffs is not None:
+        have = [d for d in diffs if d is not None]
+        return statistics.median(have) if 2 * len(have) > len(diffs) else None
+    x, y = a["latency_ms"].get(p), b["latency_ms"].get(p)
+    return None if x is None or y is None else x - y
+
+
 def round_diffs(a, b, p):
-    """Percentile p of round i of fixed-rate run a minus b's, per round (None where either has
-    none), when the run repeated the rate in rounds (written since the fixed rates were
-    repeated), else None."""
+    """Percentile p of round i of run a minus b's, per round (None where either has none),
+    when both ran in rounds (fixed rates since `d1a1ea8`, one call at a time since the
+    serial rounds were added), else None."""
     ra, rb = a.get("rounds") or [], b.get("rounds") or []
     if len(ra) < 2 or len(ra) != len(rb):
         return None
@@ -437,14 +439,14 @@ def serial_section(R):
     if not names or not any("serial" in R.targets[n]["workloads"][w["id"]] for n in names for w in R.workloads):
         return []
 
-    def diff(a, b):
-        return None if a is None or b is None else a - b
-
     dur = R.d["settings"].get("serial_duration", "?")
+    repeats = R.d.get("serial_repeats", 1)
+    rounds = (f", in {repeats} rounds side by side (each percentile the median of the rounds', each "
+              "difference the median of the rounds' differences)" if repeats > 1 else "")
     out = ["### One call at a time", ""]
-    out.append(f"One connection, closed loop, {dur} per workload and target (`oha -c 1`): the next call starts "
-               "when the last has ended, so nothing queues and the proxy's core idles between calls. Not one of "
-               "the issue's targets; shown because it isolates what the proxy adds to a single call. "
+    out.append(f"One connection, closed loop, {dur} per workload and target (`oha -c 1`){rounds}: the next call "
+               "starts when the last has ended, so nothing queues and the proxy's core idles between calls. Not "
+               "one of the issue's targets; shown because it isolates what the proxy adds to a single call. "
                "p50 / p99 in ms, and added p50 / p99 (minus direct).")
     out.append("")
     head, sep = "| Target |", "|---|"
@@ -469,8 +471,7 @@ def serial_section(R):
             lat = run["latency_ms"]
             row += f" {ms(lat['p50'])} / {ms(lat['p99'])}{run_flags(run)}"
             if n != "direct" and floor:
-                f = floor["latency_ms"]
-                row += f" ({signed(diff(lat['p50'], f['p50']))} / {signed(diff(lat['p99'], f['p99']))})"
+                row += f" ({signed(paired_diff(run, floor, 'p50'))} / {signed(paired_diff(run, floor, 'p99'))})"
             row += " |"
         out.append(row)
     out.append("")
@@ -478,7 +479,7 @@ def serial_section(R):
     for w in R.workloads:
         if R.ok("tokentap") and R.ok("bare"):
             a, b = serial("tokentap", w["id"]), serial("bare", w["id"])
-            d = diff(a["latency_ms"]["p50"], b["latency_ms"]["p50"]) if a and b else None
+            d = paired_diff(a, b, "p50") if a and b else None
             if d is not None:
                 diffs.append(f"{w['label']} {d:+.3f} ms")
     if diffs:
