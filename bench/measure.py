@@ -532,6 +532,22 @@ def cmd_all(args):
         for t in active:
             t.write()
 
+    def in_rounds(kind, what, run_one, slot, key, rate=None):
+        """A latency step (a fixed rate, one call at a time) in REPEAT rounds, every target in
+        each: run_one(t) gives one run; slot(t)[key] holds the rounds' summary, rewritten after
+        every round so that what was measured is written."""
+        runs = {t.name: [] for t in active}
+        for i in range(REPEAT):
+            def one(t, i=i):
+                run = run_one(t)
+                run["round"] = i
+                runs[t.name].append(run)
+                slot(t)[key] = rounds_summary(runs[t.name], rate)
+                log(f"{t.name} {what}, round {i + 1}: {run['rps']:.0f}/s"
+                    f"{' (SATURATED)' if run.get('saturated') else ''}, {latency_text(run)}")
+
+            each(kind, what, one)
+
     # Warm-up, then the idle memory and the CPU an idle target uses (it runs while the others
     # are measured, on the same core).
     def warm(t):
@@ -589,30 +605,11 @@ def cmd_all(args):
             )
 
         for rate in FIXED_RATES:
-            rate_runs = {t.name: [] for t in active}
-            for i in range(REPEAT):
-                def fixed(t, rate=rate, i=i):
-                    run, _, _ = t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)
-                    run["round"] = i
-                    rate_runs[t.name].append(run)
-                    t.res["workloads"][w["id"]]["rates"][str(rate)] = rounds_summary(rate_runs[t.name], rate)
-                    log(
-                        f"{t.name} {w['id']} @{rate}/s round {i + 1}: reached {run['rps']:.0f}/s"
-                        f"{' (SATURATED)' if run['saturated'] else ''}, {latency_text(run)}"
-                    )
-
-                each(f"rate {rate}", f"{w['id']} at {rate}/s", fixed)
-
-        serial_runs = {t.name: [] for t in active}
-        for i in range(REPEAT):
-            def serial(t, i=i):
-                run, _, _ = t.load(w, SERIAL_DURATION, 1)
-                run["round"] = i
-                serial_runs[t.name].append(run)
-                t.res["workloads"][w["id"]]["serial"] = rounds_summary(serial_runs[t.name])
-                log(f"{t.name} {w['id']} one call at a time, round {i + 1}: {run['rps']:.0f}/s, {latency_text(run)}")
-
-            each("serial", f"{w['id']} one call at a time", serial)
+            in_rounds(f"rate {rate}", f"{w['id']} at {rate}/s",
+                      lambda t, rate=rate: t.load(w, DURATION, RATE_CONNECTIONS, rate=rate)[0],
+                      lambda t: t.res["workloads"][w["id"]]["rates"], str(rate), rate)
+        in_rounds("serial", f"{w['id']} one call at a time", lambda t: t.load(w, SERIAL_DURATION, 1)[0],
+                  lambda t: t.res["workloads"][w["id"]], "serial")
 
     # Latency against rate, one workload. Rates above a target's measured saturation are
     # skipped, except the lowest, so that every target has a point.
