@@ -23,30 +23,7 @@ impl Pico {
     pub fn as_usd_f64(self) -> f64 {
         self.0 as f64 / Self::PER_USD as f64
     }
-}
 
-#[cfg(test)]
-impl Pico {
-    /// [`Pico::decimal`] the obvious way (integer part, twelve fraction digits with trailing
-    /// zeros dropped), for tests to hold the fast one to.
-    pub fn decimal_by_format(pico: u64) -> String {
-        let (int, frac) = (pico / Self::PER_USD, pico % Self::PER_USD);
-        if frac == 0 {
-            int.to_string()
-        } else {
-            format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
-        }
-    }
-}
-
-/// Exact decimal USD, e.g. `0.000123450000` is printed as `0.00012345`.
-impl fmt::Display for Pico {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.decimal(&mut [0; 24]))
-    }
-}
-
-impl Pico {
     /// The amount as an exact decimal in USD (no exponent, no trailing zeros), written into
     /// `buf` without allocating: at most 21 bytes (`u64::MAX` is `18446744.073709551615`).
     pub fn decimal(self, buf: &mut [u8; 24]) -> &str {
@@ -77,6 +54,27 @@ impl Pico {
             }
         }
         std::str::from_utf8(&buf[end..]).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+impl Pico {
+    /// [`Pico::decimal`] the obvious way (integer part, twelve fraction digits with trailing
+    /// zeros dropped), for tests to hold the fast one to.
+    pub fn decimal_by_format(pico: u64) -> String {
+        let (int, frac) = (pico / Self::PER_USD, pico % Self::PER_USD);
+        if frac == 0 {
+            int.to_string()
+        } else {
+            format!("{int}.{}", format!("{frac:012}").trim_end_matches('0'))
+        }
+    }
+}
+
+/// Exact decimal USD, e.g. `0.000123450000` is printed as `0.00012345`.
+impl fmt::Display for Pico {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.decimal(&mut [0; 24]))
     }
 }
 
