@@ -22,6 +22,8 @@ pub struct RawAuth {
     pub keys_file: PathBuf,
     /// The environment variable holding the upstream's real API key (virtual_keys).
     pub upstream_key_env: Option<String>,
+    /// The header the real key goes upstream in (virtual_keys).
+    pub upstream_key_header: KeyHeader,
     /// A body `user` other than the key's: "reject" (403) or "overwrite" (the body sent
     /// upstream names the key's user).
     pub user_mismatch: String,
@@ -37,11 +39,53 @@ impl Default for RawAuth {
             mode: "passthrough".into(),
             keys_file: PathBuf::from("tokentap-keys.toml"),
             upstream_key_env: None,
+            upstream_key_header: KeyHeader::Authorization,
             user_mismatch: "reject".into(),
             allow: vec!["GET /v1/models".into()],
         }
     }
 }
+
+/// The header an API key travels in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI and most compatible APIs).
+    #[serde(rename = "authorization")]
+    Authorization,
+    /// `x-api-key: <key>` (the target API's documented header; Anthropic's).
+    #[serde(rename = "x-api-key")]
+    XApiKey,
+    /// `api-key: <key>` (Azure OpenAI).
+    #[serde(rename = "api-key")]
+    ApiKey,
+}
+
+impl KeyHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyHeader::Authorization => "authorization",
+            KeyHeader::XApiKey => "x-api-key",
+            KeyHeader::ApiKey => "api-key",
+        }
+    }
+
+    /// The header's value for `key`.
+    fn value(self, key: &str) -> String {
+        match self {
+            KeyHeader::Authorization => format!("Bearer {key}"),
+            _ => key.to_string(),
+        }
+    }
+}
+
+/// Every header a client may put a credential in. In virtual_keys mode none of them goes
+/// upstream as the client sent it.
+pub const CREDENTIAL_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
+];
 
 /// A secret that never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -71,8 +115,10 @@ pub struct AuthConfig {
     pub mode: Mode,
     pub keys_file: PathBuf,
     pub keys: Arc<KeyStore>,
-    /// `Authorization` value sent upstream in virtual_keys mode (`Bearer <key>`).
+    /// The header value sent upstream in virtual_keys mode (`Bearer <key>` for
+    /// `Authorization`, the bare key otherwise), in `upstream_key_header`.
     pub upstream_auth: Option<Secret>,
+    pub upstream_key_header: KeyHeader,
     pub mismatch: Mismatch,
     /// (method, path) pairs a virtual key may call besides Chat Completions.
     pub allow: Vec<(http::Method, String)>,
@@ -85,6 +131,7 @@ impl Default for AuthConfig {
             keys_file: PathBuf::from("tokentap-keys.toml"),
             keys: Arc::default(),
             upstream_auth: None,
+            upstream_key_header: KeyHeader::Authorization,
             mismatch: Mismatch::Reject,
             allow: Vec::new(),
         }
@@ -250,7 +297,7 @@ pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
             let v = std::env::var(var).map_err(|_| {
                 format!("auth.upstream_key_env: the environment variable {var} is not set")
             })?;
-            let value = format!("Bearer {}", v.trim());
+            let value = raw.upstream_key_header.value(v.trim());
             if http::HeaderValue::from_str(&value).is_err() {
                 return Err(format!(
                     "auth.upstream_key_env: the key in {var} is not a valid header value"
@@ -274,71 +321,46 @@ pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
         keys_file,
         keys: Arc::new(store),
         upstream_auth,
+        upstream_key_header: raw.upstream_key_header,
         mismatch,
         allow,
     })
 }
 
-/// The key a request presents: `Authorization: Bearer <key>` or `api-key: <key>`.
-pub fn presented(headers: &http::HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(v[7..].trim());
-        }
-    }
-    headers
-        .get("api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+/// What a request presents as its key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Presented<'a> {
+    None,
+    Key(&'a str),
+    /// Different keys in different headers: which one counts would be a guess.
+    Conflicting,
 }
 
-/// The body with every top-level `user` set to `user`, members otherwise as sent (order,
-/// values); `None` if it is not a JSON object.
-pub fn rewrite_user(body: &[u8], user: &str) -> Option<Vec<u8>> {
-    use serde::de::{MapAccess, Visitor};
-    use serde_json::value::RawValue;
-    struct Members(Vec<(String, Box<RawValue>)>);
-    impl<'de> Deserialize<'de> for Members {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Members;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Members, A::Error> {
-                    let mut v = Vec::new();
-                    while let Some(k) = m.next_key::<String>()? {
-                        v.push((k, m.next_value::<Box<RawValue>>()?));
-                    }
-                    Ok(Members(v))
-                }
-            }
-            d.deserialize_map(V)
-        }
+/// The key a request presents: `Authorization: Bearer <key>`, `x-api-key: <key>` or
+/// `api-key: <key>` (the same key in several of them is one key).
+pub fn presented(headers: &http::HeaderMap) -> Presented<'_> {
+    let bearer = headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| {
+            let v = v.to_str().ok()?.trim();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
+        });
+    let plain = ["x-api-key", "api-key"].into_iter().flat_map(|h| {
+        headers
+            .get_all(h)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::trim))
+    });
+    let mut found = Presented::None;
+    for k in bearer.chain(plain).filter(|k| !k.is_empty()) {
+        found = match found {
+            Presented::None => Presented::Key(k),
+            Presented::Key(f) if f == k => Presented::Key(f),
+            _ => return Presented::Conflicting,
+        };
     }
-    let members: Members = serde_json::from_slice(body).ok()?;
-    let user = serde_json::to_string(user).ok()?;
-    let mut out = Vec::with_capacity(body.len() + user.len());
-    out.push(b'{');
-    for (i, (k, v)) in members.0.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(serde_json::to_string(k).ok()?.as_bytes());
-        out.push(b':');
-        if k == "user" {
-            out.extend_from_slice(user.as_bytes());
-        } else {
-            out.extend_from_slice(v.get().as_bytes());
-        }
-    }
-    out.push(b'}');
-    Some(out)
+    found
 }
 
 #[cfg(test)]
@@ -382,24 +404,38 @@ mod tests {
     }
 
     #[test]
-    fn the_user_is_rewritten_and_nothing_else() {
-        let body = br#"{"model":"m","user":"bob","messages":[{"role":"user","content":"hi \"x\""}],"user":"eve"}"#;
-        let out = rewrite_user(body, "al\"ice").unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"model":"m","user":"al\"ice","messages":[{"role":"user","content":"hi \"x\""}],"user":"al\"ice"}"#
-        );
-        assert!(rewrite_user(b"[1]", "a").is_none());
+    fn keys_are_read_from_bearer_x_api_key_or_api_key_headers() {
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let k = h(&[("authorization", "Bearer  tt-abc ")]);
+        assert_eq!(presented(&k), Presented::Key("tt-abc"));
+        let k = h(&[("x-api-key", "tt-x")]);
+        assert_eq!(presented(&k), Presented::Key("tt-x"));
+        let k = h(&[("api-key", "tt-def")]);
+        assert_eq!(presented(&k), Presented::Key("tt-def"));
+        let k = h(&[("authorization", "Bearer tt-a"), ("x-api-key", "tt-a")]);
+        assert_eq!(presented(&k), Presented::Key("tt-a"), "one key, twice");
+        let k = h(&[("authorization", "Bearer tt-a"), ("x-api-key", "tt-b")]);
+        assert_eq!(presented(&k), Presented::Conflicting);
+        let k = h(&[("x-api-key", "tt-a"), ("x-api-key", "tt-b")]);
+        assert_eq!(presented(&k), Presented::Conflicting);
+        let k = h(&[("authorization", "Basic dXNlcjpwdw==")]);
+        assert_eq!(presented(&k), Presented::None);
+        assert_eq!(presented(&http::HeaderMap::new()), Presented::None);
     }
 
     #[test]
-    fn keys_are_read_from_bearer_or_api_key_headers() {
-        let mut h = http::HeaderMap::new();
-        h.insert("authorization", "Bearer  tt-abc ".parse().unwrap());
-        assert_eq!(presented(&h), Some("tt-abc"));
-        let mut h = http::HeaderMap::new();
-        h.insert("api-key", "tt-def".parse().unwrap());
-        assert_eq!(presented(&h), Some("tt-def"));
-        assert_eq!(presented(&http::HeaderMap::new()), None);
+    fn the_real_key_is_written_for_the_header_it_goes_in() {
+        assert_eq!(KeyHeader::Authorization.value("sk-1"), "Bearer sk-1");
+        assert_eq!(KeyHeader::XApiKey.value("sk-1"), "sk-1");
+        assert_eq!(KeyHeader::ApiKey.value("sk-1"), "sk-1");
+        let raw: RawAuth = toml::from_str("upstream_key_header = \"x-api-key\"").unwrap();
+        assert_eq!(raw.upstream_key_header, KeyHeader::XApiKey);
+        assert!(toml::from_str::<RawAuth>("upstream_key_header = \"bearer\"").is_err());
     }
 }

@@ -12,9 +12,15 @@ use serde_json::Value;
 
 const MODEL: &str = "anthropic/claude-opus-4.6";
 
+/// tokentap as the target API needs it: the target always streams its usage, so tokentap
+/// does not ask for it and every request goes exactly as the client sent it. (Asking, for
+/// upstreams that send usage only when asked, is pinned in `upstreams.rs`.)
 fn setup() -> (Mock, Tap) {
     let mock = Mock::start();
-    let tap = Tap::start(&mock.url(), TEST_PRICING);
+    let tap = TapBuilder::new(&mock.url())
+        .upstream_extra("inject_stream_usage = false")
+        .extra(TEST_PRICING)
+        .start();
     (mock, tap)
 }
 

@@ -39,7 +39,10 @@ fn https_upstream_gets_sni_and_a_verified_certificate() {
     let mock = Mock::start_tls(&pki.path("cert.pem"), &pki.path("key.pem"));
     let url = format!("https://localhost:{}", mock.addr.port());
     let tap = TapBuilder::new(&url)
-        .upstream_extra(&format!("ca_file = \"{}\"", pki.path("ca.pem").display()))
+        .upstream_extra(&format!(
+            "ca_file = \"{}\"\ninject_stream_usage = false",
+            pki.path("ca.pem").display()
+        ))
         .extra(TEST_PRICING)
         .start();
     let body = chat_body("anthropic/claude-opus-4.6", "tls-user", true, "");

@@ -11,9 +11,20 @@
 //! | `x-mock-chunks: N`      | N content chunks (default 5); each is one token of 4 bytes      |
 //! | `x-mock-delay-ms: D`    | wait D ms before each chunk, or before any non-streaming answer |
 //! | `x-mock-reset-after: K` | reset the connection after K content chunks (mid-body if JSON)  |
-//! | `x-mock-encoding: gzip` | compress a non-streaming answer (`gzip`, `deflate`, `br`)       |
+//! | `x-mock-encoding: gzip` | compress the answer (`gzip`, `deflate`, `br`); a stream is      |
+//! |                         | compressed event by event, flushed after each                   |
 //! | `x-mock-crlf: 1`        | end SSE lines with CRLF                                         |
 //! | `x-mock-split: 1`       | write every SSE event in three separate small writes            |
+//! | `x-mock-split: bytes`   | write a stream one byte at a time                               |
+//! | `x-mock-usage: openai`  | stream usage as OpenAI does: only when the request sets         |
+//! |                         | `stream_options.include_usage`, then `"usage":null` in every    |
+//! |                         | chunk and a usage-only chunk (`"choices":[]`) before `[DONE]`;  |
+//! |                         | chunks without `type`. `with-finish`: usage on the finish chunk |
+//! |                         | (next to its choice), asked or not. Default: the target API's   |
+//! |                         | `type: usage` chunk, always                                     |
+//! | `x-mock-refuse-stream-options: 1` | 400 naming `stream_options` when the body has it      |
+//! | `x-mock-search-count: none` | searches without `num_search_queries`                       |
+//! | `x-mock-search-shape: flat` | `search_results` as a flat list of results (no queries)     |
 //! | `x-mock-event-lines: 1` | add `event:` lines (`event: search_done`, ...)                  |
 //! | `x-mock-cached: N`      | report N cached prompt tokens                                   |
 //! | `x-mock-reasoning: N`   | N reasoning tokens (added to completion tokens; streamed first  |
@@ -21,11 +32,14 @@
 //! | `x-mock-warning: text`  | add a `warning`                                                  |
 //!
 //! Web search runs when the request offers the `octen_search` (or `octen_broad_search`) tool.
-//! The mock's tokenizer: prompt tokens = ceil(bytes of every string in `messages` / 4).
+//! The mock's tokenizer: prompt tokens = ceil(bytes of every string in `messages` / 4). Ids
+//! are derived from the request body without `stream_options`: the same call, asking for its
+//! usage or not, gets the same answer (the "seed").
 //!
 //! `GET /__mock/received` counts the requests read so far (answered or not);
-//! `GET /__mock/requests` lists what it received (method, path, headers, body SHA-256, the TLS
-//! server name and the connection it came on) and what it billed; `POST /__mock/reset` clears
+//! `GET /__mock/requests` lists what it received (method, path, headers, the credential
+//! headers by name, body and its SHA-256, the TLS server name and the connection it came on)
+//! and what it billed; `POST /__mock/reset` clears
 //! that list. `--tls-cert FILE --tls-key FILE` serves HTTPS instead of HTTP, and then also
 //! plain HTTP on a second, printed address, for those two control paths.
 
@@ -417,11 +431,22 @@ fn log_request(
         .ok()
         .and_then(|v| v.get("user").cloned())
         .unwrap_or(Value::Null);
+    let credentials: Vec<&str> = [
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "proxy-authorization",
+    ]
+    .into_iter()
+    .filter(|h| req.header(h).is_some())
+    .collect();
     state.log.lock().unwrap().push(json!({
         "seq": seq,
         "method": req.method,
         "path": req.path,
         "headers": headers,
+        "credentials": credentials,
+        "body": String::from_utf8_lossy(&req.body),
         "body_len": req.body.len(),
         "body_sha256": hex(&Sha256::digest(&req.body)),
         "user": user,
@@ -553,8 +578,32 @@ struct Plan {
     search: bool,
     warning: Option<String>,
     nl: &'static str,
-    split: bool,
+    split: Split,
     event_lines: bool,
+    usage_style: UsageStyle,
+    /// `stream_options.include_usage` was true.
+    usage_asked: bool,
+    search_counted: bool,
+    search_flat: bool,
+    encoding: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    No,
+    Thirds,
+    Bytes,
+}
+
+/// How a stream reports its usage.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UsageStyle {
+    /// The target API: a `type: usage` chunk, always.
+    Target,
+    /// OpenAI: only when asked; `"usage":null` in the other chunks.
+    OpenAi,
+    /// On the finish chunk, next to its choice, always (DeepSeek-like).
+    WithFinish,
 }
 
 impl Plan {
@@ -571,7 +620,7 @@ impl Plan {
         if self.reasoning > 0 {
             u["completion_tokens_details"] = json!({"reasoning_tokens": self.reasoning});
         }
-        if self.search {
+        if self.search && self.search_counted {
             u["num_search_queries"] = json!(2);
         }
         u
@@ -588,6 +637,12 @@ impl Plan {
     }
 
     fn search_results(&self) -> Value {
+        if self.search_flat {
+            return json!([
+                {"title": "Mock result A", "url": "https://example.com/a"},
+                {"title": "Mock result B", "url": "https://example.com/b"}
+            ]);
+        }
         json!([
             {"query": "mock query one", "results": [
                 {"title": "Mock result A", "url": "https://example.com/a", "highlights": "alpha", "authors": "example.com"},
@@ -639,9 +694,25 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
             )
         })
     });
+    if req.header("x-mock-refuse-stream-options").is_some() && body.get("stream_options").is_some()
+    {
+        let b = serde_json::to_vec(&json!({"error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error", "param": "stream_options", "code": null}}))
+        .unwrap();
+        respond(conn, 400, "application/json", &[], &b).await?;
+        log_request(state, conn, &req, json!(null), "error", &b);
+        return Ok(true);
+    }
     let prompt = text_bytes(&body["messages"]).div_ceil(4);
-    // Deterministic ids: the same request gets the same answer, directly or through a proxy.
-    let digest = Sha256::digest(&req.body);
+    let usage_asked = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    // Deterministic ids: the same request gets the same answer, directly or through a proxy,
+    // asking for its usage or not (the seed leaves `stream_options` out).
+    let mut seed = body.clone();
+    if let Value::Object(m) = &mut seed {
+        m.remove("stream_options");
+    }
+    let digest = Sha256::digest(serde_json::to_vec(&seed).unwrap());
     let plan = Plan {
         id: format!("gen-mock-{}", hex(&digest[..8])),
         model: body["model"].as_str().unwrap_or("mock/model").to_string(),
@@ -659,8 +730,21 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
         } else {
             "\n"
         },
-        split: req.header("x-mock-split").is_some(),
+        split: match req.header("x-mock-split") {
+            None => Split::No,
+            Some("bytes") => Split::Bytes,
+            Some(_) => Split::Thirds,
+        },
         event_lines: req.header("x-mock-event-lines").is_some(),
+        usage_style: match req.header("x-mock-usage") {
+            Some("openai") => UsageStyle::OpenAi,
+            Some("with-finish") => UsageStyle::WithFinish,
+            _ => UsageStyle::Target,
+        },
+        usage_asked,
+        search_counted: req.header("x-mock-search-count") != Some("none"),
+        search_flat: req.header("x-mock-search-shape") == Some("flat"),
+        encoding: req.header("x-mock-encoding").map(str::to_string),
     };
     if body["stream"].as_bool() == Some(true) {
         stream(conn, &req, &plan, state).await
@@ -766,34 +850,105 @@ fn event(plan: &Plan, name: Option<&str>, data: &str) -> String {
     s
 }
 
-/// Writes one payload as HTTP chunks, appending what was written to `sent`.
-async fn write_chunk(
-    conn: &mut Conn,
-    plan: &Plan,
-    payload: &str,
-    sent: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    let s = conn.get_mut();
-    let bytes = payload.as_bytes();
-    let parts: Vec<&[u8]> = if plan.split && bytes.len() >= 3 {
-        // Cut inside the payload, including (for non-ASCII content) inside a character.
-        let a = bytes.len() / 3;
-        let b = 2 * bytes.len() / 3;
-        vec![&bytes[..a], &bytes[a..b], &bytes[b..]]
-    } else {
-        vec![bytes]
-    };
-    for p in parts {
-        s.write_all(format!("{:x}\r\n", p.len()).as_bytes()).await?;
-        s.write_all(p).await?;
-        s.write_all(b"\r\n").await?;
-        s.flush().await?;
-        sent.extend_from_slice(p);
-        if plan.split {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+/// A stream's body as it goes out: each payload (an event) compressed and flushed when the
+/// stream is compressed, then written as HTTP chunks (split as the plan says). `sent` is what
+/// went on the wire (compressed bytes, when compressed).
+struct Body {
+    enc: Option<Encoder>,
+    sent: Vec<u8>,
+}
+
+enum Encoder {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Zlib(flate2::write::ZlibEncoder<Vec<u8>>),
+    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+impl Encoder {
+    fn new(name: Option<&str>) -> Option<Self> {
+        let level = flate2::Compression::default();
+        Some(match name? {
+            "gzip" => Encoder::Gzip(flate2::write::GzEncoder::new(Vec::new(), level)),
+            "deflate" => Encoder::Zlib(flate2::write::ZlibEncoder::new(Vec::new(), level)),
+            "br" => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                5,
+                22,
+            ))),
+            _ => return None,
+        })
+    }
+
+    /// Compresses and flushes one event: the bytes to send now.
+    fn event(&mut self, b: &[u8]) -> Vec<u8> {
+        let _ = match self {
+            Encoder::Gzip(e) => e.write_all(b).and_then(|()| e.flush()),
+            Encoder::Zlib(e) => e.write_all(b).and_then(|()| e.flush()),
+            Encoder::Brotli(e) => e.write_all(b).and_then(|()| e.flush()),
+        };
+        match self {
+            Encoder::Gzip(e) => std::mem::take(e.get_mut()),
+            Encoder::Zlib(e) => std::mem::take(e.get_mut()),
+            Encoder::Brotli(e) => std::mem::take(e.get_mut()),
         }
     }
-    Ok(())
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Encoder::Gzip(e) => e.finish().unwrap_or_default(),
+            Encoder::Zlib(e) => e.finish().unwrap_or_default(),
+            Encoder::Brotli(e) => e.into_inner(),
+        }
+    }
+}
+
+impl Body {
+    async fn event(&mut self, conn: &mut Conn, plan: &Plan, payload: &str) -> std::io::Result<()> {
+        let bytes = match &mut self.enc {
+            Some(e) => e.event(payload.as_bytes()),
+            None => payload.as_bytes().to_vec(),
+        };
+        self.write(conn, plan, &bytes).await
+    }
+
+    async fn write(&mut self, conn: &mut Conn, plan: &Plan, bytes: &[u8]) -> std::io::Result<()> {
+        let s = conn.get_mut();
+        let parts: Vec<&[u8]> = match plan.split {
+            // Cut inside the payload, including (for non-ASCII content) inside a character.
+            Split::Thirds if bytes.len() >= 3 => {
+                let a = bytes.len() / 3;
+                let b = 2 * bytes.len() / 3;
+                vec![&bytes[..a], &bytes[a..b], &bytes[b..]]
+            }
+            Split::Bytes => bytes.chunks(1).collect(),
+            _ => vec![bytes],
+        };
+        for p in parts {
+            s.write_all(format!("{:x}\r\n", p.len()).as_bytes()).await?;
+            s.write_all(p).await?;
+            s.write_all(b"\r\n").await?;
+            s.flush().await?;
+            self.sent.extend_from_slice(p);
+            if plan.split == Split::Thirds {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last bytes of a compressed stream, and the end of the chunked body.
+    async fn end(&mut self, conn: &mut Conn, plan: &Plan) -> std::io::Result<()> {
+        if let Some(e) = self.enc.take() {
+            let rest = e.finish();
+            if !rest.is_empty() {
+                self.write(conn, plan, &rest).await?;
+            }
+        }
+        let s = conn.get_mut();
+        s.write_all(b"0\r\n\r\n").await?;
+        s.flush().await
+    }
 }
 
 async fn stream(
@@ -802,43 +957,54 @@ async fn stream(
     plan: &Plan,
     state: &State,
 ) -> std::io::Result<bool> {
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+    let enc = Encoder::new(plan.encoding.as_deref());
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{}transfer-encoding: chunked\r\n\r\n",
+        match (&enc, plan.encoding.as_deref()) {
+            (Some(_), Some(e)) => format!("content-encoding: {e}\r\n"),
+            _ => String::new(),
+        }
+    );
     conn.get_mut().write_all(head.as_bytes()).await?;
+    let openai = plan.usage_style == UsageStyle::OpenAi;
+    // OpenAI's chunks carry no `type`, and `"usage": null` when usage was asked for.
+    let null_usage = openai && plan.usage_asked;
     let chunk = |kind: &str, extra: Value| {
-        let mut v = json!({"type": kind, "id": plan.id, "object": "chat.completion.chunk",
-            "created": plan.created, "model": plan.model});
+        let mut v = if openai {
+            json!({"id": plan.id, "object": "chat.completion.chunk", "created": plan.created,
+                "model": plan.model})
+        } else {
+            json!({"type": kind, "id": plan.id, "object": "chat.completion.chunk",
+                "created": plan.created, "model": plan.model})
+        };
         if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
             m.extend(e);
         }
+        if null_usage && v.get("usage").is_none() {
+            v["usage"] = Value::Null;
+        }
         serde_json::to_string(&v).unwrap()
     };
-    let mut out = Vec::new();
+    let mut body = Body {
+        enc,
+        sent: Vec::new(),
+    };
     let result: std::io::Result<()> = async {
-        write_chunk(
-            conn,
-            plan,
-            &format!(": mock stream{}{}", plan.nl, plan.nl),
-            &mut out,
-        )
-        .await?;
+        body.event(conn, plan, &format!(": mock stream{}{}", plan.nl, plan.nl))
+            .await?;
         if plan.search {
             let data = chunk(
                 "search_done",
                 json!({"search_results": plan.search_results()}),
             );
-            write_chunk(
-                conn,
-                plan,
-                &event(plan, Some("search_done"), &data),
-                &mut out,
-            )
-            .await?;
+            body.event(conn, plan, &event(plan, Some("search_done"), &data))
+                .await?;
         }
         Ok(())
     }
     .await;
     if let Err(e) = result {
-        log_request(state, conn, req, plan.billed(0), "client_gone", &out);
+        log_request(state, conn, req, plan.billed(0), "client_gone", &body.sent);
         return Err(e);
     }
     // Reasoning is streamed first, as `delta.reasoning` (4 bytes per token, like content).
@@ -850,15 +1016,15 @@ async fn stream(
             "content",
             json!({"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning": text}, "finish_reason": null}]}),
         );
-        if let Err(e) = write_chunk(conn, plan, &event(plan, None, &data), &mut out).await {
-            log_request(state, conn, req, plan.billed(0), "client_gone", &out);
+        if let Err(e) = body.event(conn, plan, &event(plan, None, &data)).await {
+            log_request(state, conn, req, plan.billed(0), "client_gone", &body.sent);
             return Err(e);
         }
     }
     let mut sent = 0;
     for i in 0..plan.chunks {
         if plan.reset_after == Some(sent) {
-            log_request(state, conn, req, plan.billed(sent), "reset", &out);
+            log_request(state, conn, req, plan.billed(sent), "reset", &body.sent);
             reset(conn).await;
             return Ok(false);
         }
@@ -873,15 +1039,22 @@ async fn stream(
             "content",
             json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}),
         );
-        if let Err(e) = write_chunk(conn, plan, &event(plan, None, &data), &mut out).await {
+        if let Err(e) = body.event(conn, plan, &event(plan, None, &data)).await {
             // The client (tokentap) went away: bill what was generated and delivered.
-            log_request(state, conn, req, plan.billed(sent), "client_gone", &out);
+            log_request(
+                state,
+                conn,
+                req,
+                plan.billed(sent),
+                "client_gone",
+                &body.sent,
+            );
             return Err(e);
         }
         sent += 1;
     }
     if plan.reset_after.is_some_and(|k| k >= sent) {
-        log_request(state, conn, req, plan.billed(sent), "reset", &out);
+        log_request(state, conn, req, plan.billed(sent), "reset", &body.sent);
         reset(conn).await;
         return Ok(false);
     }
@@ -889,26 +1062,39 @@ async fn stream(
     if let Some(w) = &plan.warning {
         fin["warning"] = json!(w);
     }
-    let finish = chunk("finish", fin);
-    let usage = chunk("usage", json!({"usage": plan.usage(sent)}));
-    let tail = format!(
-        "{}{}{}",
-        event(plan, None, &finish),
-        event(plan, None, &usage),
-        event(plan, None, "[DONE]")
-    );
-    let r = write_chunk(conn, plan, &tail, &mut out).await;
-    let r = match r {
-        Ok(()) => {
-            let s = conn.get_mut();
-            match s.write_all(b"0\r\n\r\n").await {
-                Ok(()) => s.flush().await,
-                Err(e) => Err(e),
-            }
+    if plan.usage_style == UsageStyle::WithFinish {
+        fin["usage"] = plan.usage(sent);
+    }
+    let mut tail = vec![event(plan, None, &chunk("finish", fin))];
+    match plan.usage_style {
+        UsageStyle::Target => {
+            tail.push(event(
+                plan,
+                None,
+                &chunk("usage", json!({"usage": plan.usage(sent)})),
+            ));
         }
-        Err(e) => Err(e),
-    };
+        UsageStyle::OpenAi if plan.usage_asked => {
+            tail.push(event(
+                plan,
+                None,
+                &chunk("usage", json!({"choices": [], "usage": plan.usage(sent)})),
+            ));
+        }
+        _ => {}
+    }
+    tail.push(event(plan, None, "[DONE]"));
+    let mut r = Ok(());
+    for ev in &tail {
+        r = body.event(conn, plan, ev).await;
+        if r.is_err() {
+            break;
+        }
+    }
+    if r.is_ok() {
+        r = body.end(conn, plan).await;
+    }
     let outcome = if r.is_ok() { "complete" } else { "client_gone" };
-    log_request(state, conn, req, plan.billed(sent), outcome, &out);
+    log_request(state, conn, req, plan.billed(sent), outcome, &body.sent);
     r.map(|()| true)
 }

@@ -515,7 +515,8 @@ pub struct OpenCall {
     pub started: i64,
     /// Content relayed so far, and the usage once the upstream reported it.
     pub content_bytes: std::sync::atomic::AtomicU64,
-    pub search_ran: std::sync::atomic::AtomicBool,
+    /// Web searches counted so far (`Observed::web_searches`).
+    pub web_searches: std::sync::atomic::AtomicU64,
     pub reported: std::sync::Mutex<Option<Usage>>,
 }
 
@@ -524,10 +525,10 @@ impl OpenCall {
     pub fn observe(&self, o: &crate::openai::response::Observed) {
         use std::sync::atomic::Ordering::Relaxed;
         self.content_bytes.store(o.content_bytes, Relaxed);
-        if o.search_ran {
-            self.search_ran.store(true, Relaxed);
+        if let Some((n, _)) = o.web_searches() {
+            self.web_searches.store(n, Relaxed);
         }
-        if let Some(u) = o.usage {
+        if let Some(u) = o.reported_usage() {
             *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
         }
     }
@@ -544,7 +545,7 @@ impl OpenCall {
             completion: estimate_tokens(self.content_bytes.load(Relaxed)),
             cached: 0,
             reasoning: 0,
-            web_searches: u64::from(self.search_ran.load(Relaxed)),
+            web_searches: self.web_searches.load(Relaxed),
         };
         (usage, true)
     }

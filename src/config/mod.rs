@@ -93,6 +93,29 @@ pub struct UpstreamConfig {
     pub dns_refresh: Duration,
     /// A PEM bundle of trusted roots used instead of the system store, e.g. a private CA.
     pub ca_file: Option<PathBuf>,
+    pub stream_usage: StreamUsage,
+}
+
+/// Whether tokentap asks the upstream for the usage of streams whose clients did not ask
+/// (`upstream.inject_stream_usage`, `upstream.inject_stream_usage_except`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamUsage {
+    pub inject: bool,
+    /// Model names, or prefixes ending in `*`, left alone.
+    pub except: Vec<String>,
+}
+
+impl StreamUsage {
+    /// Streams of `model` get their usage asked for.
+    pub fn injects(&self, model: Option<&str>) -> bool {
+        self.inject
+            && !model.is_some_and(|m| {
+                self.except.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => m.starts_with(prefix),
+                    None => m == p,
+                })
+            })
+    }
 }
 
 /// The upstream base URL, split into what the connector needs.
@@ -333,7 +356,19 @@ fn compile(
             }
             None => None,
         };
+        for p in &u.inject_stream_usage_except {
+            if p.is_empty() || p.trim_end_matches('*').contains('*') {
+                return Err(err(
+                    "upstream.inject_stream_usage_except",
+                    format!("{p:?}: write a model name, or a prefix ending in one `*`"),
+                ));
+            }
+        }
         UpstreamConfig {
+            stream_usage: StreamUsage {
+                inject: u.inject_stream_usage,
+                except: u.inject_stream_usage_except,
+            },
             url,
             connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms)?,
             read_timeout: ms("upstream.read_timeout_ms", u.read_timeout_ms)?,
@@ -582,6 +617,30 @@ url = "http://127.0.0.1:9000"
         assert!(!c.upstream.url.tls);
         assert_eq!(c.upstream.url.host_header, "127.0.0.1:9000");
         assert!(c.access_log.enabled);
+        assert!(c.upstream.stream_usage.injects(Some("openai/gpt-5.5")));
+    }
+
+    #[test]
+    fn usage_injection_is_opted_out_of_per_upstream_and_per_model() {
+        let c = parse_str(
+            "[upstream]\nurl = \"http://a\"\ninject_stream_usage_except = [\"deepseek/*\", \"x/y\"]\n",
+        )
+        .unwrap();
+        let s = &c.upstream.stream_usage;
+        assert!(!s.injects(Some("deepseek/chat")));
+        assert!(!s.injects(Some("x/y")));
+        assert!(s.injects(Some("x/yz")));
+        assert!(s.injects(None));
+        let c = parse_str("[upstream]\nurl = \"http://a\"\ninject_stream_usage = false\n").unwrap();
+        assert!(!c.upstream.stream_usage.injects(Some("m")));
+        let e =
+            parse_str("[upstream]\nurl = \"http://a\"\ninject_stream_usage_except = [\"a*b\"]\n")
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("line 3, upstream.inject_stream_usage_except"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -119,6 +119,18 @@ pub struct RawUpstream {
     pub dns_refresh_ms: u64,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Ask for the usage of streamed chat calls whose clients did not
+    /// (`stream_options.include_usage`), and take the usage chunk out of what they receive.
+    #[serde(default = "d_true")]
+    pub inject_stream_usage: bool,
+    /// Models whose streams are left as the client sent them (exact names, or prefixes
+    /// ending in `*`).
+    #[serde(default)]
+    pub inject_stream_usage_except: Vec<String>,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_connect() -> u64 {

@@ -115,6 +115,25 @@ impl UsageSource {
     }
 }
 
+/// Where a record's web search count comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebSearchSource {
+    /// The upstream's own count (`num_search_queries`).
+    Reported,
+    /// Counted by tokentap from the search results the upstream sent (no count reported).
+    Counted,
+}
+
+impl WebSearchSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebSearchSource::Reported => "reported",
+            WebSearchSource::Counted => "counted",
+        }
+    }
+}
+
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,6 +190,11 @@ pub struct UsageRecord {
     pub outcome: Outcome,
     pub usage: Usage,
     pub usage_source: UsageSource,
+    /// Where `usage.web_searches` comes from (`None`: no search ran).
+    pub web_searches_source: Option<WebSearchSource>,
+    /// tokentap asked the upstream for this stream's usage (`stream_options.include_usage`)
+    /// and took the usage chunk out of what the client received.
+    pub usage_injected: bool,
     /// Cost from the price table; `None` when the model is unpriced.
     pub cost: Option<Pico>,
     /// A cost the upstream reported itself (`usage.cost`), in USD as sent.
@@ -228,6 +252,8 @@ impl UsageRecord {
                 web_searches: 0,
             },
             usage_source: UsageSource::Reported,
+            web_searches_source: None,
+            usage_injected: false,
             cost: None,
             upstream_cost_usd: None,
             finish_reasons: Vec::new(),

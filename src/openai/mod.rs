@@ -1,10 +1,15 @@
 //! The wire format of OpenAI-compatible Chat Completions APIs: which paths are chat calls,
-//! request inspection, the SSE decoder, usage extraction and OpenAI-shaped error bodies.
+//! request inspection and the few byte-level edits of a request body, the SSE decoder, usage
+//! extraction, the stream filter that takes asked-for usage out again, content codings and
+//! OpenAI-shaped error bodies.
 
+mod codec;
+pub mod edit;
 pub mod request;
 pub mod response;
 pub(crate) mod skim;
 pub mod sse;
+pub mod strip;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -68,6 +73,32 @@ mod path_tests {
         assert_eq!(normalized_path("/V1/Models/"), "/v1/models");
         assert_eq!(normalized_path(""), "/");
     }
+}
+
+/// `Accept-Encoding` with only the codings tokentap can read (gzip, deflate, br, identity),
+/// when it names others (zstd, `*`): a stream tokentap edits must come back readable. `None`
+/// when nothing needs to change.
+pub fn readable_accept_encoding(value: &str) -> Option<String> {
+    let codings: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let readable = |c: &&str| {
+        let name = c.split(';').next().unwrap_or_default().trim();
+        ["gzip", "x-gzip", "deflate", "br", "identity"]
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
+    };
+    let kept: Vec<&str> = codings.iter().copied().filter(readable).collect();
+    if kept.len() == codings.len() {
+        return None;
+    }
+    Some(if kept.is_empty() {
+        "identity".to_string()
+    } else {
+        kept.join(", ")
+    })
 }
 
 pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
@@ -172,6 +203,21 @@ mod tests {
         assert!(is_chat_path("/v1/chat/completions%2F"));
         assert!(!is_chat_path("/v1/chat/completions%"));
         assert!(!is_chat_path("/v1/chat/completions%2"));
+    }
+
+    #[test]
+    fn only_readable_codings_are_accepted_for_an_edited_stream() {
+        assert_eq!(readable_accept_encoding("gzip, deflate, br"), None);
+        assert_eq!(
+            readable_accept_encoding("gzip, deflate, zstd").as_deref(),
+            Some("gzip, deflate")
+        );
+        assert_eq!(
+            readable_accept_encoding("zstd;q=1.0, br;q=0.5").as_deref(),
+            Some("br;q=0.5")
+        );
+        assert_eq!(readable_accept_encoding("*").as_deref(), Some("identity"));
+        assert_eq!(readable_accept_encoding("identity"), None);
     }
 
     #[test]

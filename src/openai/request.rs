@@ -11,6 +11,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::ApiError;
@@ -43,6 +44,21 @@ pub struct RequestMeta {
     pub type_errors: Vec<String>,
     /// Keys that could mean two things: duplicates, or case variants of a known field.
     pub ambiguous: Vec<String>,
+    /// Where members tokentap may edit stand in the inspected bytes (see [`Spans`]).
+    pub spans: Spans,
+}
+
+/// Byte ranges in the inspected body, for edits that leave every other byte as sent
+/// (`super::edit`). Only meaningful for the bytes that were inspected: a compressed body's
+/// spans are those of its inflated copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spans {
+    /// The value of each top-level `user` member (quotes included).
+    pub user: Vec<std::ops::Range<usize>>,
+    /// The value of the top-level `stream_options` member.
+    pub stream_options: Option<std::ops::Range<usize>>,
+    /// The top-level object's closing brace.
+    pub close: usize,
 }
 
 /// The top-level fields tokentap reads.
@@ -210,6 +226,16 @@ pub fn inspect(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
         if let Ok(mut meta) = inspect_serde(&rest) {
             meta.messages = m.count;
             meta.prompt_text_bytes = m.text_bytes;
+            // Spans after the messages move back to where they stand in the body.
+            let shift = m.span.len() - 1;
+            let at = |r: &mut std::ops::Range<usize>| {
+                if r.start > m.span.start {
+                    *r = r.start + shift..r.end + shift;
+                }
+            };
+            meta.spans.user.iter_mut().for_each(at);
+            meta.spans.stream_options.iter_mut().for_each(at);
+            meta.spans.close += shift;
             return Ok(meta);
         }
     }
@@ -219,11 +245,18 @@ pub fn inspect(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
 /// [`inspect`] by serde alone.
 fn inspect_serde(body: &[u8]) -> Result<RequestMeta, NotAnObject> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let meta = de
-        .deserialize_any(MetaVisitor)
+    let mut meta = de
+        .deserialize_any(MetaVisitor {
+            base: body.as_ptr() as usize,
+        })
         .map_err(|e| NotAnObject(format!("request body is not a JSON object: {e}")))?;
     de.end()
         .map_err(|e| NotAnObject(format!("request body has trailing data: {e}")))?;
+    // Only whitespace follows the object.
+    meta.spans.close = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .unwrap_or_default();
     Ok(meta)
 }
 
@@ -251,7 +284,18 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-struct MetaVisitor;
+/// Reads the top level; `base` is the address of the body's first byte, so that a borrowed
+/// value's place in the body is known.
+struct MetaVisitor {
+    base: usize,
+}
+
+impl MetaVisitor {
+    fn span(&self, raw: &RawValue) -> std::ops::Range<usize> {
+        let start = raw.get().as_ptr() as usize - self.base;
+        start..start + raw.get().len()
+    }
+}
 
 impl<'de> Visitor<'de> for MetaVisitor {
     type Value = RequestMeta;
@@ -285,7 +329,11 @@ impl<'de> Visitor<'de> for MetaVisitor {
                     m.prompt_text_bytes = bytes;
                 }
                 "model" => m.model = string(&key, map.next_value()?, &mut m.type_errors),
-                "user" => m.user = string(&key, map.next_value()?, &mut m.type_errors),
+                "user" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    m.spans.user.push(self.span(raw));
+                    m.user = string(&key, raw_value(raw)?, &mut m.type_errors)
+                }
                 "stream" => {
                     m.stream = match map.next_value::<Value>()? {
                         Value::Bool(b) => b,
@@ -305,7 +353,9 @@ impl<'de> Visitor<'de> for MetaVisitor {
                 "temperature" => m.temperature = float(&key, map.next_value()?, &mut m.type_errors),
                 "top_p" => m.top_p = float(&key, map.next_value()?, &mut m.type_errors),
                 "stream_options" => {
-                    m.include_usage = match map.next_value::<Value>()? {
+                    let raw: &'de RawValue = map.next_value()?;
+                    m.spans.stream_options = Some(self.span(raw));
+                    m.include_usage = match raw_value(raw)? {
                         Value::Object(o) => o.get("include_usage").and_then(Value::as_bool),
                         _ => None,
                     }
@@ -339,6 +389,11 @@ impl<'de> Visitor<'de> for MetaVisitor {
         }
         Ok(m)
     }
+}
+
+/// A borrowed raw value as a tree (it is valid JSON: the parser just read it).
+fn raw_value<E: de::Error>(raw: &RawValue) -> Result<Value, E> {
+    serde_json::from_str(raw.get()).map_err(E::custom)
 }
 
 fn value_text_bytes(v: &Value) -> u64 {

@@ -5,17 +5,16 @@
 //! buffer parsed once at the end (JSON). It never fails the request: what it cannot read it
 //! reports in [`Observed::tap_error`].
 
-use std::borrow::Cow;
-use std::fmt;
-use std::io::Write;
-
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
 
+use super::codec::Decoding;
 use super::sse::{SseDecoder, SseEvent};
-use crate::meter::Usage;
+use crate::meter::{Usage, WebSearchSource};
 
 /// What the tap learned from a response.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,11 +22,13 @@ pub struct Observed {
     pub response_id: Option<String>,
     pub response_model: Option<String>,
     pub finish_reasons: Vec<String>,
-    /// The last `usage` object the upstream sent.
+    /// The last `usage` object the upstream sent (`web_searches`: its count, 0 without one).
     pub usage: Option<Usage>,
+    /// That usage object counted web searches itself (`num_search_queries`).
+    pub searches_reported: bool,
     pub upstream_cost_usd: Option<f64>,
     pub search_ran: bool,
-    /// Search query groups seen (`search_results` entries); each is one search.
+    /// `search_results` entries naming a `query` (the target API's shape); each is one search.
     pub search_queries: u64,
     /// Individual results across all groups.
     pub search_results: u64,
@@ -43,6 +44,8 @@ pub struct Observed {
     pub upstream_error: Option<String>,
     /// That error's `type` (else its `code`), a short identifier for `error.type`.
     pub upstream_error_type: Option<String>,
+    /// That error names `stream_options` (in its message, param or code).
+    pub upstream_error_names_stream_options: bool,
     /// Bytes of a JSON body that could not be parsed (cut off, or not JSON): the basis of the
     /// completion estimate when a non-streaming answer was cut.
     pub unparsed_body_bytes: u64,
@@ -55,6 +58,26 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// The web searches the call ran: the upstream's count when it reported one (a reported
+    /// count always wins, zero included), else one per `search_results` entry naming a
+    /// `query`, and one when searches ran without such entries (results of another shape, a
+    /// `search_done` event alone).
+    pub fn web_searches(&self) -> Option<(u64, WebSearchSource)> {
+        match self.usage {
+            Some(u) if self.searches_reported => Some((u.web_searches, WebSearchSource::Reported)),
+            _ if self.search_ran => Some((self.search_queries.max(1), WebSearchSource::Counted)),
+            _ => None,
+        }
+    }
+
+    /// The usage the upstream reported, its web searches counted when it did not count them.
+    pub fn reported_usage(&self) -> Option<Usage> {
+        self.usage.map(|u| Usage {
+            web_searches: self.web_searches().map_or(0, |(n, _)| n),
+            ..u
+        })
+    }
+
     fn capture(&mut self, text: &str) {
         let limit = self.capture_limit;
         if let Some(c) = self.captured.as_mut() {
@@ -528,8 +551,11 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
+/// One entry of `search_results` in the target API's shape: `{query, results[]}`.
 #[derive(Deserialize)]
-struct SearchGroup {
+struct SearchGroup<'a> {
+    #[serde(borrow, default)]
+    query: Option<&'a RawValue>,
     #[serde(default)]
     results: Option<Vec<IgnoredAny>>,
 }
@@ -548,7 +574,8 @@ struct ErrorView<'a> {
     code: Option<&'a RawValue>,
 }
 
-fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, Option<f64>)> {
+/// A usage object's counts, whether it counted searches, and its cost.
+fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, bool, Option<f64>)> {
     let u: UsageView = field(raw)?;
     let count = |r: Option<&RawValue>| field::<Count>(r).map(|c| c.0);
     let (prompt, completion) = (count(u.prompt_tokens), count(u.completion_tokens));
@@ -559,14 +586,16 @@ fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, Option<f64>)> {
         field::<PromptDetails>(u.prompt_tokens_details).and_then(|d| count(d.cached_tokens));
     let reasoning = field::<CompletionDetails>(u.completion_tokens_details)
         .and_then(|d| count(d.reasoning_tokens));
+    let searches = count(u.num_search_queries);
     Some((
         Usage {
             prompt: prompt.unwrap_or(0),
             completion: completion.unwrap_or(0),
             cached: cached.unwrap_or(0),
             reasoning: reasoning.unwrap_or(0),
-            web_searches: count(u.num_search_queries).unwrap_or(0),
+            web_searches: searches.unwrap_or(0),
         },
+        searches.is_some(),
         cost_from(u.cost),
     ))
 }
@@ -628,6 +657,7 @@ fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>, chunk: bool) {
         .usage
         .filter(|u| u.prompt.is_some() || u.completion.is_some())
     {
+        obs.searches_reported = u.searches.is_some();
         obs.usage = Some(Usage {
             prompt: u.prompt.unwrap_or(0),
             completion: u.completion.unwrap_or(0),
@@ -658,15 +688,26 @@ fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: boo
     if field::<Cow<str>>(v.kind).as_deref() == Some("search_done") {
         obs.search_ran = true;
     }
-    if let Some(groups) = field::<Vec<SearchGroup>>(v.search_results) {
-        if !groups.is_empty() {
-            obs.search_ran = true;
+    if let Some(raw) = v.search_results.filter(|r| r.get() != "null") {
+        match field::<Vec<&RawValue>>(Some(raw)) {
+            Some(entries) => {
+                for e in &entries {
+                    let g = field::<SearchGroup>(Some(e));
+                    match g.filter(|g| field::<Cow<str>>(g.query).is_some()) {
+                        Some(g) => {
+                            obs.search_queries += 1;
+                            obs.search_results += g.results.as_ref().map_or(0, |r| r.len() as u64);
+                        }
+                        None => obs.search_results += 1,
+                    }
+                }
+                if !entries.is_empty() {
+                    obs.search_ran = true;
+                }
+            }
+            // Results, but not as a list: one search, at least.
+            None => obs.search_ran = true,
         }
-        obs.search_queries += groups.len() as u64;
-        obs.search_results += groups
-            .iter()
-            .map(|g| g.results.as_ref().map_or(0, |r| r.len() as u64))
-            .sum::<u64>();
     }
     let choices = v.choices.and_then(|c| c.parsed(obs));
     if let Some(choices) = choices {
@@ -693,8 +734,9 @@ fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: boo
         let meta: MetaView = field(v.meta)?;
         usage_from(meta.usage)
     });
-    if let Some((u, cost)) = usage {
+    if let Some((u, reported, cost)) = usage {
         obs.usage = Some(u);
+        obs.searches_reported = reported;
         if cost.is_some() {
             obs.upstream_cost_usd = cost;
         }
@@ -703,6 +745,7 @@ fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: boo
         obs.warning = Some(truncate(&w, MAX_ERROR_CHARS));
     }
     if let Some(raw) = v.error {
+        obs.upstream_error_names_stream_options = raw.get().contains("stream_options");
         let e = field::<ErrorView>(Some(raw));
         let part = |r: Option<&RawValue>| -> Option<String> {
             let r = r?;
@@ -734,107 +777,11 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// The response's `Content-Encoding`, inflated for the tap only.
-enum Decoding {
-    Identity,
-    Off,
-    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
-    /// HTTP "deflate" is zlib-wrapped, but some servers send raw deflate: decided on the first
-    /// two bytes.
-    DeflatePending(Vec<u8>),
-    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
-    RawDeflate(flate2::write::DeflateDecoder<Vec<u8>>),
-    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
-}
-
-impl Decoding {
-    fn new(content_encoding: Option<&str>) -> Result<Self, String> {
-        let enc = content_encoding.map(str::trim).unwrap_or("");
-        Ok(match enc.to_ascii_lowercase().as_str() {
-            "" | "identity" => Decoding::Identity,
-            "gzip" | "x-gzip" => Decoding::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
-            "deflate" => Decoding::DeflatePending(Vec::new()),
-            "br" => Decoding::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 8192))),
-            other => {
-                return Err(format!(
-                    "content-encoding {other:?} is not supported by the usage tap"
-                ))
-            }
-        })
-    }
-
-    fn output(&mut self) -> Option<&mut Vec<u8>> {
-        match self {
-            Decoding::Gzip(d) => Some(d.get_mut()),
-            Decoding::Zlib(d) => Some(d.get_mut()),
-            Decoding::RawDeflate(d) => Some(d.get_mut()),
-            Decoding::Brotli(d) => Some(d.get_mut()),
-            _ => None,
-        }
-    }
-
-    /// Writes compressed bytes; returns what they inflated to.
-    fn inflate(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
-        if let Decoding::DeflatePending(buf) = self {
-            buf.extend_from_slice(input);
-            if buf.len() < 2 {
-                return Ok(Vec::new());
-            }
-            let head = std::mem::take(buf);
-            let zlib =
-                head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
-            *self = if zlib {
-                Decoding::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
-            } else {
-                Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()))
-            };
-            return self.inflate(&head);
-        }
-        // flush() makes the decoders hand out everything the input so far inflates to, so the
-        // tap is never a read behind the client.
-        match self {
-            Decoding::Gzip(d) => d.write_all(input).and_then(|()| d.flush())?,
-            Decoding::Zlib(d) => d.write_all(input).and_then(|()| d.flush())?,
-            Decoding::RawDeflate(d) => d.write_all(input).and_then(|()| d.flush())?,
-            Decoding::Brotli(d) => d.write_all(input).and_then(|()| d.flush())?,
-            _ => {}
-        }
-        Ok(self.output().map(std::mem::take).unwrap_or_default())
-    }
-
-    /// Flushes what the decoder still holds at the end of the body: the output, and the error
-    /// if the compressed stream did not end cleanly (its output still counts).
-    fn finish(&mut self) -> (Vec<u8>, Option<std::io::Error>) {
-        let mut out = Vec::new();
-        if let Decoding::DeflatePending(buf) = self {
-            if buf.is_empty() {
-                return (out, None);
-            }
-            let head = std::mem::take(buf);
-            *self = Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()));
-            match self.inflate(&head) {
-                Ok(o) => out = o,
-                Err(e) => return (out, Some(e)),
-            }
-        }
-        let r = match self {
-            Decoding::Gzip(d) => d.try_finish(),
-            Decoding::Zlib(d) => d.try_finish(),
-            Decoding::RawDeflate(d) => d.try_finish(),
-            Decoding::Brotli(d) => d.flush(),
-            _ => return (out, None),
-        };
-        if let Some(rest) = self.output() {
-            out.append(rest);
-        }
-        (out, r.err())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::io::Write;
 
     /// A stream as the target API sends it, with CRLF line ends, an `event:` line, a comment,
     /// multi-byte UTF-8 content and a usage chunk.

@@ -210,6 +210,15 @@ pub struct Ctx {
     pub(crate) identity: Option<crate::auth::Identity>,
     /// The body's `user` is to be replaced by the key's (auth.user_mismatch = "overwrite").
     rewrite_user: bool,
+    /// The whole body was read before the upstream was contacted (see `request_filter`).
+    read_ahead: bool,
+    /// The request head went upstream framed so that the body may still change (chunked).
+    may_edit: bool,
+    /// The body that goes upstream: the client's, or it with tokentap's edits.
+    forward: Option<Bytes>,
+    /// tokentap asked for this stream's usage; `strip` takes the answer back out.
+    usage_injected: bool,
+    strip: Option<crate::openai::strip::UsageStrip>,
 }
 
 /// One open stream of a user, for `limits.max_streams_per_user`; released when dropped.
@@ -354,18 +363,23 @@ impl TokenTap {
             return Err(self.reject(ctx, e));
         }
         if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
-            let Some(id) = crate::auth::presented(&req.headers)
-                .and_then(|k| ctx.cfg.auth.keys.lookup(k))
-                .cloned()
-            else {
+            use crate::auth::Presented;
+            let presented = crate::auth::presented(&req.headers);
+            let found = match presented {
+                Presented::Key(k) => ctx.cfg.auth.keys.lookup(k).cloned(),
+                Presented::None | Presented::Conflicting => None,
+            };
+            let Some(id) = found else {
                 // Unknown and revoked keys get the same answer (and nothing of the key).
-                let e = ApiError::new(
-                    401,
-                    "invalid_request_error",
+                let message = if presented == Presented::Conflicting {
+                    "Two different API keys were sent: send one tokentap key, as \
+                     `Authorization: Bearer <key>`, `x-api-key: <key>` or `api-key: <key>`."
+                } else {
                     "Invalid or missing API key: send a tokentap key as \
-                     `Authorization: Bearer <key>`.",
-                )
-                .code("invalid_api_key");
+                     `Authorization: Bearer <key>`, `x-api-key: <key>` or `api-key: <key>`."
+                };
+                let e =
+                    ApiError::new(401, "invalid_request_error", message).code("invalid_api_key");
                 return Err(self.reject(ctx, e));
             };
             ctx.identity = Some(id);
@@ -435,18 +449,56 @@ impl TokenTap {
                 ctx.input_body = Some(whole.clone());
             }
             // The decision point: everything about the call is known, nothing reached the
-            // upstream yet.
-            // (The budget decision follows, in `request_body_filter`, before this body goes.)
+            // upstream yet. The decision follows (`decide_call`), then the body is made ready
+            // (`prepare_forward`) and released.
             ctx.decide = true;
-            ctx.body_released = true;
-            ctx.sent_at = Some(Instant::now());
-            *body = if whole.is_empty() { None } else { Some(whole) };
+            ctx.forward = Some(whole);
+        }
+        Ok(())
+    }
+
+    /// The body that goes upstream: the client's bytes, with the splices tokentap makes
+    /// (`openai::edit`) where it may: the key's user in place of another (user_mismatch =
+    /// "overwrite"), and `stream_options.include_usage` for a stream whose client did not ask
+    /// for its usage. Only a body read as sent (not compressed) is edited, and only when the
+    /// request head went upstream framed for it (its length known, or chunked).
+    fn prepare_forward(&self, ctx: &mut Ctx) -> std::result::Result<(), Box<Error>> {
+        use crate::openai::edit;
+        let (Some(whole), Some(meta)) = (ctx.forward.as_ref(), ctx.meta.as_ref()) else {
+            return Ok(());
+        };
+        let plain = ctx
+            .request_encoding
+            .as_deref()
+            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
+        let editable = plain && (ctx.read_ahead || ctx.may_edit);
+        let mut edits = Vec::new();
+        if std::mem::take(&mut ctx.rewrite_user) {
+            match ctx.identity.as_ref().filter(|_| editable) {
+                Some(id) => edits.extend(edit::set_user(meta, &id.user)),
+                // Never send the body naming someone else.
+                None => return Err(self.reject(ctx, user_mismatch())),
+            }
+        }
+        let cfg = &ctx.cfg;
+        if editable
+            && meta.stream
+            && meta.include_usage != Some(true)
+            && cfg.upstream.stream_usage.injects(meta.model.as_deref())
+        {
+            if let edit::UsageAsk::Edit(e) = edit::ask_for_usage(whole, meta) {
+                edits.push(e);
+                ctx.usage_injected = true;
+            }
+        }
+        if !edits.is_empty() {
+            ctx.forward = Some(Bytes::from(edit::apply(whole, edits)));
         }
         Ok(())
     }
 
     /// The upstream's response head: status, timing, and the tap for the body.
-    fn on_response(&self, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         let status = resp.status.as_u16();
         if (100..200).contains(&status) {
             return Ok(());
@@ -469,13 +521,101 @@ impl TokenTap {
             } else {
                 ctx.cfg.limits.max_response_tap_bytes
             };
-            let mut tap = ResponseTap::new(kind, header(header::CONTENT_ENCODING), limit);
+            let encoding = header(header::CONTENT_ENCODING);
+            let mut tap = ResponseTap::new(kind, encoding, limit);
             if ctx.capture_content() {
                 tap.capture_content(ctx.cfg.traces.max_content_bytes);
+            }
+            if ctx.usage_injected && kind == BodyKind::Sse && status < 400 {
+                // The client did not ask for usage: what asking added comes out again.
+                ctx.strip = crate::openai::strip::UsageStrip::new(encoding);
+                if ctx.strip.is_some() {
+                    // (Its length changes: Pingora frames it anew.)
+                    resp.remove_header(&header::CONTENT_LENGTH);
+                } else {
+                    log::warn!(
+                        "{}: the stream's content-encoding {:?} cannot be read; its usage chunk \
+                         reaches the client",
+                        ctx.request_id,
+                        encoding.unwrap_or_default()
+                    );
+                }
             }
             ctx.tap = Some(tap);
         }
         Ok(())
+    }
+
+    /// How a chat body is framed upstream. Read ahead: its final length is known (and set,
+    /// when an edit changed it). Held: the head goes before the body is read, so while
+    /// tokentap may still edit the body (usage injection, user overwrite) it goes chunked.
+    /// A stream whose usage tokentap asks for must come back in a coding tokentap can read.
+    fn frame_body(&self, req: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+        let readable = |req: &mut RequestHeader| -> Result<()> {
+            let accepted = req
+                .headers
+                .get(header::ACCEPT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::openai::readable_accept_encoding);
+            if let Some(v) = accepted {
+                req.insert_header(header::ACCEPT_ENCODING, v)?;
+            }
+            Ok(())
+        };
+        if ctx.read_ahead {
+            if let Some(b) = ctx
+                .forward
+                .as_ref()
+                .filter(|b| b.len() as u64 != ctx.request_bytes)
+            {
+                req.insert_header(header::CONTENT_LENGTH, b.len().to_string())?;
+            }
+            if ctx.usage_injected {
+                readable(req)?;
+            }
+            return Ok(());
+        }
+        let cfg = &ctx.cfg;
+        let plain = ctx
+            .request_encoding
+            .as_deref()
+            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
+        let may_inject = cfg.upstream.stream_usage.inject;
+        let may_rewrite = cfg.auth.mode == crate::auth::Mode::VirtualKeys
+            && cfg.auth.mismatch == crate::auth::Mismatch::Overwrite;
+        if plain && (may_inject || may_rewrite) {
+            ctx.may_edit = true;
+            req.remove_header(&header::CONTENT_LENGTH);
+            req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+            if may_inject {
+                readable(req)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the whole (small) body before the upstream is contacted: it is inspected and
+    /// decided on first, and Pingora's replay buffer, which holds it, makes sure it is sent.
+    /// Also returns how long it waited for the client.
+    async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> (Result<bool>, Duration) {
+        session.as_mut().enable_retry_buffering();
+        let mut waited = Duration::ZERO;
+        loop {
+            let t = Instant::now();
+            let read = session.read_request_body().await;
+            waited += t.elapsed();
+            let mut piece = match read {
+                Ok(p) => p,
+                Err(e) => return (Err(e.into_down()), waited),
+            };
+            let end = piece.is_none();
+            if let Err(e) = self.on_request_body(&mut piece, end, ctx) {
+                return (Err(e), waited);
+            }
+            if end {
+                return (Ok(false), waited);
+            }
+        }
     }
 
     /// Counts a streamed call against its user's `limits.max_streams_per_user`.
@@ -598,7 +738,7 @@ impl TokenTap {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
             content_bytes: Default::default(),
-            search_ran: Default::default(),
+            web_searches: Default::default(),
             reported: Default::default(),
         };
         ctx.open = Some(
@@ -661,6 +801,11 @@ impl ProxyHttp for TokenTap {
             identity: None,
             rewrite_user: false,
             decide: false,
+            read_ahead: false,
+            may_edit: false,
+            forward: None,
+            usage_injected: false,
+            strip: None,
         })
     }
 
@@ -676,14 +821,24 @@ impl ProxyHttp for TokenTap {
             session.set_keepalive(Some(idle.as_secs().max(1)));
         }
         let mut r = self.on_request(session, ctx);
-        if matches!(r, Ok(false)) && ctx.chat && session.is_body_empty() {
-            // A chat call without a body: decided here, before anything goes upstream (the
-            // body filter, called for its end, then has nothing left to do).
-            r = self.on_request_body(&mut None, true, ctx).map(|_| false);
+        if matches!(r, Ok(false)) && ctx.chat {
+            if session.is_body_empty() {
+                // A chat call without a body: decided here, before anything goes upstream (the
+                // body filter, called for its end, then has nothing left to do).
+                r = self.on_request_body(&mut None, true, ctx).map(|_| false);
+                ctx.read_ahead = true;
+            } else if read_ahead(session) {
+                ctx.read_ahead = true;
+                let waited;
+                (r, waited) = self.read_body(session, ctx).await;
+                // Waiting for the client's bytes is not tokentap's time.
+                ctx.overhead = ctx.overhead.saturating_sub(waited);
+            }
             if r.is_ok() && std::mem::take(&mut ctx.decide) {
-                if let Err(e) = self.decide_call(ctx).await {
-                    r = Err(e);
-                }
+                r = match self.decide_call(ctx).await {
+                    Ok(()) => self.prepare_forward(ctx).map(|_| false),
+                    Err(e) => Err(e),
+                };
             }
         }
         ctx.overhead += t.elapsed();
@@ -707,31 +862,29 @@ impl ProxyHttp for TokenTap {
         req: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let url = &ctx.cfg.upstream.url;
+        let cfg = Arc::clone(&ctx.cfg);
+        let url = &cfg.upstream.url;
         req.insert_header(header::HOST, url.host_header.as_str())?;
-        if ctx.cfg.auth.mode == crate::auth::Mode::VirtualKeys {
-            // The client's key stays here; the upstream gets the real one (if configured).
-            req.remove_header("api-key");
+        let auth = &cfg.auth;
+        if auth.mode == crate::auth::Mode::VirtualKeys {
+            // The client's key stays here, whichever header it came in; the upstream gets the
+            // real one (if configured) in the header the upstream reads.
+            for h in crate::auth::CREDENTIAL_HEADERS {
+                req.remove_header(h);
+            }
             // The client may not choose which organisation or project the real key bills.
             req.remove_header("openai-organization");
             req.remove_header("openai-project");
-            match &ctx.cfg.auth.upstream_auth {
-                Some(s) => {
-                    // Sensitive: its Debug print (Pingora's debug log) shows no value.
-                    let mut v = http::HeaderValue::from_str(&s.0)
-                        .map_err(|e| Error::because(ErrorType::InternalError, "upstream key", e))?;
-                    v.set_sensitive(true);
-                    req.insert_header(header::AUTHORIZATION, v)?
-                }
-                None => {
-                    req.remove_header(&header::AUTHORIZATION);
-                }
+            if let Some(s) = &auth.upstream_auth {
+                // Sensitive: its Debug print (Pingora's debug log) shows no value.
+                let mut v = http::HeaderValue::from_str(&s.0)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "upstream key", e))?;
+                v.set_sensitive(true);
+                req.insert_header(auth.upstream_key_header.name(), v)?
             }
-            if ctx.chat && ctx.cfg.auth.mismatch == crate::auth::Mismatch::Overwrite {
-                // The body may be rewritten (its length changes): send it chunked.
-                req.remove_header(&header::CONTENT_LENGTH);
-                req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-            }
+        }
+        if ctx.chat {
+            self.frame_body(req, ctx)?;
         }
         // Only when the operator asked: otherwise the request goes as the client sent it.
         if let Some(t) = ctx
@@ -762,27 +915,29 @@ impl ProxyHttp for TokenTap {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let t = Instant::now();
-        let r = self.on_request_body(body, end_of_stream, ctx);
-        if r.is_ok() && std::mem::take(&mut ctx.decide) {
-            if let Err(e) = self.decide_call(ctx).await {
-                ctx.overhead += t.elapsed();
-                return Err(e);
+        if ctx.read_ahead {
+            // The body was read and decided on before the upstream was contacted; Pingora
+            // hands over its copy (the replay buffer) once for each attempt: what goes is
+            // tokentap's, edits included.
+            if end_of_stream || body.is_some() {
+                *body = ctx.forward.clone().filter(|b| !b.is_empty());
+                ctx.body_released = true;
+                ctx.sent_at = Some(Instant::now());
             }
-            if std::mem::take(&mut ctx.rewrite_user) {
-                let user = ctx.identity.as_ref().map(|i| i.user.clone());
-                let new = match (body.as_ref(), user) {
-                    (Some(b), Some(u)) => crate::auth::rewrite_user(b, &u),
-                    _ => None,
-                };
-                match new {
-                    Some(new) => *body = Some(Bytes::from(new)),
-                    None => {
-                        // Never send the body naming someone else.
-                        ctx.overhead += t.elapsed();
-                        return Err(self.reject(ctx, user_mismatch()));
-                    }
-                }
+            return Ok(());
+        }
+        let t = Instant::now();
+        let mut r = self.on_request_body(body, end_of_stream, ctx);
+        if r.is_ok() && std::mem::take(&mut ctx.decide) {
+            r = match self.decide_call(ctx).await {
+                Ok(()) => self.prepare_forward(ctx),
+                Err(e) => Err(e),
+            };
+            if r.is_ok() {
+                // (Taken: no attempt can send it again, and a long stream must not keep it.)
+                *body = ctx.forward.take().filter(|b| !b.is_empty());
+                ctx.body_released = true;
+                ctx.sent_at = Some(Instant::now());
             }
         }
         ctx.overhead += t.elapsed();
@@ -805,11 +960,11 @@ impl ProxyHttp for TokenTap {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
-        if let Some(b) = body {
+        if let Some(b) = body.as_mut() {
             if ctx.first_chunk_at.is_none() && !b.is_empty() {
                 ctx.first_chunk_at = Some(Instant::now());
             }
@@ -825,6 +980,18 @@ impl ProxyHttp for TokenTap {
                     open.call.observe(&tap.observed);
                 }
             }
+            if let Some(strip) = ctx.strip.as_mut() {
+                *b = Bytes::from(strip.feed(b));
+            }
+        }
+        if let Some(strip) = ctx.strip.as_mut().filter(|_| end_of_stream) {
+            let rest = strip.finish();
+            if !rest.is_empty() {
+                let mut all = body.take().map(Vec::from).unwrap_or_default();
+                all.extend(rest);
+                *body = Some(Bytes::from(all));
+            }
+            ctx.strip = None;
         }
         ctx.overhead += t.elapsed();
         // Past the deadline, the stream is cut (after the tap saw this chunk: it may carry
@@ -943,6 +1110,24 @@ impl ProxyHttp for TokenTap {
         // Refusals and clients hanging up are outcomes, recorded in the access log.
         ctx.rejection.is_some() || *e.esource() == ErrorSource::Downstream
     }
+}
+
+/// The most of a request body Pingora replays to the upstream (its retry buffer,
+/// `BODY_BUF_LIMIT` in pingora-core 0.9): the most tokentap reads before contacting it.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Whether a chat body is read whole before the upstream is contacted: one of a declared
+/// length Pingora can replay, from a client that does not wait for `100 Continue`. (Others
+/// are held in the body filter, after the head went upstream.)
+fn read_ahead(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    let declared = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    declared.is_some_and(|n| n > 0 && n <= REPLAY_LIMIT)
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && !h.contains_key(header::EXPECT)
 }
 
 fn too_large(limit: usize) -> ApiError {

@@ -14,6 +14,10 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
     let outcome = outcome(e, ctx, status);
     let observed = ctx.tap.as_mut().map(|t| t.finish()).unwrap_or_default();
     let (usage, usage_source) = usage(ctx, &observed, outcome);
+    let web_searches_source = observed
+        .web_searches()
+        .filter(|_| usage_source != UsageSource::None)
+        .map(|(_, s)| s);
     let meta = ctx.meta.as_ref();
     let model = meta.and_then(|m| m.model.clone());
     let price = ctx
@@ -31,6 +35,23 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .or_else(|| e.map(|e| format!("{:?}: {}", e.esource(), e.etype().as_str())))
         .or_else(|| observed.tap_error.clone())
         .or_else(|| ctx.meta_error.clone());
+    // An upstream that refuses `stream_options` (some do) is refusing what tokentap added.
+    let error = match error {
+        Some(e) if ctx.usage_injected && observed.upstream_error_names_stream_options => {
+            log::warn!(
+                "{}: the upstream refused the call naming stream_options, which tokentap added \
+                 to ask for the stream's usage; turn usage injection off for this upstream \
+                 (upstream.inject_stream_usage = false) or model \
+                 (upstream.inject_stream_usage_except)",
+                ctx.request_id
+            );
+            Some(format!(
+                "{e}; it names stream_options, which tokentap added (usage injection: see \
+                 upstream.inject_stream_usage)"
+            ))
+        }
+        e => e,
+    };
     let req = session.req_header();
     // Only sampled calls get a span: the rest cost nothing more here.
     let trace = ctx.trace.take().filter(|t| t.sampled).map(|mut t| {
@@ -89,6 +110,8 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         outcome,
         usage,
         usage_source,
+        web_searches_source,
+        usage_injected: ctx.usage_injected,
         cost: price.map(|p| p.cost(&usage)),
         upstream_cost_usd: observed.upstream_cost_usd,
         finish_reasons: observed.finish_reasons,
@@ -142,7 +165,7 @@ fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
 /// zero). Without it, a chat call the upstream processed is estimated: the prompt from the
 /// request, the completion from the content delivered; never zero when content was delivered.
 fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
-    if let Some(u) = obs.usage {
+    if let Some(u) = obs.reported_usage() {
         return (u, UsageSource::Reported);
     }
     let Some(meta) = ctx.meta.as_ref() else {
@@ -169,11 +192,7 @@ fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
         }),
         cached: 0,
         reasoning: 0,
-        web_searches: if obs.search_ran {
-            obs.search_queries.max(1)
-        } else {
-            0
-        },
+        web_searches: obs.web_searches().map_or(0, |(n, _)| n),
     };
     (usage, UsageSource::Estimated)
 }

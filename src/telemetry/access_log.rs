@@ -280,6 +280,14 @@ fn write_line(out: &mut Vec<u8>, r: &UsageRecord) {
     j.u64(r.usage.reasoning);
     j.key(b"web_searches");
     j.u64(r.usage.web_searches);
+    if let Some(src) = r.web_searches_source {
+        j.key(b"web_searches_source");
+        j.str(src.as_str());
+    }
+    if r.usage_injected {
+        j.key(b"usage_injected");
+        j.bool(true);
+    }
     // Exact decimal USD (from integer pico-USD); null when the model is unpriced.
     j.key(b"cost_usd");
     match r.cost {
@@ -451,6 +459,10 @@ mod tests {
         cached_tokens: u64,
         reasoning_tokens: u64,
         web_searches: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        web_searches_source: Option<crate::meter::WebSearchSource>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        usage_injected: bool,
         cost_usd: Option<Box<RawValue>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         upstream_cost_usd: Option<f64>,
@@ -497,6 +509,8 @@ mod tests {
             cached_tokens: r.usage.cached,
             reasoning_tokens: r.usage.reasoning,
             web_searches: r.usage.web_searches,
+            web_searches_source: r.web_searches_source,
+            usage_injected: r.usage_injected,
             cost_usd: r
                 .cost
                 // Not `Pico::decimal` itself: the reference must not share the code it checks.
@@ -580,6 +594,7 @@ mod tests {
                 any::<bool>(),
                 prop_oneof![Just(0u64), any::<u64>()],
             ),
+            (search_source, usage_injected) in (0..3usize, any::<bool>()),
             counts in any::<[u64; 3]>(),
             (ttfb, ttft, duration) in (
                 proptest::option::of(any::<u64>()),
@@ -617,6 +632,12 @@ mod tests {
                     web_searches: usage[4],
                 },
                 usage_source: sources[source],
+                web_searches_source: [
+                    None,
+                    Some(crate::meter::WebSearchSource::Reported),
+                    Some(crate::meter::WebSearchSource::Counted),
+                ][search_source],
+                usage_injected,
                 cost: cost.map(Pico),
                 upstream_cost_usd: upstream_cost,
                 tools,

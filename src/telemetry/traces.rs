@@ -701,6 +701,12 @@ fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
         rec.usage_source == UsageSource::Estimated,
     );
     a.int(sc::TOKENTAP_WEB_SEARCHES, rec.usage.web_searches as i64);
+    if let Some(s) = rec.web_searches_source {
+        a.str(sc::TOKENTAP_WEB_SEARCHES_SOURCE, s.as_str());
+    }
+    if rec.usage_injected {
+        a.bool(sc::TOKENTAP_USAGE_INJECTED, true);
+    }
     if let Some(b) = d.budget {
         a.str(sc::TOKENTAP_BUDGET_DECISION, b);
     }
