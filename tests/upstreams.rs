@@ -461,3 +461,19 @@ fn the_virtual_key_works_from_each_header_and_only_the_real_key_goes_upstream() 
         }
     }
 }
+
+#[test]
+fn the_openai_sdk_gets_the_same_objects_through_a_tokentap_that_asks_for_usage() {
+    let mock = Mock::start();
+    let tap = tap(&mock, "");
+    let text = openai_sdk_check(&mock, &tap);
+    assert!(text.contains("9 passed, 0 failed"), "{text}");
+    let recs = tap.wait_records(9);
+    // Every stream the SDK did not ask usage for was asked for by tokentap: two to the
+    // target-shaped upstream (which sends it anyway), two OpenAI-shaped.
+    let asked = recs.iter().filter(|r| r["usage_injected"] == true).count();
+    assert_eq!(asked, 4, "{recs:?}");
+    for r in recs.iter().filter(|r| r["status"] == 200) {
+        assert_eq!(r["usage_source"], "reported", "{r}");
+    }
+}

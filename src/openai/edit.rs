@@ -3,6 +3,7 @@
 //! inspection found, so that every other byte stays as the client sent it. Nothing is
 //! re-serialised.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use serde::Deserialize;
@@ -126,11 +127,11 @@ pub fn ask_for_usage(body: &[u8], meta: &RequestMeta) -> UsageAsk {
 
 /// The members of a JSON object: each key (unescaped) and where its value stands in `raw`;
 /// `None` if `raw` is not an object.
-fn top_members(raw: &[u8]) -> Option<Vec<(String, Range<usize>)>> {
-    let map: Vec<(String, &RawValue)> = serde_json::from_slice::<Members>(raw).ok()?.0;
+fn top_members(raw: &[u8]) -> Option<Vec<(Cow<'_, str>, Range<usize>)>> {
     let base = raw.as_ptr() as usize;
     Some(
-        map.into_iter()
+        members(raw)?
+            .into_iter()
             .map(|(k, v)| {
                 let start = v.get().as_ptr() as usize - base;
                 (k, start..start + v.get().len())
@@ -139,8 +140,13 @@ fn top_members(raw: &[u8]) -> Option<Vec<(String, Range<usize>)>> {
     )
 }
 
-/// An object's members in order, values raw (repeated keys kept).
-struct Members<'a>(Vec<(String, &'a RawValue)>);
+/// A JSON object's members in order (a repeated key kept), each value raw, borrowed from
+/// `json`; `None` if `json` is not an object.
+pub(super) fn members(json: &[u8]) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
+    serde_json::from_slice::<Members>(json).ok().map(|m| m.0)
+}
+
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -155,7 +161,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                 mut m: A,
             ) -> Result<Members<'de>, A::Error> {
                 let mut v = Vec::new();
-                while let Some(k) = m.next_key::<String>()? {
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
                     v.push((k, m.next_value::<&'de RawValue>()?));
                 }
                 Ok(Members(v))

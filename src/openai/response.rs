@@ -778,7 +778,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::io::Write;
@@ -810,7 +810,8 @@ mod tests {
         tap.finish()
     }
 
-    fn split<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    /// `data` cut at `cuts` (each taken modulo the length plus one, in any order).
+    pub(in crate::openai) fn split<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
         let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
         cuts.sort_unstable();
         let mut parts = Vec::new();

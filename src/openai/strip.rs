@@ -17,7 +17,6 @@
 //! upstream's events; its compressed bytes are the upstream's only when the upstream
 //! compresses the same way (same encoder and level, a flush after every event).
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::codec::{Decoding, Encoding};
@@ -248,6 +247,12 @@ impl Events {
             return;
         };
         let value = first.value();
+        // Only a chunk that names `usage` can be edited (most chunks of most streams do not:
+        // they pass without being parsed).
+        if memchr::memmem::find(value, b"\"usage\"").is_none() {
+            out.block(block);
+            return;
+        }
         let Some(members) = Members::of(value) else {
             out.block(block);
             return;
@@ -343,9 +348,7 @@ impl<'a> Members<'a> {
         if json[start] != b'{' {
             return None;
         }
-        serde_json::from_slice::<Object<'a>>(json)
-            .ok()
-            .map(|o| Members(o.0))
+        super::edit::members(json).map(Members)
     }
 
     fn get<'s>(&'s self, key: &'s str) -> impl Iterator<Item = &'a RawValue> + 's {
@@ -434,32 +437,6 @@ impl<'a> Members<'a> {
     }
 }
 
-/// An object's members in order (repeated keys kept), values raw.
-struct Object<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Object<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Object<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<Object<'de>, A::Error> {
-                let mut v = Vec::new();
-                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
-                    v.push((k, m.next_value::<&'de RawValue>()?));
-                }
-                Ok(Object(v))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 /// The body's coding.
 enum Codec {
     Identity,
@@ -490,6 +467,7 @@ impl Codec {
 
 #[cfg(test)]
 mod tests {
+    use super::super::response::tests::split;
     use super::*;
     use proptest::prelude::*;
     use std::io::Write;
@@ -529,19 +507,6 @@ mod tests {
         }
         out.extend(s.finish());
         out
-    }
-
-    fn split<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut parts = Vec::new();
-        let mut last = 0;
-        for c in cuts {
-            parts.push(&data[last..c]);
-            last = c;
-        }
-        parts.push(&data[last..]);
-        parts
     }
 
     /// Compresses event by event, flushing after each, as an upstream streaming compressed

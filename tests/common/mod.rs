@@ -736,3 +736,31 @@ pub fn chat_body(model: &str, user: &str, stream: bool, extra: &str) -> Vec<u8> 
     )
     .into_bytes()
 }
+
+/// Runs tests/sdk/openai_sdk_check.py (the official openai Python SDK, the same calls straight
+/// to `mock` and through `tap`); it must pass. Returns what it printed.
+pub fn openai_sdk_check(mock: &Mock, tap: &Tap) -> String {
+    // scripts/test.sh points this at a Python that has the SDK (installing it if needed).
+    let python = std::env::var("TOKENTAP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", "import openai"]).status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "the openai Python SDK is missing for {python}: run scripts/test.sh (it installs it)"
+    );
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/openai_sdk_check.py"
+        ))
+        .arg(mock.url())
+        .arg(format!("http://{}", tap.addr))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}

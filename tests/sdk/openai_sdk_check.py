@@ -34,12 +34,30 @@ CASES = {
         tools=[{"type": "octen_search"}],
         extra_headers={"x-mock-crlf": "1", "x-mock-split": "1", "x-mock-event-lines": "1"},
     ),
+    # An upstream shaped like OpenAI's: usage only when asked. Through a tokentap that asks,
+    # the client still gets what it would have got: no usage, or the usage it asked for.
+    "streaming, OpenAI-style upstream, usage not asked": dict(
+        stream=True,
+        usage=False,
+        extra_headers={"x-mock-usage": "openai", "x-mock-reasoning": "5"},
+    ),
+    "streaming, OpenAI-style upstream, gzip, usage not asked": dict(
+        stream=True,
+        usage=False,
+        extra_headers={"x-mock-usage": "openai", "x-mock-encoding": "gzip"},
+    ),
+    "streaming, OpenAI-style upstream, usage asked": dict(
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-usage": "openai"},
+    ),
 }
 
 
 def run(base, case):
     kw = dict(CASES[case])
     stream = kw.pop("stream")
+    kw.pop("usage", None)
     r = client(base).chat.completions.create(
         model=MODEL, messages=MESSAGES, user="sdk-user", stream=stream, **kw
     )
@@ -54,10 +72,11 @@ def main():
     for case in CASES:
         a, b = run(direct, case), run(proxy, case)
         ok = a == b and a not in (None, [], {})
+        usage = CASES[case].get("usage", True)
         if isinstance(a, list):
-            ok = ok and any(c.get("usage") for c in a)
+            ok = ok and any(c.get("usage") for c in a) == usage
         else:
-            ok = ok and a.get("usage") is not None
+            ok = ok and (a.get("usage") is not None) == usage
         print(("ok   " if ok else "FAIL ") + case)
         if not ok:
             print("  direct:", a)
