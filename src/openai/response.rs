@@ -254,6 +254,9 @@ impl ResponseTap {
                     };
                     if let Err(e) = apply_json(&mut self.observed, &body, false) {
                         self.observed.unparsed_body_bytes = body.len() as u64;
+                        // (An error answer in plain text may name it too.)
+                        self.observed.upstream_error_names_stream_options |=
+                            memchr::memmem::find(&body, b"stream_options").is_some();
                         if self.observed.tap_error.is_none() {
                             self.observed.tap_error =
                                 Some(format!("response body is not (whole) JSON: {e}"));

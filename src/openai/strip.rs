@@ -22,15 +22,15 @@ use serde_json::value::RawValue;
 use super::codec::{Decoding, Encoding};
 
 /// Members every chunk of an OpenAI-style stream may carry: a usage chunk with nothing else
-/// is one tokentap asked for.
-const ENVELOPE: [&str; 8] = [
+/// is one tokentap asked for. (Not `provider`: OpenRouter, which names it, sends usage
+/// whether asked or not, and its usage chunk must stay.)
+const ENVELOPE: [&str; 7] = [
     "id",
     "object",
     "created",
     "model",
     "system_fingerprint",
     "service_tier",
-    "provider",
     "obfuscation",
 ];
 
@@ -230,10 +230,14 @@ impl Events {
     /// Emits the complete block in `self.block`: edited, or only its comments when it is a
     /// usage-only chunk.
     fn judge(&mut self, out: &mut Emit<'_>) {
-        let block = std::mem::take(&mut self.block);
+        let mut block = std::mem::take(&mut self.block);
         self.judge_block(&block, out);
+        block.clear();
+        // A long event's buffer is not kept for the rest of the stream.
+        if block.capacity() > 64 * 1024 {
+            block = Vec::new();
+        }
         self.block = block;
-        self.block.clear();
         self.line = 0;
     }
 

@@ -505,6 +505,8 @@ impl TokenTap {
         }
         ctx.upstream_status = Some(status);
         ctx.ttfb = Some(ctx.start.elapsed());
+        // The upstream answered: no attempt sends the body again, and a stream does not keep it.
+        ctx.forward = None;
         if ctx.chat {
             let header = |name| resp.headers.get(name).and_then(|v| v.to_str().ok());
             let ctype = header(header::CONTENT_TYPE).unwrap_or("");
@@ -530,8 +532,12 @@ impl TokenTap {
                 // The client did not ask for usage: what asking added comes out again.
                 ctx.strip = crate::openai::strip::UsageStrip::new(encoding);
                 if ctx.strip.is_some() {
-                    // (Its length changes: Pingora frames it anew.)
-                    resp.remove_header(&header::CONTENT_LENGTH);
+                    // Its length changes: chunked (as Pingora frames a body of unknown
+                    // length, before this filter runs), so the connection stays reusable.
+                    if resp.remove_header(&header::CONTENT_LENGTH).is_some() {
+                        resp.set_version(http::Version::HTTP_11);
+                        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+                    }
                 } else {
                     log::warn!(
                         "{}: the stream's content-encoding {:?} cannot be read; its usage chunk \
@@ -934,7 +940,7 @@ impl ProxyHttp for TokenTap {
                 Err(e) => Err(e),
             };
             if r.is_ok() {
-                // (Taken: no attempt can send it again, and a long stream must not keep it.)
+                // (Taken: no attempt sends it again, and a long stream does not keep it.)
                 *body = ctx.forward.take().filter(|b| !b.is_empty());
                 ctx.body_released = true;
                 ctx.sent_at = Some(Instant::now());
