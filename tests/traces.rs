@@ -436,3 +436,46 @@ fn spans_still_queued_are_exported_on_shutdown() {
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].attr("tokentap.request_id"), id.as_str());
 }
+
+#[test]
+fn a_calls_provider_is_the_same_in_its_record_its_span_and_its_metrics() {
+    let mock = Mock::start();
+    let collector = Collector::http();
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&traces_config(
+            &format!("http://{}", collector.addr),
+            "protocol = \"http/protobuf\"\n[traces.providers]\nacme = \"acme_ai\"",
+        ))
+        .start();
+    // (model, provider): a built-in prefix, the operator's, an unknown one, none at all.
+    let cases = [
+        ("google/gemini-3-flash-preview", "gcp.gemini"),
+        ("acme/m-1", "acme_ai"),
+        ("zed/m-2", "zed"),
+        ("bare-model", "openai"),
+    ];
+    for (i, (model, provider)) in cases.iter().enumerate() {
+        let body = chat_body(model, "pat", false, "");
+        assert_eq!(
+            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
+            200
+        );
+        let rec = &tap.wait_records(i + 1)[i];
+        assert_eq!(rec["provider"], *provider, "{rec}");
+        let span = collector.span_of(rec["request_id"].as_str().unwrap());
+        assert_eq!(span.attr("gen_ai.provider.name"), provider, "{model}");
+        let metrics = request(tap.admin, "GET", "/metrics", &[], b"").body;
+        let line = String::from_utf8_lossy(&metrics)
+            .lines()
+            .find(|l| {
+                l.starts_with("gen_ai_client_operation_duration_seconds_count")
+                    && l.contains(&format!("gen_ai_request_model=\"{model}\""))
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no duration series for {model}"));
+        assert!(
+            line.contains(&format!("gen_ai_provider_name=\"{provider}\"")),
+            "{line}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! everything that observes it (access log, metrics, traces, ledger).
 
 pub mod pricing;
+pub mod provider;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -175,6 +176,9 @@ pub struct UsageRecord {
     /// True for `POST /v1/chat/completions` whose body was a JSON object.
     pub chat: bool,
     pub model: Option<String>,
+    /// `gen_ai.provider.name` of the model ([`provider::Providers`]): the one name metrics,
+    /// spans and the access log give the call's provider.
+    pub provider: String,
     pub response_model: Option<String>,
     pub response_id: Option<String>,
     pub user: Option<String>,
@@ -234,6 +238,7 @@ impl UsageRecord {
             path: "/v1/chat/completions".into(),
             chat: true,
             model: Some("m".into()),
+            provider: "openai".into(),
             response_model: None,
             response_id: None,
             user: Some("alice".into()),

@@ -57,10 +57,8 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
     let trace = ctx.trace.take().filter(|t| t.sampled).map(|mut t| {
         let cfg = &ctx.cfg;
         let url = &cfg.upstream.url;
-        let model = meta.and_then(|m| m.model.as_deref());
         t.detail =
             CallDetail {
-                provider: cfg.traces.provider(model),
                 server_address: url.host.clone(),
                 server_port: url.port,
                 url_base: url.url_base.clone(),
@@ -95,6 +93,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         method: req.method.as_str().to_string(),
         path: req.uri.path().to_string(),
         chat: ctx.chat,
+        provider: ctx.cfg.traces.providers.of(model.as_deref()).to_string(),
         model,
         response_model: observed.response_model,
         response_id: observed.response_id,

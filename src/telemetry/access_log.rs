@@ -258,6 +258,8 @@ fn write_line(out: &mut Vec<u8>, r: &UsageRecord) {
     j.opt_str(r.user.as_deref());
     j.key(b"model");
     j.opt_str(r.model.as_deref());
+    j.key(b"provider");
+    j.str(&r.provider);
     j.key(b"response_model");
     j.opt_str(r.response_model.as_deref());
     j.key(b"response_id");
@@ -448,6 +450,7 @@ mod tests {
         path: &'a str,
         user: Option<&'a str>,
         model: Option<&'a str>,
+        provider: &'a str,
         response_model: Option<&'a str>,
         response_id: Option<&'a str>,
         stream: bool,
@@ -498,6 +501,7 @@ mod tests {
             path: &r.path,
             user: r.user.as_deref(),
             model: r.model.as_deref(),
+            provider: &r.provider,
             response_model: r.response_model.as_deref(),
             response_id: r.response_id.as_deref(),
             stream: r.stream,
@@ -575,6 +579,7 @@ mod tests {
         fn record()(
             (request_id, method, path, user, model) in
                 (text(), text(), text(), proptest::option::of(text()), proptest::option::of(text())),
+            provider in text(),
             (response_model, response_id, warning, error) in (
                 proptest::option::of(text()),
                 proptest::option::of(text()),
@@ -619,6 +624,7 @@ mod tests {
                 path,
                 user,
                 model,
+                provider,
                 response_model,
                 response_id,
                 stream,

@@ -228,23 +228,15 @@ fn histogram(buckets: &[f64]) -> Histogram {
 }
 
 impl ByModel {
-    fn new(model: &str) -> Self {
+    fn new(provider: &str) -> Self {
         ByModel {
-            provider: provider_of(model).to_string(),
+            provider: provider.to_string(),
             duration: DashMap::new(),
             token_usage: [histogram(&TOKEN_BUCKETS), histogram(&TOKEN_BUCKETS)],
             ttft: histogram(&TTFT_BUCKETS),
             tpot: histogram(&TPOT_BUCKETS),
             estimated: AtomicU64::new(0),
         }
-    }
-}
-
-/// `gen_ai.provider.name` from the model's prefix (`anthropic/claude-…` -> `anthropic`).
-pub fn provider_of(model: &str) -> &str {
-    match model.split_once('/') {
-        Some((p, _)) if !p.is_empty() => p,
-        _ => "unknown",
     }
 }
 
@@ -377,7 +369,7 @@ impl CallMetrics {
             None => Arc::clone(
                 self.by_model
                     .entry(Arc::clone(&model))
-                    .or_insert_with(|| Arc::new(ByModel::new(&model)))
+                    .or_insert_with(|| Arc::new(ByModel::new(&r.provider)))
                     .value(),
             ),
         };

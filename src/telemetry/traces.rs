@@ -114,8 +114,8 @@ pub struct TracesConfig {
     pub inject_traceparent: bool,
     pub capture_content: bool,
     pub max_content_bytes: usize,
-    pub providers: BTreeMap<String, String>,
-    pub default_provider: String,
+    /// `gen_ai.provider.name` by model prefix (the one rule records, metrics and spans use).
+    pub providers: crate::meter::provider::Providers,
 }
 
 impl Default for TracesConfig {
@@ -126,30 +126,9 @@ impl Default for TracesConfig {
             inject_traceparent: false,
             capture_content: false,
             max_content_bytes: 4096,
-            providers: builtin_providers(),
-            default_provider: "openai".into(),
+            providers: Default::default(),
         }
     }
-}
-
-/// Model prefixes of OpenAI-compatible routers, as `gen_ai.provider.name` well-known values.
-fn builtin_providers() -> BTreeMap<String, String> {
-    [
-        ("openai", "openai"),
-        ("anthropic", "anthropic"),
-        ("google", "gcp.gemini"),
-        ("x-ai", "x_ai"),
-        ("xai", "x_ai"),
-        ("deepseek", "deepseek"),
-        ("mistralai", "mistral_ai"),
-        ("mistral", "mistral_ai"),
-        ("cohere", "cohere"),
-        ("perplexity", "perplexity"),
-        ("groq", "groq"),
-    ]
-    .into_iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect()
 }
 
 /// The environment `compile` reads its `OTEL_*` variables from: the process's, or a test's.
@@ -172,8 +151,8 @@ pub fn compile(raw: &RawTraces) -> Result<TracesConfig, String> {
 }
 
 fn compile_in(raw: &RawTraces, env: &Env) -> Result<TracesConfig, String> {
-    let mut providers = builtin_providers();
-    providers.extend(raw.providers.clone());
+    let providers =
+        crate::meter::provider::Providers::new(raw.providers.clone(), raw.default_provider.clone());
     let mut cfg = TracesConfig {
         export: None,
         sampling_ratio: 1.0,
@@ -181,7 +160,6 @@ fn compile_in(raw: &RawTraces, env: &Env) -> Result<TracesConfig, String> {
         capture_content: raw.capture_content,
         max_content_bytes: raw.max_content_bytes,
         providers,
-        default_provider: raw.default_provider.clone(),
     };
     if let Some(r) = raw.sampling_ratio {
         if !(0.0..=1.0).contains(&r) {
@@ -420,19 +398,6 @@ impl TracesConfig {
     pub fn enabled(&self) -> bool {
         self.export.is_some()
     }
-
-    /// `gen_ai.provider.name` of a model: from its prefix (`anthropic/claude-…`), else the
-    /// default.
-    pub fn provider(&self, model: Option<&str>) -> String {
-        match model.and_then(|m| m.split_once('/')) {
-            Some((prefix, _)) => self
-                .providers
-                .get(prefix)
-                .cloned()
-                .unwrap_or_else(|| prefix.to_string()),
-            None => self.default_provider.clone(),
-        }
-    }
 }
 
 /// A call's place in a trace, decided at its request head.
@@ -451,7 +416,6 @@ pub struct CallTrace {
 /// What a span needs beyond the record.
 #[derive(Debug, Clone, Default)]
 pub struct CallDetail {
-    pub provider: String,
     pub server_address: String,
     pub server_port: u16,
     /// `scheme://host[:port][/base]` of the upstream.
@@ -666,7 +630,7 @@ pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
 /// The GenAI attributes of a chat call; its span name.
 fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     a.str(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT);
-    a.str(sc::GEN_AI_PROVIDER_NAME, d.provider.as_str());
+    a.str(sc::GEN_AI_PROVIDER_NAME, rec.provider.as_str());
     if let Some(m) = &rec.model {
         a.str(sc::GEN_AI_REQUEST_MODEL, m.as_str());
     }
@@ -1289,7 +1253,6 @@ mod tests {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut trace = CallTrace::start(full.then_some(tp), Some("vendor=abc"), 1.0);
         trace.detail = CallDetail {
-            provider: "anthropic".into(),
             server_address: "api.example".into(),
             server_port: 443,
             url_base: "https://api.example/api".into(),
@@ -1306,6 +1269,7 @@ mod tests {
             time_to_first_chunk: full.then_some(Duration::from_millis(30)),
         };
         UsageRecord {
+            provider: "anthropic".into(),
             method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
             chat: kind != "other",
             model: some("anthropic/claude"),
@@ -1444,15 +1408,5 @@ mod tests {
             use crate::telemetry::otlp::tests::{assert_encodes_as, expected};
             assert_encodes_as(batch.request(), &expected("svc", spans), n);
         }
-    }
-
-    #[test]
-    fn providers_come_from_the_model_prefix() {
-        let c = TracesConfig::default();
-        assert_eq!(c.provider(Some("anthropic/claude-opus-4.6")), "anthropic");
-        assert_eq!(c.provider(Some("google/gemini-2.5-pro")), "gcp.gemini");
-        assert_eq!(c.provider(Some("acme/model")), "acme");
-        assert_eq!(c.provider(Some("gpt-4o")), "openai");
-        assert_eq!(c.provider(None), "openai");
     }
 }
