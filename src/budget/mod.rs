@@ -511,10 +511,11 @@ pub struct OpenCall {
     pub request_id: String,
     pub model: Option<String>,
     pub price: Option<crate::meter::pricing::ModelPrice>,
-    pub prompt_tokens: u64,
+    /// Bytes of the request's text (the prompt estimate's basis).
+    pub prompt_text_bytes: u64,
     pub started: i64,
     /// Content relayed so far, and the usage once the upstream reported it.
-    pub content_bytes: std::sync::atomic::AtomicU64,
+    pub completion_bytes: std::sync::atomic::AtomicU64,
     /// Web searches counted so far (`Observed::web_searches`).
     pub web_searches: std::sync::atomic::AtomicU64,
     pub reported: std::sync::Mutex<Option<Usage>>,
@@ -522,9 +523,10 @@ pub struct OpenCall {
 
 impl OpenCall {
     /// Follows the response as the tap sees it.
-    pub fn observe(&self, o: &crate::openai::response::Observed) {
+    pub fn observe(&self, tap: &crate::openai::response::ResponseTap) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.content_bytes.store(o.content_bytes, Relaxed);
+        let o = &tap.observed;
+        self.completion_bytes.store(tap.completion_bytes(), Relaxed);
         if let Some((n, _)) = o.web_searches() {
             self.web_searches.store(n, Relaxed);
         }
@@ -540,13 +542,11 @@ impl OpenCall {
         if let Some(u) = *self.reported.lock().unwrap_or_else(|p| p.into_inner()) {
             return (u, false);
         }
-        let usage = Usage {
-            prompt: self.prompt_tokens,
-            completion: estimate_tokens(self.content_bytes.load(Relaxed)),
-            cached: 0,
-            reasoning: 0,
-            web_searches: self.web_searches.load(Relaxed),
-        };
+        let usage = crate::meter::estimate(
+            self.prompt_text_bytes,
+            self.completion_bytes.load(Relaxed),
+            self.web_searches.load(Relaxed),
+        );
         (usage, true)
     }
 
@@ -849,6 +849,50 @@ impl prometheus::core::Collector for BudgetCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call cut off (upstream reset, client gone) is estimated by its record; one that never
+    /// gets a record (a panic, the drain deadline) by its open call. The same bytes must give
+    /// the same figure both ways.
+    #[test]
+    fn an_abandoned_call_and_a_recorded_one_are_estimated_alike() {
+        use crate::openai::response::{BodyKind, ResponseTap};
+        let stream = concat!(
+            "data: {\"type\":\"search_done\",\"search_results\":[{\"query\":\"a\",\"results\":[]},",
+            "{\"query\":\"b\",\"results\":[]},{\"query\":\"c\",\"results\":[]}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"some words here\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"reasoning\":\"hmm\"}}]}\n\ndata: {\"cho",
+        );
+        let json = r#"{"id":"x","choices":[{"message":{"content":"a whole answer, cut"}}],"usa"#;
+        let policy = BudgetPolicy::default();
+        for (kind, body) in [(BodyKind::Sse, stream), (BodyKind::Json, json)] {
+            let mut tap = ResponseTap::new(kind, None, 1 << 20);
+            let call = OpenCall {
+                reservation: Arc::new(Reservation::new(
+                    &policy,
+                    "u",
+                    Vec::new(),
+                    Amount::default(),
+                )),
+                request_id: "r".into(),
+                model: None,
+                price: None,
+                prompt_text_bytes: 41,
+                started: 0,
+                completion_bytes: Default::default(),
+                web_searches: Default::default(),
+                reported: Default::default(),
+            };
+            for piece in body.as_bytes().chunks(7) {
+                tap.feed(&bytes::Bytes::copy_from_slice(piece));
+                call.observe(&tap);
+            }
+            let (abandoned, estimated) = call.estimate();
+            assert!(estimated);
+            let recorded = tap.finish().estimate(41);
+            assert_eq!(abandoned, recorded, "{kind:?}");
+            assert!(recorded.completion > 0, "{kind:?}");
+        }
+    }
 
     proptest::proptest! {
         #[test]

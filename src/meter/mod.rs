@@ -285,6 +285,20 @@ pub fn estimate_tokens(text_bytes: u64) -> u64 {
     text_bytes.div_ceil(4)
 }
 
+/// The one estimate of a call whose usage the upstream did not report (cut off, or never
+/// recorded): the prompt from the request's text, the completion from the bytes it
+/// delivered ([`crate::openai::response::ResponseTap::completion_bytes`]), the searches as
+/// counted. A call's record and its abandoned reservation are settled by this same figure.
+pub fn estimate(prompt_text_bytes: u64, completion_bytes: u64, web_searches: u64) -> Usage {
+    Usage {
+        prompt: estimate_tokens(prompt_text_bytes),
+        completion: estimate_tokens(completion_bytes),
+        cached: 0,
+        reasoning: 0,
+        web_searches,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,25 @@ impl Observed {
         }
     }
 
+    /// The bytes the completion estimate counts: the content delivered, or, for a JSON answer
+    /// that could not be parsed, its bytes.
+    pub fn completion_bytes(&self) -> u64 {
+        match self.content_bytes {
+            0 => self.unparsed_body_bytes,
+            n => n,
+        }
+    }
+
+    /// The estimate of this call's usage ([`crate::meter::estimate`]), for a prompt of
+    /// `prompt_text_bytes`.
+    pub fn estimate(&self, prompt_text_bytes: u64) -> Usage {
+        crate::meter::estimate(
+            prompt_text_bytes,
+            self.completion_bytes(),
+            self.web_searches().map_or(0, |(n, _)| n),
+        )
+    }
+
     /// The usage the upstream reported, its web searches counted when it did not count them.
     pub fn reported_usage(&self) -> Option<Usage> {
         self.usage.map(|u| Usage {
@@ -152,6 +171,16 @@ impl ResponseTap {
             json_len: 0,
             limit,
             observed,
+        }
+    }
+
+    /// The bytes the completion estimate counts so far ([`crate::meter::estimate`]): the
+    /// content delivered; for a JSON answer not (yet) read, its bytes (a whole answer was
+    /// generated before it was sent). What [`Observed::completion_bytes`] gives once finished.
+    pub fn completion_bytes(&self) -> u64 {
+        match self.observed.content_bytes {
+            0 if self.kind == BodyKind::Json => self.json_len as u64,
+            n => n,
         }
     }
 

@@ -738,12 +738,12 @@ impl TokenTap {
             request_id: ctx.request_id.clone(),
             price: ctx.cfg.pricing.lookup(None, model.as_deref()).copied(),
             model,
-            prompt_tokens: meta.map_or(0, |m| crate::meter::estimate_tokens(m.prompt_text_bytes)),
+            prompt_text_bytes: meta.map_or(0, |m| m.prompt_text_bytes),
             started: ctx
                 .started_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
-            content_bytes: Default::default(),
+            completion_bytes: Default::default(),
             web_searches: Default::default(),
             reported: Default::default(),
         };
@@ -983,7 +983,7 @@ impl ProxyHttp for TokenTap {
                 }
                 // What the call used so far, should it never get its record.
                 if let Some(open) = &ctx.open {
-                    open.call.observe(&tap.observed);
+                    open.call.observe(tap);
                 }
             }
             if let Some(strip) = ctx.strip.as_mut() {

@@ -5,7 +5,7 @@ use pingora::prelude::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::Ctx;
-use crate::meter::{estimate_tokens, Outcome, Usage, UsageRecord, UsageSource};
+use crate::meter::{Outcome, Usage, UsageRecord, UsageSource};
 use crate::openai::response::Observed;
 use crate::telemetry::traces::{self, CallDetail};
 
@@ -180,18 +180,6 @@ fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
     if !processed {
         return (Usage::default(), UsageSource::None);
     }
-    let usage = Usage {
-        prompt: estimate_tokens(meta.prompt_text_bytes),
-        // Content the tap could attribute; for a JSON body cut before it could be parsed, the
-        // bytes that arrived (a whole answer had been generated before it was sent).
-        completion: estimate_tokens(if obs.content_bytes > 0 {
-            obs.content_bytes
-        } else {
-            obs.unparsed_body_bytes
-        }),
-        cached: 0,
-        reasoning: 0,
-        web_searches: obs.web_searches().map_or(0, |(n, _)| n),
-    };
+    let usage = obs.estimate(meta.prompt_text_bytes);
     (usage, UsageSource::Estimated)
 }
