@@ -2,7 +2,53 @@
 //! (the usage tap's copy, a stream it edits), and the encoder that writes a body edited back
 //! in the coding it came in.
 
-use std::io::Write;
+use std::io::{Read, Write};
+
+/// A content coding tokentap reads, by its `Content-Encoding` name (case and blanks ignored;
+/// `None` for identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Gzip,
+    Deflate,
+    Brotli,
+}
+
+impl Coding {
+    fn parse(content_encoding: Option<&str>) -> Result<Option<Coding>, String> {
+        let enc = content_encoding.map(str::trim).unwrap_or("");
+        Ok(match enc.to_ascii_lowercase().as_str() {
+            "" | "identity" => None,
+            "gzip" | "x-gzip" => Some(Coding::Gzip),
+            "deflate" => Some(Coding::Deflate),
+            "br" => Some(Coding::Brotli),
+            other => return Err(format!("content-encoding {other:?} cannot be read")),
+        })
+    }
+}
+
+/// HTTP's "deflate" is zlib-wrapped, but some servers (and clients) send raw deflate: a
+/// stream is zlib when its first two bytes are a zlib header.
+fn is_zlib(head: &[u8]) -> bool {
+    head.len() >= 2
+        && head[0] & 0x0f == 8
+        && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0
+}
+
+/// A reader of `body` sent with `Content-Encoding: encoding`, inflating it by the same rules
+/// as [`Decoding`] (for a whole body in hand, whose output the caller bounds as it reads);
+/// `None` for identity.
+pub(super) fn reader<'a>(
+    body: &'a [u8],
+    encoding: Option<&str>,
+) -> Result<Option<Box<dyn Read + 'a>>, String> {
+    Ok(Some(match Coding::parse(encoding)? {
+        None => return Ok(None),
+        Some(Coding::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Some(Coding::Deflate) if is_zlib(body) => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Some(Coding::Deflate) => Box::new(flate2::read::DeflateDecoder::new(body)),
+        Some(Coding::Brotli) => Box::new(brotli::Decompressor::new(body, 8192)),
+    }))
+}
 
 /// A body's `Content-Encoding`, inflated (a copy, for the tap; or to be edited and coded
 /// again, see [`Encoding`]).
@@ -20,16 +66,12 @@ pub(super) enum Decoding {
 
 impl Decoding {
     pub(super) fn new(content_encoding: Option<&str>) -> Result<Self, String> {
-        let enc = content_encoding.map(str::trim).unwrap_or("");
-        Ok(match enc.to_ascii_lowercase().as_str() {
-            "" | "identity" => Decoding::Identity,
-            "gzip" | "x-gzip" => Decoding::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
-            "deflate" => Decoding::DeflatePending(Vec::new()),
-            "br" => Decoding::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 8192))),
-            other => {
-                return Err(format!(
-                    "content-encoding {other:?} is not supported by the usage tap"
-                ))
+        Ok(match Coding::parse(content_encoding)? {
+            None => Decoding::Identity,
+            Some(Coding::Gzip) => Decoding::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+            Some(Coding::Deflate) => Decoding::DeflatePending(Vec::new()),
+            Some(Coding::Brotli) => {
+                Decoding::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 8192)))
             }
         })
     }
@@ -52,9 +94,7 @@ impl Decoding {
                 return Ok(Vec::new());
             }
             let head = std::mem::take(buf);
-            let zlib =
-                head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
-            *self = if zlib {
+            *self = if is_zlib(&head) {
                 Decoding::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
             } else {
                 Decoding::RawDeflate(flate2::write::DeflateDecoder::new(Vec::new()))

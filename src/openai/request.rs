@@ -188,17 +188,10 @@ pub fn inspect_encoded(
     limit: usize,
 ) -> Result<RequestMeta, NotAnObject> {
     use std::io::Read;
-    let enc = encoding.map(|e| e.trim().to_ascii_lowercase());
-    let reader: Box<dyn Read + '_> = match enc.as_deref() {
-        None | Some("") | Some("identity") => return inspect(body),
-        Some("gzip") | Some("x-gzip") => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Some("deflate") => Box::new(flate2::read::ZlibDecoder::new(body)),
-        Some("br") => Box::new(brotli::Decompressor::new(body, 8192)),
-        Some(other) => {
-            return Err(NotAnObject(format!(
-                "request content-encoding {other:?} cannot be inspected"
-            )))
-        }
+    let reader = match super::codec::reader(body, encoding) {
+        Ok(None) => return inspect(body),
+        Ok(Some(r)) => r,
+        Err(e) => return Err(NotAnObject(format!("request {e}"))),
     };
     let mut plain = Vec::new();
     reader
@@ -660,6 +653,22 @@ mod tests {
         );
         assert!(inspect_encoded(&z, Some("zstd"), 1000).is_err());
         assert!(inspect_encoded(b"garbage", Some("gzip"), 1000).is_err());
+        // "deflate" zlib-wrapped or raw, as the response tap reads it.
+        for raw in [false, true] {
+            let z = if raw {
+                let mut e =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            } else {
+                let mut e =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(body).unwrap();
+                e.finish().unwrap()
+            };
+            let m = inspect_encoded(&z, Some(" Deflate "), 1000).unwrap();
+            assert_eq!(m.user.as_deref(), Some("zoe"), "raw deflate: {raw}");
+        }
     }
 
     #[test]
