@@ -336,16 +336,22 @@ pub enum Presented<'a> {
     Conflicting,
 }
 
+/// The token of an `Authorization: Bearer <token>` value (scheme in any case, blanks
+/// around the token ignored); `None` for another scheme or an empty token. The one reading of
+/// bearer tokens: virtual keys, and the admin API's token.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The key a request presents: `Authorization: Bearer <key>`, `x-api-key: <key>` or
 /// `api-key: <key>` (the same key in several of them is one key).
 pub fn presented(headers: &http::HeaderMap) -> Presented<'_> {
     let bearer = headers
         .get_all(http::header::AUTHORIZATION)
         .iter()
-        .filter_map(|v| {
-            let v = v.to_str().ok()?.trim();
-            (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
-        });
+        .filter_map(|v| bearer(v.to_str().ok()?));
     let plain = ["x-api-key", "api-key"].into_iter().flat_map(|h| {
         headers
             .get_all(h)
@@ -426,6 +432,10 @@ mod tests {
         assert_eq!(presented(&k), Presented::Conflicting);
         let k = h(&[("authorization", "Basic dXNlcjpwdw==")]);
         assert_eq!(presented(&k), Presented::None);
+        let k = h(&[("authorization", "Bearer   ")]);
+        assert_eq!(presented(&k), Presented::None);
+        assert_eq!(bearer("bEaReR t1"), Some("t1"));
+        assert_eq!(bearer("Bearer"), None);
         assert_eq!(presented(&http::HeaderMap::new()), Presented::None);
     }
 

@@ -41,12 +41,7 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())
-            })
+            .and_then(crate::auth::bearer)
             .unwrap_or("");
         same(given.as_bytes(), token.expose().as_bytes())
     }
