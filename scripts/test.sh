@@ -27,10 +27,17 @@ if [ ! -x "$venv/bin/python" ]; then
         python3 -m venv "$venv"
     }
 fi
-"$venv/bin/python" -c 'import openai' 2>/dev/null ||
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai
-[ -x "$venv/bin/kubernetes-validate" ] ||
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check kubernetes-validate
+# The versions are pinned in tests/sdk/requirements.txt; installed only when one differs.
+reqs=tests/sdk/requirements.txt
+"$venv/bin/python" - "$reqs" 2>/dev/null <<'PY' ||
+import sys, importlib.metadata as m
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if line:
+        name, version = line.split("==")
+        assert m.version(name) == version, name
+PY
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$reqs"
 TOKENTAP_PYTHON="$PWD/$venv/bin/python"
 export TOKENTAP_PYTHON
 
@@ -46,10 +53,15 @@ cargo clippy -p tokentap-bench --all-targets -- -D warnings
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# A test that hangs fails the suite with a message instead of holding CI to its limit.
+SUITE_TIMEOUT=${SUITE_TIMEOUT:-40m}
 set +e
-cargo test --all-targets 2>&1 | tee "$log"
+timeout -k 30s "$SUITE_TIMEOUT" cargo test --all-targets 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "error: the test suite did not finish within $SUITE_TIMEOUT (SUITE_TIMEOUT): a test hangs; the last 'test ...' lines above name the ones still running" >&2
+fi
 # One closing line for the whole suite (cargo ends with per-binary lines, some of them empty).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -398,9 +398,16 @@ fn body_over_the_limit_is_refused_with_413_before_the_upstream() {
     assert!(recs
         .iter()
         .all(|r| r["outcome"] == "rejected" && r["status"] == 413));
-    // Nothing reached the upstream's handler.
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(mock.requests().is_empty());
+    // Nothing reached the upstream's handler: a call after them is the first it reads.
+    let sentinel = chat_body(MODEL, "sentinel", false, "");
+    assert_eq!(
+        request(tap.addr, "POST", "/v1/chat/completions", &[], &sentinel).status,
+        200
+    );
+    let seen = mock.wait_requests(1);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["user"], "sentinel");
+    assert_eq!(mock.received(), 1);
 }
 
 #[test]
@@ -441,30 +448,43 @@ fn keep_alive_connection_carries_many_calls_each_with_one_record() {
         assert_eq!(users.iter().filter(|u| **u == format!("u{i}")).count(), 1);
     }
     assert_eq!(mock.wait_requests(20).len(), 20);
-    // Exactly one record per call, also after more time passes.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(tap.records().len(), 20);
+    // Exactly one record per call: the next call's record is the 21st.
+    send_request(
+        &mut s,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat_body(MODEL, "last", false, ""),
+    );
+    assert_eq!(read_response(&mut s, usize::MAX).status, 200);
+    let recs = tap.wait_records(21);
+    assert_eq!(recs.len(), 21);
+    assert_eq!(recs[20]["user"], "last");
 }
 
 #[test]
 fn sigterm_drains_in_flight_streams_and_flushes_their_records() {
     let (_mock, mut tap) = setup();
-    let addr = tap.addr;
+    let body = chat_body(MODEL, "late", true, "");
+    let mut s = open_chat(
+        &tap,
+        &body,
+        &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "25")],
+    );
+    // The stream is under way once its first bytes are here.
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).unwrap();
     let h = std::thread::spawn(move || {
-        let body = chat_body(MODEL, "late", true, "");
-        request(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "25")],
-            &body,
-        )
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map(|_| rest)
     });
-    std::thread::sleep(Duration::from_millis(150));
     let status = tap.proc.terminate();
     assert!(status.success(), "{status:?}");
-    let resp = h.join().unwrap();
-    assert!(resp.complete, "in-flight stream was cut by shutdown");
+    let rest = h.join().unwrap().unwrap();
+    assert!(
+        rest.ends_with(b"0\r\n\r\n") && String::from_utf8_lossy(&rest).contains("[DONE]"),
+        "in-flight stream was cut by shutdown"
+    );
     let recs = tap.records();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["outcome"], "complete");
