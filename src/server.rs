@@ -17,7 +17,9 @@ use crate::budget::{embedded::Embedded, redis::RedisLedger, Ledger, LedgerSink};
 use crate::config::reload::{Reloader, Trigger};
 use crate::config::Config;
 use crate::proxy::{Shared, TokenTap};
-use crate::telemetry::{access_log::AccessLog, calls::CallMetrics, Sinks};
+use crate::telemetry::calls::{CallCollector, CallMetrics};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{access_log::AccessLog, Sinks};
 
 /// Longest Pingora waits after SIGTERM; the drain watch ends the process as soon as the
 /// in-flight calls are done or `server.drain_timeout_ms` (reloadable) has passed.
@@ -36,30 +38,54 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         _ => Embedded::open(&config.budgets.ledger)?,
     };
     ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
-    sinks.push(Box::new(LedgerSink(Arc::clone(&ledger))));
+    // The calls holding a reservation: the proxy opens them, the ledger sink settles them by
+    // request id, the drain deadline and the lease renewal walk them.
+    let open_calls = Arc::new(crate::budget::OpenCalls::default());
+    sinks.push(Box::new(LedgerSink {
+        ledger: Arc::clone(&ledger),
+        open: Arc::clone(&open_calls),
+    }));
     // Last: at shutdown the ledger is flushed before spans wait on a collector.
     let traces = crate::telemetry::traces::TraceSink::new(&config.traces)?;
     let trace_counters = traces.counters.clone();
     sinks.push(Box::new(traces));
+    let sinks = Arc::new(sinks);
 
     let conf = server_conf(&config);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
-    let shared = Shared::new(config, sinks, calls, ledger);
-    shared
-        .metrics
-        .registry
+    let config: crate::config::Live = Arc::new(arc_swap::ArcSwap::from_pointee(config));
+    let metrics = Arc::new(Metrics::new());
+    let registry = &metrics.registry;
+    registry
+        .register(Box::new(CallCollector(Arc::clone(&calls))))
+        .map_err(|e| e.to_string())?;
+    registry
         .register(Box::new(crate::budget::BudgetCollector::new(
-            Arc::downgrade(&shared),
+            Arc::clone(&config),
+            Arc::clone(&ledger),
         )))
         .map_err(|e| e.to_string())?;
     trace_counters
-        .register(&shared.metrics.registry)
+        .register(registry)
         .map_err(|e| e.to_string())?;
-    let reloader = Reloader::new(Arc::clone(&shared), config_path, log_from_env);
+    let shared = Shared::new(
+        Arc::clone(&config),
+        Arc::clone(&sinks),
+        calls,
+        Arc::clone(&ledger),
+        open_calls,
+    );
+    let reloader = Reloader::new(
+        Arc::clone(&config),
+        Arc::clone(&sinks),
+        Arc::clone(&metrics),
+        config_path,
+        log_from_env,
+    );
     // SIGHUP would end the process by default: take it over before anything else runs.
     spawn_sighup(Arc::clone(&reloader))?;
-    crate::config::watch::spawn(Arc::clone(&reloader), Arc::clone(&shared))
+    crate::config::watch::spawn(Arc::clone(&reloader), Arc::clone(&config))
         .map_err(|e| format!("cannot watch the config files: {e}"))?;
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -80,7 +106,9 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     let mut admin = Service::new(
         "tokentap admin".to_string(),
         Admin {
-            shared: Arc::clone(&shared),
+            config: Arc::clone(&config),
+            ledger,
+            metrics,
             reloader,
         },
     );

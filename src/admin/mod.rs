@@ -9,12 +9,18 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::budget::Ledger;
 use crate::config::reload::{Reloader, Trigger};
+use crate::config::Live;
 use crate::openai::ApiError;
-use crate::proxy::Shared;
+use crate::telemetry::metrics::Metrics;
 
+/// The admin listener's handles: the running config, the ledger, the metrics registry and the
+/// reloader (nothing of the proxy).
 pub struct Admin {
-    pub shared: Arc<Shared>,
+    pub config: Live,
+    pub ledger: Arc<dyn Ledger>,
+    pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
 }
 
@@ -32,7 +38,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 impl Admin {
     /// `/admin/*` needs `Authorization: Bearer <token>` when a token is configured.
     fn authorized(&self, session: &ServerSession) -> bool {
-        let cfg = self.shared.config.load();
+        let cfg = self.config.load();
         let Some(token) = &cfg.server.admin_token else {
             return true;
         };
@@ -49,10 +55,10 @@ impl Admin {
     /// `/admin/budgets/...`
     async fn budgets(&self, method: &Method, path: &str, query: &str) -> Response<Vec<u8>> {
         use crate::budget::policy::{Subject, Window};
-        let cfg = self.shared.config.load();
+        let cfg = self.config.load();
         let policy = &cfg.budgets;
         let now = crate::budget::now_unix();
-        let ledger = &*self.shared.ledger;
+        let ledger = &*self.ledger;
         let param = |k: &str| {
             query.split('&').find_map(|kv| {
                 let (a, b) = kv.split_once('=')?;
@@ -130,7 +136,7 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         let protected = {
-            let cfg = self.shared.config.load();
+            let cfg = self.config.load();
             path.starts_with("/admin/")
                 || (path == "/metrics" && cfg.server.protect_metrics)
                 || (matches!(path.as_str(), "/healthz" | "/readyz") && cfg.server.protect_health)
@@ -148,7 +154,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
                 // Ready once a config is loaded (always, after start-up).
-                let cfg = self.shared.config.load();
+                let cfg = self.config.load();
                 text(
                     StatusCode::OK,
                     &format!(
@@ -165,10 +171,10 @@ impl ServeHttp for Admin {
                     http::header::CONTENT_TYPE,
                     "text/plain; version=0.0.4; charset=utf-8",
                 )
-                .body(self.shared.metrics.encode())
+                .body(self.metrics.encode())
                 .expect("static response builds"),
             (Method::GET, "/admin/config") => {
-                let cfg = self.shared.config.load();
+                let cfg = self.config.load();
                 json_response(
                     StatusCode::OK,
                     &json!({

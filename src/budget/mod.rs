@@ -442,8 +442,12 @@ pub fn actual(rec: &UsageRecord) -> Amount {
     }
 }
 
-/// The ledger as a sink: settles each call's reservation and keeps its row for reports.
-pub struct LedgerSink(pub Arc<dyn Ledger>);
+/// The ledger as a sink: settles each call's reservation (found by its request id among the
+/// open calls) and keeps its row for reports.
+pub struct LedgerSink {
+    pub ledger: Arc<dyn Ledger>,
+    pub open: Arc<OpenCalls>,
+}
 
 /// The soft-threshold signal: a warning in the log and
 /// `tokentap_budget_soft_threshold_crossed_total`.
@@ -464,28 +468,30 @@ impl crate::telemetry::Sink for LedgerSink {
             return;
         }
         let now = now_unix();
-        if let Some(r) = &rec.budget {
+        let reservation = self
+            .open
+            .get(&rec.request_id)
+            .map(|c| Arc::clone(&c.reservation));
+        if let Some(r) = &reservation {
             if !r.claim() {
                 // The drain deadline settled it (and wrote its row) while this record was
                 // being built: charging or listing it again would count the call twice.
                 return;
             }
-            self.0.settle(r, actual(rec), now);
+            self.ledger.settle(r, actual(rec), now);
         }
         let ts = rec
             .started_at
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(now, |d| d.as_secs() as i64);
-        self.0.record_call(CallRow {
+        self.ledger.record_call(CallRow {
             ts,
             request_id: rec.request_id.clone(),
-            user: rec
-                .budget
+            user: reservation
                 .as_ref()
                 .map(|r| r.user.clone())
                 .or_else(|| rec.user.clone()),
-            teams: rec
-                .budget
+            teams: reservation
                 .as_ref()
                 .map(|r| r.teams.clone())
                 .unwrap_or_default(),
@@ -499,7 +505,7 @@ impl crate::telemetry::Sink for LedgerSink {
     }
 
     fn shutdown(&self) {
-        self.0.flush();
+        self.ledger.flush();
     }
 }
 
@@ -581,22 +587,26 @@ impl OpenCall {
 /// The calls holding a reservation not settled yet.
 #[derive(Default)]
 pub struct OpenCalls {
-    calls: dashmap::DashMap<u64, Arc<OpenCall>>,
-    next: std::sync::atomic::AtomicU64,
+    /// By request id (unique across restarts).
+    calls: dashmap::DashMap<String, Arc<OpenCall>>,
 }
 
 impl OpenCalls {
     /// Registers a call; dropping the guard settles it at its estimate if nothing else did.
     pub fn open(self: &Arc<Self>, call: OpenCall, ledger: Arc<dyn Ledger>) -> OpenGuard {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let call = Arc::new(call);
-        self.calls.insert(id, Arc::clone(&call));
+        self.calls
+            .insert(call.request_id.clone(), Arc::clone(&call));
         OpenGuard {
-            id,
             call,
             calls: Arc::clone(self),
             ledger,
         }
+    }
+
+    /// The open call of a request, for its record to settle.
+    pub fn get(&self, request_id: &str) -> Option<Arc<OpenCall>> {
+        self.calls.get(request_id).map(|c| Arc::clone(c.value()))
     }
 
     /// The reservations of the calls in flight.
@@ -616,7 +626,6 @@ impl OpenCalls {
 }
 
 pub struct OpenGuard {
-    id: u64,
     pub call: Arc<OpenCall>,
     calls: Arc<OpenCalls>,
     ledger: Arc<dyn Ledger>,
@@ -624,7 +633,7 @@ pub struct OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.calls.calls.remove(&self.id);
+        self.calls.calls.remove(&self.call.request_id);
         if self.call.abandon(&*self.ledger) {
             log::warn!(
                 "call {} ended without a record: settled its reservation at the estimate",
@@ -718,12 +727,13 @@ pub async fn top(
 /// `tokentap_ledger_errors_total`. Users with caps of their own are always exported; users
 /// under the default caps only up to `metrics.max_users`, biggest spenders first.
 pub struct BudgetCollector {
-    pub shared: std::sync::Weak<crate::proxy::Shared>,
+    config: crate::config::Live,
+    ledger: Arc<dyn Ledger>,
     descs: Vec<prometheus::core::Desc>,
 }
 
 impl BudgetCollector {
-    pub fn new(shared: std::sync::Weak<crate::proxy::Shared>) -> Self {
+    pub fn new(config: crate::config::Live, ledger: Arc<dyn Ledger>) -> Self {
         let d = |n: &str, h: &str, l: &[&str]| {
             prometheus::core::Desc::new(
                 n.into(),
@@ -734,7 +744,8 @@ impl BudgetCollector {
             .expect("valid metric description")
         };
         BudgetCollector {
-            shared,
+            config,
+            ledger,
             descs: vec![
                 d(
                     "tokentap_budget_spend_usd",
@@ -763,10 +774,7 @@ impl prometheus::core::Collector for BudgetCollector {
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
-        let Some(shared) = self.shared.upgrade() else {
-            return Vec::new();
-        };
-        let cfg = shared.config.load();
+        let cfg = self.config.load();
         let policy = &cfg.budgets;
         let now = now_unix();
         let mut spend = MetricFamily::default();
@@ -777,7 +785,7 @@ impl prometheus::core::Collector for BudgetCollector {
         remaining.set_name(self.descs[1].fq_name.clone());
         remaining.set_help(self.descs[1].help.clone());
         remaining.set_field_type(MetricType::GAUGE);
-        let mut users: Vec<(String, Window, Amount, Option<crate::meter::Pico>, bool)> = shared
+        let mut users: Vec<(String, Window, Amount, Option<crate::meter::Pico>, bool)> = self
             .ledger
             .counters(policy, now)
             .into_iter()
@@ -832,7 +840,7 @@ impl prometheus::core::Collector for BudgetCollector {
         errors.set_help(self.descs[2].help.clone());
         errors.set_field_type(MetricType::COUNTER);
         let mut c = prometheus::proto::Counter::default();
-        c.set_value(shared.ledger.errors() as f64);
+        c.set_value(self.ledger.errors() as f64);
         let mut m = Metric::default();
         m.set_counter(c);
         errors.mut_metric().push(m);

@@ -20,6 +20,10 @@ use crate::meter::pricing::{PriceTable, PricingError};
 
 pub use schema::{AccessLogTarget, UserLabel};
 
+/// The running config: the snapshot every new call reads, swapped whole by a reload. The
+/// handle that reload, the file watcher, admin and the proxy share.
+pub type Live = std::sync::Arc<arc_swap::ArcSwap<Config>>;
+
 /// A validated, compiled configuration snapshot.
 #[derive(Debug, Clone)]
 pub struct Config {

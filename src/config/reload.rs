@@ -11,8 +11,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::{Config, ConfigError};
-use crate::proxy::Shared;
+use super::{Config, ConfigError, Live};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::Sinks;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -44,7 +45,12 @@ pub struct Applied {
 }
 
 pub struct Reloader {
-    shared: Arc<Shared>,
+    /// The running config, swapped here.
+    config: Live,
+    /// Told of every new config before it is swapped in.
+    sinks: Arc<Sinks>,
+    /// Reload counters and the running config's hash.
+    metrics: Arc<Metrics>,
     path: PathBuf,
     /// The config the process started with: its listeners and threads are fixed.
     started: Arc<Config>,
@@ -56,11 +62,19 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>, path: PathBuf, log_from_env: bool) -> Arc<Self> {
-        let started = shared.config.load_full();
-        shared.metrics.config_loaded(&started.hash);
+    pub fn new(
+        config: Live,
+        sinks: Arc<Sinks>,
+        metrics: Arc<Metrics>,
+        path: PathBuf,
+        log_from_env: bool,
+    ) -> Arc<Self> {
+        let started = config.load_full();
+        metrics.config_loaded(&started.hash);
         Arc::new(Reloader {
-            shared,
+            config,
+            sinks,
+            metrics,
             path,
             started,
             log_from_env,
@@ -74,16 +88,13 @@ impl Reloader {
 
     /// The settings of the running snapshot that wait for a restart.
     pub fn restart_required(&self) -> Vec<&'static str> {
-        self.shared
-            .config
-            .load()
-            .needs_restart_against(&self.started)
+        self.config.load().needs_restart_against(&self.started)
     }
 
     pub fn reload(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
         let mut last_error = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let running = self.shared.config.load_full();
-        let m = &self.shared.metrics;
+        let running = self.config.load_full();
+        let m = &self.metrics;
         match super::load(&self.path) {
             Ok(mut new) => {
                 *last_error = None;
@@ -113,8 +124,8 @@ impl Reloader {
                     log::set_max_level(new.server.log_level);
                 }
                 let new = Arc::new(new);
-                self.shared.sinks.reconfigure(&new);
-                self.shared.config.store(Arc::clone(&new));
+                self.sinks.reconfigure(&new);
+                self.config.store(Arc::clone(&new));
                 m.config_reloads.with_label_values(&["success"]).inc();
                 m.config_loaded(&new.hash);
                 log::info!(

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 
 use super::reload::{Reloader, Trigger};
-use crate::proxy::Shared;
+use super::Live;
 
 const QUIET: Duration = Duration::from_millis(150);
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
-pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn spawn(reloader: Arc<Reloader>, config: Live) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel::<notify::Event>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         // A watcher error (e.g. an overflowed event queue) may hide a change: treat it as one.
@@ -33,7 +33,7 @@ pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()
     })
     .map_err(std::io::Error::other)?;
     let mut watched = Watched::default();
-    watched.sync(&mut watcher, &shared.config.load().files);
+    watched.sync(&mut watcher, &config.load().files);
     std::thread::Builder::new()
         .name("tokentap-config-watch".into())
         .spawn(move || {
@@ -54,7 +54,7 @@ pub fn spawn(reloader: Arc<Reloader>, shared: Arc<Shared>) -> std::io::Result<()
                 }
                 let _ = reloader.reload(Trigger::File);
                 // The new config may include other files.
-                watched.sync(&mut watcher, &shared.config.load().files);
+                watched.sync(&mut watcher, &config.load().files);
             }
         })?;
     Ok(())

@@ -220,8 +220,6 @@ pub struct UsageRecord {
     pub duration: Duration,
     /// A short description of what went wrong, for the log; never user content.
     pub error: Option<String>,
-    /// The budget reservation the call held (settled by the ledger sink).
-    pub budget: Option<std::sync::Arc<crate::budget::Reservation>>,
     /// The call's place in a trace, when traces are on.
     pub trace: Option<Box<crate::telemetry::traces::CallTrace>>,
 }
@@ -273,7 +271,6 @@ impl UsageRecord {
             generation: None,
             duration: Duration::from_millis(5),
             error: None,
-            budget: None,
             trace: None,
         }
     }

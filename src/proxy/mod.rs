@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
@@ -32,8 +31,7 @@ use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::{is_chat_path, ApiError};
-use crate::telemetry::calls::{CallCollector, CallMetrics};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::calls::CallMetrics;
 use crate::telemetry::traces::CallTrace;
 use crate::telemetry::Sinks;
 
@@ -44,12 +42,12 @@ const ERROR_TAP_LIMIT: usize = 64 * 1024;
 /// closes.
 const DRAIN_REJECTED_BODY: Duration = Duration::from_secs(2);
 
-/// State shared by all requests; outlives config reloads.
+/// What the proxy's requests share; outlives config reloads. Assembled in `server.rs`, which
+/// hands reload, the watcher and admin only the handles they need.
 pub struct Shared {
-    pub config: ArcSwap<Config>,
+    pub config: crate::config::Live,
     pub resolver: Arc<dns::Resolver>,
-    pub sinks: Sinks,
-    pub metrics: Metrics,
+    pub sinks: Arc<Sinks>,
     pub calls: Arc<CallMetrics>,
     pub ledger: Arc<dyn Ledger>,
     /// Calls holding a budget reservation not settled yet.
@@ -62,27 +60,23 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The shared state; `calls` should also be among the `sinks` to see records.
+    /// The shared state; `calls` should also be among the `sinks` to see records, and
+    /// `open_calls` the ledger sink's.
     pub fn new(
-        config: Config,
-        sinks: Sinks,
+        config: crate::config::Live,
+        sinks: Arc<Sinks>,
         calls: Arc<CallMetrics>,
         ledger: Arc<dyn Ledger>,
+        open_calls: Arc<OpenCalls>,
     ) -> Arc<Self> {
-        let metrics = Metrics::new();
-        metrics
-            .registry
-            .register(Box::new(CallCollector(Arc::clone(&calls))))
-            .expect("call metrics register once");
         Arc::new(Shared {
-            config: ArcSwap::from_pointee(config),
+            config,
             resolver: dns::Resolver::new(),
             sinks,
-            metrics,
             in_flight: Arc::clone(&calls.in_flight),
             calls,
             ledger,
-            open_calls: Arc::new(OpenCalls::default()),
+            open_calls,
             user_streams: Arc::default(),
             ids: RequestIds::new(),
         })
@@ -190,8 +184,6 @@ pub struct Ctx {
     _in_flight: InFlight,
     /// Set while a streamed response is relayed.
     stream_active: Option<InFlight>,
-    /// What the call holds against its budgets until its record settles it.
-    reservation: Option<Arc<Reservation>>,
     /// Settles the reservation at the estimate should the call never get its record.
     open: Option<OpenGuard>,
     /// The body is complete: decide about the call before it goes.
@@ -734,7 +726,7 @@ impl TokenTap {
         let meta = ctx.meta.as_ref();
         let model = meta.and_then(|m| m.model.clone());
         let call = OpenCall {
-            reservation: Arc::clone(&res),
+            reservation: res,
             request_id: ctx.request_id.clone(),
             price: ctx.cfg.pricing.lookup(None, model.as_deref()).copied(),
             model,
@@ -752,7 +744,6 @@ impl TokenTap {
                 .open_calls
                 .open(call, Arc::clone(&self.shared.ledger)),
         );
-        ctx.reservation = Some(res);
     }
 
     fn reject(&self, ctx: &mut Ctx, e: ApiError) -> Box<Error> {
@@ -797,7 +788,6 @@ impl ProxyHttp for TokenTap {
             overhead: Duration::ZERO,
             _in_flight: InFlight::new(&self.shared.in_flight),
             stream_active: None,
-            reservation: None,
             open: None,
             trace: None,
             budget_decision: None,

@@ -125,7 +125,6 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         generation: ctx.first_token_at.map(|t| t.elapsed()),
         duration: ctx.start.elapsed(),
         error,
-        budget: ctx.reservation.take(),
         trace,
     }
 }
