@@ -46,7 +46,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         open: Arc::clone(&open_calls),
     }));
     // Last: at shutdown the ledger is flushed before spans wait on a collector.
-    let traces = crate::telemetry::traces::TraceSink::new(&config.traces)?;
+    let traces = crate::telemetry::traces::TraceSink::new(&config)?;
     let trace_counters = traces.counters.clone();
     sinks.push(Box::new(traces));
     let sinks = Arc::new(sinks);

@@ -126,7 +126,7 @@ impl StreamUsage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub tls: bool,
-    pub host: String,
+    pub host: std::sync::Arc<str>,
     pub port: u16,
     /// Path prefix prepended to every proxied path ("" when the URL has no path).
     pub base_path: String,
@@ -592,7 +592,7 @@ pub fn parse_upstream_url(s: &str) -> Result<UpstreamUrl, String> {
     .into();
     Ok(UpstreamUrl {
         tls,
-        host: host.to_string(),
+        host: host.into(),
         port,
         base_path,
         host_header,
@@ -688,7 +688,7 @@ url = "http://127.0.0.1:9000"
         assert_eq!(u.base_path, "/api/v1");
         assert_eq!(u.host_header, "api.example.com");
         let u = parse_upstream_url("http://[::1]:8081").unwrap();
-        assert_eq!(u.host, "::1");
+        assert_eq!(&*u.host, "::1");
         assert_eq!(u.host_header, "[::1]:8081");
         assert!(parse_upstream_url("https://user:pw@x").is_err());
         assert!(parse_upstream_url("api.example.com").is_err());

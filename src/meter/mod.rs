@@ -166,6 +166,17 @@ impl Outcome {
     }
 }
 
+/// A traced call's place in its trace (W3C Trace Context), as plain facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The caller's span, from its `traceparent`.
+    pub parent: Option<[u8; 8]>,
+    /// The caller's `tracestate`, as received.
+    pub tracestate: Option<String>,
+}
+
 /// Everything tokentap learned about one call. Built once, at the end of the call.
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
@@ -220,8 +231,26 @@ pub struct UsageRecord {
     pub duration: Duration,
     /// A short description of what went wrong, for the log; never user content.
     pub error: Option<String>,
-    /// The call's place in a trace, when traces are on.
-    pub trace: Option<Box<crate::telemetry::traces::CallTrace>>,
+    /// The call's place in a trace, when it is traced (sampled).
+    pub trace: Option<TraceContext>,
+    /// What the request asked for beyond the model: sampling settings.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// The budget decision: "allowed", "refused", "fail_open" or "not_capped"; `None` when
+    /// none ran.
+    pub budget_decision: Option<&'static str>,
+    /// The upstream error's `type` (else its `code`), if it sent one.
+    pub upstream_error_type: Option<String>,
+    /// From sending the request to the first chunk of a streamed response.
+    pub time_to_first_chunk: Option<Duration>,
+    /// Where the call went: the upstream's host and port, and `scheme://host[:port][/base]`.
+    pub upstream_host: std::sync::Arc<str>,
+    pub upstream_port: u16,
+    pub url_base: std::sync::Arc<str>,
+    /// Content kept for the call's span when the operator opted in (and it is traced): the
+    /// request body as sent, and the completion's text (at most `traces.max_content_bytes`).
+    pub captured_input: Option<bytes::Bytes>,
+    pub captured_output: Option<String>,
 }
 
 #[cfg(test)]
@@ -272,6 +301,16 @@ impl UsageRecord {
             duration: Duration::from_millis(5),
             error: None,
             trace: None,
+            temperature: None,
+            top_p: None,
+            budget_decision: None,
+            upstream_error_type: None,
+            time_to_first_chunk: None,
+            upstream_host: "api.example".into(),
+            upstream_port: 443,
+            url_base: "https://api.example".into(),
+            captured_input: None,
+            captured_output: None,
         }
     }
 }

@@ -284,7 +284,7 @@ impl TokenTap {
         ctx.addrs = Some(addrs);
         ctx.attempts += 1;
         ctx.upstream_addr = Some(addr);
-        let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.clone());
+        let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.to_string());
         let o = &mut peer.options;
         // The call's deadline bounds every wait on the upstream.
         let left = ctx.cfg.limits.request_deadline.map(|d| {

@@ -7,7 +7,6 @@ use pingora::{Error, ErrorSource, ErrorType};
 use super::Ctx;
 use crate::meter::{Outcome, Usage, UsageRecord, UsageSource};
 use crate::openai::response::Observed;
-use crate::telemetry::traces::{self, CallDetail};
 
 pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> UsageRecord {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
@@ -53,40 +52,15 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         e => e,
     };
     let req = session.req_header();
-    // Only sampled calls get a span: the rest cost nothing more here.
-    let trace = ctx.trace.take().filter(|t| t.sampled).map(|mut t| {
-        let cfg = &ctx.cfg;
-        let url = &cfg.upstream.url;
-        t.detail =
-            CallDetail {
-                server_address: url.host.clone(),
-                server_port: url.port,
-                url_base: url.url_base.clone(),
-                temperature: meta.and_then(|m| m.temperature),
-                top_p: meta.and_then(|m| m.top_p),
-                budget: ctx.budget_decision,
-                upstream_error_type: observed.upstream_error_type.clone(),
-                time_to_first_chunk: ctx
-                    .first_chunk_at
-                    .filter(|_| meta.is_some_and(|m| m.stream))
-                    .map(|t| t.saturating_duration_since(ctx.sent_at.unwrap_or(ctx.start))),
-                max_content_bytes: cfg.traces.max_content_bytes,
-                user_id: meta
-                    .and_then(|m| m.user.as_deref())
-                    .map(|u| crate::telemetry::calls::user_id(&cfg.metrics, u)),
-                input_body: ctx.input_body.take(),
-                // Nothing captured (an error answer, say): no empty assistant message.
-                output_messages: observed.captured.as_deref().filter(|t| !t.is_empty()).map(
-                    |text| {
-                        traces::output_messages(
-                            text,
-                            observed.finish_reasons.first().map(String::as_str),
-                        )
-                    },
-                ),
-            };
-        Box::new(t)
-    });
+    // Only sampled calls are traced.
+    let trace = ctx.trace.take().filter(|t| t.sampled).map(|t| t.context());
+    let url = &ctx.cfg.upstream.url;
+    let (upstream_host, upstream_port, url_base) =
+        (url.host.clone(), url.port, url.url_base.clone());
+    let time_to_first_chunk = ctx
+        .first_chunk_at
+        .filter(|_| meta.is_some_and(|m| m.stream))
+        .map(|t| t.saturating_duration_since(ctx.sent_at.unwrap_or(ctx.start)));
     UsageRecord {
         request_id: std::mem::take(&mut ctx.request_id),
         started_at: ctx.started_at,
@@ -111,6 +85,17 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         usage_source,
         web_searches_source,
         usage_injected: ctx.usage_injected,
+        temperature: meta.and_then(|m| m.temperature),
+        top_p: meta.and_then(|m| m.top_p),
+        budget_decision: ctx.budget_decision,
+        upstream_error_type: observed.upstream_error_type,
+        time_to_first_chunk,
+        upstream_host,
+        upstream_port,
+        url_base,
+        captured_input: ctx.input_body.take(),
+        // Nothing captured (an error answer, say): nothing to show.
+        captured_output: observed.captured.filter(|t| !t.is_empty()),
         cost: price.map(|p| p.cost(&usage)),
         upstream_cost_usd: observed.upstream_cost_usd,
         finish_reasons: observed.finish_reasons,

@@ -409,32 +409,25 @@ pub struct CallTrace {
     pub parent: Option<SpanId>,
     pub sampled: bool,
     pub tracestate: Option<String>,
-    /// Filled when the record is built.
-    pub detail: CallDetail,
 }
 
-/// What a span needs beyond the record.
-#[derive(Debug, Clone, Default)]
-pub struct CallDetail {
-    pub server_address: String,
-    pub server_port: u16,
-    /// `scheme://host[:port][/base]` of the upstream.
-    pub url_base: std::sync::Arc<str>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    /// "allowed", "refused", "fail_open" or "not_capped"; `None` when no decision ran.
-    pub budget: Option<&'static str>,
-    /// As the metrics' label policy shows it (hashed when it hashes users).
-    pub user_id: Option<String>,
-    /// The request body, kept (a refcounted handle) only when content is captured: the
-    /// input messages are made from it on the exporter thread.
-    pub input_body: Option<bytes::Bytes>,
+/// What spans need besides their records: the settings of the running config that say how a
+/// record shows (updated on reload).
+#[derive(Debug, Clone)]
+pub struct SpanSettings {
+    /// `user.id` is the user as the metrics' label policy shows it (hashed when it hashes).
+    pub metrics: crate::config::MetricsConfig,
+    /// Captured content is cut to this many bytes of text.
     pub max_content_bytes: usize,
-    pub output_messages: Option<String>,
-    /// The upstream error's type or code, if it sent one.
-    pub upstream_error_type: Option<String>,
-    /// From sending the request to the first chunk of a streamed response.
-    pub time_to_first_chunk: Option<std::time::Duration>,
+}
+
+impl SpanSettings {
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        SpanSettings {
+            metrics: cfg.metrics.clone(),
+            max_content_bytes: cfg.traces.max_content_bytes,
+        }
+    }
 }
 
 impl CallTrace {
@@ -449,7 +442,6 @@ impl CallTrace {
                 parent: Some(parent),
                 sampled,
                 tracestate: tracestate.map(str::to_string),
-                detail: CallDetail::default(),
             };
         }
         let trace_id = TraceId::from(rng.gen::<u128>());
@@ -459,7 +451,16 @@ impl CallTrace {
             parent: None,
             sampled: ratio_samples(trace_id, ratio),
             tracestate: None,
-            detail: CallDetail::default(),
+        }
+    }
+
+    /// The call's place in its trace, as the record keeps it.
+    pub fn context(&self) -> crate::meter::TraceContext {
+        crate::meter::TraceContext {
+            trace_id: self.trace_id.to_bytes(),
+            span_id: self.span_id.to_bytes(),
+            parent: self.parent.map(|p| p.to_bytes()),
+            tracestate: self.tracestate.clone(),
         }
     }
 
@@ -574,17 +575,16 @@ fn text_part(t: &str, left: &mut usize) -> serde_json::Value {
 }
 
 /// The span of a call, as the OTLP message, its attributes written into `a` (cleared first).
-pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
+pub fn span_of(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> Option<Span> {
     let t = rec.trace.as_ref()?;
-    let d = &t.detail;
     a.clear();
     let name = if rec.chat {
-        chat_attrs(rec, d, a)
+        chat_attrs(rec, settings, a)
     } else {
-        http_attrs(rec, d, a)
+        http_attrs(rec, a)
     };
-    a.str(sc::SERVER_ADDRESS, d.server_address.as_str());
-    a.int(sc::SERVER_PORT, i64::from(d.server_port));
+    a.str(sc::SERVER_ADDRESS, &rec.upstream_host);
+    a.int(sc::SERVER_PORT, i64::from(rec.upstream_port));
     // The CLIENT span is the call to the upstream: its status, when the upstream answered.
     if let Some(st) = rec.upstream_status {
         a.int(sc::HTTP_RESPONSE_STATUS_CODE, i64::from(st));
@@ -601,14 +601,15 @@ pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
         }
         None => Status::default(),
     };
-    // W3C trace flags (sampled), and that the parent, if any, came from another process.
-    let mut flags = u32::from(t.sampled) | SpanFlags::ContextHasIsRemoteMask as u32;
+    // W3C trace flags (sampled: only sampled calls are traced), and that the parent, if any,
+    // came from another process.
+    let mut flags = 1 | SpanFlags::ContextHasIsRemoteMask as u32;
     if t.parent.is_some() {
         flags |= SpanFlags::ContextIsRemoteMask as u32;
     }
     Some(Span {
-        trace_id: t.trace_id.to_bytes().to_vec(),
-        span_id: t.span_id.to_bytes().to_vec(),
+        trace_id: t.trace_id.to_vec(),
+        span_id: t.span_id.to_vec(),
         // As received when valid; an invalid list is dropped, not passed on.
         trace_state: t
             .tracestate
@@ -616,7 +617,7 @@ pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
             .and_then(|s| s.parse::<TraceState>().ok())
             .map(|s| s.header())
             .unwrap_or_default(),
-        parent_span_id: t.parent.map(|p| p.to_bytes().to_vec()).unwrap_or_default(),
+        parent_span_id: t.parent.map(|p| p.to_vec()).unwrap_or_default(),
         flags,
         name,
         kind: SpanKind::Client as i32,
@@ -628,7 +629,7 @@ pub fn span_of(rec: &UsageRecord, a: &mut Attrs) -> Option<Span> {
 }
 
 /// The GenAI attributes of a chat call; its span name.
-fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
+fn chat_attrs(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> String {
     a.str(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT);
     a.str(sc::GEN_AI_PROVIDER_NAME, rec.provider.as_str());
     if let Some(m) = &rec.model {
@@ -640,10 +641,10 @@ fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     if let Some(n) = rec.max_tokens {
         a.int(sc::GEN_AI_REQUEST_MAX_TOKENS, n as i64);
     }
-    if let Some(v) = d.temperature {
+    if let Some(v) = rec.temperature {
         a.f64(sc::GEN_AI_REQUEST_TEMPERATURE, v);
     }
-    if let Some(v) = d.top_p {
+    if let Some(v) = rec.top_p {
         a.f64(sc::GEN_AI_REQUEST_TOP_P, v);
     }
     a.bool(sc::GEN_AI_REQUEST_STREAM, rec.stream);
@@ -654,7 +655,7 @@ fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
         a.strs(sc::GEN_AI_RESPONSE_FINISH_REASONS, &rec.finish_reasons);
     }
     usage_attrs(rec, a);
-    if let Some(t) = d.time_to_first_chunk {
+    if let Some(t) = rec.time_to_first_chunk {
         a.f64(sc::GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, t.as_secs_f64());
     }
     if let Some(c) = rec.cost {
@@ -671,20 +672,22 @@ fn chat_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     if rec.usage_injected {
         a.bool(sc::TOKENTAP_USAGE_INJECTED, true);
     }
-    if let Some(b) = d.budget {
+    if let Some(b) = rec.budget_decision {
         a.str(sc::TOKENTAP_BUDGET_DECISION, b);
     }
-    if let Some(u) = &d.user_id {
-        a.str(sc::USER_ID, u.as_str());
+    if let Some(u) = &rec.user {
+        let id = super::calls::user_id(&settings.metrics, u);
+        a.str(sc::USER_ID, id.as_str());
     }
-    if let Some(m) = d
-        .input_body
+    if let Some(m) = rec
+        .captured_input
         .as_ref()
-        .and_then(|b| input_messages(b, d.max_content_bytes))
+        .and_then(|b| input_messages(b, settings.max_content_bytes))
     {
         a.str(sc::GEN_AI_INPUT_MESSAGES, &m);
     }
-    if let Some(m) = &d.output_messages {
+    if let Some(text) = &rec.captured_output {
+        let m = output_messages(text, rec.finish_reasons.first().map(String::as_str));
         a.str(sc::GEN_AI_OUTPUT_MESSAGES, m.as_str());
     }
     // `chat {model}`, put together by hand: `format!` costs several times as much, per span.
@@ -715,7 +718,7 @@ fn usage_attrs(rec: &UsageRecord, a: &mut Attrs) {
 }
 
 /// The HTTP attributes of any other call; its span name.
-fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
+fn http_attrs(rec: &UsageRecord, a: &mut Attrs) -> String {
     // HTTP semantic conventions: known methods by name, the rest as _OTHER.
     const KNOWN: [&str; 9] = [
         "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
@@ -728,7 +731,7 @@ fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
     a.str(sc::HTTP_REQUEST_METHOD, method);
     a.str(sc::URL_PATH, rec.path.as_str());
     // The upstream URL without its query (which may hold secrets).
-    a.str(sc::URL_FULL, &format!("{}{}", d.url_base, rec.path));
+    a.str(sc::URL_FULL, &format!("{}{}", rec.url_base, rec.path));
     if method == "_OTHER" {
         "HTTP".to_string()
     } else {
@@ -737,8 +740,8 @@ fn http_attrs(rec: &UsageRecord, d: &CallDetail, a: &mut Attrs) -> String {
 }
 
 /// A record's span, into the batch.
-fn add(batch: &mut Batch, attrs: &mut Attrs, rec: &UsageRecord) {
-    if let Some(s) = span_of(rec, attrs) {
+fn add(batch: &mut Batch, attrs: &mut Attrs, rec: &UsageRecord, settings: &SpanSettings) {
+    if let Some(s) = span_of(rec, settings, attrs) {
         batch.push(s, attrs);
     }
 }
@@ -758,12 +761,8 @@ fn error_type(rec: &UsageRecord) -> Option<String> {
     if rec.outcome == Outcome::Complete && !upstream_failed {
         return None;
     }
-    if let Some(t) = rec
-        .trace
-        .as_ref()
-        .and_then(|t| t.detail.upstream_error_type.clone())
-    {
-        return Some(t);
+    if let Some(t) = &rec.upstream_error_type {
+        return Some(t.clone());
     }
     if let Some(s) = rec.upstream_status.filter(|s| *s >= 400) {
         return Some(s.to_string());
@@ -783,6 +782,8 @@ enum Msg {
 /// The trace sink: queues sampled records for the exporter thread.
 pub struct TraceSink {
     tx: Option<SyncSender<Msg>>,
+    /// How records show as spans, from the running config.
+    settings: Arc<arc_swap::ArcSwap<SpanSettings>>,
     /// Wakes the exporter thread when a batch waits (else it sleeps until the batch is due).
     wake: Arc<LazyWake>,
     pub counters: TraceCounters,
@@ -825,7 +826,9 @@ impl TraceCounters {
 impl TraceSink {
     /// Starts the exporter thread when `cfg` has an endpoint; otherwise a sink that does
     /// nothing.
-    pub fn new(cfg: &TracesConfig) -> Result<TraceSink, String> {
+    pub fn new(config: &crate::config::Config) -> Result<TraceSink, String> {
+        let cfg = &config.traces;
+        let settings = Arc::new(arc_swap::ArcSwap::from_pointee(SpanSettings::of(config)));
         let counters = TraceCounters::new();
         for r in ["queue_full", "export_failed", "stopped"] {
             counters.dropped.with_label_values(&[r]);
@@ -833,6 +836,7 @@ impl TraceSink {
         let Some(export) = cfg.export.clone() else {
             return Ok(TraceSink {
                 tx: None,
+                settings,
                 wake: Arc::new(LazyWake::new(1)),
                 counters,
                 stopped: AtomicBool::new(false),
@@ -849,16 +853,18 @@ impl TraceSink {
         let c = counters.clone();
         let wake = Arc::new(LazyWake::new(export.batch_size.min(export.queue_size / 2)));
         let w = Arc::clone(&wake);
+        let s = Arc::clone(&settings);
         let thread = std::thread::Builder::new()
             .name("tokentap-traces".into())
             .spawn(move || {
                 super::wake::lower_priority();
-                export_loop(rt, exporter, rx, &w, export, c)
+                export_loop(rt, exporter, rx, &w, export, c, &s)
             })
             .map_err(|e| e.to_string())?;
         wake.set_worker(thread.thread().clone());
         Ok(TraceSink {
             tx: Some(tx),
+            settings,
             wake,
             counters,
             stopped: AtomicBool::new(false),
@@ -874,6 +880,7 @@ fn export_loop(
     wake: &LazyWake,
     cfg: ExportConfig,
     counters: TraceCounters,
+    settings: &arc_swap::ArcSwap<SpanSettings>,
 ) {
     let mut batch = Batch::new(&cfg.service_name);
     let mut attrs = Attrs::default();
@@ -928,7 +935,7 @@ fn export_loop(
         loop {
             match rx.try_recv() {
                 Ok(Msg::Record(rec)) => {
-                    add(&mut batch, &mut attrs, &rec);
+                    add(&mut batch, &mut attrs, &rec, &settings.load());
                     if batch.len() >= cfg.batch_size {
                         export(&mut batch);
                         due = Instant::now() + cfg.batch_delay;
@@ -938,7 +945,7 @@ fn export_loop(
                     // Everything queued before the flush, then answer.
                     while let Ok(m) = rx.try_recv() {
                         if let Msg::Record(rec) = m {
-                            add(&mut batch, &mut attrs, &rec);
+                            add(&mut batch, &mut attrs, &rec, &settings.load());
                             if batch.len() >= cfg.batch_size {
                                 export(&mut batch);
                             }
@@ -964,9 +971,13 @@ fn export_loop(
 }
 
 impl super::Sink for TraceSink {
+    fn reconfigure(&self, cfg: &crate::config::Config) {
+        self.settings.store(Arc::new(SpanSettings::of(cfg)));
+    }
+
     fn record(&self, rec: &Arc<UsageRecord>) {
         let Some(tx) = &self.tx else { return };
-        if !rec.trace.as_ref().is_some_and(|t| t.sampled) {
+        if rec.trace.is_none() {
             return;
         }
         match tx.try_send(Msg::Record(Arc::clone(rec))) {
@@ -1251,23 +1262,7 @@ mod tests {
         let full = kind == "full";
         let some = |v: &str| full.then(|| v.to_string());
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let mut trace = CallTrace::start(full.then_some(tp), Some("vendor=abc"), 1.0);
-        trace.detail = CallDetail {
-            server_address: "api.example".into(),
-            server_port: 443,
-            url_base: "https://api.example/api".into(),
-            temperature: full.then_some(0.5),
-            top_p: full.then_some(0.9),
-            budget: full.then_some("allowed"),
-            user_id: some("u-1"),
-            input_body: full.then(|| {
-                bytes::Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}]}"#)
-            }),
-            max_content_bytes: 100,
-            output_messages: some("[]"),
-            upstream_error_type: some("overloaded"),
-            time_to_first_chunk: full.then_some(Duration::from_millis(30)),
-        };
+        let trace = CallTrace::start(full.then_some(tp), Some("vendor=abc"), 1.0);
         UsageRecord {
             provider: "anthropic".into(),
             method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
@@ -1292,8 +1287,35 @@ mod tests {
             cost: full.then_some(crate::meter::Pico(1_500_000)),
             finish_reasons: if full { vec!["stop".into()] } else { vec![] },
             duration: Duration::from_millis(1500),
-            trace: Some(Box::new(trace)),
+            trace: Some(trace.context()),
+            upstream_host: "api.example".into(),
+            upstream_port: 443,
+            url_base: "https://api.example/api".into(),
+            temperature: full.then_some(0.5),
+            top_p: full.then_some(0.9),
+            budget_decision: full.then_some("allowed"),
+            captured_input: full.then(|| {
+                bytes::Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}]}"#)
+            }),
+            captured_output: some("hello"),
+            upstream_error_type: some("overloaded"),
+            time_to_first_chunk: full.then_some(Duration::from_millis(30)),
             ..UsageRecord::test_chat()
+        }
+    }
+
+    fn settings() -> SpanSettings {
+        SpanSettings {
+            metrics: crate::config::MetricsConfig {
+                user_label: crate::config::UserLabel::All,
+                max_users: 10,
+                users: Vec::new(),
+                max_models: 10,
+                max_series: 100,
+                hash_salt: String::new(),
+                priced_models: Vec::new(),
+            },
+            max_content_bytes: 100,
         }
     }
 
@@ -1302,7 +1324,7 @@ mod tests {
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use prost::Message;
         let mut batch = Batch::new("svc");
-        add(&mut batch, &mut Attrs::default(), rec);
+        add(&mut batch, &mut Attrs::default(), rec, &settings());
         let mut req = ExportTraceServiceRequest::decode(batch.request()).unwrap();
         req.resource_spans[0].scope_spans[0].spans.remove(0)
     }
@@ -1403,7 +1425,7 @@ mod tests {
             let mut batch = Batch::new("svc");
             let mut attrs = Attrs::default();
             for r in &recs {
-                add(&mut batch, &mut attrs, r);
+                add(&mut batch, &mut attrs, r, &settings());
             }
             use crate::telemetry::otlp::tests::{assert_encodes_as, expected};
             assert_encodes_as(batch.request(), &expected("svc", spans), n);
