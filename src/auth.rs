@@ -16,17 +16,15 @@ use sha2::Digest;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAuth {
-    /// "passthrough" or "virtual_keys".
-    pub mode: String,
+    pub mode: Mode,
     /// The issued keys (hashes only), relative to the config file.
     pub keys_file: PathBuf,
     /// The environment variable holding the upstream's real API key (virtual_keys).
     pub upstream_key_env: Option<String>,
     /// The header the real key goes upstream in (virtual_keys).
     pub upstream_key_header: KeyHeader,
-    /// A body `user` other than the key's: "reject" (403) or "overwrite" (the body sent
-    /// upstream names the key's user).
-    pub user_mismatch: String,
+    /// A body `user` other than the key's.
+    pub user_mismatch: Mismatch,
     /// What a virtual key may call upstream (with the real key): "METHOD /path" entries. Chat
     /// Completions is always allowed; everything else is refused with 403 (an unmetered path
     /// on the operator's key would bypass every cap).
@@ -36,11 +34,11 @@ pub struct RawAuth {
 impl Default for RawAuth {
     fn default() -> Self {
         RawAuth {
-            mode: "passthrough".into(),
+            mode: Mode::Passthrough,
             keys_file: PathBuf::from("tokentap-keys.toml"),
             upstream_key_env: None,
             upstream_key_header: KeyHeader::Authorization,
-            user_mismatch: "reject".into(),
+            user_mismatch: Mismatch::Reject,
             allow: vec!["GET /v1/models".into()],
         }
     }
@@ -97,15 +95,23 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `auth.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
+    /// The client's credentials go upstream as sent; the caller is the body's `user`.
     Passthrough,
+    /// Clients present keys tokentap issued; the caller is the key's user.
     VirtualKeys,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `auth.user_mismatch`: a body naming another user than the key's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mismatch {
+    /// Refused with 403.
     Reject,
+    /// The body sent upstream names the key's user.
     Overwrite,
 }
 
@@ -240,24 +246,7 @@ pub fn issue(user: &str, team: Option<&str>) -> Result<(String, StoredKey), Stri
 
 /// Checks `[auth]` and loads its keys (`dir`: the config file's directory).
 pub fn compile(raw: &RawAuth, dir: &Path) -> Result<AuthConfig, String> {
-    let mode = match raw.mode.as_str() {
-        "passthrough" => Mode::Passthrough,
-        "virtual_keys" => Mode::VirtualKeys,
-        o => {
-            return Err(format!(
-                "auth.mode: {o:?}: use \"passthrough\" or \"virtual_keys\""
-            ))
-        }
-    };
-    let mismatch = match raw.user_mismatch.as_str() {
-        "reject" => Mismatch::Reject,
-        "overwrite" => Mismatch::Overwrite,
-        o => {
-            return Err(format!(
-                "auth.user_mismatch: {o:?}: use \"reject\" or \"overwrite\""
-            ))
-        }
-    };
+    let (mode, mismatch) = (raw.mode, raw.user_mismatch);
     let keys_file = dir.join(&raw.keys_file);
     let mut store = KeyStore::default();
     let mut upstream_auth = None;
@@ -393,7 +382,7 @@ mod tests {
             "keys are not stored"
         );
         let raw = RawAuth {
-            mode: "virtual_keys".into(),
+            mode: Mode::VirtualKeys,
             keys_file: "keys.toml".into(),
             ..RawAuth::default()
         };

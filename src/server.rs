@@ -33,9 +33,10 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     ));
     let calls = CallMetrics::new(&config.metrics);
     sinks.push(Box::new(Arc::clone(&calls)));
-    let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend.as_str() {
-        "redis" => RedisLedger::open(&config.budgets.ledger)?,
-        _ => Embedded::open(&config.budgets.ledger)?,
+    use crate::budget::policy::Backend;
+    let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend {
+        Backend::Redis => RedisLedger::open(&config.budgets.ledger)?,
+        Backend::Embedded => Embedded::open(&config.budgets.ledger)?,
     };
     ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
     // The calls holding a reservation: the proxy opens them, the ledger sink settles them by

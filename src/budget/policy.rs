@@ -105,8 +105,7 @@ pub use crate::meter::pricing::Usd as UsdValue;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLedger {
-    /// "embedded" (default: SQLite file, no service) or "redis" (shared by replicas).
-    pub backend: String,
+    pub backend: Backend,
     /// The embedded ledger's file (relative to the config file).
     pub path: PathBuf,
     /// Settled spend reaches the file at least this often (what a crash can lose).
@@ -117,9 +116,8 @@ pub struct RawLedger {
     pub redis_url: Option<String>,
     /// Prefix of the ledger's Redis keys (several deployments can share one Redis).
     pub redis_prefix: String,
-    /// When the store cannot be reached: "fail_open" lets calls through uncapped (and counts
-    /// it), "fail_closed" refuses them with 503.
-    pub on_error: String,
+    /// When the store cannot be reached.
+    pub on_error: OnError,
     /// The Redis backend's reservations are leases of this length, renewed every third of it
     /// while their call runs: a replica that dies (or loses a reply) mid-call cannot keep its
     /// callers' budget blocked for longer.
@@ -128,16 +126,36 @@ pub struct RawLedger {
     pub redis_timeout_ms: u64,
 }
 
+/// `budgets.ledger.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// A SQLite file: no service; spend survives restarts.
+    Embedded,
+    /// Redis: caps shared by every replica using it.
+    Redis,
+}
+
+/// `budgets.ledger.on_error`: what calls get while the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Let through uncapped (and counted).
+    FailOpen,
+    /// Refused with 503.
+    FailClosed,
+}
+
 impl Default for RawLedger {
     fn default() -> Self {
         RawLedger {
-            backend: "embedded".into(),
+            backend: Backend::Embedded,
             path: PathBuf::from("tokentap-ledger.db"),
             flush_interval_ms: 500,
             retention_days: 90,
             redis_url: None,
             redis_prefix: "tokentap".into(),
-            on_error: "fail_closed".into(),
+            on_error: OnError::FailClosed,
             reservation_ttl_s: 900,
             redis_timeout_ms: 500,
         }
@@ -389,7 +407,7 @@ pub struct BudgetPolicy {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerConfig {
-    pub backend: String,
+    pub backend: Backend,
     pub path: PathBuf,
     pub flush_interval: std::time::Duration,
     pub retention_days: u64,
@@ -403,7 +421,7 @@ pub struct LedgerConfig {
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
-            backend: "embedded".into(),
+            backend: Backend::Embedded,
             path: PathBuf::from("tokentap-ledger.db"),
             flush_interval: std::time::Duration::from_millis(500),
             retention_days: 90,
@@ -524,24 +542,11 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             }
         }
     }
-    let backend = raw.ledger.backend.as_str();
-    if !matches!(backend, "embedded" | "redis") {
-        return Err(format!(
-            "budgets.ledger.backend: {backend:?} is not a backend: use \"embedded\" or \"redis\""
-        ));
-    }
-    if backend == "redis" && raw.ledger.redis_url.is_none() {
+    let backend = raw.ledger.backend;
+    if backend == Backend::Redis && raw.ledger.redis_url.is_none() {
         return Err("budgets.ledger.redis_url: the redis backend needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\"".into());
     }
-    let fail_open = match raw.ledger.on_error.as_str() {
-        "fail_open" => true,
-        "fail_closed" => false,
-        other => {
-            return Err(format!(
-                "budgets.ledger.on_error: {other:?}: use \"fail_open\" or \"fail_closed\""
-            ))
-        }
-    };
+    let fail_open = raw.ledger.on_error == OnError::FailOpen;
     if raw.ledger.flush_interval_ms == 0 {
         return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
     }
@@ -562,7 +567,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
         teams,
         membership,
         ledger: LedgerConfig {
-            backend: backend.to_string(),
+            backend,
             path: dir.join(&raw.ledger.path),
             flush_interval: std::time::Duration::from_millis(raw.ledger.flush_interval_ms),
             retention_days: raw.ledger.retention_days,
