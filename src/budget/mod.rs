@@ -260,8 +260,38 @@ pub enum Decision {
     /// (counted in `tokentap_budget_fail_open_total`). The call still carries a reservation of
     /// nothing, so its real cost is charged once the store is back.
     Unchecked(Option<Arc<Reservation>>),
-    /// Refused: the answer, and for a budget refusal (user, team or "", over a token cap).
-    Refuse(ApiError, Option<(String, String, bool)>),
+    /// Refused: the answer, and why.
+    Refuse(ApiError, Refusal),
+}
+
+/// Why a call was refused before the upstream saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A cap of the user (or of `team`, when not empty) would be passed; in tokens or USD.
+    OverBudget {
+        user: String,
+        team: String,
+        tokens: bool,
+    },
+    /// The request names no user and `missing_user = "reject"`.
+    UserRequired,
+    /// The body could not be read, so the call could not be capped.
+    UnreadableBody,
+    /// The budget store cannot be reached and `on_error = "fail_closed"`.
+    StoreUnavailable,
+}
+
+impl Refusal {
+    /// The `reason` label of `tokentap_budget_rejections_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::OverBudget { tokens: true, .. } => "tokens",
+            Refusal::OverBudget { tokens: false, .. } => "usd",
+            Refusal::UserRequired => "user_required",
+            Refusal::UnreadableBody => "invalid_body",
+            Refusal::StoreUnavailable => "store_unavailable",
+        }
+    }
 }
 
 pub fn now_unix() -> i64 {
@@ -326,7 +356,7 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                  object (UTF-8, not compressed with an unsupported encoding).",
             )
             .code("invalid_body"),
-            None,
+            Refusal::UnreadableBody,
         );
     };
     // An empty user names nobody.
@@ -347,7 +377,7 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 )
                 .param("user")
                 .code("user_required"),
-                None,
+                Refusal::UserRequired,
             ),
         };
     let now = now_unix();
@@ -375,7 +405,7 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                          budget. Retry shortly.",
                     )
                     .code("budget_store_unavailable"),
-                    None,
+                    Refusal::StoreUnavailable,
                 )
             }
         }
@@ -385,7 +415,12 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 Subject::Team(t) => t.clone(),
                 Subject::User(_) => String::new(),
             };
-            Decision::Refuse(refusal(&rej, now), Some((user, team, rej.tokens)))
+            let why = Refusal::OverBudget {
+                user,
+                team,
+                tokens: rej.tokens,
+            };
+            Decision::Refuse(refusal(&rej, now), why)
         }
     }
 }

@@ -26,7 +26,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::budget::{Decision, Ledger, OpenCall, OpenCalls, OpenGuard, Reservation};
+use crate::budget::{Decision, Ledger, OpenCall, OpenCalls, OpenGuard, Refusal, Reservation};
 use crate::config::Config;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
@@ -699,18 +699,13 @@ impl TokenTap {
                 self.shared.calls.budget_fail_open();
                 self.hold(ctx, res);
             }
-            Decision::Refuse(e, budget) => {
+            Decision::Refuse(e, why) => {
                 ctx.budget_decision = Some("refused");
-                let calls = &self.shared.calls;
-                match &budget {
-                    Some((user, team, tokens)) => calls.budget_rejected(
-                        Some(user),
-                        team,
-                        if *tokens { "tokens" } else { "usd" },
-                    ),
-                    None if e.status == 400 => calls.budget_rejected(None, "", "user_required"),
-                    None => calls.budget_rejected(None, "", "store_unavailable"),
-                }
+                let (user, team) = match &why {
+                    Refusal::OverBudget { user, team, .. } => (Some(user.as_str()), team.as_str()),
+                    _ => (None, ""),
+                };
+                self.shared.calls.budget_rejected(user, team, why.reason());
                 return Err(self.reject(ctx, e));
             }
         }
