@@ -274,7 +274,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 16] = [
     ("tokentap_overhead_seconds", "Time spent inside tokentap per call (its own request, response and recording work), excluding the upstream and the client.", MetricType::HISTOGRAM, &[]),
     ("tokentap_requests_in_flight", "Calls in progress.", MetricType::GAUGE, &[]),
     ("tokentap_streams_active", "Streamed responses being relayed.", MetricType::GAUGE, &[]),
-    ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required, store_unavailable).", MetricType::COUNTER, &["user", "team", "reason"]),
+    ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required, invalid_body, store_unavailable).", MetricType::COUNTER, &["user", "team", "reason"]),
     ("tokentap_budget_fail_open_total", "Calls let through without a budget check because the budget store was unreachable (on_error = fail_open).", MetricType::COUNTER, &[]),
     ("tokentap_budget_soft_threshold_crossed_total", "Times settled spend passed a soft threshold, by user (or team, for a team cap) and window.", MetricType::COUNTER, &["user", "team", "window"]),
 ];
