@@ -1,0 +1,221 @@
+//! The decision about a call, made when its body is complete: its worst case reserved against
+//! every cap of its user and teams, or a refusal (OpenAI-shaped, with `Retry-After`) and why.
+
+use std::sync::Arc;
+
+use super::policy::{MissingUser, Subject};
+use super::{holds_for, now_unix, Amount, Ledger, Rejection, Reservation, StoreDown};
+use crate::config::Config;
+use crate::meter::{estimate_tokens, Usage};
+use crate::openai::request::RequestMeta;
+use crate::openai::ApiError;
+/// The decision about a call, made when its body is complete.
+pub enum Decision {
+    /// Go ahead, holding this reservation (none when nothing is capped for the caller).
+    Allow(Option<Arc<Reservation>>),
+    /// Let through unchecked because the store is down and `on_error` says `fail_open`
+    /// (counted in `tokentap_budget_fail_open_total`). The call still carries a reservation of
+    /// nothing, so its real cost is charged once the store is back.
+    Unchecked(Option<Arc<Reservation>>),
+    /// Refused: the answer, and why.
+    Refuse(ApiError, Refusal),
+}
+
+/// Why a call was refused before the upstream saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A cap of the user (or of `team`, when not empty) would be passed; in tokens or USD.
+    OverBudget {
+        user: String,
+        team: String,
+        tokens: bool,
+    },
+    /// The request names no user and `missing_user = "reject"`.
+    UserRequired,
+    /// The body could not be read, so the call could not be capped.
+    UnreadableBody,
+    /// The budget store cannot be reached and `on_error = "fail_closed"`.
+    StoreUnavailable,
+}
+
+impl Refusal {
+    /// The `reason` label of `tokentap_budget_rejections_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::OverBudget { tokens: true, .. } => "tokens",
+            Refusal::OverBudget { tokens: false, .. } => "usd",
+            Refusal::UserRequired => "user_required",
+            Refusal::UnreadableBody => "invalid_body",
+            Refusal::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// The most a call can cost: the prompt (estimated from the body), its output cap (or the
+/// model's, or the default), and the searches it may run.
+pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
+    let policy = &cfg.budgets;
+    // A model the table cannot price is assumed to cost as much as the dearest one: the
+    // upstream may bill it under a priced name, and a USD cap must still hold.
+    let price = cfg
+        .pricing
+        .lookup(None, meta.model.as_deref())
+        .or_else(|| cfg.pricing.dearest());
+    let prompt = estimate_tokens(meta.prompt_text_bytes + meta.other_text_bytes);
+    let per_choice = meta
+        .output_cap()
+        .or_else(|| price.and_then(|p| p.max_output_tokens))
+        .unwrap_or(policy.default_max_output_tokens);
+    let output = per_choice.saturating_mul(meta.n.unwrap_or(1).max(1));
+    let searches = if meta.web_search_requested() {
+        meta.tool_max_searches
+            .unwrap_or(policy.default_max_searches)
+    } else {
+        0
+    };
+    // Priced at the dearer of output and reasoning, whichever the output turns out to be.
+    let reasoning_dearer = price.is_some_and(|p| p.reasoning.is_some_and(|r| r > p.output));
+    let usage = Usage {
+        prompt,
+        completion: output,
+        cached: 0,
+        reasoning: if reasoning_dearer { output } else { 0 },
+        web_searches: searches,
+    };
+    // Beyond 2^53 (9,007 USD, or 9e15 tokens, for one call) amounts lose exactness in the
+    // Redis scripts' arithmetic; no real call comes near, and such a call is refused anyway.
+    const MAX: u64 = 1 << 53;
+    Amount {
+        pico: price.map_or(0, |p| p.cost(&usage).0).min(MAX),
+        tokens: prompt.saturating_add(output).min(MAX),
+    }
+}
+
+/// Decides about a chat call (`meta` is `None` when its body was not a JSON object).
+pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta>) -> Decision {
+    let policy = &cfg.budgets;
+    if !policy.enforcing() {
+        return Decision::Allow(None);
+    }
+    // A chat body tokentap cannot read cannot be capped: refuse it rather than let it through.
+    let Some(meta) = meta else {
+        return Decision::Refuse(
+            ApiError::new(
+                400,
+                "invalid_request_error",
+                "This proxy enforces budgets and could not read the request body: send a JSON \
+                 object (UTF-8, not compressed with an unsupported encoding).",
+            )
+            .code("invalid_body"),
+            Refusal::UnreadableBody,
+        );
+    };
+    // An empty user names nobody.
+    let user =
+        match (
+            meta.user.as_deref().filter(|u| !u.is_empty()),
+            policy.missing_user,
+        ) {
+            (Some(u), _) => u.to_string(),
+            (None, MissingUser::Allow) => return Decision::Allow(None),
+            (None, MissingUser::DefaultUser) => policy.default_user.clone(),
+            (None, MissingUser::Reject) => return Decision::Refuse(
+                ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "This proxy enforces per-user budgets: set the `user` field of the request \
+                     to the end user's id.",
+                )
+                .param("user")
+                .code("user_required"),
+                Refusal::UserRequired,
+            ),
+        };
+    let now = now_unix();
+    match ledger
+        .reserve(policy, &user, worst_case(meta, cfg), now)
+        .await
+    {
+        Err(StoreDown(why)) => {
+            if policy.ledger.fail_open {
+                log::warn!(
+                    "budget store unavailable ({why}): letting the call through (fail_open)"
+                );
+                let holds = holds_for(policy, &user, now);
+                Decision::Unchecked(
+                    (!holds.is_empty()).then(|| {
+                        Arc::new(Reservation::new(policy, &user, holds, Amount::default()))
+                    }),
+                )
+            } else {
+                Decision::Refuse(
+                    ApiError::new(
+                        503,
+                        "api_error",
+                        "The budget store is unavailable, so this proxy cannot check your \
+                         budget. Retry shortly.",
+                    )
+                    .code("budget_store_unavailable"),
+                    Refusal::StoreUnavailable,
+                )
+            }
+        }
+        Ok(Ok(r)) => Decision::Allow(Some(Arc::new(r))),
+        Ok(Err(rej)) => {
+            let team = match &rej.subject {
+                Subject::Team(t) => t.clone(),
+                Subject::User(_) => String::new(),
+            };
+            let why = Refusal::OverBudget {
+                user,
+                team,
+                tokens: rej.tokens,
+            };
+            Decision::Refuse(refusal(&rej, now), why)
+        }
+    }
+}
+
+/// The `Retry-After` of a call refused only because of the caller's calls in flight.
+const IN_FLIGHT_RETRY_S: u64 = 5;
+
+/// The 429 for a refused call: it names the caller's own window and when it resets, and
+/// nothing about anyone's spend.
+fn refusal(r: &Rejection, now: i64) -> ApiError {
+    let whose = match &r.subject {
+        Subject::User(_) => "your".to_string(),
+        Subject::Team(t) => format!("your team {t:?}'s"),
+    };
+    let what = if r.tokens { "token" } else { "spending" };
+    let (when, retry) = if r.in_flight {
+        // Spend settled so far leaves room; the caller's calls still running hold it.
+        (
+            "Calls still in flight hold the rest of it; retry when they finish.".to_string(),
+            Some(IN_FLIGHT_RETRY_S.min((r.resets_at - now).max(1) as u64)),
+        )
+    } else if r.resets_at == i64::MAX {
+        (
+            "It does not reset; ask the operator to raise it.".to_string(),
+            None,
+        )
+    } else {
+        let at = chrono::DateTime::from_timestamp(r.resets_at, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        (
+            format!("It resets at {at}."),
+            Some((r.resets_at - now).max(1) as u64),
+        )
+    };
+    let mut e = ApiError::new(
+        429,
+        "budget_exceeded",
+        format!(
+            "This request could exceed {whose} {} {what} budget. {when}",
+            r.window
+        ),
+    )
+    .code("budget_exceeded");
+    e.retry_after = retry;
+    e
+}

@@ -1,0 +1,81 @@
+//! The ledger as a sink of records: settles each call's reservation at its real cost and
+//! keeps its row for reports; the soft-threshold signal.
+
+use std::sync::Arc;
+
+use super::{now_unix, Amount, CallRow, Hold, Ledger, OpenCalls, SoftHook};
+use crate::meter::UsageRecord;
+/// What a record settles: its cost and tokens (zero when the upstream billed nothing).
+pub fn actual(rec: &UsageRecord) -> Amount {
+    Amount {
+        pico: rec.cost.map_or(0, |c| c.0),
+        tokens: rec.usage.prompt.saturating_add(rec.usage.completion),
+    }
+}
+
+/// The ledger as a sink: settles each call's reservation (found by its request id among the
+/// open calls) and keeps its row for reports.
+pub struct LedgerSink {
+    pub ledger: Arc<dyn Ledger>,
+    pub open: Arc<OpenCalls>,
+}
+
+/// The soft-threshold signal: a warning in the log and
+/// `tokentap_budget_soft_threshold_crossed_total`.
+pub fn soft_hook(calls: Arc<crate::telemetry::calls::CallMetrics>) -> SoftHook {
+    Arc::new(move |h: &Hold| {
+        log::warn!(
+            "budget: {} passed the soft threshold of its {} budget",
+            h.key,
+            h.window
+        );
+        calls.soft_threshold_crossed(&h.key, &h.window.name());
+    })
+}
+
+impl crate::telemetry::Sink for LedgerSink {
+    fn record(&self, rec: &Arc<UsageRecord>) {
+        if !rec.chat {
+            return;
+        }
+        let now = now_unix();
+        let reservation = self
+            .open
+            .get(&rec.request_id)
+            .map(|c| Arc::clone(&c.reservation));
+        if let Some(r) = &reservation {
+            if !r.claim() {
+                // The drain deadline settled it (and wrote its row) while this record was
+                // being built: charging or listing it again would count the call twice.
+                return;
+            }
+            self.ledger.settle(r, actual(rec), now);
+        }
+        let ts = rec
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now, |d| d.as_secs() as i64);
+        self.ledger.record_call(CallRow {
+            ts,
+            request_id: rec.request_id.clone(),
+            user: reservation
+                .as_ref()
+                .map(|r| r.user.clone())
+                .or_else(|| rec.user.clone()),
+            teams: reservation
+                .as_ref()
+                .map(|r| r.teams.clone())
+                .unwrap_or_default(),
+            model: rec.model.clone(),
+            usage: rec.usage,
+            cost_pico: rec.cost.map(|c| c.0),
+            estimated: rec.usage_source == crate::meter::UsageSource::Estimated,
+            outcome: rec.outcome.as_str(),
+            status: rec.status,
+        });
+    }
+
+    fn shutdown(&self) {
+        self.ledger.flush();
+    }
+}
