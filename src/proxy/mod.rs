@@ -1,17 +1,28 @@
 //! The Pingora `ProxyHttp` implementation: each phase reads like one step of a request's story
 //! and delegates the work to `openai`, `meter` and `telemetry`.
 //!
-//! 1. `request_filter`: take the config snapshot; refuse a declared body over the limit.
+//! 1. `request_filter`: take the config snapshot; refuse a declared body over the limit; read a
+//!    chat body Pingora can replay (up to 64 KiB) whole, inspect it and decide about the call
+//!    before the upstream is contacted (`body`).
 //! 2. `upstream_peer`: resolve the upstream asynchronously (see `dns`).
-//! 3. `request_body_filter`: for chat calls, hold the body until it is complete, inspect it, and
-//!    only then release it in one piece, so the decision about a call is made before the
-//!    upstream has seen a byte of its body. Other paths stream through.
-//! 4. `response_filter` / `response_body_filter`: the client gets the upstream's bytes untouched;
-//!    a copy feeds the usage tap.
-//! 5. `logging`: exactly one `UsageRecord` per call, handed to the sinks.
+//! 3. `upstream_request_filter`: credentials, and how the chat body is framed (`body`).
+//! 4. `request_body_filter`: hand over the body read ahead; or hold a longer one until it is
+//!    complete, inspect it, decide, and release it in one piece, so that the upstream has seen
+//!    no byte of it before the decision. Other paths stream through.
+//! 5. `response_filter` / `response_body_filter`: the client gets the upstream's bytes (with
+//!    the usage tokentap asked for taken out again); a copy feeds the usage tap.
+//! 6. `logging`: exactly one `UsageRecord` per call, handed to the sinks (`record`).
 
+mod answer;
+mod body;
+mod ctx;
 pub mod dns;
 mod record;
+
+use answer::*;
+use body::*;
+pub use ctx::Ctx;
+use ctx::{InFlight, UserStream};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -83,22 +94,6 @@ impl Shared {
     }
 }
 
-/// Counts a call (or a stream) as active for as long as it lives, whatever path it ends on.
-struct InFlight(Arc<AtomicI64>);
-
-impl InFlight {
-    fn new(c: &Arc<AtomicI64>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(c))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Release);
-    }
-}
-
 /// Request ids unique across restarts: the process start time and a counter.
 struct RequestIds {
     prefix: String,
@@ -131,125 +126,6 @@ impl RequestIds {
 
 pub struct TokenTap {
     pub shared: Arc<Shared>,
-}
-
-/// 403 for a body whose `user` names someone other than the virtual key's user.
-fn user_mismatch() -> ApiError {
-    ApiError::new(
-        403,
-        "invalid_request_error",
-        "The request's `user` is not the user of this API key.",
-    )
-    .param("user")
-    .code("user_mismatch")
-}
-
-/// Per-request state.
-pub struct Ctx {
-    cfg: Arc<Config>,
-    start: Instant,
-    started_at: SystemTime,
-    request_id: String,
-    /// `POST` to the Chat Completions endpoint.
-    chat: bool,
-    /// Chat request body held back until complete.
-    held: Vec<Bytes>,
-    /// The request's `Content-Encoding`, if any.
-    request_encoding: Option<String>,
-    request_bytes: u64,
-    /// The held body went to the upstream.
-    body_released: bool,
-    meta: Option<RequestMeta>,
-    meta_error: Option<String>,
-    /// The upstream's addresses for this request, and how many connections were tried.
-    addrs: Option<dns::Resolved>,
-    attempts: usize,
-    upstream_addr: Option<SocketAddr>,
-    /// The upstream's status (the last non-1xx head).
-    upstream_status: Option<u16>,
-    ttfb: Option<Duration>,
-    /// Time from when the upstream had the whole request to the first content token.
-    ttft: Option<Duration>,
-    /// When the request's body went to the upstream (chat calls hold it until then).
-    sent_at: Option<Instant>,
-    first_token_at: Option<Instant>,
-    tap: Option<ResponseTap>,
-    response_bytes: u64,
-    /// tokentap refused the call itself (the upstream did not process it).
-    rejection: Option<ApiError>,
-    /// Why tokentap could not complete the call with the upstream.
-    failure: Option<ApiError>,
-    /// Time spent in tokentap's own phases.
-    overhead: Duration,
-    _in_flight: InFlight,
-    /// Set while a streamed response is relayed.
-    stream_active: Option<InFlight>,
-    /// Settles the reservation at the estimate should the call never get its record.
-    open: Option<OpenGuard>,
-    /// The body is complete: decide about the call before it goes.
-    decide: bool,
-    /// The call's place in a trace (traces on).
-    trace: Option<CallTrace>,
-    /// allowed, refused, fail_open, not_capped (for the span); `None` before a decision.
-    budget_decision: Option<&'static str>,
-    /// The request body, for the span's messages, when content capture is on.
-    input_body: Option<Bytes>,
-    /// When the first chunk of the response body arrived.
-    first_chunk_at: Option<Instant>,
-    /// Counts this call among its user's open streams.
-    user_stream: Option<UserStream>,
-    /// The caller, from its virtual key.
-    pub(crate) identity: Option<crate::auth::Identity>,
-    /// The body's `user` is to be replaced by the key's (auth.user_mismatch = "overwrite").
-    rewrite_user: bool,
-    /// The whole body was read before the upstream was contacted (see `request_filter`).
-    read_ahead: bool,
-    /// The request head went upstream framed so that the body may still change (chunked).
-    may_edit: bool,
-    /// The body that goes upstream: the client's, or it with tokentap's edits.
-    forward: Option<Bytes>,
-    /// tokentap asked for this stream's usage; `strip` takes the answer back out.
-    usage_injected: bool,
-    strip: Option<crate::openai::strip::UsageStrip>,
-}
-
-/// One open stream of a user, for `limits.max_streams_per_user`; released when dropped.
-struct UserStream {
-    map: Arc<dashmap::DashMap<String, usize>>,
-    user: String,
-}
-
-impl UserStream {
-    fn open(map: &Arc<dashmap::DashMap<String, usize>>, user: &str, max: usize) -> Option<Self> {
-        let mut n = map.entry(user.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(UserStream {
-            map: Arc::clone(map),
-            user: user.to_string(),
-        })
-    }
-}
-
-impl Drop for UserStream {
-    fn drop(&mut self) {
-        // The last stream of a user removes its entry: the map holds only open streams.
-        self.map.remove_if_mut(&self.user, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
-    }
-}
-
-impl Ctx {
-    /// Prompt and completion text are kept for this call's span (opted in, and sampled).
-    fn capture_content(&self) -> bool {
-        self.chat
-            && self.cfg.traces.capture_content
-            && self.trace.as_ref().is_some_and(|t| t.sampled)
-    }
 }
 
 impl TokenTap {
@@ -399,96 +275,6 @@ impl TokenTap {
         Ok(false)
     }
 
-    /// A piece of the request body: held (chat) or passed on, and inspected at its end.
-    fn on_request_body(
-        &self,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(b) = body.as_ref() {
-            ctx.request_bytes += b.len() as u64;
-            let limit = ctx.cfg.limits.max_request_body_bytes;
-            if ctx.request_bytes > limit as u64 {
-                ctx.held = Vec::new();
-                return Err(self.reject(ctx, too_large(limit)));
-            }
-        }
-        if !ctx.chat || ctx.body_released {
-            return Ok(());
-        }
-        if let Some(b) = body.take() {
-            if !b.is_empty() {
-                ctx.held.push(b);
-            }
-            // An empty chunk is not written upstream; the body goes out in one piece below.
-            *body = Some(Bytes::new());
-        }
-        if end_of_stream {
-            let whole = match ctx.held.len() {
-                0 => Bytes::new(),
-                1 => ctx.held.pop().unwrap_or_default(),
-                _ => Bytes::from(std::mem::take(&mut ctx.held).concat()),
-            };
-            let limit = ctx.cfg.limits.max_request_body_bytes;
-            match request::inspect_encoded(&whole, ctx.request_encoding.as_deref(), limit) {
-                Ok(m) => ctx.meta = Some(m),
-                Err(e) => ctx.meta_error = Some(e.0),
-            }
-            // Content goes into the span only when the operator opted in (and is readable
-            // as sent: compressed bodies are not captured).
-            if ctx.capture_content() && ctx.request_encoding.is_none() {
-                ctx.input_body = Some(whole.clone());
-            }
-            // The decision point: everything about the call is known, nothing reached the
-            // upstream yet. The decision follows (`decide_call`), then the body is made ready
-            // (`prepare_forward`) and released.
-            ctx.decide = true;
-            ctx.forward = Some(whole);
-        }
-        Ok(())
-    }
-
-    /// The body that goes upstream: the client's bytes, with the splices tokentap makes
-    /// (`openai::edit`) where it may: the key's user in place of another (user_mismatch =
-    /// "overwrite"), and `stream_options.include_usage` for a stream whose client did not ask
-    /// for its usage. Only a body read as sent (not compressed) is edited, and only when the
-    /// request head went upstream framed for it (its length known, or chunked).
-    fn prepare_forward(&self, ctx: &mut Ctx) -> std::result::Result<(), Box<Error>> {
-        use crate::openai::edit;
-        let (Some(whole), Some(meta)) = (ctx.forward.as_ref(), ctx.meta.as_ref()) else {
-            return Ok(());
-        };
-        let plain = ctx
-            .request_encoding
-            .as_deref()
-            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
-        let editable = plain && (ctx.read_ahead || ctx.may_edit);
-        let mut edits = Vec::new();
-        if std::mem::take(&mut ctx.rewrite_user) {
-            match ctx.identity.as_ref().filter(|_| editable) {
-                Some(id) => edits.extend(edit::set_user(meta, &id.user)),
-                // Never send the body naming someone else.
-                None => return Err(self.reject(ctx, user_mismatch())),
-            }
-        }
-        let cfg = &ctx.cfg;
-        if editable
-            && meta.stream
-            && meta.include_usage != Some(true)
-            && cfg.upstream.stream_usage.injects(meta.model.as_deref())
-        {
-            if let edit::UsageAsk::Edit(e) = edit::ask_for_usage(whole, meta) {
-                edits.push(e);
-                ctx.usage_injected = true;
-            }
-        }
-        if !edits.is_empty() {
-            ctx.forward = Some(Bytes::from(edit::apply(whole, edits)));
-        }
-        Ok(())
-    }
-
     /// The upstream's response head: status, timing, and the tap for the body.
     fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         let status = resp.status.as_u16();
@@ -542,78 +328,6 @@ impl TokenTap {
             ctx.tap = Some(tap);
         }
         Ok(())
-    }
-
-    /// How a chat body is framed upstream. Read ahead: its final length is known (and set,
-    /// when an edit changed it). Held: the head goes before the body is read, so while
-    /// tokentap may still edit the body (usage injection, user overwrite) it goes chunked.
-    /// A stream whose usage tokentap asks for must come back in a coding tokentap can read.
-    fn frame_body(&self, req: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
-        let readable = |req: &mut RequestHeader| -> Result<()> {
-            let accepted = req
-                .headers
-                .get(header::ACCEPT_ENCODING)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::openai::readable_accept_encoding);
-            if let Some(v) = accepted {
-                req.insert_header(header::ACCEPT_ENCODING, v)?;
-            }
-            Ok(())
-        };
-        if ctx.read_ahead {
-            if let Some(b) = ctx
-                .forward
-                .as_ref()
-                .filter(|b| b.len() as u64 != ctx.request_bytes)
-            {
-                req.insert_header(header::CONTENT_LENGTH, b.len().to_string())?;
-            }
-            if ctx.usage_injected {
-                readable(req)?;
-            }
-            return Ok(());
-        }
-        let cfg = &ctx.cfg;
-        let plain = ctx
-            .request_encoding
-            .as_deref()
-            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
-        let may_inject = cfg.upstream.stream_usage.inject;
-        let may_rewrite = cfg.auth.mode == crate::auth::Mode::VirtualKeys
-            && cfg.auth.mismatch == crate::auth::Mismatch::Overwrite;
-        if plain && (may_inject || may_rewrite) {
-            ctx.may_edit = true;
-            req.remove_header(&header::CONTENT_LENGTH);
-            req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-            if may_inject {
-                readable(req)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the whole (small) body before the upstream is contacted: it is inspected and
-    /// decided on first, and Pingora's replay buffer, which holds it, makes sure it is sent.
-    /// Also returns how long it waited for the client.
-    async fn read_body(&self, session: &mut Session, ctx: &mut Ctx) -> (Result<bool>, Duration) {
-        session.as_mut().enable_retry_buffering();
-        let mut waited = Duration::ZERO;
-        loop {
-            let t = Instant::now();
-            let read = session.read_request_body().await;
-            waited += t.elapsed();
-            let mut piece = match read {
-                Ok(p) => p,
-                Err(e) => return (Err(e.into_down()), waited),
-            };
-            let end = piece.is_none();
-            if let Err(e) = self.on_request_body(&mut piece, end, ctx) {
-                return (Err(e), waited);
-            }
-            if end {
-                return (Ok(false), waited);
-            }
-        }
     }
 
     /// Counts a streamed call against its user's `limits.max_streams_per_user`.
@@ -1101,115 +815,4 @@ impl ProxyHttp for TokenTap {
         // Refusals and clients hanging up are outcomes, recorded in the access log.
         ctx.rejection.is_some() || *e.esource() == ErrorSource::Downstream
     }
-}
-
-/// The most of a request body Pingora replays to the upstream (its retry buffer,
-/// `BODY_BUF_LIMIT` in pingora-core 0.9): the most tokentap reads before contacting it.
-const REPLAY_LIMIT: u64 = 64 * 1024;
-
-/// Whether a chat body is read whole before the upstream is contacted: one of a declared
-/// length Pingora can replay, from a client that does not wait for `100 Continue`. (Others
-/// are held in the body filter, after the head went upstream.)
-fn read_ahead(session: &Session) -> bool {
-    let h = &session.req_header().headers;
-    let declared = h
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    declared.is_some_and(|n| n > 0 && n <= REPLAY_LIMIT)
-        && !h.contains_key(header::TRANSFER_ENCODING)
-        && !h.contains_key(header::EXPECT)
-}
-
-fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        413,
-        "invalid_request_error",
-        format!(
-            "Request body is larger than this proxy accepts ({limit} bytes). Send a smaller \
-             request, or ask the operator to raise limits.max_request_body_bytes."
-        ),
-    )
-    .code("request_too_large")
-}
-
-/// The answer for a Pingora error tokentap did not raise itself.
-fn deadline_passed(d: Duration) -> ApiError {
-    ApiError::new(
-        504,
-        "upstream_error",
-        format!(
-            "The call did not complete within tokentap's deadline ({} ms).",
-            d.as_millis()
-        ),
-    )
-    .code("deadline_exceeded")
-}
-
-fn failure_for(e: &Error) -> Option<ApiError> {
-    use ErrorType::*;
-    let timeout = |what: &str| {
-        ApiError::new(
-            504,
-            "upstream_error",
-            format!("The upstream did not {what} in time. Retry later."),
-        )
-        .code("upstream_timeout")
-    };
-    match (e.esource(), e.etype()) {
-        (_, HTTPStatus(code)) => Some(ApiError::new(*code, "api_error", e.to_string())),
-        (ErrorSource::Downstream, WriteError | ReadError | ConnectionClosed) => None,
-        // The client stopped sending its request (limits.client_idle_timeout_ms).
-        (ErrorSource::Downstream, ReadTimedout) => Some(
-            ApiError::new(
-                408,
-                "invalid_request_error",
-                "The request did not arrive in time (the client went quiet).",
-            )
-            .code("client_timeout"),
-        ),
-        (ErrorSource::Downstream, WriteTimedout) => None,
-        (ErrorSource::Downstream, _) => Some(ApiError::new(
-            400,
-            "invalid_request_error",
-            format!(
-                "tokentap could not read the request: {}",
-                e.etype().as_str()
-            ),
-        )),
-        (ErrorSource::Upstream, ConnectTimedout) => Some(timeout("accept the connection")),
-        (ErrorSource::Upstream, ReadTimedout) => Some(timeout("answer")),
-        (ErrorSource::Upstream, WriteTimedout) => Some(timeout("read the request")),
-        (ErrorSource::Upstream, _) => Some(
-            ApiError::new(
-                502,
-                "upstream_error",
-                format!(
-                    "tokentap could not get a complete answer from the upstream ({}). Retry later.",
-                    e.etype().as_str()
-                ),
-            )
-            .code("upstream_unavailable"),
-        ),
-        _ => Some(ApiError::new(
-            500,
-            "api_error",
-            "tokentap failed internally while proxying this request.",
-        )),
-    }
-}
-
-async fn write_error(session: &mut Session, e: &ApiError) -> Result<()> {
-    let body = e.body();
-    let mut resp = ResponseHeader::build(e.status, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(header::CONNECTION, "close")?;
-    if let Some(s) = e.retry_after {
-        resp.insert_header(header::RETRY_AFTER, s.to_string())?;
-    }
-    session.set_keepalive(None);
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
 }
