@@ -323,7 +323,7 @@ pub fn estimate_tokens(text_bytes: u64) -> u64 {
 
 /// The one estimate of a call whose usage the upstream did not report (cut off, or never
 /// recorded): the prompt from the request's text, the completion from the bytes it
-/// delivered ([`crate::openai::response::ResponseTap::completion_bytes`]), the searches as
+/// delivered (what the response tap counted: content, or the bytes of an unread JSON answer), the searches as
 /// counted. A call's record and its abandoned reservation are settled by this same figure.
 pub fn estimate(prompt_text_bytes: u64, completion_bytes: u64, web_searches: u64) -> Usage {
     Usage {

@@ -101,26 +101,44 @@ pub fn readable_accept_encoding(value: &str) -> Option<String> {
     })
 }
 
+/// `%XX` escapes decoded, leniently (as a router reads a path): a broken escape stays as
+/// written, bytes that are not UTF-8 become U+FFFD.
 pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains('%') {
         return std::borrow::Cow::Borrowed(s);
     }
+    let (bytes, _) = unescape(s);
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `%XX` escapes decoded, strictly (as OTLP's header variables are): `None` when an escape is
+/// broken or the result is not UTF-8.
+pub fn percent_decode_strict(s: &str) -> Option<String> {
+    let (bytes, whole) = unescape(s);
+    whole.then(|| String::from_utf8(bytes).ok()).flatten()
+}
+
+/// The one `%XX` decoder: the bytes, and whether every `%` began a valid escape (one that
+/// did not is kept as written).
+fn unescape(s: &str) -> (Vec<u8>, bool) {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
+    let mut whole = true;
     let mut i = 0;
     while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+        if b[i] == b'%' {
+            let hex = |c: Option<&u8>| c.and_then(|&c| (c as char).to_digit(16));
+            if let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) {
                 out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
+            whole = false;
         }
         out.push(b[i]);
         i += 1;
     }
-    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    (out, whole)
 }
 
 /// An error answered by tokentap itself, in the shape OpenAI clients parse:

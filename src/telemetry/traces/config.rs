@@ -358,22 +358,7 @@ pub(super) fn env_headers(env: &Env, protocol: Protocol) -> Vec<(String, String)
 /// `%XX` escapes decoded (OTLP's header variables percent-encode their values); a value
 /// with a broken escape, or one that does not decode to UTF-8, is taken as written.
 pub(super) fn percent_decoded(v: &str) -> String {
-    let mut out = Vec::with_capacity(v.len());
-    let mut rest = v.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b != b'%' {
-            out.push(b);
-            rest = tail;
-            continue;
-        }
-        let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok());
-        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            Some(byte) => out.push(byte),
-            None => return v.to_string(),
-        }
-        rest = &tail[2..];
-    }
-    String::from_utf8(out).unwrap_or_else(|_| v.to_string())
+    crate::openai::percent_decode_strict(v).unwrap_or_else(|| v.to_string())
 }
 
 impl TracesConfig {
