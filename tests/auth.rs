@@ -45,13 +45,7 @@ fn call(tap: &Tap, key: Option<&str>, user: Option<&str>) -> Resp {
     let extra = user.map_or(String::new(), |u| format!(r#","user":"{u}""#));
     let body =
         format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#);
-    request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &h,
-        body.as_bytes(),
-    )
+    post_chat(tap.addr, &h, body.as_bytes())
 }
 
 #[test]
@@ -89,10 +83,8 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
     // Her own name, or none: charged to alice; the upstream gets the real key only.
     assert_eq!(call(&tap, Some(&alice), Some("alice")).status, 200);
     assert_eq!(call(&tap, Some(&alice), None).status, 200);
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[("api-key", &alice)],
         format!(r#"{{"model":"{MODEL}","messages":[]}}"#).as_bytes(),
     );
@@ -139,40 +131,20 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
         .encode_utf16()
         .flat_map(u16::to_le_bytes)
         .collect();
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("authorization", &bearer)],
-        &utf16,
-    );
+    let r = post_chat(tap.addr, &[("authorization", &bearer)], &utf16);
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "invalid_body");
     let dup = format!(r#"{{"model":"{MODEL}","messages":[],"user":"mallory","user":"alice"}}"#);
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("authorization", &bearer)],
-        dup.as_bytes(),
-    );
+    let r = post_chat(tap.addr, &[("authorization", &bearer)], dup.as_bytes());
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "ambiguous_field");
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("authorization", &bearer)],
-        b"",
-    );
+    let r = post_chat(tap.addr, &[("authorization", &bearer)], b"");
     assert_eq!(r.status, 400, "a bodiless chat call is not forwarded");
     assert_eq!(mock.received(), before);
     // The client may not pick the organisation the real key bills.
     assert_eq!(
-        request(
+        post_chat(
             tap.addr,
-            "POST",
-            "/v1/chat/completions",
             &[
                 ("authorization", &bearer),
                 ("openai-organization", "org-other")

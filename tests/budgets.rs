@@ -70,13 +70,7 @@ fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
             std::thread::spawn(move || {
                 let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
                 barrier.wait();
-                request(
-                    addr,
-                    "POST",
-                    "/v1/chat/completions",
-                    &[("x-mock-delay-ms", "100")],
-                    &body,
-                )
+                post_chat(addr, &[("x-mock-delay-ms", "100")], &body)
             })
         })
         .collect();
@@ -129,7 +123,7 @@ fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
     let mut waited = 0;
     let last = loop {
         let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
-        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let r = post_chat(tap.addr, &[], &body);
         if r.status == 429
             && r.json()["error"]["message"]
                 .as_str()
@@ -196,7 +190,7 @@ fn spend_equals_the_upstreams_bill_to_the_micro_dollar() {
                         // it generated, which is what the record estimates.
                         h.push(("x-mock-reset-after", "2"));
                     }
-                    send_request(&mut s, "POST", "/v1/chat/completions", &h, &body);
+                    send_chat(&mut s, &h, &body);
                     let r = read_response(&mut s, usize::MAX);
                     assert_eq!(r.status, 200);
                     if !r.complete {
@@ -267,10 +261,7 @@ fn spend_survives_sigterm_and_kill_9_loses_at_most_one_flush_interval() {
     let mut tap = Tap::start(&mock.url(), &extra);
     for _ in 0..20 {
         let body = chat_body(MODEL, "keeper", false, "");
-        assert_eq!(
-            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-            200
-        );
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     }
     let recs = tap.wait_records(20);
     let spent: u64 = recs.iter().map(pico_of).sum();
@@ -305,13 +296,7 @@ fn spend_survives_sigterm_and_kill_9_loses_at_most_one_flush_interval() {
                     break;
                 };
                 s.set_read_timeout(Some(PATIENCE)).unwrap();
-                send_request(
-                    &mut s,
-                    "POST",
-                    "/v1/chat/completions",
-                    &[("connection", "close")],
-                    &body,
-                );
+                send_chat(&mut s, &[("connection", "close")], &body);
                 // Read to the close: the kill may cut a response anywhere.
                 let mut got = Vec::new();
                 let _ = std::io::Read::read_to_end(&mut s, &mut got);
@@ -376,10 +361,8 @@ fn a_stream_cut_at_the_drain_deadline_is_charged_what_it_used() {
     let mut s = std::net::TcpStream::connect(tap.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let body = chat_body(MODEL, "cut", true, "");
-    send_request(
+    send_chat(
         &mut s,
-        "POST",
-        "/v1/chat/completions",
         &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "200")],
         &body,
     );
@@ -445,10 +428,7 @@ fn a_second_process_cannot_share_the_embedded_ledger() {
     assert!(err.contains("in use by another tokentap process"), "{err}");
     // The first one is unharmed.
     let body = chat_body(MODEL, "x", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
 }
 
 #[test]
@@ -467,7 +447,7 @@ fn a_blocked_user_is_allowed_again_when_the_window_resets() {
     let start = Instant::now();
     let mut blocked = None;
     while start.elapsed() < PATIENCE {
-        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let r = post_chat(tap.addr, &[], &body);
         if r.status == 429 {
             blocked = Some(r);
             break;
@@ -479,7 +459,7 @@ fn a_blocked_user_is_allowed_again_when_the_window_resets() {
     // Once the window has passed, the same call goes through.
     let start = Instant::now();
     loop {
-        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let r = post_chat(tap.addr, &[], &body);
         if r.status == 200 {
             break;
         }
@@ -498,23 +478,15 @@ fn a_request_without_a_user_is_refused_when_budgets_apply() {
     );
     let body =
         br#"{"model":"anthropic/claude-opus-4.6","messages":[{"role":"user","content":"hi"}]}"#;
-    let r = request(tap.addr, "POST", "/v1/chat/completions", &[], body);
+    let r = post_chat(tap.addr, &[], body);
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "user");
     assert_eq!(r.json()["error"]["code"], "user_required");
     // An empty user names nobody; a body tokentap cannot read cannot be capped.
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat_body(MODEL, "", false, ""),
-    );
+    let r = post_chat(tap.addr, &[], &chat_body(MODEL, "", false, ""));
     assert_eq!(r.json()["error"]["code"], "user_required");
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[],
         b"{\"user\":\"x\",\"messages\":[\"\\ud800\"]}",
     );
@@ -542,10 +514,7 @@ fn the_admin_api_reports_and_resets_budgets_behind_its_token() {
         .start_with_server_extra("admin_token_env = \"TT_ADMIN_TOKEN\"\n");
     for _ in 0..3 {
         let body = chat_body(MODEL, "alice", false, "");
-        assert_eq!(
-            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-            200
-        );
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     }
     let spent: u64 = tap.wait_records(3).iter().map(pico_of).sum();
 
@@ -639,10 +608,7 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     for (user, n) in [("ann", 3), ("ben", 2)] {
         for _ in 0..n {
             let body = chat_body(MODEL, user, false, "");
-            assert_eq!(
-                request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-                200
-            );
+            assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
         }
     }
     let recs = tap.wait_records(5);

@@ -145,10 +145,8 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
         let body = chat_body(model, &user, stream, search);
         let cached = (i % 3).to_string();
         let reasoning = (i % 4).to_string();
-        let resp = request(
+        let resp = post_chat(
             tap.addr,
-            "POST",
-            "/v1/chat/completions",
             &[("x-mock-cached", &cached), ("x-mock-reasoning", &reasoning)],
             &body,
         );
@@ -159,19 +157,11 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
     // Errors, a reset, a client that hangs up, and a call without a user.
     for status in ["429", "500"] {
         let body = chat_body(MODELS[wave % 3], "user0", false, "");
-        request(
-            tap.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("x-mock-status", status)],
-            &body,
-        );
+        post_chat(tap.addr, &[("x-mock-status", status)], &body);
     }
     let body = chat_body(MODELS[1], "user1", true, "");
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[("x-mock-chunks", "8"), ("x-mock-reset-after", "3")],
         &body,
     );
@@ -179,23 +169,21 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
     let body = chat_body(MODELS[2], "user2", true, "");
     let mut s = std::net::TcpStream::connect(tap.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
-    send_request(
+    send_chat(
         &mut s,
-        "POST",
-        "/v1/chat/completions",
         &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "10")],
         &body,
     );
     let _ = read_response(&mut s, 800);
     drop(s);
     let anon = br#"{"model":"openai/gpt-5.5","messages":[{"role":"user","content":"hi"}]}"#;
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], anon);
+    let resp = post_chat(tap.addr, &[], anon);
     let (p, c) = received_usage(&resp).unwrap();
     let mut tokens = tokens + p + c;
     // A user whose cap covers one call a day: later calls are refused.
     for _ in 0..2 {
         let body = chat_body(MODELS[0], "capped", false, r#","max_tokens":5"#);
-        let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let resp = post_chat(tap.addr, &[], &body);
         match resp.status {
             200 => {
                 let (p, c) = received_usage(&resp).unwrap();
@@ -375,7 +363,7 @@ fn ten_thousand_users_under_a_cap_of_100_make_at_most_101_series() {
                 s.set_read_timeout(Some(PATIENCE)).unwrap();
                 for i in 0..2500 {
                     let body = chat_body("openai/gpt-5.5", &format!("u{t}-{i}"), false, "");
-                    send_request(&mut s, "POST", "/v1/chat/completions", &[], &body);
+                    send_chat(&mut s, &[], &body);
                     assert_eq!(read_response(&mut s, usize::MAX).status, 200);
                 }
             })

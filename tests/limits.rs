@@ -227,13 +227,7 @@ fn bad_inputs_get_defined_answers_and_never_bypass_a_cap() {
     ];
     let mut forwarded = 0;
     for (i, row) in rows.iter().enumerate() {
-        let r = request(
-            tap.addr,
-            "POST",
-            "/v1/chat/completions",
-            &row.headers,
-            &row.body,
-        );
+        let r = post_chat(tap.addr, &row.headers, &row.body);
         assert_eq!(
             r.status,
             row.status,
@@ -275,13 +269,7 @@ fn bad_inputs_get_defined_answers_and_never_bypass_a_cap() {
         }
     }
     // tokentap is still there.
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &body(r#","user":"a""#),
-    );
+    let r = post_chat(tap.addr, &[], &body(r#","user":"a""#));
     assert_eq!(r.status, 200);
 }
 
@@ -294,9 +282,7 @@ fn each_limit_answers_with_its_status_and_error() {
         ))
         .start();
     let chat = |user: &str, stream: bool| chat_body(MODEL, user, stream, "");
-    let post = |h: &[(&str, &str)], body: &[u8]| {
-        request(tap.addr, "POST", "/v1/chat/completions", h, body)
-    };
+    let post = |h: &[(&str, &str)], body: &[u8]| post_chat(tap.addr, h, body);
 
     // Body size: 413.
     let big = body(&format!(r#","user":"a","pad":"{}""#, "x".repeat(20_000)));
@@ -325,10 +311,8 @@ fn each_limit_answers_with_its_status_and_error() {
     // Concurrent streams per user: 429 for the second of alice's, not for bob's.
     let mut first = TcpStream::connect(tap.addr).unwrap();
     first.set_read_timeout(Some(PATIENCE)).unwrap();
-    send_request(
+    send_chat(
         &mut first,
-        "POST",
-        "/v1/chat/completions",
         &[("x-mock-chunks", "8"), ("x-mock-delay-ms", "100")],
         &chat("alice", true),
     );
@@ -395,13 +379,7 @@ fn an_upstream_that_never_accepts_the_connection_gets_504() {
         .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
         .collect();
     let tap = Tap::start(&format!("http://{addr}"), TEST_PRICING);
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat_body(MODEL, "a", false, ""),
-    );
+    let r = post_chat(tap.addr, &[], &chat_body(MODEL, "a", false, ""));
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
     let rec = &tap.wait_records(1)[0];

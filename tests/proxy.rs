@@ -42,7 +42,7 @@ fn assert_byte_exact(entry: &Value, sent: &[u8], resp: &Resp) {
 fn open_chat(tap: &Tap, body: &[u8], headers: &[(&str, &str)]) -> TcpStream {
     let mut s = TcpStream::connect(tap.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
-    send_request(&mut s, "POST", "/v1/chat/completions", headers, body);
+    send_chat(&mut s, headers, body);
     s
 }
 
@@ -58,10 +58,8 @@ fn cost_of(prompt: u64, cached: u64, completion: u64, searches: u64) -> u64 {
 fn non_streaming_call_is_byte_exact_and_metered() {
     let (mock, tap) = setup();
     let body = chat_body(MODEL, "alice", false, "");
-    let resp = request(
+    let resp = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("content-type", "application/json"),
             ("authorization", "Bearer sk-test-secret"),
@@ -105,10 +103,8 @@ fn non_streaming_call_is_byte_exact_and_metered() {
 fn streaming_call_is_byte_exact_and_metered_from_the_usage_chunk() {
     let (mock, tap) = setup();
     let body = chat_body(MODEL, "bob", true, "");
-    let resp = request(
+    let resp = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("x-mock-chunks", "12"),
             ("x-mock-reasoning", "7"),
@@ -142,7 +138,7 @@ fn five_mib_request_body_reaches_the_upstream_byte_exact_with_user_last() {
     )
     .into_bytes();
     assert!(body.len() > 5 * 1024 * 1024);
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 200);
     let m = &mock.wait_requests(1)[0];
     assert_byte_exact(m, &body, &resp);
@@ -164,13 +160,7 @@ fn chunked_request_body_is_forwarded_and_inspected() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let resp = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("transfer-encoding", "chunked")],
-        &chunked,
-    );
+    let resp = post_chat(tap.addr, &[("transfer-encoding", "chunked")], &chunked);
     assert_eq!(resp.status, 200);
     assert_byte_exact(&mock.wait_requests(1)[0], &body, &resp);
     assert_eq!(tap.wait_records(1)[0]["user"], "dora");
@@ -181,10 +171,8 @@ fn compressed_responses_pass_through_compressed_and_are_metered() {
     let (mock, tap) = setup();
     for (i, enc) in ["gzip", "deflate", "br"].iter().enumerate() {
         let body = chat_body(MODEL, enc, false, "");
-        let resp = request(
+        let resp = post_chat(
             tap.addr,
-            "POST",
-            "/v1/chat/completions",
             &[
                 ("x-mock-encoding", enc),
                 ("accept-encoding", "gzip, deflate, br"),
@@ -212,10 +200,8 @@ fn crlf_stream_with_search_done_events_counts_searches() {
         true,
         r#","tools":[{"type":"octen_search","parameters":{"max_searches":3}}]"#,
     );
-    let resp = request(
+    let resp = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("x-mock-crlf", "1"),
             ("x-mock-event-lines", "1"),
@@ -277,10 +263,8 @@ fn client_disconnect_mid_stream_is_estimated_and_not_zero() {
 fn upstream_reset_mid_stream_is_recorded_with_what_was_delivered() {
     let (mock, tap) = setup();
     let body = chat_body(MODEL, "gina", true, "");
-    let resp = request(
+    let resp = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[("x-mock-chunks", "10"), ("x-mock-reset-after", "4")],
         &body,
     );
@@ -310,13 +294,7 @@ fn upstream_errors_pass_through_unchanged() {
     for (i, status) in [429u16, 500].iter().enumerate() {
         let body = chat_body(MODEL, "hank", false, "");
         let s = status.to_string();
-        let resp = request(
-            tap.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("x-mock-status", &s)],
-            &body,
-        );
+        let resp = post_chat(tap.addr, &[("x-mock-status", &s)], &body);
         assert_eq!(resp.status, *status);
         let m = &mock.wait_requests(i + 1)[i];
         assert_byte_exact(m, &body, &resp);
@@ -336,7 +314,7 @@ fn upstream_errors_pass_through_unchanged() {
 fn non_json_body_is_forwarded_unchanged_and_unattributed() {
     let (mock, tap) = setup();
     let body = b"this is not json \xff\xfe".to_vec();
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 400, "the upstream's own answer");
     let m = &mock.wait_requests(1)[0];
     assert_byte_exact(m, &body, &resp);
@@ -371,7 +349,7 @@ fn body_over_the_limit_is_refused_with_413_before_the_upstream() {
         &format!("[limits]\nmax_request_body_bytes = 1000\n{TEST_PRICING}"),
     );
     let body = chat_body(MODEL, &"x".repeat(2000), false, "");
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 413);
     let e = resp.json();
     assert_eq!(e["error"]["type"], "invalid_request_error");
@@ -386,13 +364,7 @@ fn body_over_the_limit_is_refused_with_413_before_the_upstream() {
     write!(chunked, "{:x}\r\n", body.len()).unwrap();
     chunked.extend_from_slice(&body);
     chunked.extend_from_slice(b"\r\n0\r\n\r\n");
-    let resp = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("transfer-encoding", "chunked")],
-        &chunked,
-    );
+    let resp = post_chat(tap.addr, &[("transfer-encoding", "chunked")], &chunked);
     assert_eq!(resp.status, 413);
     let recs = tap.wait_records(2);
     assert!(recs
@@ -400,10 +372,7 @@ fn body_over_the_limit_is_refused_with_413_before_the_upstream() {
         .all(|r| r["outcome"] == "rejected" && r["status"] == 413));
     // Nothing reached the upstream's handler: a call after them is the first it reads.
     let sentinel = chat_body(MODEL, "sentinel", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &sentinel).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &sentinel).status, 200);
     let seen = mock.wait_requests(1);
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0]["user"], "sentinel");
@@ -415,7 +384,7 @@ fn unreachable_upstream_is_a_502_with_an_openai_error() {
     let port = free_port();
     let tap = Tap::start(&format!("http://127.0.0.1:{port}"), TEST_PRICING);
     let body = chat_body(MODEL, "ivan", false, "");
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 502);
     let e = resp.json();
     assert_eq!(e["error"]["type"], "upstream_error");
@@ -433,7 +402,7 @@ fn keep_alive_connection_carries_many_calls_each_with_one_record() {
     for i in 0..20 {
         let stream = i % 2 == 0;
         let body = chat_body(MODEL, &format!("u{i}"), stream, "");
-        send_request(&mut s, "POST", "/v1/chat/completions", &[], &body);
+        send_chat(&mut s, &[], &body);
         let resp = read_response(&mut s, usize::MAX);
         assert_eq!(resp.status, 200);
         assert!(resp.complete);
@@ -449,13 +418,7 @@ fn keep_alive_connection_carries_many_calls_each_with_one_record() {
     }
     assert_eq!(mock.wait_requests(20).len(), 20);
     // Exactly one record per call: the next call's record is the 21st.
-    send_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        &chat_body(MODEL, "last", false, ""),
-    );
+    send_chat(&mut s, &[], &chat_body(MODEL, "last", false, ""));
     assert_eq!(read_response(&mut s, usize::MAX).status, 200);
     let recs = tap.wait_records(21);
     assert_eq!(recs.len(), 21);
@@ -506,7 +469,7 @@ fn upstream_connections_are_pooled() {
     for i in 0..10 {
         // A new client connection each time: reuse can only come from tokentap's pool.
         let body = chat_body(MODEL, &format!("p{i}"), i % 2 == 0, "");
-        let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let resp = post_chat(tap.addr, &[], &body);
         assert_eq!(resp.status, 200);
     }
     let reqs = mock.wait_requests(10);
@@ -554,13 +517,7 @@ fn upstream_silence_beyond_the_read_timeout_is_a_504_or_a_cut_stream() {
         .extra(TEST_PRICING)
         .start();
     let body = chat_body(MODEL, "slow", false, "");
-    let resp = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-delay-ms", "3000")],
-        &body,
-    );
+    let resp = post_chat(tap.addr, &[("x-mock-delay-ms", "3000")], &body);
     assert_eq!(resp.status, 504);
     assert_eq!(resp.json()["error"]["code"], "upstream_timeout");
     let r = &tap.wait_records(1)[0];
@@ -571,13 +528,7 @@ fn upstream_silence_beyond_the_read_timeout_is_a_504_or_a_cut_stream() {
     assert!(r["prompt_tokens"].as_u64().unwrap() > 0);
 
     let body = chat_body(MODEL, "slow-stream", true, "");
-    let resp = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-delay-ms", "3000")],
-        &body,
-    );
+    let resp = post_chat(tap.addr, &[("x-mock-delay-ms", "3000")], &body);
     assert_eq!(resp.status, 200, "the stream's head was already sent");
     assert!(!resp.complete);
     let r = &tap.wait_records(2)[1];

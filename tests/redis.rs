@@ -89,14 +89,7 @@ fn two_replicas_sharing_redis_hold_the_cap_together() {
             std::thread::spawn(move || {
                 let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
                 barrier.wait();
-                request(
-                    addr,
-                    "POST",
-                    "/v1/chat/completions",
-                    &[("x-mock-delay-ms", "100")],
-                    &body,
-                )
-                .status
+                post_chat(addr, &[("x-mock-delay-ms", "100")], &body).status
             })
         })
         .collect();
@@ -176,7 +169,7 @@ fn redis_paused_follows_on_error_charges_fail_open_calls_and_enforcement_resumes
     let closed = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
     let call = |tap: &Tap, user: &str| {
         let body = chat_body(MODEL, user, false, r#","max_tokens":5"#);
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body)
+        post_chat(tap.addr, &[], &body)
     };
     assert_eq!(call(&open, "u").status, 200);
     assert_eq!(call(&closed, "u").status, 200);
@@ -257,13 +250,7 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
         std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(PATIENCE)).unwrap();
-            send_request(
-                &mut s,
-                "POST",
-                "/v1/chat/completions",
-                &[("x-mock-delay-ms", "600000")],
-                &body,
-            );
+            send_chat(&mut s, &[("x-mock-delay-ms", "600000")], &body);
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
         })
@@ -277,13 +264,13 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The slow call holds the cap: b refuses, the call in flight named as the reason.
-    let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+    let r = post_chat(b.addr, &[], &body);
     assert_eq!(r.status, 429);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("in flight"), "{msg}");
     // While a lives, it renews the lease: past the lease's length, the call still holds.
     std::thread::sleep(Duration::from_secs(4));
-    let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+    let r = post_chat(b.addr, &[], &body);
     assert_eq!(r.status, 429, "a live call's lease was renewed");
     // a dies without settling: its lease ends and the next reserve releases it.
     a.proc.signal("KILL");
@@ -291,7 +278,7 @@ fn a_replica_killed_mid_call_releases_its_reservation_when_the_lease_ends() {
     slow.join().unwrap();
     let start = Instant::now();
     loop {
-        let r = request(b.addr, "POST", "/v1/chat/completions", &[], &body);
+        let r = post_chat(b.addr, &[], &body);
         if r.status == 200 {
             break;
         }
@@ -321,7 +308,7 @@ fn settles_release_token_reservations_even_at_zero_cost() {
     // Worst case 14 + 20 tokens, really 14 + 5: forty calls fit only if reservations go.
     for i in 0..40 {
         let body = chat_body(MODEL, "t", false, r#","max_tokens":20"#);
-        let r = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+        let r = post_chat(tap.addr, &[], &body);
         assert_eq!(
             r.status, 200,
             "call {i} refused: reservations are not released"

@@ -48,10 +48,7 @@ fn wait_price(tap: &Tap, price: u64) {
     let mut n = tap.records().len();
     loop {
         let body = chat_body(MODEL, "probe", false, "");
-        assert_eq!(
-            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-            200
-        );
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
         n += 1;
         let recs = tap.wait_records(n);
         if output_price(&recs[n - 1]) == price {
@@ -78,10 +75,8 @@ fn fifty_reloads_under_load_fail_no_request_and_lose_no_record() {
                     let user = format!("c{t}-{i}");
                     let stream = i % 2 == 0;
                     let body = chat_body(MODEL, &user, stream, "");
-                    let resp = request(
+                    let resp = post_chat(
                         addr,
-                        "POST",
-                        "/v1/chat/completions",
                         &[("x-mock-chunks", "3"), ("x-mock-delay-ms", "2")],
                         &body,
                     );
@@ -165,10 +160,8 @@ fn a_price_change_applies_to_calls_that_start_after_it() {
     let addr = tap.addr;
     let long = std::thread::spawn(move || {
         let body = chat_body(MODEL, "before", true, "");
-        request(
+        post_chat(
             addr,
-            "POST",
-            "/v1/chat/completions",
             &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "30")],
             &body,
         )
@@ -189,10 +182,7 @@ fn a_price_change_applies_to_calls_that_start_after_it() {
         "the stream ended before the reload"
     );
     let body = chat_body(MODEL, "after", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     assert!(
         long.join().unwrap(),
         "the running stream was disturbed by the reload"
@@ -372,17 +362,11 @@ fn the_upstream_itself_can_be_switched_without_a_restart() {
     let (a, b) = (Mock::start(), Mock::start());
     let tap = Tap::start(&a.url(), TEST_PRICING);
     let body = chat_body(MODEL, "to-a", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     tap.write_config(&tap.text.replace(&a.url(), &b.url()));
     assert_eq!(tap.reload().status, 200);
     let body = chat_body(MODEL, "to-b", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     assert_eq!(a.received(), 1);
     assert_eq!(b.received(), 1);
     assert_eq!(b.wait_requests(1)[0]["user"], "to-b");

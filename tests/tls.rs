@@ -46,7 +46,7 @@ fn https_upstream_gets_sni_and_a_verified_certificate() {
         .extra(TEST_PRICING)
         .start();
     let body = chat_body("anthropic/claude-opus-4.6", "tls-user", true, "");
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 200);
     assert!(resp.complete);
     let m = &mock.wait_requests(1)[0];
@@ -68,7 +68,7 @@ fn https_upstream_with_an_untrusted_certificate_is_refused() {
     // The system roots do not include the test CA.
     let tap = TapBuilder::new(&format!("https://localhost:{}", mock.addr.port())).start();
     let body = chat_body("anthropic/claude-opus-4.6", "tls-user", false, "");
-    let resp = request(tap.addr, "POST", "/v1/chat/completions", &[], &body);
+    let resp = post_chat(tap.addr, &[], &body);
     assert_eq!(resp.status, 502);
     assert_eq!(resp.json()["error"]["type"], "upstream_error");
     assert!(

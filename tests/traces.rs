@@ -75,10 +75,8 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
         true,
         r#","max_tokens":50,"temperature":0.5,"top_p":0.9"#,
     );
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("authorization", &auth),
             ("traceparent", &traceparent),
@@ -149,13 +147,7 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
 
     // 2. A non-streamed call starting a new trace.
     let body = chat_body(MODEL, "bob", false, "");
-    let r = request(
-        tap.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[("authorization", &auth)],
-        &body,
-    );
+    let r = post_chat(tap.addr, &[("authorization", &auth)], &body);
     assert_eq!(r.status, 200);
     let g = collector.span_of(&last_request_id(&tap, 2));
     assert_eq!(g.span.name, format!("chat {MODEL}"));
@@ -165,10 +157,8 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     assert_eq!(*g.attr("gen_ai.response.time_to_first_chunk"), Value::Null);
 
     // 3. An upstream error.
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[("authorization", &auth), ("x-mock-status", "500")],
         &body,
     );
@@ -187,10 +177,8 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     let mut s = TcpStream::connect(tap.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let body = chat_body(MODEL, "carol", true, "");
-    send_request(
+    send_chat(
         &mut s,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("authorization", &auth),
             ("x-mock-chunks", "50"),
@@ -252,20 +240,10 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     ));
     tap.wait_config_change(&old);
     let body = chat_body(MODEL, "dave", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     let unsampled = last_request_id(&tap, 6);
     assert_eq!(
-        request(
-            tap.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("traceparent", &traceparent)],
-            &body
-        )
-        .status,
+        post_chat(tap.addr, &[("traceparent", &traceparent)], &body).status,
         200
     );
     collector.span_of(&last_request_id(&tap, 7));
@@ -299,10 +277,8 @@ fn content_capture_and_traceparent_injection_when_opted_in_over_http() {
         ))
         .start();
     let body = chat_body(MODEL, "erin", true, "");
-    let r = request(
+    let r = post_chat(
         tap.addr,
-        "POST",
-        "/v1/chat/completions",
         &[
             ("authorization", &format!("Bearer {API_KEY}")),
             ("x-mock-chunks", "3"),
@@ -380,7 +356,7 @@ fn burst_against(dead: &str, overflows: bool) {
                 s.set_read_timeout(Some(PATIENCE)).unwrap();
                 for i in 0..n / 4 {
                     let body = chat_body(MODEL, &format!("u{t}"), i % 2 == 0, "");
-                    send_request(&mut s, "POST", "/v1/chat/completions", &[], &body);
+                    send_chat(&mut s, &[], &body);
                     let r = read_response(&mut s, usize::MAX);
                     assert_eq!(r.status, 200);
                     assert!(r.complete);
@@ -425,10 +401,7 @@ fn spans_still_queued_are_exported_on_shutdown() {
         )
         .start();
     let body = chat_body(MODEL, "frank", false, "");
-    assert_eq!(
-        request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-        200
-    );
+    assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
     let id = last_request_id(&tap, 1);
     assert!(collector.spans().is_empty());
     assert!(tap.proc.terminate().success());
@@ -456,10 +429,7 @@ fn a_calls_provider_is_the_same_in_its_record_its_span_and_its_metrics() {
     ];
     for (i, (model, provider)) in cases.iter().enumerate() {
         let body = chat_body(model, "pat", false, "");
-        assert_eq!(
-            request(tap.addr, "POST", "/v1/chat/completions", &[], &body).status,
-            200
-        );
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
         let rec = &tap.wait_records(i + 1)[i];
         assert_eq!(rec["provider"], *provider, "{rec}");
         let span = collector.span_of(rec["request_id"].as_str().unwrap());

@@ -10,7 +10,6 @@ use common::*;
 use serde_json::Value;
 
 const MODEL: &str = "anthropic/claude-opus-4.6";
-const CHAT: &str = "/v1/chat/completions";
 
 /// pico-USD per token of [`TEST_PRICING`].
 const INPUT: u64 = 5_000_000;
@@ -87,13 +86,13 @@ fn a_stream_without_include_usage_reaches_the_client_as_the_upstream_sends_it_an
             .find(|(k, _)| *k == "x-mock-encoding")
             .map(|(_, v)| *v);
         // The same call straight to the upstream, as the client sent it: no usage in it.
-        let direct = request(mock.addr, "POST", CHAT, &h, &body);
+        let direct = post_chat(mock.addr, &h, &body);
         logged += 1;
         assert!(direct.complete);
         let plain = String::from_utf8(inflate(enc, &direct.body)).unwrap();
         assert!(!plain.contains("usage"), "{variant:?}: {plain}");
 
-        let through = request(tap.addr, "POST", CHAT, &h, &body);
+        let through = post_chat(tap.addr, &h, &body);
         logged += 1;
         assert!(through.complete, "{variant:?}");
         assert_eq!(through.status, 200);
@@ -138,8 +137,8 @@ fn a_client_that_asks_for_usage_gets_the_chunk_unchanged_and_false_is_turned_on(
         true,
         r#","stream_options":{"include_usage":true}"#,
     );
-    let direct = request(mock.addr, "POST", CHAT, &h, &asked);
-    let through = request(tap.addr, "POST", CHAT, &h, &asked);
+    let direct = post_chat(mock.addr, &h, &asked);
+    let through = post_chat(tap.addr, &h, &asked);
     assert_eq!(through.body, direct.body);
     assert!(usage_chunk(&through.body).is_some_and(|c| c["choices"] == serde_json::json!([])));
     let seen = mock.wait_requests(2);
@@ -155,8 +154,8 @@ fn a_client_that_asks_for_usage_gets_the_chunk_unchanged_and_false_is_turned_on(
         true,
         r#","stream_options":{"include_usage":false}"#,
     );
-    let direct = request(mock.addr, "POST", CHAT, &h, &off);
-    let through = request(tap.addr, "POST", CHAT, &h, &off);
+    let direct = post_chat(mock.addr, &h, &off);
+    let through = post_chat(tap.addr, &h, &off);
     assert_eq!(through.body, direct.body);
     assert!(!String::from_utf8_lossy(&through.body).contains("usage"));
     let seen = mock.wait_requests(4);
@@ -178,8 +177,8 @@ fn a_usage_chunk_that_carries_choices_too_reaches_the_client() {
     // Usage on the finish chunk, asked for or not (DeepSeek sends it so).
     let h = [("x-mock-usage", "with-finish")];
     let body = chat_body(MODEL, "carol", true, "");
-    let direct = request(mock.addr, "POST", CHAT, &h, &body);
-    let through = request(tap.addr, "POST", CHAT, &h, &body);
+    let direct = post_chat(mock.addr, &h, &body);
+    let through = post_chat(tap.addr, &h, &body);
     assert_eq!(through.body, direct.body);
     let c = usage_chunk(&through.body).unwrap();
     assert_eq!(c["choices"][0]["finish_reason"], "stop");
@@ -187,8 +186,8 @@ fn a_usage_chunk_that_carries_choices_too_reaches_the_client() {
     assert_billed(rec, &billed(&mock, 2));
 
     // The target API's own `type: usage` chunk (always sent) is left alone as well.
-    let direct = request(mock.addr, "POST", CHAT, &[], &body);
-    let through = request(tap.addr, "POST", CHAT, &[], &body);
+    let direct = post_chat(mock.addr, &[], &body);
+    let through = post_chat(tap.addr, &[], &body);
     assert_eq!(through.body, direct.body);
     assert_eq!(usage_chunk(&through.body).unwrap()["type"], "usage");
 }
@@ -212,8 +211,8 @@ fn a_long_conversation_is_asked_for_usage_too_sent_chunked() {
     )
     .into_bytes();
     let h = [("x-mock-usage", "openai")];
-    let direct = request(mock.addr, "POST", CHAT, &h, &body);
-    let through = request(tap.addr, "POST", CHAT, &h, &body);
+    let direct = post_chat(mock.addr, &h, &body);
+    let through = post_chat(tap.addr, &h, &body);
     assert_eq!(through.body, direct.body);
     let seen = &mock.wait_requests(2)[1];
     // Over Pingora's 64 KiB replay buffer: the head went before the body was read, so the
@@ -248,7 +247,7 @@ fn usage_injection_is_turned_off_per_upstream_and_per_model() {
         .enumerate()
         {
             let before = mock.requests().len();
-            let r = request(tap.addr, "POST", CHAT, &h, body);
+            let r = post_chat(tap.addr, &h, body);
             assert_eq!(r.status, 200);
             let seen = &mock.wait_requests(before + 1)[before];
             assert_eq!(seen["body_sha256"], sha256_hex(body), "{extra}");
@@ -269,13 +268,7 @@ fn usage_injection_is_turned_off_per_upstream_and_per_model() {
     }
     // Another model on the same upstream is still asked for.
     let tap = tap(&mock, r#"inject_stream_usage_except = ["openai/*"]"#);
-    request(
-        tap.addr,
-        "POST",
-        CHAT,
-        &h,
-        &chat_body(MODEL, "erin", true, ""),
-    );
+    post_chat(tap.addr, &h, &chat_body(MODEL, "erin", true, ""));
     assert_eq!(tap.wait_records(1)[0]["usage_source"], "reported");
 }
 
@@ -287,13 +280,7 @@ fn an_upstream_that_refuses_stream_options_says_injection_was_on() {
         ("x-mock-usage", "openai"),
         ("x-mock-refuse-stream-options", "1"),
     ];
-    let r = request(
-        tap.addr,
-        "POST",
-        CHAT,
-        &h,
-        &chat_body(MODEL, "fay", true, ""),
-    );
+    let r = post_chat(tap.addr, &h, &chat_body(MODEL, "fay", true, ""));
     assert_eq!(r.status, 400, "the upstream's answer, as it sent it");
     assert_eq!(r.json()["error"]["param"], "stream_options");
     let rec = &tap.wait_records(1)[0];
@@ -326,7 +313,7 @@ fn searches_without_a_count_are_counted_and_priced() {
             ("x-mock-search-shape", shape),
         ];
         let body = chat_body(MODEL, "gus", stream, tools);
-        let r = request(tap.addr, "POST", CHAT, &h, &body);
+        let r = post_chat(tap.addr, &h, &body);
         assert_eq!(r.status, 200);
         let text = String::from_utf8_lossy(&r.body);
         assert_eq!(text.contains("num_search_queries"), count == "yes");
@@ -362,7 +349,7 @@ fn a_counted_search_is_reserved_and_settled_like_a_reported_one() {
         r#","max_tokens":10,"tools":[{"type":"octen_search","parameters":{"max_searches":2}}]"#,
     );
     let h = [("x-mock-search-count", "none"), ("x-mock-usage", "openai")];
-    assert_eq!(request(tap.addr, "POST", CHAT, &h, &body).status, 200);
+    assert_eq!(post_chat(tap.addr, &h, &body).status, 200);
     let rec = &tap.wait_records(1)[0];
     assert_eq!(rec["web_searches"], 2);
     assert!(pico_of(rec) > 2 * SEARCH, "{rec}");
@@ -373,7 +360,7 @@ fn a_counted_search_is_reserved_and_settled_like_a_reported_one() {
         "the ledger holds the record's cost, searches included: {v}"
     );
     // Two searches at $0.005 are $0.01: what is left cannot cover another call's worst case.
-    let r = request(tap.addr, "POST", CHAT, &h, &body);
+    let r = post_chat(tap.addr, &h, &body);
     assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
 }
 
@@ -402,10 +389,8 @@ fn the_virtual_key_works_from_each_header_and_only_the_real_key_goes_upstream() 
         ("api-key", key.as_str()),
     ] {
         // Other credentials the client sends never travel on either.
-        let r = request(
+        let r = post_chat(
             tap.addr,
-            "POST",
-            CHAT,
             &[h, ("proxy-authorization", "Basic c2VjcmV0")],
             &body,
         );
@@ -436,7 +421,7 @@ fn the_virtual_key_works_from_each_header_and_only_the_real_key_goes_upstream() 
             ("x-api-key", "tt-other"),
         ],
     ] {
-        let r = request(tap.addr, "POST", CHAT, &h, &body);
+        let r = post_chat(tap.addr, &h, &body);
         assert_eq!(r.status, 401, "{h:?}");
         assert_eq!(r.json()["error"]["code"], "invalid_api_key");
         assert!(

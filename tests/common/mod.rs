@@ -530,6 +530,19 @@ pub fn request(
     }
 }
 
+/// A chat call (`POST /v1/chat/completions`) on a fresh connection.
+pub fn post_chat(addr: SocketAddr, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    request(addr, "POST", CHAT_PATH, headers, body)
+}
+
+/// Sends a chat call on `s`; the caller reads the answer.
+pub fn send_chat(s: &mut TcpStream, headers: &[(&str, &str)], body: &[u8]) {
+    send_request(s, "POST", CHAT_PATH, headers, body)
+}
+
+/// The Chat Completions endpoint.
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+
 pub fn send_request(
     s: &mut TcpStream,
     method: &str,
