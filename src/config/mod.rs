@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use crate::meter::pricing::{PriceTable, PricingError};
 
-pub use schema::{AccessLogTarget, UserLabel};
+pub use crate::telemetry::access_log::{AccessLogConfig, AccessLogTarget};
+pub use crate::telemetry::calls::{MetricsConfig, UserLabel};
 
 /// The running config: the snapshot every new call reads, swapped whole by a reload. The
 /// handle that reload, the file watcher, admin and the proxy share.
@@ -42,19 +43,6 @@ pub struct Config {
     pub budgets: crate::budget::policy::BudgetPolicy,
     pub traces: crate::telemetry::traces::TracesConfig,
     pub auth: crate::auth::AuthConfig,
-}
-
-/// How metrics label calls; bounds the number of series whatever clients send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsConfig {
-    pub user_label: UserLabel,
-    pub max_users: usize,
-    pub users: Vec<String>,
-    pub max_models: usize,
-    pub max_series: usize,
-    pub hash_salt: String,
-    /// Models of the price table: always labelled, never counted against `max_models`.
-    pub priced_models: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,12 +136,6 @@ pub struct LimitsConfig {
     pub max_streams_per_user: usize,
     pub request_deadline: Option<Duration>,
     pub client_idle_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct AccessLogConfig {
-    pub enabled: bool,
-    pub target: AccessLogTarget,
 }
 
 /// A configuration error: which file, where, and what to do about it.
@@ -273,163 +255,17 @@ fn compile(
     use sha2::Digest;
     let err = |key: &str, msg: String| ConfigError::new(file, format!("{key}: {msg}"));
 
-    let server = {
-        let s = raw.server;
-        let listen = parse_addr(&s.listen).map_err(|m| err("server.listen", m))?;
-        let admin_listen =
-            parse_addr(&s.admin_listen).map_err(|m| err("server.admin_listen", m))?;
-        if listen == admin_listen {
-            return Err(err(
-                "server.admin_listen",
-                "must differ from server.listen".into(),
-            ));
-        }
-        if s.threads == 0 || s.threads > 1024 {
-            return Err(err(
-                "server.threads",
-                format!("{} is out of range: use 1 to 1024", s.threads),
-            ));
-        }
-        if (s.protect_metrics || s.protect_health) && s.admin_token_env.is_none() {
-            return Err(err(
-                if s.protect_metrics {
-                    "server.protect_metrics"
-                } else {
-                    "server.protect_health"
-                },
-                "needs server.admin_token_env (the token that protects it)".into(),
-            ));
-        }
-        ServerConfig {
-            listen,
-            admin_listen,
-            threads: s.threads,
-            drain_timeout: Duration::from_millis(s.drain_timeout_ms),
-            admin_token: match &s.admin_token_env {
-                None => None,
-                Some(var) => match std::env::var(var) {
-                    Ok(t) if t.len() >= 16 => Some(Secret(t)),
-                    Ok(_) => {
-                        return Err(err(
-                            "server.admin_token_env",
-                            format!("the token in ${var} is shorter than 16 characters"),
-                        ))
-                    }
-                    Err(_) => {
-                        return Err(err(
-                            "server.admin_token_env",
-                            format!("${var} is not set: export the admin token in it"),
-                        ))
-                    }
-                },
-            },
-            protect_metrics: s.protect_metrics,
-            protect_health: s.protect_health,
-            log_level: s.log_level.parse().map_err(|_| {
-                err(
-                    "server.log_level",
-                    format!(
-                        "{:?} is not a level: use error, warn, info, debug or trace",
-                        s.log_level
-                    ),
-                )
-            })?,
-        }
-    };
+    let server = server(raw.server, &err)?;
 
-    let upstream = {
-        let u = raw.upstream;
-        let url = parse_upstream_url(&u.url).map_err(|m| err("upstream.url", m))?;
-        let ms = |key: &str, v: u64| -> Result<Duration, ConfigError> {
-            if v == 0 {
-                Err(err(key, "must be greater than 0".into()))
-            } else {
-                Ok(Duration::from_millis(v))
-            }
-        };
-        let ca_file = match u.ca_file {
-            Some(p) => {
-                let p = dir.join(p);
-                if !p.is_file() {
-                    return Err(err(
-                        "upstream.ca_file",
-                        format!("{} is not a readable file", p.display()),
-                    ));
-                }
-                Some(p)
-            }
-            None => None,
-        };
-        for p in &u.inject_stream_usage_except {
-            if p.is_empty() || p.trim_end_matches('*').contains('*') {
-                return Err(err(
-                    "upstream.inject_stream_usage_except",
-                    format!("{p:?}: write a model name, or a prefix ending in one `*`"),
-                ));
-            }
-        }
-        UpstreamConfig {
-            stream_usage: StreamUsage {
-                inject: u.inject_stream_usage,
-                except: u.inject_stream_usage_except,
-            },
-            url,
-            connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms)?,
-            read_timeout: ms("upstream.read_timeout_ms", u.read_timeout_ms)?,
-            write_timeout: ms("upstream.write_timeout_ms", u.write_timeout_ms)?,
-            idle_timeout: ms("upstream.idle_timeout_ms", u.idle_timeout_ms)?,
-            dns_refresh: ms("upstream.dns_refresh_ms", u.dns_refresh_ms)?,
-            ca_file,
-        }
-    };
+    let upstream = upstream(raw.upstream, dir, &err)?;
 
-    let limits = {
-        let l = raw.limits;
-        if l.max_request_body_bytes == 0 {
-            return Err(err(
-                "limits.max_request_body_bytes",
-                "must be greater than 0".into(),
-            ));
-        }
-        if l.client_idle_timeout_ms == 0 {
-            return Err(err(
-                "limits.client_idle_timeout_ms",
-                "must be greater than 0".into(),
-            ));
-        }
-        LimitsConfig {
-            max_request_body_bytes: l.max_request_body_bytes,
-            max_response_tap_bytes: l.max_response_tap_bytes,
-            max_header_bytes: l.max_header_bytes,
-            max_user_bytes: l.max_user_bytes,
-            max_streams_per_user: l.max_streams_per_user,
-            request_deadline: (l.request_deadline_ms > 0)
-                .then(|| Duration::from_millis(l.request_deadline_ms)),
-            client_idle_timeout: Duration::from_millis(l.client_idle_timeout_ms),
-        }
-    };
+    let limits = limits(raw.limits, &err)?;
 
     let budgets =
         crate::budget::policy::compile(&raw.budgets, dir).map_err(|m| ConfigError::new(file, m))?;
 
-    let access_log = AccessLogConfig {
-        enabled: raw.access_log.enabled,
-        target: raw.access_log.path.resolve(dir),
-    };
-    // The output must open now: a config that would fail at start-up must not pass a check
-    // or a reload.
-    if let (true, AccessLogTarget::File(p)) = (access_log.enabled, &access_log.target) {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .map_err(|e| {
-                err(
-                    "access_log.path",
-                    format!("cannot open {}: {e}", p.display()),
-                )
-            })?;
-    }
+    let access_log = crate::telemetry::access_log::compile(raw.access_log, dir)
+        .map_err(|(key, m)| err(key, m))?;
 
     let (pricing, included) =
         crate::meter::pricing::compile(&raw.pricing, dir).map_err(|e| match e {
@@ -437,26 +273,8 @@ fn compile(
             PricingError::Here(message) => ConfigError::new(file, message),
         })?;
 
-    let metrics = {
-        let m = raw.metrics;
-        if m.user_label == UserLabel::Allowlist && m.users.is_empty() {
-            return Err(err(
-                "metrics.users",
-                "user_label = \"allowlist\" needs the list of users to label".into(),
-            ));
-        }
-        let mut priced_models: Vec<String> = pricing.model_names().map(str::to_string).collect();
-        priced_models.sort();
-        MetricsConfig {
-            user_label: m.user_label,
-            max_users: m.max_users,
-            users: m.users,
-            max_models: m.max_models,
-            max_series: m.max_series,
-            hash_salt: m.hash_salt,
-            priced_models,
-        }
-    };
+    let metrics =
+        crate::telemetry::calls::compile(raw.metrics, &pricing).map_err(|(key, m)| err(key, m))?;
 
     let traces =
         crate::telemetry::traces::compile(&raw.traces).map_err(|m| ConfigError::new(file, m))?;
@@ -506,6 +324,148 @@ fn compile(
         budgets,
         traces,
         auth,
+    })
+}
+
+/// What a value error becomes: the file, the key and what to change.
+type ErrAt<'a> = dyn Fn(&str, String) -> ConfigError + 'a;
+
+/// `[server]`.
+fn server(s: schema::RawServer, err: &ErrAt) -> Result<ServerConfig, ConfigError> {
+    let listen = parse_addr(&s.listen).map_err(|m| err("server.listen", m))?;
+    let admin_listen = parse_addr(&s.admin_listen).map_err(|m| err("server.admin_listen", m))?;
+    if listen == admin_listen {
+        return Err(err(
+            "server.admin_listen",
+            "must differ from server.listen".into(),
+        ));
+    }
+    if s.threads == 0 || s.threads > 1024 {
+        return Err(err(
+            "server.threads",
+            format!("{} is out of range: use 1 to 1024", s.threads),
+        ));
+    }
+    if (s.protect_metrics || s.protect_health) && s.admin_token_env.is_none() {
+        return Err(err(
+            if s.protect_metrics {
+                "server.protect_metrics"
+            } else {
+                "server.protect_health"
+            },
+            "needs server.admin_token_env (the token that protects it)".into(),
+        ));
+    }
+    Ok(ServerConfig {
+        listen,
+        admin_listen,
+        threads: s.threads,
+        drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+        admin_token: match &s.admin_token_env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(t) if t.len() >= 16 => Some(Secret(t)),
+                Ok(_) => {
+                    return Err(err(
+                        "server.admin_token_env",
+                        format!("the token in ${var} is shorter than 16 characters"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(err(
+                        "server.admin_token_env",
+                        format!("${var} is not set: export the admin token in it"),
+                    ))
+                }
+            },
+        },
+        protect_metrics: s.protect_metrics,
+        protect_health: s.protect_health,
+        log_level: s.log_level.parse().map_err(|_| {
+            err(
+                "server.log_level",
+                format!(
+                    "{:?} is not a level: use error, warn, info, debug or trace",
+                    s.log_level
+                ),
+            )
+        })?,
+    })
+}
+
+/// `[upstream]` (`dir` resolves the CA file).
+fn upstream(
+    u: schema::RawUpstream,
+    dir: &Path,
+    err: &ErrAt,
+) -> Result<UpstreamConfig, ConfigError> {
+    let url = parse_upstream_url(&u.url).map_err(|m| err("upstream.url", m))?;
+    let ms = |key: &str, v: u64| -> Result<Duration, ConfigError> {
+        if v == 0 {
+            Err(err(key, "must be greater than 0".into()))
+        } else {
+            Ok(Duration::from_millis(v))
+        }
+    };
+    let ca_file = match u.ca_file {
+        Some(p) => {
+            let p = dir.join(p);
+            if !p.is_file() {
+                return Err(err(
+                    "upstream.ca_file",
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    for p in &u.inject_stream_usage_except {
+        if p.is_empty() || p.trim_end_matches('*').contains('*') {
+            return Err(err(
+                "upstream.inject_stream_usage_except",
+                format!("{p:?}: write a model name, or a prefix ending in one `*`"),
+            ));
+        }
+    }
+    Ok(UpstreamConfig {
+        stream_usage: StreamUsage {
+            inject: u.inject_stream_usage,
+            except: u.inject_stream_usage_except,
+        },
+        url,
+        connect_timeout: ms("upstream.connect_timeout_ms", u.connect_timeout_ms)?,
+        read_timeout: ms("upstream.read_timeout_ms", u.read_timeout_ms)?,
+        write_timeout: ms("upstream.write_timeout_ms", u.write_timeout_ms)?,
+        idle_timeout: ms("upstream.idle_timeout_ms", u.idle_timeout_ms)?,
+        dns_refresh: ms("upstream.dns_refresh_ms", u.dns_refresh_ms)?,
+        ca_file,
+    })
+}
+
+/// `[limits]`.
+fn limits(l: schema::RawLimits, err: &ErrAt) -> Result<LimitsConfig, ConfigError> {
+    if l.max_request_body_bytes == 0 {
+        return Err(err(
+            "limits.max_request_body_bytes",
+            "must be greater than 0".into(),
+        ));
+    }
+    if l.client_idle_timeout_ms == 0 {
+        return Err(err(
+            "limits.client_idle_timeout_ms",
+            "must be greater than 0".into(),
+        ));
+    }
+    Ok(LimitsConfig {
+        max_request_body_bytes: l.max_request_body_bytes,
+        max_response_tap_bytes: l.max_response_tap_bytes,
+        max_header_bytes: l.max_header_bytes,
+        max_user_bytes: l.max_user_bytes,
+        max_streams_per_user: l.max_streams_per_user,
+        request_deadline: (l.request_deadline_ms > 0)
+            .then(|| Duration::from_millis(l.request_deadline_ms)),
+        client_idle_timeout: Duration::from_millis(l.client_idle_timeout_ms),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The raw TOML schema. Every table denies unknown keys so a typo is an error, not a silent
 //! default. Defaults live here, next to the field they fill.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -16,57 +16,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
-    pub access_log: RawAccessLog,
+    pub access_log: crate::telemetry::access_log::RawAccessLog,
     #[serde(default)]
     pub pricing: RawPricing,
     #[serde(default)]
-    pub metrics: RawMetrics,
+    pub metrics: crate::telemetry::calls::RawMetrics,
     #[serde(default)]
     pub budgets: crate::budget::policy::RawBudgets,
     #[serde(default)]
     pub traces: crate::telemetry::traces::RawTraces,
     #[serde(default)]
     pub auth: crate::auth::RawAuth,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawMetrics {
-    pub user_label: UserLabel,
-    pub max_users: usize,
-    pub users: Vec<String>,
-    pub max_models: usize,
-    /// At most this many (model, user) pairs get their own series; beyond, `__other__`.
-    pub max_series: usize,
-    /// Mixed into hashed users, so that labels cannot be reversed from a list of ids.
-    pub hash_salt: String,
-}
-
-impl Default for RawMetrics {
-    fn default() -> Self {
-        RawMetrics {
-            user_label: UserLabel::All,
-            max_users: 1000,
-            users: Vec::new(),
-            max_models: 200,
-            max_series: 20_000,
-            hash_salt: String::new(),
-        }
-    }
-}
-
-/// How the `user` label of metrics is filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UserLabel {
-    /// Each user, up to `max_users`; later ones are counted as `__other__`.
-    All,
-    /// Only the users listed in `users`; the rest as `__other__`.
-    Allowlist,
-    /// A short SHA-256 of the user (pseudonymous), up to `max_users`.
-    Hash,
-    /// No per-user series (the label is empty).
-    None,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,49 +139,5 @@ impl Default for RawLimits {
             request_deadline_ms: 0,
             client_idle_timeout_ms: 60_000,
         }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawAccessLog {
-    pub enabled: bool,
-    /// `"-"` for stdout, otherwise a file path (relative to the config file's directory).
-    pub path: AccessLogTarget,
-}
-
-impl Default for RawAccessLog {
-    fn default() -> Self {
-        RawAccessLog {
-            enabled: true,
-            path: AccessLogTarget::Stdout,
-        }
-    }
-}
-
-/// Where JSON-lines access records go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessLogTarget {
-    Stdout,
-    File(PathBuf),
-}
-
-impl AccessLogTarget {
-    pub(super) fn resolve(self, dir: &Path) -> Self {
-        match self {
-            AccessLogTarget::File(p) => AccessLogTarget::File(dir.join(p)),
-            t => t,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for AccessLogTarget {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Ok(match s.as_str() {
-            "-" | "stdout" => AccessLogTarget::Stdout,
-            "" => return Err(serde::de::Error::custom("empty path: use \"-\" for stdout")),
-            p => AccessLogTarget::File(PathBuf::from(p)),
-        })
     }
 }

@@ -7,15 +7,17 @@
 //! (see [`super::wake`]).
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, UNIX_EPOCH};
 
+use serde::Deserialize;
+
 use super::wake::LazyWake;
 use super::Sink;
-use crate::config::AccessLogTarget;
 use crate::meter::UsageRecord;
 
 const QUEUE: usize = 65_536;
@@ -428,6 +430,81 @@ impl JsonOut<'_> {
         }
         self.0.push(b']');
     }
+}
+
+// ---- `[access_log]`: this sink's section of the config ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccessLog {
+    pub enabled: bool,
+    /// `"-"` for stdout, otherwise a file path (relative to the config file's directory).
+    pub path: AccessLogTarget,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        RawAccessLog {
+            enabled: true,
+            path: AccessLogTarget::Stdout,
+        }
+    }
+}
+
+/// Where JSON-lines access records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+impl AccessLogTarget {
+    fn resolve(self, dir: &Path) -> Self {
+        match self {
+            AccessLogTarget::File(p) => AccessLogTarget::File(dir.join(p)),
+            t => t,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLogTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "-" | "stdout" => AccessLogTarget::Stdout,
+            "" => return Err(serde::de::Error::custom("empty path: use \"-\" for stdout")),
+            p => AccessLogTarget::File(PathBuf::from(p)),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    pub target: AccessLogTarget,
+}
+
+/// Checks `[access_log]` (`dir`: the config file's directory): its output must open now, so
+/// that a config that would fail at start-up fails a check or a reload instead. An error
+/// names its key.
+pub fn compile(raw: RawAccessLog, dir: &Path) -> Result<AccessLogConfig, (&'static str, String)> {
+    let cfg = AccessLogConfig {
+        enabled: raw.enabled,
+        target: raw.path.resolve(dir),
+    };
+    if let (true, AccessLogTarget::File(p)) = (cfg.enabled, &cfg.target) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| {
+                (
+                    "access_log.path",
+                    format!("cannot open {}: {e}", p.display()),
+                )
+            })?;
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -25,9 +25,10 @@ use dashmap::DashMap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{Histogram, HistogramOpts};
+use serde::Deserialize;
 
 use super::Sink;
-use crate::config::{Config, MetricsConfig, UserLabel};
+use crate::config::Config;
 use crate::meter::{Outcome, UsageRecord, UsageSource};
 
 /// `gen_ai.client.operation.duration` buckets (seconds), from the semantic conventions.
@@ -653,6 +654,85 @@ impl Collector for CallMetrics {
         fams.retain(|f| !f.get_metric().is_empty());
         fams
     }
+}
+
+// ---- `[metrics]`: this sink's section of the config ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub user_label: UserLabel,
+    pub max_users: usize,
+    pub users: Vec<String>,
+    pub max_models: usize,
+    /// At most this many (model, user) pairs get their own series; beyond, `__other__`.
+    pub max_series: usize,
+    /// Mixed into hashed users, so that labels cannot be reversed from a list of ids.
+    pub hash_salt: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            user_label: UserLabel::All,
+            max_users: 1000,
+            users: Vec::new(),
+            max_models: 200,
+            max_series: 20_000,
+            hash_salt: String::new(),
+        }
+    }
+}
+
+/// How the `user` label of metrics is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserLabel {
+    /// Each user, up to `max_users`; later ones are counted as `__other__`.
+    All,
+    /// Only the users listed in `users`; the rest as `__other__`.
+    Allowlist,
+    /// A short SHA-256 of the user (pseudonymous), up to `max_users`.
+    Hash,
+    /// No per-user series (the label is empty).
+    None,
+}
+
+/// How metrics label calls; bounds the number of series whatever clients send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub user_label: UserLabel,
+    pub max_users: usize,
+    pub users: Vec<String>,
+    pub max_models: usize,
+    pub max_series: usize,
+    pub hash_salt: String,
+    /// Models of the price table: always labelled, never counted against `max_models`.
+    pub priced_models: Vec<String>,
+}
+
+/// Checks `[metrics]`; the price table's models are always labelled. An error names its key.
+pub fn compile(
+    raw: RawMetrics,
+    pricing: &crate::meter::pricing::PriceTable,
+) -> Result<MetricsConfig, (&'static str, String)> {
+    if raw.user_label == UserLabel::Allowlist && raw.users.is_empty() {
+        return Err((
+            "metrics.users",
+            "user_label = \"allowlist\" needs the list of users to label".into(),
+        ));
+    }
+    let mut priced_models: Vec<String> = pricing.model_names().map(str::to_string).collect();
+    priced_models.sort();
+    Ok(MetricsConfig {
+        user_label: raw.user_label,
+        max_users: raw.max_users,
+        users: raw.users,
+        max_models: raw.max_models,
+        max_series: raw.max_series,
+        hash_salt: raw.hash_salt,
+        priced_models,
+    })
 }
 
 #[cfg(test)]
