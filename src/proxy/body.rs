@@ -21,44 +21,44 @@ impl TokenTap {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(b) = body.as_ref() {
-            ctx.request_bytes += b.len() as u64;
+            ctx.body.bytes += b.len() as u64;
             let limit = ctx.cfg.limits.max_request_body_bytes;
-            if ctx.request_bytes > limit as u64 {
-                ctx.held = Vec::new();
+            if ctx.body.bytes > limit as u64 {
+                ctx.body.held = Vec::new();
                 return Err(self.reject(ctx, too_large(limit)));
             }
         }
-        if !ctx.chat || ctx.body_released {
+        if !ctx.chat || ctx.body.released {
             return Ok(());
         }
         if let Some(b) = body.take() {
             if !b.is_empty() {
-                ctx.held.push(b);
+                ctx.body.held.push(b);
             }
             // An empty chunk is not written upstream; the body goes out in one piece below.
             *body = Some(Bytes::new());
         }
         if end_of_stream {
-            let whole = match ctx.held.len() {
+            let whole = match ctx.body.held.len() {
                 0 => Bytes::new(),
-                1 => ctx.held.pop().unwrap_or_default(),
-                _ => Bytes::from(std::mem::take(&mut ctx.held).concat()),
+                1 => ctx.body.held.pop().unwrap_or_default(),
+                _ => Bytes::from(std::mem::take(&mut ctx.body.held).concat()),
             };
             let limit = ctx.cfg.limits.max_request_body_bytes;
-            match request::inspect_encoded(&whole, ctx.request_encoding.as_deref(), limit) {
+            match request::inspect_encoded(&whole, ctx.body.encoding.as_deref(), limit) {
                 Ok(m) => ctx.meta = Some(m),
                 Err(e) => ctx.meta_error = Some(e.0),
             }
             // Content goes into the span only when the operator opted in (and is readable
             // as sent: compressed bodies are not captured).
-            if ctx.capture_content() && ctx.request_encoding.is_none() {
-                ctx.input_body = Some(whole.clone());
+            if ctx.capture_content() && ctx.body.plain() {
+                ctx.body.captured = Some(whole.clone());
             }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet. The decision follows (`decide_call`), then the body is made ready
             // (`prepare_forward`) and released.
-            ctx.decide = true;
-            ctx.forward = Some(whole);
+            ctx.body.decide = true;
+            ctx.body.forward = Some(whole);
         }
         Ok(())
     }
@@ -70,16 +70,13 @@ impl TokenTap {
     /// request head went upstream framed for it (its length known, or chunked).
     pub(super) fn prepare_forward(&self, ctx: &mut Ctx) -> std::result::Result<(), Box<Error>> {
         use crate::openai::edit;
-        let (Some(whole), Some(meta)) = (ctx.forward.as_ref(), ctx.meta.as_ref()) else {
+        let (Some(whole), Some(meta)) = (ctx.body.forward.as_ref(), ctx.meta.as_ref()) else {
             return Ok(());
         };
-        let plain = ctx
-            .request_encoding
-            .as_deref()
-            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
-        let editable = plain && (ctx.read_ahead || ctx.may_edit);
+        let plain = ctx.body.plain();
+        let editable = plain && (ctx.body.read_ahead || ctx.body.may_edit);
         let mut edits = Vec::new();
-        if std::mem::take(&mut ctx.rewrite_user) {
+        if std::mem::take(&mut ctx.body.rewrite_user) {
             match ctx.identity.as_ref().filter(|_| editable) {
                 Some(id) => edits.extend(edit::set_user(meta, &id.user)),
                 // Never send the body naming someone else.
@@ -94,11 +91,11 @@ impl TokenTap {
         {
             if let edit::UsageAsk::Edit(e) = edit::ask_for_usage(whole, meta) {
                 edits.push(e);
-                ctx.usage_injected = true;
+                ctx.body.usage_injected = true;
             }
         }
         if !edits.is_empty() {
-            ctx.forward = Some(Bytes::from(edit::apply(whole, edits)));
+            ctx.body.forward = Some(Bytes::from(edit::apply(whole, edits)));
         }
         Ok(())
     }
@@ -119,29 +116,27 @@ impl TokenTap {
             }
             Ok(())
         };
-        if ctx.read_ahead {
+        if ctx.body.read_ahead {
             if let Some(b) = ctx
+                .body
                 .forward
                 .as_ref()
-                .filter(|b| b.len() as u64 != ctx.request_bytes)
+                .filter(|b| b.len() as u64 != ctx.body.bytes)
             {
                 req.insert_header(header::CONTENT_LENGTH, b.len().to_string())?;
             }
-            if ctx.usage_injected {
+            if ctx.body.usage_injected {
                 readable(req)?;
             }
             return Ok(());
         }
         let cfg = &ctx.cfg;
-        let plain = ctx
-            .request_encoding
-            .as_deref()
-            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
+        let plain = ctx.body.plain();
         let may_inject = cfg.upstream.stream_usage.inject;
         let may_rewrite = cfg.auth.mode == crate::auth::Mode::VirtualKeys
             && cfg.auth.mismatch == crate::auth::Mismatch::Overwrite;
         if plain && (may_inject || may_rewrite) {
-            ctx.may_edit = true;
+            ctx.body.may_edit = true;
             req.remove_header(&header::CONTENT_LENGTH);
             req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
             if may_inject {

@@ -10,70 +10,125 @@ use super::*;
 /// Per-request state.
 pub struct Ctx {
     pub(super) cfg: Arc<Config>,
-    pub(super) start: Instant,
-    pub(super) started_at: SystemTime,
     pub(super) request_id: String,
     /// `POST` to the Chat Completions endpoint.
     pub(super) chat: bool,
-    /// Chat request body held back until complete.
-    pub(super) held: Vec<Bytes>,
-    /// The request's `Content-Encoding`, if any.
-    pub(super) request_encoding: Option<String>,
-    pub(super) request_bytes: u64,
-    /// The held body went to the upstream.
-    pub(super) body_released: bool,
     pub(super) meta: Option<RequestMeta>,
     pub(super) meta_error: Option<String>,
-    /// The upstream's addresses for this request, and how many connections were tried.
-    pub(super) addrs: Option<dns::Resolved>,
-    pub(super) attempts: usize,
-    pub(super) upstream_addr: Option<SocketAddr>,
-    /// The upstream's status (the last non-1xx head).
-    pub(super) upstream_status: Option<u16>,
-    pub(super) ttfb: Option<Duration>,
-    /// Time from when the upstream had the whole request to the first content token.
-    pub(super) ttft: Option<Duration>,
-    /// When the request's body went to the upstream (chat calls hold it until then).
-    pub(super) sent_at: Option<Instant>,
-    pub(super) first_token_at: Option<Instant>,
-    pub(super) tap: Option<ResponseTap>,
-    pub(super) response_bytes: u64,
+    /// The request body's way to the upstream.
+    pub(super) body: Body,
+    /// When things happened, and tokentap's own time.
+    pub(super) times: Times,
+    /// Where the call went and how it answered.
+    pub(super) upstream: Upstream,
+    /// The response on its way to the client.
+    pub(super) response: Response,
     /// tokentap refused the call itself (the upstream did not process it).
     pub(super) rejection: Option<ApiError>,
     /// Why tokentap could not complete the call with the upstream.
     pub(super) failure: Option<ApiError>,
-    /// Time spent in tokentap's own phases.
-    pub(super) overhead: Duration,
     pub(super) _in_flight: InFlight,
-    /// Set while a streamed response is relayed.
-    pub(super) stream_active: Option<InFlight>,
     /// Settles the reservation at the estimate should the call never get its record.
     pub(super) open: Option<OpenGuard>,
-    /// The body is complete: decide about the call before it goes.
-    pub(super) decide: bool,
     /// The call's place in a trace (traces on).
     pub(super) trace: Option<CallTrace>,
-    /// allowed, refused, fail_open, not_capped (for the span); `None` before a decision.
+    /// allowed, refused, fail_open, not_capped; `None` before a decision.
     pub(super) budget_decision: Option<&'static str>,
-    /// The request body, for the span's messages, when content capture is on.
-    pub(super) input_body: Option<Bytes>,
-    /// When the first chunk of the response body arrived.
-    pub(super) first_chunk_at: Option<Instant>,
     /// Counts this call among its user's open streams.
     pub(super) user_stream: Option<UserStream>,
     /// The caller, from its virtual key.
     pub(crate) identity: Option<crate::auth::Identity>,
-    /// The body's `user` is to be replaced by the key's (auth.user_mismatch = "overwrite").
-    pub(super) rewrite_user: bool,
+}
+
+/// A chat request body's way to the upstream.
+#[derive(Default)]
+pub(super) struct Body {
+    /// Pieces held back until the body is complete.
+    pub(super) held: Vec<Bytes>,
+    /// The request's `Content-Encoding`, if any.
+    pub(super) encoding: Option<String>,
+    pub(super) bytes: u64,
     /// The whole body was read before the upstream was contacted (see `request_filter`).
     pub(super) read_ahead: bool,
+    /// The body is complete: decide about the call before it goes.
+    pub(super) decide: bool,
+    /// The body's `user` is to be replaced by the key's (auth.user_mismatch = "overwrite").
+    pub(super) rewrite_user: bool,
     /// The request head went upstream framed so that the body may still change (chunked).
     pub(super) may_edit: bool,
     /// The body that goes upstream: the client's, or it with tokentap's edits.
     pub(super) forward: Option<Bytes>,
-    /// tokentap asked for this stream's usage; `strip` takes the answer back out.
+    /// tokentap asked for this stream's usage; the response's `strip` takes it back out.
     pub(super) usage_injected: bool,
+    /// The body went to the upstream.
+    pub(super) released: bool,
+    /// The body as sent, for the span, when content capture is on.
+    pub(super) captured: Option<Bytes>,
+}
+
+impl Body {
+    /// The body is read as sent: no content coding (or `identity`), so it can be inspected
+    /// as it stands, captured and edited.
+    pub(super) fn plain(&self) -> bool {
+        self.encoding
+            .as_deref()
+            .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"))
+    }
+}
+
+/// When a call's moments happened.
+pub(super) struct Times {
+    pub(super) start: Instant,
+    pub(super) started_at: SystemTime,
+    /// To the upstream's response head.
+    pub(super) ttfb: Option<Duration>,
+    /// From when the upstream had the whole request to the first content token.
+    pub(super) ttft: Option<Duration>,
+    /// When the request's body went to the upstream.
+    pub(super) sent_at: Option<Instant>,
+    pub(super) first_token: Option<Instant>,
+    /// When the first chunk of the response body arrived.
+    pub(super) first_chunk: Option<Instant>,
+    /// Time spent in tokentap's own phases.
+    pub(super) overhead: Duration,
+}
+
+impl Times {
+    pub(super) fn now() -> Self {
+        Times {
+            start: Instant::now(),
+            started_at: SystemTime::now(),
+            ttfb: None,
+            ttft: None,
+            sent_at: None,
+            first_token: None,
+            first_chunk: None,
+            overhead: Duration::ZERO,
+        }
+    }
+}
+
+/// The upstream side of a call.
+#[derive(Default)]
+pub(super) struct Upstream {
+    /// The upstream's addresses for this request, and how many connections were tried.
+    pub(super) addrs: Option<dns::Resolved>,
+    pub(super) attempts: usize,
+    pub(super) addr: Option<SocketAddr>,
+    /// The upstream's status (the last non-1xx head).
+    pub(super) status: Option<u16>,
+}
+
+/// The response on its way to the client.
+#[derive(Default)]
+pub(super) struct Response {
+    /// Reads a copy for metering.
+    pub(super) tap: Option<ResponseTap>,
+    pub(super) bytes: u64,
+    /// Takes out what asking for usage added (when tokentap asked).
     pub(super) strip: Option<crate::openai::strip::UsageStrip>,
+    /// Set while a streamed response is relayed.
+    pub(super) stream_active: Option<InFlight>,
 }
 
 /// Counts a call (or a stream) as active for as long as it lives, whatever path it ends on.

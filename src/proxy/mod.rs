@@ -22,7 +22,7 @@ mod record;
 use answer::*;
 use body::*;
 pub use ctx::Ctx;
-use ctx::{InFlight, UserStream};
+use ctx::{Body, InFlight, Response, Times, Upstream, UserStream};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -133,7 +133,7 @@ impl TokenTap {
     async fn upstream_peer_inner(&self, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &ctx.cfg.upstream;
 
-        let addrs = match ctx.addrs.take() {
+        let addrs = match ctx.upstream.addrs.take() {
             Some(a) => a,
             None => match self
                 .shared
@@ -156,15 +156,15 @@ impl TokenTap {
             },
         };
         // A retry after a failed connection moves on to the name's next address.
-        let addr = addrs.pick(ctx.attempts);
-        ctx.addrs = Some(addrs);
-        ctx.attempts += 1;
-        ctx.upstream_addr = Some(addr);
+        let addr = addrs.pick(ctx.upstream.attempts);
+        ctx.upstream.addrs = Some(addrs);
+        ctx.upstream.attempts += 1;
+        ctx.upstream.addr = Some(addr);
         let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.to_string());
         let o = &mut peer.options;
         // The call's deadline bounds every wait on the upstream.
         let left = ctx.cfg.limits.request_deadline.map(|d| {
-            d.saturating_sub(ctx.start.elapsed())
+            d.saturating_sub(ctx.times.start.elapsed())
                 .max(Duration::from_millis(1))
         });
         let bound = |t: Duration| left.map_or(t, |l| t.min(l));
@@ -266,7 +266,7 @@ impl TokenTap {
             }
         }
         if ctx.chat {
-            ctx.request_encoding = req
+            ctx.body.encoding = req
                 .headers
                 .get(header::CONTENT_ENCODING)
                 .and_then(|v| v.to_str().ok())
@@ -281,16 +281,17 @@ impl TokenTap {
         if (100..200).contains(&status) {
             return Ok(());
         }
-        ctx.upstream_status = Some(status);
-        ctx.ttfb = Some(ctx.start.elapsed());
+        ctx.upstream.status = Some(status);
+        ctx.times.ttfb = Some(ctx.times.start.elapsed());
         // The upstream answered: no attempt sends the body again, and a stream does not keep it.
-        ctx.forward = None;
+        ctx.body.forward = None;
         if ctx.chat {
             let header = |name| resp.headers.get(name).and_then(|v| v.to_str().ok());
             let ctype = header(header::CONTENT_TYPE).unwrap_or("");
             let kind = if ctype.starts_with("text/event-stream") {
                 if status < 400 {
-                    ctx.stream_active = Some(InFlight::new(&self.shared.calls.streams_active));
+                    ctx.response.stream_active =
+                        Some(InFlight::new(&self.shared.calls.streams_active));
                 }
                 BodyKind::Sse
             } else {
@@ -306,10 +307,10 @@ impl TokenTap {
             if ctx.capture_content() {
                 tap.capture_content(ctx.cfg.traces.max_content_bytes);
             }
-            if ctx.usage_injected && kind == BodyKind::Sse && status < 400 {
+            if ctx.body.usage_injected && kind == BodyKind::Sse && status < 400 {
                 // The client did not ask for usage: what asking added comes out again.
-                ctx.strip = crate::openai::strip::UsageStrip::new(encoding);
-                if ctx.strip.is_some() {
+                ctx.response.strip = crate::openai::strip::UsageStrip::new(encoding);
+                if ctx.response.strip.is_some() {
                     // Its length changes: chunked (as Pingora frames a body of unknown
                     // length, before this filter runs), so the connection stays reusable.
                     if resp.remove_header(&header::CONTENT_LENGTH).is_some() {
@@ -325,7 +326,7 @@ impl TokenTap {
                     );
                 }
             }
-            ctx.tap = Some(tap);
+            ctx.response.tap = Some(tap);
         }
         Ok(())
     }
@@ -366,14 +367,11 @@ impl TokenTap {
                 // of a refused call).
                 let claimed = meta.user.replace(id.user.clone());
                 if claimed.is_some_and(|u| !u.is_empty() && u != id.user) {
-                    let can_rewrite = ctx
-                        .request_encoding
-                        .as_deref()
-                        .is_none_or(|e| e.trim().is_empty() || e.eq_ignore_ascii_case("identity"));
+                    let can_rewrite = ctx.body.plain();
                     if cfg.auth.mismatch == crate::auth::Mismatch::Reject || !can_rewrite {
                         return Err(self.reject(ctx, user_mismatch()));
                     }
-                    ctx.rewrite_user = true;
+                    ctx.body.rewrite_user = true;
                 }
             }
         }
@@ -425,7 +423,7 @@ impl TokenTap {
         }
         // The body goes now: time to first token counts from here, not from before the
         // budget decision (a Redis round trip is tokentap's, not the upstream's).
-        ctx.sent_at = Some(Instant::now());
+        ctx.times.sent_at = Some(Instant::now());
         Ok(())
     }
 
@@ -441,6 +439,7 @@ impl TokenTap {
             model,
             prompt_text_bytes: meta.map_or(0, |m| m.prompt_text_bytes),
             started: ctx
+                .times
                 .started_at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
@@ -472,45 +471,22 @@ impl ProxyHttp for TokenTap {
     fn new_ctx(&self) -> Box<Ctx> {
         Box::new(Ctx {
             cfg: self.shared.config.load_full(),
-            start: Instant::now(),
-            started_at: SystemTime::now(),
             request_id: self.shared.ids.next(),
             chat: false,
-            held: Vec::new(),
-            request_encoding: None,
-            request_bytes: 0,
-            body_released: false,
             meta: None,
             meta_error: None,
-            addrs: None,
-            attempts: 0,
-            upstream_addr: None,
-            upstream_status: None,
-            ttfb: None,
-            ttft: None,
-            sent_at: None,
-            first_token_at: None,
-            tap: None,
-            response_bytes: 0,
+            body: Body::default(),
+            times: Times::now(),
+            upstream: Upstream::default(),
+            response: Response::default(),
             rejection: None,
             failure: None,
-            overhead: Duration::ZERO,
             _in_flight: InFlight::new(&self.shared.in_flight),
-            stream_active: None,
             open: None,
             trace: None,
             budget_decision: None,
-            input_body: None,
-            first_chunk_at: None,
             user_stream: None,
             identity: None,
-            rewrite_user: false,
-            decide: false,
-            read_ahead: false,
-            may_edit: false,
-            forward: None,
-            usage_injected: false,
-            strip: None,
         })
     }
 
@@ -531,22 +507,22 @@ impl ProxyHttp for TokenTap {
                 // A chat call without a body: decided here, before anything goes upstream (the
                 // body filter, called for its end, then has nothing left to do).
                 r = self.on_request_body(&mut None, true, ctx).map(|_| false);
-                ctx.read_ahead = true;
+                ctx.body.read_ahead = true;
             } else if read_ahead(session) {
-                ctx.read_ahead = true;
+                ctx.body.read_ahead = true;
                 let waited;
                 (r, waited) = self.read_body(session, ctx).await;
                 // Waiting for the client's bytes is not tokentap's time.
-                ctx.overhead = ctx.overhead.saturating_sub(waited);
+                ctx.times.overhead = ctx.times.overhead.saturating_sub(waited);
             }
-            if r.is_ok() && std::mem::take(&mut ctx.decide) {
+            if r.is_ok() && std::mem::take(&mut ctx.body.decide) {
                 r = match self.decide_call(ctx).await {
                     Ok(()) => self.prepare_forward(ctx).map(|_| false),
                     Err(e) => Err(e),
                 };
             }
         }
-        ctx.overhead += t.elapsed();
+        ctx.times.overhead += t.elapsed();
         r
     }
 
@@ -557,7 +533,7 @@ impl ProxyHttp for TokenTap {
     ) -> Result<Box<HttpPeer>> {
         let t = Instant::now();
         let r = self.upstream_peer_inner(ctx).await;
-        ctx.overhead += t.elapsed();
+        ctx.times.overhead += t.elapsed();
         r
     }
 
@@ -620,32 +596,32 @@ impl ProxyHttp for TokenTap {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if ctx.read_ahead {
+        if ctx.body.read_ahead {
             // The body was read and decided on before the upstream was contacted; Pingora
             // hands over its copy (the replay buffer) once for each attempt: what goes is
             // tokentap's, edits included.
             if end_of_stream || body.is_some() {
-                *body = ctx.forward.clone().filter(|b| !b.is_empty());
-                ctx.body_released = true;
-                ctx.sent_at = Some(Instant::now());
+                *body = ctx.body.forward.clone().filter(|b| !b.is_empty());
+                ctx.body.released = true;
+                ctx.times.sent_at = Some(Instant::now());
             }
             return Ok(());
         }
         let t = Instant::now();
         let mut r = self.on_request_body(body, end_of_stream, ctx);
-        if r.is_ok() && std::mem::take(&mut ctx.decide) {
+        if r.is_ok() && std::mem::take(&mut ctx.body.decide) {
             r = match self.decide_call(ctx).await {
                 Ok(()) => self.prepare_forward(ctx),
                 Err(e) => Err(e),
             };
             if r.is_ok() {
                 // (Taken: no attempt sends it again, and a long stream does not keep it.)
-                *body = ctx.forward.take().filter(|b| !b.is_empty());
-                ctx.body_released = true;
-                ctx.sent_at = Some(Instant::now());
+                *body = ctx.body.forward.take().filter(|b| !b.is_empty());
+                ctx.body.released = true;
+                ctx.times.sent_at = Some(Instant::now());
             }
         }
-        ctx.overhead += t.elapsed();
+        ctx.times.overhead += t.elapsed();
         r
     }
 
@@ -657,7 +633,7 @@ impl ProxyHttp for TokenTap {
     ) -> Result<()> {
         let t = Instant::now();
         let r = self.on_response(resp, ctx);
-        ctx.overhead += t.elapsed();
+        ctx.times.overhead += t.elapsed();
         r
     }
 
@@ -670,39 +646,39 @@ impl ProxyHttp for TokenTap {
     ) -> Result<Option<Duration>> {
         let t = Instant::now();
         if let Some(b) = body.as_mut() {
-            if ctx.first_chunk_at.is_none() && !b.is_empty() {
-                ctx.first_chunk_at = Some(Instant::now());
+            if ctx.times.first_chunk.is_none() && !b.is_empty() {
+                ctx.times.first_chunk = Some(Instant::now());
             }
-            ctx.response_bytes += b.len() as u64;
-            if let Some(tap) = ctx.tap.as_mut() {
+            ctx.response.bytes += b.len() as u64;
+            if let Some(tap) = ctx.response.tap.as_mut() {
                 if tap.feed(b) {
                     let now = Instant::now();
-                    ctx.first_token_at = Some(now);
-                    ctx.ttft = Some(now - ctx.sent_at.unwrap_or(ctx.start));
+                    ctx.times.first_token = Some(now);
+                    ctx.times.ttft = Some(now - ctx.times.sent_at.unwrap_or(ctx.times.start));
                 }
                 // What the call used so far, should it never get its record.
                 if let Some(open) = &ctx.open {
                     open.call.observe(tap);
                 }
             }
-            if let Some(strip) = ctx.strip.as_mut() {
+            if let Some(strip) = ctx.response.strip.as_mut() {
                 *b = Bytes::from(strip.feed(b));
             }
         }
-        if let Some(strip) = ctx.strip.as_mut().filter(|_| end_of_stream) {
+        if let Some(strip) = ctx.response.strip.as_mut().filter(|_| end_of_stream) {
             let rest = strip.finish();
             if !rest.is_empty() {
                 let mut all = body.take().map(Vec::from).unwrap_or_default();
                 all.extend(rest);
                 *body = Some(Bytes::from(all));
             }
-            ctx.strip = None;
+            ctx.response.strip = None;
         }
-        ctx.overhead += t.elapsed();
+        ctx.times.overhead += t.elapsed();
         // Past the deadline, the stream is cut (after the tap saw this chunk: it may carry
         // the usage).
         if let Some(d) = ctx.cfg.limits.request_deadline {
-            if ctx.start.elapsed() > d {
+            if ctx.times.start.elapsed() > d {
                 ctx.failure = Some(deadline_passed(d));
                 return Err(Error::explain(
                     ErrorType::ReadTimedout,
@@ -723,7 +699,12 @@ impl ProxyHttp for TokenTap {
     ) -> Box<Error> {
         // Nothing was sent on a connection that never opened: try the name's next address, if
         // there is one this request has not tried.
-        if ctx.addrs.as_ref().is_some_and(|a| ctx.attempts < a.len()) {
+        if ctx
+            .upstream
+            .addrs
+            .as_ref()
+            .is_some_and(|a| ctx.upstream.attempts < a.len())
+        {
             e.set_retry(true);
         }
         e
@@ -743,9 +724,9 @@ impl ProxyHttp for TokenTap {
         // body was read from the client (a body consumed here cannot be replayed beyond
         // Pingora's 64 KiB buffer), and the upstream did not simply take too long.
         let replayable = session.req_header().method.is_idempotent()
-            && ctx.request_bytes == 0
-            && !ctx.body_released
-            && ctx.upstream_status.is_none()
+            && ctx.body.bytes == 0
+            && !ctx.body.released
+            && ctx.upstream.status.is_none()
             && !matches!(
                 e.etype(),
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout
@@ -764,11 +745,10 @@ impl ProxyHttp for TokenTap {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let deadline = ctx
-            .cfg
-            .limits
-            .request_deadline
-            .filter(|d| ctx.start.elapsed() >= *d && e.esource() == &ErrorSource::Upstream);
+        let deadline =
+            ctx.cfg.limits.request_deadline.filter(|d| {
+                ctx.times.start.elapsed() >= *d && e.esource() == &ErrorSource::Upstream
+            });
         let api = ctx
             .rejection
             .clone()
@@ -804,10 +784,10 @@ impl ProxyHttp for TokenTap {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let t = Instant::now();
-        ctx.stream_active = None;
+        ctx.response.stream_active = None;
         let rec = record::build(session, e, ctx);
         self.shared.sinks.record(Arc::new(rec));
-        let total = ctx.overhead + t.elapsed();
+        let total = ctx.times.overhead + t.elapsed();
         self.shared.calls.observe_overhead(total.as_secs_f64());
     }
 

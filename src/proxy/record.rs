@@ -11,7 +11,12 @@ use crate::openai::response::Observed;
 pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> UsageRecord {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let outcome = outcome(e, ctx, status);
-    let observed = ctx.tap.as_mut().map(|t| t.finish()).unwrap_or_default();
+    let observed = ctx
+        .response
+        .tap
+        .as_mut()
+        .map(|t| t.finish())
+        .unwrap_or_default();
     let (usage, usage_source) = usage(ctx, &observed, outcome);
     let web_searches_source = observed
         .web_searches()
@@ -36,7 +41,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .or_else(|| ctx.meta_error.clone());
     // An upstream that refuses `stream_options` (some do) is refusing what tokentap added.
     let error = match error {
-        Some(e) if ctx.usage_injected && observed.upstream_error_names_stream_options => {
+        Some(e) if ctx.body.usage_injected && observed.upstream_error_names_stream_options => {
             log::warn!(
                 "{}: the upstream refused the call naming stream_options, which tokentap added \
                  to ask for the stream's usage; turn usage injection off for this upstream \
@@ -58,12 +63,13 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
     let (upstream_host, upstream_port, url_base) =
         (url.host.clone(), url.port, url.url_base.clone());
     let time_to_first_chunk = ctx
-        .first_chunk_at
+        .times
+        .first_chunk
         .filter(|_| meta.is_some_and(|m| m.stream))
-        .map(|t| t.saturating_duration_since(ctx.sent_at.unwrap_or(ctx.start)));
+        .map(|t| t.saturating_duration_since(ctx.times.sent_at.unwrap_or(ctx.times.start)));
     UsageRecord {
         request_id: std::mem::take(&mut ctx.request_id),
-        started_at: ctx.started_at,
+        started_at: ctx.times.started_at,
         method: req.method.as_str().to_string(),
         path: req.uri.path().to_string(),
         chat: ctx.chat,
@@ -79,12 +85,12 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         tools: meta.map(|m| m.tools.clone()).unwrap_or_default(),
         web_search_requested: meta.is_some_and(|m| m.web_search_requested()),
         status,
-        upstream_status: ctx.upstream_status,
+        upstream_status: ctx.upstream.status,
         outcome,
         usage,
         usage_source,
         web_searches_source,
-        usage_injected: ctx.usage_injected,
+        usage_injected: ctx.body.usage_injected,
         temperature: meta.and_then(|m| m.temperature),
         top_p: meta.and_then(|m| m.top_p),
         budget_decision: ctx.budget_decision,
@@ -93,7 +99,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         upstream_host,
         upstream_port,
         url_base,
-        captured_input: ctx.input_body.take(),
+        captured_input: ctx.body.captured.take(),
         // Nothing captured (an error answer, say): nothing to show.
         captured_output: observed.captured.filter(|t| !t.is_empty()),
         cost: price.map(|p| p.cost(&usage)),
@@ -102,13 +108,13 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         search_ran: observed.search_ran,
         search_results: observed.search_results,
         warning: observed.warning,
-        request_bytes: ctx.request_bytes,
-        response_bytes: ctx.response_bytes,
+        request_bytes: ctx.body.bytes,
+        response_bytes: ctx.response.bytes,
         content_chunks: observed.content_chunks,
-        ttfb: ctx.ttfb,
-        ttft: ctx.ttft,
-        generation: ctx.first_token_at.map(|t| t.elapsed()),
-        duration: ctx.start.elapsed(),
+        ttfb: ctx.times.ttfb,
+        ttft: ctx.times.ttft,
+        generation: ctx.times.first_token.map(|t| t.elapsed()),
+        duration: ctx.times.start.elapsed(),
         error,
         trace,
     }
@@ -122,7 +128,7 @@ fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
     let Some(e) = e else {
         // Pingora reports an error for every response it could not finish (bodiless ones,
         // HEAD, 204 and 304, end with their head and never reach the body filter).
-        return match ctx.upstream_status.unwrap_or(status) {
+        return match ctx.upstream.status.unwrap_or(status) {
             s if s >= 400 => Outcome::UpstreamError,
             _ => Outcome::Complete,
         };
@@ -133,7 +139,7 @@ fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
         (ErrorSource::Downstream, _) => Outcome::Rejected,
         (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => Outcome::Timeout,
         (ErrorSource::Upstream, _) => {
-            if ctx.upstream_status.is_some() || ctx.body_released {
+            if ctx.upstream.status.is_some() || ctx.body.released {
                 // The upstream had the request; the connection broke before the answer ended.
                 Outcome::UpstreamReset
             } else {
@@ -155,9 +161,9 @@ fn usage(ctx: &Ctx, obs: &Observed, outcome: Outcome) -> (Usage, UsageSource) {
         return (Usage::default(), UsageSource::None);
     };
     let processed = match outcome {
-        Outcome::Complete => ctx.upstream_status.is_some_and(|s| s < 400),
+        Outcome::Complete => ctx.upstream.status.is_some_and(|s| s < 400),
         Outcome::UpstreamReset | Outcome::ClientDisconnected | Outcome::Timeout => {
-            ctx.body_released && ctx.upstream_status.is_none_or(|s| s < 400)
+            ctx.body.released && ctx.upstream.status.is_none_or(|s| s < 400)
         }
         Outcome::UpstreamError | Outcome::Rejected => false,
     };
