@@ -248,7 +248,8 @@ pub struct UsageRecord {
     pub upstream_port: u16,
     pub url_base: std::sync::Arc<str>,
     /// Content kept for the call's span when the operator opted in (and it is traced): the
-    /// request body as sent, and the completion's text (at most `traces.max_content_bytes`).
+    /// request's `messages` as sent (the whole body when inspection did not find them), and
+    /// the completion's text (at most `traces.max_content_bytes`).
     pub captured_input: Option<bytes::Bytes>,
     pub captured_output: Option<String>,
 }

@@ -51,8 +51,13 @@ impl TokenTap {
             }
             // Content goes into the span only when the operator opted in (and is readable
             // as sent: compressed bodies are not captured).
+            // (Its `messages` only, where inspection found them: what the span shows.)
             if ctx.capture_content() && ctx.body.plain() {
-                ctx.body.captured = Some(whole.clone());
+                let messages = ctx.meta.as_ref().and_then(|m| m.spans.messages.clone());
+                ctx.body.captured = Some(match messages {
+                    Some(r) => whole.slice(r),
+                    None => whole.clone(),
+                });
             }
             // The decision point: everything about the call is known, nothing reached the
             // upstream yet. The decision follows (`decide_call`), then the body is made ready

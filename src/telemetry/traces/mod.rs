@@ -90,6 +90,10 @@ mod tests {
         assert_eq!(cut[0]["parts"][0]["content"], "Be brief.");
         // 2 bytes left: "h" and not half of "é".
         assert_eq!(cut[1]["parts"][0]["content"], "h");
+        // The messages alone, as request inspection hands them over, read the same.
+        let meta = crate::openai::request::inspect(body).unwrap();
+        let messages = &body[meta.spans.messages.unwrap()];
+        assert_eq!(input_messages(messages, 1000), input_messages(body, 1000));
     }
 
     #[test]

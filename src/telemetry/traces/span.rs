@@ -37,7 +37,12 @@ pub fn input_messages(body: &[u8], limit: usize) -> Option<String> {
         #[serde(default)]
         messages: Vec<serde_json::Value>,
     }
-    let req: Req = serde_json::from_slice(body).ok()?;
+    // The `messages` array request inspection found, or else the whole body.
+    let messages: Vec<serde_json::Value> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(body).ok()?,
+        _ => serde_json::from_slice::<Req>(body).ok()?.messages,
+    };
+    let req = Req { messages };
     let mut left = limit;
     let mut out = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
