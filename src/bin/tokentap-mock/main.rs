@@ -43,6 +43,12 @@
 //! that list. `--tls-cert FILE --tls-key FILE` serves HTTPS instead of HTTP, and then also
 //! plain HTTP on a second, printed address, for those two control paths.
 
+mod http;
+mod stream;
+
+use http::*;
+use stream::stream;
+
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
@@ -57,7 +63,7 @@ use tokio_rustls::rustls;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 #[derive(Default)]
@@ -131,7 +137,7 @@ async fn main() {
             "--tls-cert" => cert = Some(args.next().expect("--tls-cert FILE")),
             "--tls-key" => key = Some(args.next().expect("--tls-key FILE")),
             "-h" | "--help" => {
-                println!("usage: tokentap-mock [--listen 127.0.0.1:8000] [--tls-cert FILE --tls-key FILE]\nSee the module docs of src/bin/tokentap-mock.rs for the x-mock-* headers.");
+                println!("usage: tokentap-mock [--listen 127.0.0.1:8000] [--tls-cert FILE --tls-key FILE]\nSee the module docs of src/bin/tokentap-mock/main.rs for the x-mock-* headers.");
                 return;
             }
             other => {
@@ -201,41 +207,6 @@ async fn accept_loop(
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    /// The body, inflated when it came gzip-compressed (as an API behind a gateway reads it).
-    fn inflated(&self) -> std::borrow::Cow<'_, [u8]> {
-        if self
-            .header("content-encoding")
-            .is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
-        {
-            use std::io::Read;
-            let mut out = Vec::new();
-            let _ = flate2::read::GzDecoder::new(&self.body[..]).read_to_end(&mut out);
-            std::borrow::Cow::Owned(out)
-        } else {
-            std::borrow::Cow::Borrowed(&self.body)
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-    fn num(&self, name: &str) -> Option<u64> {
-        self.header(name).and_then(|v| v.trim().parse().ok())
-    }
-}
-
 async fn serve_conn(mut conn: Conn, state: Arc<State>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     loop {
@@ -249,102 +220,6 @@ async fn serve_conn(mut conn: Conn, state: Arc<State>) -> std::io::Result<()> {
         if close || !keep {
             conn.get_mut().shutdown().await.ok();
             return Ok(());
-        }
-    }
-}
-
-/// Reads one request; `None` at a clean end of the connection.
-async fn read_request(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        if let httparse::Status::Complete(n) = req
-            .parse(buf)
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-        {
-            let method = req.method.unwrap_or("").to_string();
-            let path = req.path.unwrap_or("").to_string();
-            let headers: Vec<(String, String)> = req
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
-            buf.drain(..n);
-            let mut r = Request {
-                method,
-                path,
-                headers,
-                body: Vec::new(),
-            };
-            if r.header("expect")
-                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
-            {
-                conn.get_mut()
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    .await?;
-            }
-            let chunked = r
-                .header("transfer-encoding")
-                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-            if chunked {
-                r.body = read_chunked(conn, buf).await?;
-            } else if let Some(len) = r.num("content-length") {
-                let len = len as usize;
-                while buf.len() < len {
-                    if fill(conn, buf).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-                r.body = buf.drain(..len).collect();
-            }
-            return Ok(Some(r));
-        }
-        if fill(conn, buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-    }
-}
-
-async fn fill(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    let mut tmp = [0u8; 65536];
-    let n = conn.io.read(&mut tmp).await?;
-    buf.extend_from_slice(&tmp[..n]);
-    Ok(n)
-}
-
-async fn read_chunked(conn: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = loop {
-            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-                break i;
-            }
-            if fill(conn, buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        };
-        let size_str = String::from_utf8_lossy(&buf[..line_end]).to_string();
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| std::io::Error::other("bad chunk size"))?;
-        buf.drain(..line_end + 2);
-        while buf.len() < size + 2 {
-            if fill(conn, buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        body.extend_from_slice(&buf[..size]);
-        buf.drain(..size + 2);
-        if size == 0 {
-            return Ok(body);
         }
     }
 }
@@ -462,97 +337,6 @@ fn log_request(
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The answer to `x-mock-status` on a non-chat path.
-async fn status_answer(
-    conn: &mut Conn,
-    req: &Request,
-    state: &State,
-    status: u16,
-) -> std::io::Result<bool> {
-    if matches!(status, 204 | 304) || req.method == "HEAD" {
-        let head = format!("HTTP/1.1 {status} {}\r\n\r\n", reason(status));
-        let s = conn.get_mut();
-        s.write_all(head.as_bytes()).await?;
-        s.flush().await?;
-        log_request(state, conn, req, json!(null), "complete", b"");
-    } else {
-        let body = error_body(status, "Mock status");
-        respond(conn, status, "application/json", &[], &body).await?;
-        log_request(state, conn, req, json!(null), "error", &body);
-    }
-    Ok(true)
-}
-
-/// A response head announcing `len` bytes that are not sent (the answer to HEAD).
-async fn respond_head(
-    conn: &mut Conn,
-    status: u16,
-    ctype: &str,
-    len: usize,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\n\r\n",
-        reason(status)
-    );
-    let s = conn.get_mut();
-    s.write_all(head.as_bytes()).await?;
-    s.flush().await
-}
-
-fn error_body(status: u16, message: &str) -> Vec<u8> {
-    let kind = match status {
-        400 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        _ => "api_error",
-    };
-    serde_json::to_vec(
-        &json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
-    )
-    .unwrap()
-}
-
-async fn respond(
-    conn: &mut Conn,
-    status: u16,
-    ctype: &str,
-    extra: &[(&str, String)],
-    body: &[u8],
-) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n",
-        reason(status),
-        body.len()
-    );
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let s = conn.get_mut();
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    s.flush().await
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Status",
-    }
 }
 
 /// Bytes of every string in `messages`: the mock tokenizer's input.
@@ -838,263 +622,4 @@ async fn reset(conn: &mut Conn) {
     // SAFETY: the fd belongs to this connection's socket, which is still open here.
     let fd = unsafe { BorrowedFd::borrow_raw(conn.fd) };
     let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-}
-
-fn event(plan: &Plan, name: Option<&str>, data: &str) -> String {
-    let nl = plan.nl;
-    let mut s = String::new();
-    if let (true, Some(n)) = (plan.event_lines, name) {
-        s.push_str(&format!("event: {n}{nl}"));
-    }
-    s.push_str(&format!("data: {data}{nl}{nl}"));
-    s
-}
-
-/// A stream's body as it goes out: each payload (an event) compressed and flushed when the
-/// stream is compressed, then written as HTTP chunks (split as the plan says). `sent` is what
-/// went on the wire (compressed bytes, when compressed).
-struct Body {
-    enc: Option<Encoder>,
-    sent: Vec<u8>,
-}
-
-enum Encoder {
-    Gzip(flate2::write::GzEncoder<Vec<u8>>),
-    Zlib(flate2::write::ZlibEncoder<Vec<u8>>),
-    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
-}
-
-impl Encoder {
-    fn new(name: Option<&str>) -> Option<Self> {
-        let level = flate2::Compression::default();
-        Some(match name? {
-            "gzip" => Encoder::Gzip(flate2::write::GzEncoder::new(Vec::new(), level)),
-            "deflate" => Encoder::Zlib(flate2::write::ZlibEncoder::new(Vec::new(), level)),
-            "br" => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-                Vec::new(),
-                4096,
-                5,
-                22,
-            ))),
-            _ => return None,
-        })
-    }
-
-    /// Compresses and flushes one event: the bytes to send now.
-    fn event(&mut self, b: &[u8]) -> Vec<u8> {
-        let _ = match self {
-            Encoder::Gzip(e) => e.write_all(b).and_then(|()| e.flush()),
-            Encoder::Zlib(e) => e.write_all(b).and_then(|()| e.flush()),
-            Encoder::Brotli(e) => e.write_all(b).and_then(|()| e.flush()),
-        };
-        match self {
-            Encoder::Gzip(e) => std::mem::take(e.get_mut()),
-            Encoder::Zlib(e) => std::mem::take(e.get_mut()),
-            Encoder::Brotli(e) => std::mem::take(e.get_mut()),
-        }
-    }
-
-    fn finish(self) -> Vec<u8> {
-        match self {
-            Encoder::Gzip(e) => e.finish().unwrap_or_default(),
-            Encoder::Zlib(e) => e.finish().unwrap_or_default(),
-            Encoder::Brotli(e) => e.into_inner(),
-        }
-    }
-}
-
-impl Body {
-    async fn event(&mut self, conn: &mut Conn, plan: &Plan, payload: &str) -> std::io::Result<()> {
-        let bytes = match &mut self.enc {
-            Some(e) => e.event(payload.as_bytes()),
-            None => payload.as_bytes().to_vec(),
-        };
-        self.write(conn, plan, &bytes).await
-    }
-
-    async fn write(&mut self, conn: &mut Conn, plan: &Plan, bytes: &[u8]) -> std::io::Result<()> {
-        let s = conn.get_mut();
-        let parts: Vec<&[u8]> = match plan.split {
-            // Cut inside the payload, including (for non-ASCII content) inside a character.
-            Split::Thirds if bytes.len() >= 3 => {
-                let a = bytes.len() / 3;
-                let b = 2 * bytes.len() / 3;
-                vec![&bytes[..a], &bytes[a..b], &bytes[b..]]
-            }
-            Split::Bytes => bytes.chunks(1).collect(),
-            _ => vec![bytes],
-        };
-        for p in parts {
-            s.write_all(format!("{:x}\r\n", p.len()).as_bytes()).await?;
-            s.write_all(p).await?;
-            s.write_all(b"\r\n").await?;
-            s.flush().await?;
-            self.sent.extend_from_slice(p);
-            if plan.split == Split::Thirds {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// The last bytes of a compressed stream, and the end of the chunked body.
-    async fn end(&mut self, conn: &mut Conn, plan: &Plan) -> std::io::Result<()> {
-        if let Some(e) = self.enc.take() {
-            let rest = e.finish();
-            if !rest.is_empty() {
-                self.write(conn, plan, &rest).await?;
-            }
-        }
-        let s = conn.get_mut();
-        s.write_all(b"0\r\n\r\n").await?;
-        s.flush().await
-    }
-}
-
-async fn stream(
-    conn: &mut Conn,
-    req: &Request,
-    plan: &Plan,
-    state: &State,
-) -> std::io::Result<bool> {
-    let enc = Encoder::new(plan.encoding.as_deref());
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{}transfer-encoding: chunked\r\n\r\n",
-        match (&enc, plan.encoding.as_deref()) {
-            (Some(_), Some(e)) => format!("content-encoding: {e}\r\n"),
-            _ => String::new(),
-        }
-    );
-    conn.get_mut().write_all(head.as_bytes()).await?;
-    let openai = plan.usage_style == UsageStyle::OpenAi;
-    // OpenAI's chunks carry no `type`, and `"usage": null` when usage was asked for.
-    let null_usage = openai && plan.usage_asked;
-    let chunk = |kind: &str, extra: Value| {
-        let mut v = if openai {
-            json!({"id": plan.id, "object": "chat.completion.chunk", "created": plan.created,
-                "model": plan.model})
-        } else {
-            json!({"type": kind, "id": plan.id, "object": "chat.completion.chunk",
-                "created": plan.created, "model": plan.model})
-        };
-        if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
-            m.extend(e);
-        }
-        if null_usage && v.get("usage").is_none() {
-            v["usage"] = Value::Null;
-        }
-        serde_json::to_string(&v).unwrap()
-    };
-    let mut body = Body {
-        enc,
-        sent: Vec::new(),
-    };
-    let result: std::io::Result<()> = async {
-        body.event(conn, plan, &format!(": mock stream{}{}", plan.nl, plan.nl))
-            .await?;
-        if plan.search {
-            let data = chunk(
-                "search_done",
-                json!({"search_results": plan.search_results()}),
-            );
-            body.event(conn, plan, &event(plan, Some("search_done"), &data))
-                .await?;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        log_request(state, conn, req, plan.billed(0), "client_gone", &body.sent);
-        return Err(e);
-    }
-    // Reasoning is streamed first, as `delta.reasoning` (4 bytes per token, like content).
-    if plan.reasoning > 0 {
-        let text: String = (0..plan.reasoning)
-            .map(|i| format!("r{:02} ", i % 100))
-            .collect();
-        let data = chunk(
-            "content",
-            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning": text}, "finish_reason": null}]}),
-        );
-        if let Err(e) = body.event(conn, plan, &event(plan, None, &data)).await {
-            log_request(state, conn, req, plan.billed(0), "client_gone", &body.sent);
-            return Err(e);
-        }
-    }
-    let mut sent = 0;
-    for i in 0..plan.chunks {
-        if plan.reset_after == Some(sent) {
-            log_request(state, conn, req, plan.billed(sent), "reset", &body.sent);
-            reset(conn).await;
-            return Ok(false);
-        }
-        if !plan.delay.is_zero() {
-            tokio::time::sleep(plan.delay).await;
-        }
-        let mut delta = json!({"content": Plan::word(i)});
-        if i == 0 {
-            delta["role"] = json!("assistant");
-        }
-        let data = chunk(
-            "content",
-            json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]}),
-        );
-        if let Err(e) = body.event(conn, plan, &event(plan, None, &data)).await {
-            // The client (tokentap) went away: bill what was generated and delivered.
-            log_request(
-                state,
-                conn,
-                req,
-                plan.billed(sent),
-                "client_gone",
-                &body.sent,
-            );
-            return Err(e);
-        }
-        sent += 1;
-    }
-    if plan.reset_after.is_some_and(|k| k >= sent) {
-        log_request(state, conn, req, plan.billed(sent), "reset", &body.sent);
-        reset(conn).await;
-        return Ok(false);
-    }
-    let mut fin = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-    if let Some(w) = &plan.warning {
-        fin["warning"] = json!(w);
-    }
-    if plan.usage_style == UsageStyle::WithFinish {
-        fin["usage"] = plan.usage(sent);
-    }
-    let mut tail = vec![event(plan, None, &chunk("finish", fin))];
-    match plan.usage_style {
-        UsageStyle::Target => {
-            tail.push(event(
-                plan,
-                None,
-                &chunk("usage", json!({"usage": plan.usage(sent)})),
-            ));
-        }
-        UsageStyle::OpenAi if plan.usage_asked => {
-            tail.push(event(
-                plan,
-                None,
-                &chunk("usage", json!({"choices": [], "usage": plan.usage(sent)})),
-            ));
-        }
-        _ => {}
-    }
-    tail.push(event(plan, None, "[DONE]"));
-    let mut r = Ok(());
-    for ev in &tail {
-        r = body.event(conn, plan, ev).await;
-        if r.is_err() {
-            break;
-        }
-    }
-    if r.is_ok() {
-        r = body.end(conn, plan).await;
-    }
-    let outcome = if r.is_ok() { "complete" } else { "client_gone" };
-    log_request(state, conn, req, plan.billed(sent), outcome, &body.sent);
-    r.map(|()| true)
 }

@@ -33,111 +33,11 @@ const OUTBOX_MAX: usize = 1_000_000;
 /// Users under the default caps whose spend the gauges follow (the top spenders).
 const FOLLOW_TOP: isize = 1000;
 
-const RESERVE: &str = r#"
--- KEYS: this reservation's settle marker, then per cap: its counter (a hash of spent and
--- reserved pico-USD and tokens) and its leases (a sorted set of "id|pico|tokens" scored by
--- deadline). ARGV: the lease member, worst pico, worst tokens, the lease's length in seconds
--- (timed by Redis' clock, the same for every replica), then per cap:
--- cap pico, cap tokens (-1: none), expire-at (0: never).
--- Returns {0} when reserved; {-1} when this reservation was already cancelled (its settle
--- ran first: the reply of an earlier attempt was lost); otherwise, per cap that would be
--- passed, {index, kind (0 USD, 1 tokens), 1 if settled spend alone passes it}.
--- Lua numbers are doubles: exact to 2^53 pico-USD (9,007 USD) per window; past that the
--- comparison is off by picodollars.
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
-local now = tonumber(redis.call('TIME')[1])
-local deadline = now + tonumber(ARGV[4])
-local wp, wt = tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = (#KEYS - 1) / 2
-local fails = {}
-for i = 1, n do
-  local k, l = KEYS[2 * i], KEYS[2 * i + 1]
-  -- Leases past their deadline belong to calls whose replica died or lost them: release.
-  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now, 'LIMIT', 0, 1000)
-  for _, m in ipairs(gone) do
-    local p, t = string.match(m, '|(%d+)|(%d+)$')
-    if p and p ~= '0' then redis.call('HINCRBY', k, 'rp', '-' .. p) end
-    if t and t ~= '0' then redis.call('HINCRBY', k, 'rt', '-' .. t) end
-    redis.call('ZREM', l, m)
-  end
-  local b = 4 + (i - 1) * 3
-  local cp, ct = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local h = redis.call('HMGET', k, 'sp', 'st', 'rp', 'rt')
-  local sp, st = tonumber(h[1] or '0'), tonumber(h[2] or '0')
-  local rp, rt = tonumber(h[3] or '0'), tonumber(h[4] or '0')
-  local ou = cp >= 0 and sp + rp + wp > cp
-  local ot = ct >= 0 and st + rt + wt > ct
-  if ou or ot then
-    local settled = (cp >= 0 and sp + wp > cp) or (ct >= 0 and st + wt > ct)
-    table.insert(fails, i)
-    table.insert(fails, ou and 0 or 1)
-    table.insert(fails, settled and 1 or 0)
-  end
-end
-if #fails > 0 then return fails end
-for i = 1, n do
-  local k, l = KEYS[2 * i], KEYS[2 * i + 1]
-  if ARGV[2] ~= '0' then redis.call('HINCRBY', k, 'rp', ARGV[2]) end
-  if ARGV[3] ~= '0' then redis.call('HINCRBY', k, 'rt', ARGV[3]) end
-  redis.call('ZADD', l, deadline, ARGV[1])
-  local exp = tonumber(ARGV[4 + (i - 1) * 3 + 3])
-  if exp > 0 then
-    redis.call('EXPIREAT', k, exp)
-    redis.call('EXPIREAT', l, exp)
-  end
-end
-return {0}
-"#;
-
-const SETTLE: &str = r#"
--- KEYS: this reservation's settle marker, then per hold (the window it reserved in): its
--- counter, its leases, and the top-spenders set of its window. ARGV: the lease member, worst
--- pico and tokens, real pico and tokens (integer strings made in Rust), then per hold: soft
--- pico, soft tokens (-1: none), the subject, expire-at (0: never).
--- Runs at most once per reservation (a retried settle whose first reply was lost must not
--- release or charge twice). A lease already swept is not released again.
--- Returns, per hold: spent pico, spent tokens, 1 if this charge passed a soft threshold.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return {} end
-local out = {}
-local n = (#KEYS - 1) / 3
-for i = 1, n do
-  local k, l, t = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local b = 5 + (i - 1) * 4
-  if redis.call('ZREM', l, ARGV[1]) == 1 then
-    if ARGV[2] ~= '0' then redis.call('HINCRBY', k, 'rp', '-' .. ARGV[2]) end
-    if ARGV[3] ~= '0' then redis.call('HINCRBY', k, 'rt', '-' .. ARGV[3]) end
-  end
-  local h = redis.call('HMGET', k, 'sp', 'st')
-  local sp0, st0 = tonumber(h[1] or '0'), tonumber(h[2] or '0')
-  local sp1, st1 = sp0, st0
-  if ARGV[4] ~= '0' then sp1 = redis.call('HINCRBY', k, 'sp', ARGV[4]) end
-  if ARGV[5] ~= '0' then st1 = redis.call('HINCRBY', k, 'st', ARGV[5]) end
-  local softp, softt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local crossed = (softp >= 0 and sp0 <= softp and sp1 > softp)
-    or (softt >= 0 and st0 <= softt and st1 > softt)
-  if ARGV[4] ~= '0' then redis.call('ZINCRBY', t, ARGV[4], ARGV[b + 3]) end
-  local exp = tonumber(ARGV[b + 4])
-  if exp > 0 then
-    redis.call('EXPIREAT', k, exp)
-    redis.call('EXPIREAT', t, exp)
-  end
-  table.insert(out, sp1)
-  table.insert(out, st1)
-  table.insert(out, crossed and 1 or 0)
-end
-return out
-"#;
-
-const RENEW: &str = r#"
--- KEYS: the leases sets of one reservation. ARGV: its lease member, the lease's length in
--- seconds. Moves the deadline on where the lease is still held (a swept lease stays gone:
--- its hold was released).
-local deadline = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2])
-for _, l in ipairs(KEYS) do
-  redis.call('ZADD', l, 'XX', deadline, ARGV[1])
-end
-return 0
-"#;
+/// The Lua scripts, in files of their own beside this one (each says what its KEYS and ARGV
+/// are): reserve a call's worst case against every cap at once, settle it, renew its lease.
+const RESERVE: &str = include_str!("reserve.lua");
+const SETTLE: &str = include_str!("settle.lua");
+const RENEW: &str = include_str!("renew.lua");
 
 /// One settle, as sent to Redis (and kept in the outbox until Redis takes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
