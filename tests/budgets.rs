@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -63,18 +63,8 @@ fn sixty_four_concurrent_first_requests_cannot_overshoot_the_cap() {
             usd(cap)
         ),
     );
-    let barrier = Arc::new(Barrier::new(64));
-    let threads: Vec<_> = (0..64)
-        .map(|_| {
-            let (addr, barrier) = (tap.addr, Arc::clone(&barrier));
-            std::thread::spawn(move || {
-                let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
-                barrier.wait();
-                post_chat(addr, &[("x-mock-delay-ms", "100")], &body)
-            })
-        })
-        .collect();
-    let resps: Vec<Resp> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
+    let resps = chats_at_once(64, |_| tap.addr, &[("x-mock-delay-ms", "100")], &body);
     let ok = resps.iter().filter(|r| r.status == 200).count();
     let refused: Vec<&Resp> = resps.iter().filter(|r| r.status == 429).collect();
     assert_eq!(ok + refused.len(), 64, "every call is answered or refused");
@@ -169,8 +159,7 @@ fn spend_equals_the_upstreams_bill_to_the_micro_dollar() {
         .map(|t| {
             let addr = tap.addr;
             std::thread::spawn(move || {
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut s = connect(addr);
                 for i in 0..2500 {
                     let user = format!("u{}", (t * 2500 + i) % 7);
                     let search = if i % 5 == 0 {
@@ -190,12 +179,10 @@ fn spend_equals_the_upstreams_bill_to_the_micro_dollar() {
                         // it generated, which is what the record estimates.
                         h.push(("x-mock-reset-after", "2"));
                     }
-                    send_chat(&mut s, &h, &body);
-                    let r = read_response(&mut s, usize::MAX);
+                    let r = chat_on(&mut s, &h, &body);
                     assert_eq!(r.status, 200);
                     if !r.complete {
-                        s = std::net::TcpStream::connect(addr).unwrap();
-                        s.set_read_timeout(Some(PATIENCE)).unwrap();
+                        s = connect(addr);
                     }
                 }
             })
@@ -358,8 +345,7 @@ fn a_stream_cut_at_the_drain_deadline_is_charged_what_it_used() {
     let mut tap = TapBuilder::new(&mock.url())
         .extra(&extra)
         .start_with_server_extra("drain_timeout_ms = 300\n");
-    let mut s = std::net::TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = connect(tap.addr);
     let body = chat_body(MODEL, "cut", true, "");
     send_chat(
         &mut s,

@@ -167,8 +167,7 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
     );
     assert!(!r.complete);
     let body = chat_body(MODELS[2], "user2", true, "");
-    let mut s = std::net::TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = connect(tap.addr);
     send_chat(
         &mut s,
         &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "10")],
@@ -359,12 +358,10 @@ fn ten_thousand_users_under_a_cap_of_100_make_at_most_101_series() {
         .map(|t| {
             let addr = tap.addr;
             std::thread::spawn(move || {
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut s = connect(addr);
                 for i in 0..2500 {
                     let body = chat_body("openai/gpt-5.5", &format!("u{t}-{i}"), false, "");
-                    send_chat(&mut s, &[], &body);
-                    assert_eq!(read_response(&mut s, usize::MAX).status, 200);
+                    assert_eq!(chat_on(&mut s, &[], &body).status, 200);
                 }
             })
         })

@@ -40,8 +40,7 @@ fn assert_byte_exact(entry: &Value, sent: &[u8], resp: &Resp) {
 
 /// Sends a chat request and returns the connection, for reading the answer bit by bit.
 fn open_chat(tap: &Tap, body: &[u8], headers: &[(&str, &str)]) -> TcpStream {
-    let mut s = TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = connect(tap.addr);
     send_chat(&mut s, headers, body);
     s
 }
@@ -397,13 +396,11 @@ fn unreachable_upstream_is_a_502_with_an_openai_error() {
 #[test]
 fn keep_alive_connection_carries_many_calls_each_with_one_record() {
     let (mock, tap) = setup();
-    let mut s = TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = connect(tap.addr);
     for i in 0..20 {
         let stream = i % 2 == 0;
         let body = chat_body(MODEL, &format!("u{i}"), stream, "");
-        send_chat(&mut s, &[], &body);
-        let resp = read_response(&mut s, usize::MAX);
+        let resp = chat_on(&mut s, &[], &body);
         assert_eq!(resp.status, 200);
         assert!(resp.complete);
     }
@@ -418,8 +415,10 @@ fn keep_alive_connection_carries_many_calls_each_with_one_record() {
     }
     assert_eq!(mock.wait_requests(20).len(), 20);
     // Exactly one record per call: the next call's record is the 21st.
-    send_chat(&mut s, &[], &chat_body(MODEL, "last", false, ""));
-    assert_eq!(read_response(&mut s, usize::MAX).status, 200);
+    assert_eq!(
+        chat_on(&mut s, &[], &chat_body(MODEL, "last", false, "")).status,
+        200
+    );
     let recs = tap.wait_records(21);
     assert_eq!(recs.len(), 21);
     assert_eq!(recs[20]["user"], "last");

@@ -6,7 +6,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -81,19 +80,13 @@ fn two_replicas_sharing_redis_hold_the_cap_together() {
     );
     let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
     let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", &caps));
-    let barrier = Arc::new(Barrier::new(64));
-    let threads: Vec<_> = (0..64)
-        .map(|i| {
-            let addr = if i % 2 == 0 { a.addr } else { b.addr };
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
-                barrier.wait();
-                post_chat(addr, &[("x-mock-delay-ms", "100")], &body).status
-            })
-        })
-        .collect();
-    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let body = chat_body(MODEL, "greedy", false, r#","max_tokens":20"#);
+    let addrs = [a.addr, b.addr];
+    let statuses: Vec<u16> =
+        chats_at_once(64, |i| addrs[i % 2], &[("x-mock-delay-ms", "100")], &body)
+            .iter()
+            .map(|r| r.status)
+            .collect();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(
         statuses.iter().filter(|s| **s == 429).count(),

@@ -8,7 +8,6 @@ mod common;
 mod otlp;
 
 use std::io::Read;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -174,8 +173,7 @@ fn chat_calls_become_genai_client_spans_over_grpc() {
     assert_eq!(g.attr("tokentap.outcome"), "upstream_error");
 
     // 4. A client that goes away mid-stream.
-    let mut s = TcpStream::connect(tap.addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = connect(tap.addr);
     let body = chat_body(MODEL, "carol", true, "");
     send_chat(
         &mut s,
@@ -352,12 +350,10 @@ fn burst_against(dead: &str, overflows: bool) {
         .map(|t| {
             let addr = tap.addr;
             std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut s = connect(addr);
                 for i in 0..n / 4 {
                     let body = chat_body(MODEL, &format!("u{t}"), i % 2 == 0, "");
-                    send_chat(&mut s, &[], &body);
-                    let r = read_response(&mut s, usize::MAX);
+                    let r = chat_on(&mut s, &[], &body);
                     assert_eq!(r.status, 200);
                     assert!(r.complete);
                 }

@@ -540,6 +540,40 @@ pub fn send_chat(s: &mut TcpStream, headers: &[(&str, &str)], body: &[u8]) {
     send_request(s, "POST", CHAT_PATH, headers, body)
 }
 
+/// A connection for many calls (keep-alive), reads bounded by [`PATIENCE`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s
+}
+
+/// One chat call on an open connection: sent, and its answer read.
+pub fn chat_on(s: &mut TcpStream, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    send_chat(s, headers, body);
+    read_response(s, usize::MAX)
+}
+
+/// `n` chat calls let go at the same moment (a barrier), one a thread, call `i` to `addr(i)`;
+/// their answers, in order.
+pub fn chats_at_once(
+    n: usize,
+    addr: impl Fn(usize) -> SocketAddr,
+    headers: &'static [(&'static str, &'static str)],
+    body: &[u8],
+) -> Vec<Resp> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (a, barrier, body) = (addr(i), std::sync::Arc::clone(&barrier), body.to_vec());
+            std::thread::spawn(move || {
+                barrier.wait();
+                post_chat(a, headers, &body)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 /// The Chat Completions endpoint.
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 
