@@ -675,3 +675,33 @@ fn tokentap_spend_reports_what_the_calls_cost() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("YYYY-MM-DD"));
 }
+
+#[test]
+fn each_refusal_is_counted_under_its_own_reason() {
+    let mock = Mock::start();
+    let tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.default]\ndaily = {{ usd = 0.000001 }}\n"),
+    );
+    // Over the cap, no user, a body that is no JSON object: three reasons, none guessed.
+    let over = post_chat(tap.addr, &[], &chat_body(MODEL, "tiny", false, ""));
+    assert_eq!(over.status, 429);
+    let anonymous = br#"{"model":"anthropic/claude-opus-4.6","messages":[]}"#;
+    assert_eq!(post_chat(tap.addr, &[], anonymous).status, 400);
+    let unreadable = post_chat(tap.addr, &[], b"[1,2,3]");
+    assert_eq!(unreadable.status, 400);
+    assert_eq!(unreadable.json()["error"]["code"], "invalid_body");
+    let metrics = request(tap.admin, "GET", "/metrics", &[], b"").body;
+    let text = String::from_utf8_lossy(&metrics);
+    for reason in ["usd", "user_required", "invalid_body"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("tokentap_budget_rejections_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .unwrap_or_else(|| panic!("no {reason} series in:\n{text}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
+    assert_eq!(mock.received(), 0);
+}
