@@ -443,6 +443,12 @@ fn sigterm_drains_in_flight_streams_and_flushes_their_records() {
     let status = tap.proc.terminate();
     assert!(status.success(), "{status:?}");
     let rest = h.join().unwrap().unwrap();
+    let whole = [&first[..], &rest].concat();
+    assert!(
+        whole.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&whole)
+    );
     assert!(
         rest.ends_with(b"0\r\n\r\n") && String::from_utf8_lossy(&rest).contains("[DONE]"),
         "in-flight stream was cut by shutdown"

@@ -187,9 +187,9 @@ pub struct UsageRecord {
     /// True for `POST /v1/chat/completions` whose body was a JSON object.
     pub chat: bool,
     pub model: Option<String>,
-    /// `gen_ai.provider.name` of the model ([`provider::Providers`]): the one name metrics,
-    /// spans and the access log give the call's provider.
-    pub provider: String,
+    /// `gen_ai.provider.name` of a chat call's model ([`provider::Providers`]): the one name
+    /// metrics, spans and the access log give the call's provider. `None` for other calls.
+    pub provider: Option<std::sync::Arc<str>>,
     pub response_model: Option<String>,
     pub response_id: Option<String>,
     pub user: Option<String>,
@@ -266,7 +266,7 @@ impl UsageRecord {
             path: "/v1/chat/completions".into(),
             chat: true,
             model: Some("m".into()),
-            provider: "openai".into(),
+            provider: Some("openai".into()),
             response_model: None,
             response_id: None,
             user: Some("alice".into()),

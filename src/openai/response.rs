@@ -257,6 +257,9 @@ impl ResponseTap {
             self.limit
         ));
         self.json.clear();
+        // Nothing of it is read: the completion estimate counts none of it either (as the
+        // record's does).
+        self.json_len = 0;
         self.decoding = Decoding::Off;
     }
 

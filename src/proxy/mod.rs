@@ -656,8 +656,13 @@ impl ProxyHttp for TokenTap {
                     ctx.times.first_token = Some(now);
                     ctx.times.ttft = Some(now - ctx.times.sent_at.unwrap_or(ctx.times.start));
                 }
-                // What the call used so far, should it never get its record.
-                if let Some(open) = &ctx.open {
+                // What the call used so far, should it never get its record (an error answer
+                // used nothing, as its record says).
+                if let Some(open) = ctx
+                    .open
+                    .as_ref()
+                    .filter(|_| ctx.upstream.status.is_some_and(|s| s < 400))
+                {
                     open.call.observe(tap);
                 }
             }

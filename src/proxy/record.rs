@@ -58,7 +58,11 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
     };
     let req = session.req_header();
     // Only sampled calls are traced.
-    let trace = ctx.trace.take().filter(|t| t.sampled).map(|t| t.context());
+    let trace = ctx
+        .trace
+        .take()
+        .filter(|t| t.sampled)
+        .map(|t| t.into_context());
     let url = &ctx.cfg.upstream.url;
     let (upstream_host, upstream_port, url_base) =
         (url.host.clone(), url.port, url.url_base.clone());
@@ -73,7 +77,9 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         method: req.method.as_str().to_string(),
         path: req.uri.path().to_string(),
         chat: ctx.chat,
-        provider: ctx.cfg.traces.providers.of(model.as_deref()).to_string(),
+        provider: ctx
+            .chat
+            .then(|| ctx.cfg.traces.providers.of(model.as_deref())),
         model,
         response_model: observed.response_model,
         response_id: observed.response_id,

@@ -261,7 +261,7 @@ fn write_line(out: &mut Vec<u8>, r: &UsageRecord) {
     j.key(b"model");
     j.opt_str(r.model.as_deref());
     j.key(b"provider");
-    j.str(&r.provider);
+    j.opt_str(r.provider.as_deref());
     j.key(b"response_model");
     j.opt_str(r.response_model.as_deref());
     j.key(b"response_id");
@@ -527,7 +527,7 @@ mod tests {
         path: &'a str,
         user: Option<&'a str>,
         model: Option<&'a str>,
-        provider: &'a str,
+        provider: Option<&'a str>,
         response_model: Option<&'a str>,
         response_id: Option<&'a str>,
         stream: bool,
@@ -578,7 +578,7 @@ mod tests {
             path: &r.path,
             user: r.user.as_deref(),
             model: r.model.as_deref(),
-            provider: &r.provider,
+            provider: r.provider.as_deref(),
             response_model: r.response_model.as_deref(),
             response_id: r.response_id.as_deref(),
             stream: r.stream,
@@ -656,7 +656,7 @@ mod tests {
         fn record()(
             (request_id, method, path, user, model) in
                 (text(), text(), text(), proptest::option::of(text()), proptest::option::of(text())),
-            provider in text(),
+            provider in proptest::option::of(text()),
             (response_model, response_id, warning, error) in (
                 proptest::option::of(text()),
                 proptest::option::of(text()),
@@ -701,7 +701,7 @@ mod tests {
                 path,
                 user,
                 model,
-                provider,
+                provider: provider.map(Into::into),
                 response_model,
                 response_id,
                 stream,

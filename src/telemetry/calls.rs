@@ -244,7 +244,9 @@ impl ByModel {
 pub struct CallMetrics {
     labels: ArcSwap<Labels>,
     by_user: DashMap<(Arc<str>, Arc<str>), Arc<ByUser>>,
-    by_model: DashMap<Arc<str>, Arc<ByModel>>,
+    /// By (model label, provider): each series' provider is its records' (a reload that
+    /// renames a provider starts new series; models counted as `__other__` keep theirs apart).
+    by_model: DashMap<(Arc<str>, Arc<str>), Arc<ByModel>>,
     upstream_errors: [AtomicU64; 5],
     overhead: Histogram,
     /// (user label, team, reason) -> budget refusals
@@ -365,12 +367,14 @@ impl CallMetrics {
         if !r.chat {
             return;
         }
-        let by_model = match self.by_model.get(&model) {
+        let provider: Arc<str> = r.provider.clone().unwrap_or_else(|| Arc::from(""));
+        let key = (model, provider);
+        let by_model = match self.by_model.get(&key) {
             Some(e) => Arc::clone(e.value()),
             None => Arc::clone(
                 self.by_model
-                    .entry(Arc::clone(&model))
-                    .or_insert_with(|| Arc::new(ByModel::new(&r.provider)))
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(ByModel::new(&key.1)))
                     .value(),
             ),
         };
@@ -402,7 +406,7 @@ impl CallMetrics {
         }
     }
 
-    /// Counts a refusal by the budgets: `reason` is `usd`, `tokens` or `user_required`.
+    /// Counts a refusal by the budgets: `reason` is [`crate::budget::Refusal::reason`].
     pub fn budget_rejected(&self, user: Option<&str>, team: &str, reason: &'static str) {
         let user = self.labels.load().user(user, true);
         self.rejections
@@ -553,7 +557,7 @@ impl Collector for CallMetrics {
             .collect();
         let chat = || label("gen_ai_operation_name", "chat");
         for e in self.by_model.iter() {
-            let (model, m) = (e.key(), e.value());
+            let ((model, _), m) = (e.key(), e.value());
             let base = || {
                 vec![
                     chat(),

@@ -1,5 +1,5 @@
-//! The Prometheus registry served on the admin listener's `/metrics`. It lives in the shared
-//! state, so its values survive config reloads.
+//! The Prometheus registry served on the admin listener's `/metrics`. `server.rs` creates it
+//! once and hands it to admin and the reloader, so its values survive config reloads.
 
 use prometheus::{Encoder, Gauge, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 

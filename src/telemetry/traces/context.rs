@@ -40,12 +40,12 @@ impl CallTrace {
     }
 
     /// The call's place in its trace, as the record keeps it.
-    pub fn context(&self) -> crate::meter::TraceContext {
+    pub fn into_context(self) -> crate::meter::TraceContext {
         crate::meter::TraceContext {
             trace_id: self.trace_id.to_bytes(),
             span_id: self.span_id.to_bytes(),
             parent: self.parent.map(|p| p.to_bytes()),
-            tracestate: self.tracestate.clone(),
+            tracestate: self.tracestate,
         }
     }
 

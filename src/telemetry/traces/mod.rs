@@ -264,7 +264,7 @@ mod tests {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let trace = CallTrace::start(full.then_some(tp), Some("vendor=abc"), 1.0);
         UsageRecord {
-            provider: "anthropic".into(),
+            provider: Some("anthropic".into()),
             method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
             chat: kind != "other",
             model: some("anthropic/claude"),
@@ -287,7 +287,7 @@ mod tests {
             cost: full.then_some(crate::meter::Pico(1_500_000)),
             finish_reasons: if full { vec!["stop".into()] } else { vec![] },
             duration: Duration::from_millis(1500),
-            trace: Some(trace.context()),
+            trace: Some(trace.into_context()),
             upstream_host: "api.example".into(),
             upstream_port: 443,
             url_base: "https://api.example/api".into(),

@@ -148,7 +148,9 @@ pub fn span_of(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> Opt
 /// The GenAI attributes of a chat call; its span name.
 pub(super) fn chat_attrs(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> String {
     a.str(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT);
-    a.str(sc::GEN_AI_PROVIDER_NAME, rec.provider.as_str());
+    if let Some(p) = &rec.provider {
+        a.str(sc::GEN_AI_PROVIDER_NAME, p);
+    }
     if let Some(m) = &rec.model {
         a.str(sc::GEN_AI_REQUEST_MODEL, m.as_str());
     }
