@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of the parsers (libFuzzer through cargo-fuzz; needs the nightly
-# toolchain): the SSE decoder, request inspection and usage extraction. Each target runs
+# toolchain): the SSE decoder, request inspection (and the usage splice), usage extraction
+# and the stream filter that takes asked-for usage out. Each target runs
 # RUNS inputs (default 10 million) from its corpus, then what added coverage is merged into
 # fuzz/corpus/<target>, which the normal test suite replays (tests/fuzz_corpus.rs).
 #
@@ -18,7 +19,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 RUNS=${RUNS:-10000000}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(sse request response)
+[ ${#targets[@]} -gt 0 ] || targets=(sse request response strip)
 for t in "${targets[@]}"; do
     mkdir -p "work/$t" "corpus/$t"
     echo "== $t: $RUNS runs"

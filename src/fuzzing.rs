@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 
-use crate::openai::request;
 use crate::openai::response::{BodyKind, ResponseTap};
 use crate::openai::sse::SseDecoder;
+use crate::openai::{edit, request};
 
 /// Splits `data` into the input and a split point taken from its first two bytes.
 fn split(data: &[u8]) -> (&[u8], usize) {
@@ -36,12 +36,22 @@ pub fn sse(data: &[u8]) {
     assert_eq!(whole, parts, "an SSE split at {at} changed the events");
 }
 
-/// Request inspection (plain, and as each supported encoding would be tried) and its checks.
+/// Request inspection (plain, and as each supported encoding would be tried) and its checks;
+/// and the usage splice: the edited body asks for usage, reads as the same request otherwise,
+/// and keeps every byte outside the splice.
 pub fn request(data: &[u8]) {
     if let Ok(m) = request::inspect(data) {
         let _ = m.check(256);
         let _ = m.output_cap();
         let _ = m.web_search_requested();
+        if let edit::UsageAsk::Edit(e) = edit::ask_for_usage(data, &m) {
+            let out = edit::apply(data, vec![e.clone()]);
+            let after = request::inspect(&out).expect("an edited body still reads");
+            assert_eq!(after.include_usage, Some(true), "the edit asks for usage");
+            assert_eq!((after.model, after.user), (m.model, m.user));
+            assert_eq!(&out[..e.range.start], &data[..e.range.start]);
+            assert_eq!(&out[e.range.start + e.with.len()..], &data[e.range.end..]);
+        }
     }
     for enc in [
         None,
@@ -72,6 +82,34 @@ pub fn response(data: &[u8]) {
         assert_eq!(
             whole, parts,
             "a {kind:?} body split at {at} changed what was observed"
+        );
+    }
+}
+
+fn stripped(enc: Option<&str>, chunks: &[&[u8]]) -> Vec<u8> {
+    let Some(mut s) = crate::openai::strip::UsageStrip::new(enc) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend(s.feed(c));
+    }
+    out.extend(s.finish());
+    out
+}
+
+/// The filter that takes asked-for usage out of a stream: whole, or split in two anywhere,
+/// the same bytes to the client (plain; and as gzip, where the input is usually not gzip:
+/// the filter must then pass it on, never panic).
+pub fn strip(data: &[u8]) {
+    let (input, at) = split(data);
+    let at = at.min(input.len());
+    for enc in [None, Some("gzip")] {
+        let whole = stripped(enc, &[input]);
+        let parts = stripped(enc, &[&input[..at], &input[at..]]);
+        assert_eq!(
+            whole, parts,
+            "a stream split at {at} changed what the client gets"
         );
     }
 }

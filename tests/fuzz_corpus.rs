@@ -42,3 +42,8 @@ fn response_corpus_replays_cleanly() {
         "no corpus"
     );
 }
+
+#[test]
+fn strip_corpus_replays_cleanly() {
+    assert!(replay("strip", tokentap::fuzzing::strip) > 0, "no corpus");
+}
