@@ -65,23 +65,33 @@ impl UsageStrip {
         match &mut self.codec {
             Codec::Identity => self.events.feed(input, &mut Emit::Plain(&mut out)),
             Codec::Broken => out.extend_from_slice(input),
-            Codec::Edit(c) => match c.dec.inflate(input) {
-                Ok(plain) => {
-                    if c.enc.is_none() {
-                        c.enc = c.dec.encoder();
+            Codec::Edit(c) => {
+                if let Some(raw) = &mut c.raw {
+                    raw.extend_from_slice(input);
+                }
+                match c.dec.inflate(input) {
+                    Ok(plain) => {
+                        if c.enc.is_none() {
+                            c.enc = c.dec.encoder();
+                        }
+                        if let Some(enc) = &mut c.enc {
+                            self.events.feed(&plain, &mut Emit::Coded(enc));
+                            out = enc.take();
+                        }
+                        if !out.is_empty() {
+                            c.raw = None;
+                        }
                     }
-                    if let Some(enc) = &mut c.enc {
-                        self.events.feed(&plain, &mut Emit::Coded(enc));
-                        out = enc.take();
+                    Err(_) => {
+                        // The client's decoder fails here too. Nothing coded again went out
+                        // yet: everything goes as the upstream sent it. Else what was coded
+                        // again has gone (it decodes to what the upstream's bytes did), and
+                        // the rest goes as sent.
+                        out = c.raw.take().unwrap_or_else(|| input.to_vec());
+                        self.codec = Codec::Broken;
                     }
                 }
-                Err(_) => {
-                    // The client's decoder would fail here too: what was coded again so far
-                    // has gone, the rest goes exactly as the upstream sent it.
-                    self.codec = Codec::Broken;
-                    out.extend_from_slice(input);
-                }
-            },
+            }
         }
         self.count();
         out
@@ -95,7 +105,14 @@ impl UsageStrip {
             Codec::Identity => self.events.finish(&mut Emit::Plain(&mut out)),
             Codec::Broken => {}
             Codec::Edit(mut c) => {
-                let (plain, _) = c.dec.finish();
+                let (plain, err) = c.dec.finish();
+                if let (Some(_), Some(raw)) = (err, c.raw.take()) {
+                    // It never decoded to anything: it goes as it came.
+                    if plain.is_empty() {
+                        self.count();
+                        return raw;
+                    }
+                }
                 if c.enc.is_none() {
                     c.enc = c.dec.encoder();
                 }
@@ -455,6 +472,9 @@ enum Codec {
 struct Coded {
     dec: Decoding,
     enc: Option<Encoding>,
+    /// The upstream's bytes, kept until something coded again has gone to the client: a body
+    /// that turns out not to decode is then passed on whole, as it came.
+    raw: Option<Vec<u8>>,
 }
 
 impl Codec {
@@ -464,6 +484,7 @@ impl Codec {
             dec => Some(Codec::Edit(Box::new(Coded {
                 enc: dec.encoder(),
                 dec,
+                raw: Some(Vec::new()),
             }))),
         }
     }
