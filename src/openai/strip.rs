@@ -699,6 +699,17 @@ mod tests {
         assert!(out.ends_with(b"\xff\xff\xff"));
     }
 
+    #[test]
+    fn a_body_that_never_decodes_goes_as_it_came() {
+        let body = b"\x1f\x8b\x08\x00 then no gzip at all";
+        for at in 0..body.len() {
+            let out = run(Some("gzip"), &[&body[..at], &body[at..]]);
+            assert_eq!(out, body, "split at {at}");
+        }
+        // Cut inside its header: it never decoded to anything either.
+        assert_eq!(run(Some("gzip"), &[&body[..3]]), &body[..3]);
+    }
+
     proptest! {
         /// Any split of the upstream's bytes, in any line-end style, plain or compressed,
         /// gives the same client bytes (compressed: those of the same encoder flushed after
