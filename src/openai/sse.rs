@@ -128,13 +128,7 @@ impl SseDecoder {
         if line[0] == b':' {
             return; // comment
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
+        let (field, value) = field_value(line);
         match field {
             b"data" => {
                 if self.data.len() + value.len() >= self.max {
@@ -152,6 +146,19 @@ impl SseDecoder {
             }
             _ => {} // id, retry and unknown fields do not matter to the tap
         }
+    }
+}
+
+/// A field line's name and value: split at the first `:`, one space after it dropped (a line
+/// without `:` is a field with an empty value). The one reading of SSE fields, for the decoder
+/// and for the stream filter (`super::strip`).
+pub(super) fn field_value(line: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b':', line) {
+        Some(i) => {
+            let v = &line[i + 1..];
+            (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+        }
+        None => (line, b""),
     }
 }
 

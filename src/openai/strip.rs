@@ -342,21 +342,12 @@ impl Line<'_> {
         if self.text.is_empty() || self.is_comment() {
             return None;
         }
-        Some(match memchr::memchr(b':', self.text) {
-            Some(i) => &self.text[..i],
-            None => self.text,
-        })
+        Some(super::sse::field_value(self.text).0)
     }
 
-    /// The field's value (one leading space dropped, as SSE parsers do).
+    /// The field's value, as the SSE decoder reads it.
     fn value(&self) -> &[u8] {
-        match memchr::memchr(b':', self.text) {
-            Some(i) => {
-                let v = &self.text[i + 1..];
-                v.strip_prefix(b" ").unwrap_or(v)
-            }
-            None => b"",
-        }
+        super::sse::field_value(self.text).1
     }
 }
 
