@@ -36,6 +36,57 @@
 //! are derived from the request body without `stream_options`: the same call, asking for its
 //! usage or not, gets the same answer (the "seed").
 //!
+//! Other dialects, streamed (`"stream": true`) or not, in the real APIs' shapes:
+//!
+//! | path                                      | dialect (input the tokenizer reads)              |
+//! |-------------------------------------------|--------------------------------------------------|
+//! | `POST /v1/responses`, `/responses`         | OpenAI Responses (`input` + `instructions`); SSE |
+//! |                                           | `event:`+`data:` lines with `sequence_number`,   |
+//! |                                           | no `[DONE]`                                      |
+//! | `POST /v1/messages`, `/messages`           | Anthropic Messages (`messages` + `system`); 400  |
+//! |                                           | without `anthropic-version`; Anthropic's errors  |
+//! | `POST /v1/messages/count_tokens`, `/messages/count_tokens` | `{"input_tokens": N}`, bills nothing |
+//! | `POST /v1/embeddings`, `/embeddings`       | embeddings (`input`: strings, or token ids that  |
+//! |                                           | count one each); never streamed                  |
+//! | `POST /v1/completions`, `/completions`     | legacy completions (`prompt`); `x-mock-usage` as |
+//! |                                           | for chat (default: a usage chunk, always)        |
+//!
+//! They take `x-mock-status` (OpenAI's error shape, Anthropic's on `/v1/messages`: `type`
+//! `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`,
+//! `rate_limit_error` with `retry-after`, `api_error`, `overloaded_error` for 529, and a
+//! `request-id` header), `x-mock-chunks`, `x-mock-delay-ms`, `x-mock-reset-after` (after K text
+//! deltas; mid-body for JSON), `x-mock-encoding`, `x-mock-crlf`, `x-mock-split`, `x-mock-cached`
+//! and `x-mock-reasoning` (Responses: a `reasoning` item; Messages: a `thinking` block streamed
+//! as `thinking_delta`s of 4 bytes, before the text), and these:
+//!
+//! | header                     | effect                                                      |
+//! |----------------------------|-------------------------------------------------------------|
+//! | `x-mock-searches: N`       | N web searches (default 1; 0: offered, never ran) when the  |
+//! |                            | request offers `web_search`/`web_search_preview`/`web_search_2025_08_26` |
+//! |                            | (Responses: `web_search_call` items) or a `web_search_*`    |
+//! |                            | tool (Messages: `server_tool_use` + `web_search_tool_result`|
+//! |                            | blocks, `usage.server_tool_use.web_search_requests`)        |
+//! | `x-mock-incomplete: 1`     | Responses: status `incomplete` (`max_output_tokens`);      |
+//! |                            | streamed, the last event is `response.incomplete`           |
+//! | `x-mock-failed: 1`         | Responses: status `failed`, `error.code` `server_error`;    |
+//! |                            | streamed, `response.failed` right after the text deltas     |
+//! | `x-mock-cache-write: N`    | Messages: N `cache_creation_input_tokens`                    |
+//! | `x-mock-delta-usage: full` | Messages: `message_delta`'s usage also carries the input    |
+//! |                            | and cache counts (cumulative). `output`: `output_tokens`    |
+//! |                            | only. Default: `output_tokens`, and `server_tool_use` when  |
+//! |                            | web search is offered                                       |
+//! | `x-mock-deltas: N`         | Messages: N `message_delta` events, cumulative output       |
+//! |                            | tokens O*i/N (the last one is the total)                    |
+//! | `x-mock-stream-error: 1`   | Messages: `event: error` (`overloaded_error`) after the     |
+//! |                            | content, instead of `message_delta` and `message_stop`      |
+//!
+//! Anthropic's `input_tokens` leaves out the cache reads (`x-mock-cached`) and writes
+//! (`x-mock-cache-write`): the three add up to the tokenizer's count. Every logged request's
+//! `billed` has one form for every dialect: `prompt` (all input tokens, cache reads and
+//! writes included), `completion` (reasoning included), `cached` (cache reads), `cache_write`,
+//! `reasoning` and `web_searches`; its `user` is the body's `user` (Responses:
+//! `safety_identifier`, else `user`; Messages: `metadata.user_id`).
+//!
 //! `GET /__mock/received` counts the requests read so far (answered or not);
 //! `GET /__mock/requests` lists what it received (method, path, headers, the credential
 //! headers by name, body and its SHA-256, the TLS server name and the connection it came on)
@@ -44,6 +95,9 @@
 //! plain HTTP on a second, printed address, for those two control paths.
 
 mod http;
+mod legacy;
+mod messages;
+mod responses;
 mod stream;
 
 use http::*;
@@ -230,8 +284,23 @@ async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result
     if !path.starts_with("/__mock/") {
         state.received.fetch_add(1, Ordering::Relaxed);
     }
+    // The dialects answer `x-mock-status` (and wait `x-mock-delay-ms`) themselves.
     let is_chat = req.method == "POST"
-        && matches!(path.as_str(), "/v1/chat/completions" | "/chat/completions");
+        && matches!(
+            path.as_str(),
+            "/v1/chat/completions"
+                | "/chat/completions"
+                | "/v1/responses"
+                | "/responses"
+                | "/v1/messages"
+                | "/messages"
+                | "/v1/messages/count_tokens"
+                | "/messages/count_tokens"
+                | "/v1/embeddings"
+                | "/embeddings"
+                | "/v1/completions"
+                | "/completions"
+        );
     if !is_chat && !path.starts_with("/__mock/") {
         if let Some(ms) = req.num("x-mock-delay-ms") {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -258,6 +327,21 @@ async fn handle(conn: &mut Conn, req: Request, state: &State) -> std::io::Result
         }
         ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
             chat(conn, req, state).await
+        }
+        ("POST", "/v1/responses") | ("POST", "/responses") => {
+            responses::responses(conn, req, state).await
+        }
+        ("POST", "/v1/messages") | ("POST", "/messages") => {
+            messages::messages(conn, req, state).await
+        }
+        ("POST", "/v1/messages/count_tokens") | ("POST", "/messages/count_tokens") => {
+            messages::count_tokens(conn, req, state).await
+        }
+        ("POST", "/v1/embeddings") | ("POST", "/embeddings") => {
+            legacy::embeddings(conn, req, state).await
+        }
+        ("POST", "/v1/completions") | ("POST", "/completions") => {
+            legacy::completions(conn, req, state).await
         }
         ("GET" | "HEAD", "/v1/models") | ("GET" | "HEAD", "/models") => {
             let data: Vec<Value> = MODELS
@@ -302,9 +386,10 @@ fn log_request(
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
+    let path = req.path.split('?').next().unwrap_or("");
     let user = serde_json::from_slice::<Value>(&req.inflated())
         .ok()
-        .and_then(|v| v.get("user").cloned())
+        .and_then(|v| user_of(path, &v).cloned())
         .unwrap_or(Value::Null);
     let credentials: Vec<&str> = [
         "authorization",
@@ -335,12 +420,64 @@ fn log_request(
     }));
 }
 
-fn hex(b: &[u8]) -> String {
+/// The body's field naming the end user, as the dialect of `path` names it.
+fn user_of<'a>(path: &str, body: &'a Value) -> Option<&'a Value> {
+    match path {
+        "/v1/responses" | "/responses" => body
+            .get("safety_identifier")
+            .filter(|v| !v.is_null())
+            .or_else(|| body.get("user")),
+        "/v1/messages" | "/messages" | "/v1/messages/count_tokens" | "/messages/count_tokens" => {
+            body.get("metadata").and_then(|m| m.get("user_id"))
+        }
+        _ => body.get("user"),
+    }
+}
+
+/// What the mock billed, in the one form every dialect's log entry has: `prompt` counts every
+/// input token (cache reads and writes included), `completion` every output token (reasoning
+/// included).
+pub(crate) fn bill(
+    prompt: u64,
+    completion: u64,
+    cached: u64,
+    cache_write: u64,
+    reasoning: u64,
+    web_searches: u64,
+) -> Value {
+    json!({
+        "prompt": prompt,
+        "completion": completion,
+        "cached": cached,
+        "cache_write": cache_write,
+        "reasoning": reasoning,
+        "web_searches": web_searches,
+    })
+}
+
+/// The request's body when it is a JSON object.
+pub(crate) fn body_object(req: &Request) -> Option<Value> {
+    match serde_json::from_slice(&req.inflated()) {
+        Ok(v @ Value::Object(_)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The seed of a request's ids: the digest of its body without `stream_options`.
+pub(crate) fn seed(body: &Value) -> [u8; 32] {
+    let mut seed = body.clone();
+    if let Value::Object(m) = &mut seed {
+        m.remove("stream_options");
+    }
+    Sha256::digest(serde_json::to_vec(&seed).unwrap()).into()
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Bytes of every string in `messages`: the mock tokenizer's input.
-fn text_bytes(v: &Value) -> u64 {
+pub(crate) fn text_bytes(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.len() as u64,
         Value::Array(a) => a.iter().map(text_bytes).sum(),
@@ -391,6 +528,40 @@ enum UsageStyle {
 }
 
 impl Plan {
+    /// The plan the headers make, for a call of no particular dialect: no web search, no
+    /// warning, usage as the target API streams it.
+    pub(crate) fn base(req: &Request, id: String, model: String, prompt: u64) -> Plan {
+        Plan {
+            id,
+            model,
+            created: 1_764_000_000,
+            chunks: req.num("x-mock-chunks").unwrap_or(5),
+            delay: Duration::from_millis(req.num("x-mock-delay-ms").unwrap_or(0)),
+            reset_after: req.num("x-mock-reset-after"),
+            prompt,
+            cached: req.num("x-mock-cached").unwrap_or(0).min(prompt),
+            reasoning: req.num("x-mock-reasoning").unwrap_or(0),
+            search: false,
+            warning: None,
+            nl: if req.header("x-mock-crlf").is_some() {
+                "\r\n"
+            } else {
+                "\n"
+            },
+            split: match req.header("x-mock-split") {
+                None => Split::No,
+                Some("bytes") => Split::Bytes,
+                Some(_) => Split::Thirds,
+            },
+            event_lines: false,
+            usage_style: UsageStyle::Target,
+            usage_asked: false,
+            search_counted: true,
+            search_flat: false,
+            encoding: req.header("x-mock-encoding").map(str::to_string),
+        }
+    }
+
     fn usage(&self, completed_chunks: u64) -> Value {
         let completion = completed_chunks + self.reasoning;
         let mut u = json!({
@@ -411,13 +582,14 @@ impl Plan {
     }
 
     fn billed(&self, completed_chunks: u64) -> Value {
-        json!({
-            "prompt": self.prompt,
-            "completion": completed_chunks + self.reasoning,
-            "cached": self.cached,
-            "reasoning": self.reasoning,
-            "web_searches": if self.search { 2 } else { 0 },
-        })
+        bill(
+            self.prompt,
+            completed_chunks + self.reasoning,
+            self.cached,
+            0,
+            self.reasoning,
+            if self.search { 2 } else { 0 },
+        )
     }
 
     fn search_results(&self) -> Value {
@@ -438,37 +610,58 @@ impl Plan {
         ])
     }
 
-    fn word(i: u64) -> String {
+    /// The whole text: the words of every content chunk.
+    pub(crate) fn text(&self) -> String {
+        (0..self.chunks).map(Plan::word).collect()
+    }
+
+    pub(crate) fn word(i: u64) -> String {
         format!("w{:02} ", i % 100)
     }
 }
 
+/// The answer to `x-mock-status` on an OpenAI-style path: OpenAI's error shape, with
+/// `retry-after` on a 429.
+pub(crate) async fn openai_status(
+    conn: &mut Conn,
+    req: &Request,
+    state: &State,
+    status: u16,
+) -> std::io::Result<bool> {
+    let msg = match status {
+        429 => "Exceeding the rate limit",
+        500 => "Internal error",
+        _ => "Mock error",
+    };
+    let extra: Vec<(&str, String)> = if status == 429 {
+        vec![("retry-after", "7".into())]
+    } else {
+        vec![]
+    };
+    let body = error_body(status, msg);
+    respond(conn, status, "application/json", &extra, &body).await?;
+    log_request(state, conn, req, json!(null), "error", &body);
+    Ok(true)
+}
+
+/// A 400 in OpenAI's shape, for a body that is no JSON object (or lacks what it needs).
+pub(crate) async fn openai_bad_request(
+    conn: &mut Conn,
+    req: &Request,
+    state: &State,
+) -> std::io::Result<bool> {
+    let b = error_body(400, "Missing or invalid parameter");
+    respond(conn, 400, "application/json", &[], &b).await?;
+    log_request(state, conn, req, json!(null), "error", &b);
+    Ok(true)
+}
+
 async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<bool> {
     if let Some(status) = req.num("x-mock-status") {
-        let status = status as u16;
-        let msg = match status {
-            429 => "Exceeding the rate limit",
-            500 => "Internal error",
-            _ => "Mock error",
-        };
-        let extra: Vec<(&str, String)> = if status == 429 {
-            vec![("retry-after", "7".into())]
-        } else {
-            vec![]
-        };
-        let body = error_body(status, msg);
-        respond(conn, status, "application/json", &extra, &body).await?;
-        log_request(state, conn, &req, json!(null), "error", &body);
-        return Ok(true);
+        return openai_status(conn, &req, state, status as u16).await;
     }
-    let body: Value = match serde_json::from_slice(&req.inflated()) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            let b = error_body(400, "Missing or invalid parameter");
-            respond(conn, 400, "application/json", &[], &b).await?;
-            log_request(state, conn, &req, json!(null), "error", &b);
-            return Ok(true);
-        }
+    let Some(body) = body_object(&req) else {
+        return openai_bad_request(conn, &req, state).await;
     };
     let search = body["tools"].as_array().is_some_and(|t| {
         t.iter().any(|t| {
@@ -492,48 +685,35 @@ async fn chat(conn: &mut Conn, req: Request, state: &State) -> std::io::Result<b
     let usage_asked = body["stream_options"]["include_usage"].as_bool() == Some(true);
     // Deterministic ids: the same request gets the same answer, directly or through a proxy,
     // asking for its usage or not (the seed leaves `stream_options` out).
-    let mut seed = body.clone();
-    if let Value::Object(m) = &mut seed {
-        m.remove("stream_options");
-    }
-    let digest = Sha256::digest(serde_json::to_vec(&seed).unwrap());
+    let digest = seed(&body);
     let plan = Plan {
-        id: format!("gen-mock-{}", hex(&digest[..8])),
-        model: body["model"].as_str().unwrap_or("mock/model").to_string(),
-        created: 1_764_000_000,
-        chunks: req.num("x-mock-chunks").unwrap_or(5),
-        delay: Duration::from_millis(req.num("x-mock-delay-ms").unwrap_or(0)),
-        reset_after: req.num("x-mock-reset-after"),
-        prompt,
-        cached: req.num("x-mock-cached").unwrap_or(0).min(prompt),
-        reasoning: req.num("x-mock-reasoning").unwrap_or(0),
         search,
         warning: req.header("x-mock-warning").map(str::to_string),
-        nl: if req.header("x-mock-crlf").is_some() {
-            "\r\n"
-        } else {
-            "\n"
-        },
-        split: match req.header("x-mock-split") {
-            None => Split::No,
-            Some("bytes") => Split::Bytes,
-            Some(_) => Split::Thirds,
-        },
         event_lines: req.header("x-mock-event-lines").is_some(),
-        usage_style: match req.header("x-mock-usage") {
-            Some("openai") => UsageStyle::OpenAi,
-            Some("with-finish") => UsageStyle::WithFinish,
-            _ => UsageStyle::Target,
-        },
+        usage_style: usage_style(&req),
         usage_asked,
         search_counted: req.header("x-mock-search-count") != Some("none"),
         search_flat: req.header("x-mock-search-shape") == Some("flat"),
-        encoding: req.header("x-mock-encoding").map(str::to_string),
+        ..Plan::base(
+            &req,
+            format!("gen-mock-{}", hex(&digest[..8])),
+            body["model"].as_str().unwrap_or("mock/model").to_string(),
+            prompt,
+        )
     };
     if body["stream"].as_bool() == Some(true) {
         stream(conn, &req, &plan, state).await
     } else {
         non_stream(conn, &req, &plan, state).await
+    }
+}
+
+/// How `x-mock-usage` says a stream reports its usage.
+pub(crate) fn usage_style(req: &Request) -> UsageStyle {
+    match req.header("x-mock-usage") {
+        Some("openai") => UsageStyle::OpenAi,
+        Some("with-finish") => UsageStyle::WithFinish,
+        _ => UsageStyle::Target,
     }
 }
 
@@ -563,6 +743,19 @@ async fn non_stream(
         v["warning"] = json!(w);
     }
     let raw = serde_json::to_vec(&v).unwrap();
+    send_json(conn, req, plan, state, raw, plan.billed(plan.chunks)).await
+}
+
+/// A JSON answer (`raw`), compressed as `x-mock-encoding` says, or cut in the middle and the
+/// connection reset when the plan has `x-mock-reset-after`. Logged with `billed` either way.
+pub(crate) async fn send_json(
+    conn: &mut Conn,
+    req: &Request,
+    plan: &Plan,
+    state: &State,
+    raw: Vec<u8>,
+    billed: Value,
+) -> std::io::Result<bool> {
     let (body, enc) = match req.header("x-mock-encoding") {
         Some("gzip") => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -598,19 +791,12 @@ async fn non_stream(
         s.write_all(head.as_bytes()).await?;
         s.write_all(half).await?;
         s.flush().await?;
-        log_request(state, conn, req, plan.billed(plan.chunks), "reset", half);
+        log_request(state, conn, req, billed, "reset", half);
         reset(conn).await;
         return Ok(false);
     }
     respond(conn, 200, "application/json", &extra, &body).await?;
-    log_request(
-        state,
-        conn,
-        req,
-        plan.billed(plan.chunks),
-        "complete",
-        &body,
-    );
+    log_request(state, conn, req, billed, "complete", &body);
     Ok(true)
 }
 

@@ -121,12 +121,8 @@ impl Body {
     }
 }
 
-pub(crate) async fn stream(
-    conn: &mut Conn,
-    req: &Request,
-    plan: &Plan,
-    state: &State,
-) -> std::io::Result<bool> {
+/// Writes a stream's head (compressed as the plan says): the body to write its events on.
+async fn open(conn: &mut Conn, plan: &Plan) -> std::io::Result<Body> {
     let enc = Encoder::new(plan.encoding.as_deref());
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{}transfer-encoding: chunked\r\n\r\n",
@@ -136,6 +132,128 @@ pub(crate) async fn stream(
         }
     );
     conn.get_mut().write_all(head.as_bytes()).await?;
+    Ok(Body {
+        enc,
+        sent: Vec::new(),
+    })
+}
+
+/// `v` as JSON with every object's `type` first, as the real APIs write their events (the
+/// other keys in serde_json's order).
+pub(crate) fn typed_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_typed(v, &mut out);
+    out
+}
+
+fn write_typed(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            let first = m.get_key_value("type");
+            for (i, (k, v)) in first
+                .into_iter()
+                .chain(m.iter().filter(|(k, _)| *k != "type"))
+                .enumerate()
+            {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap());
+                out.push(':');
+                write_typed(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_typed(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&serde_json::to_string(other).unwrap()),
+    }
+}
+
+/// A named SSE event (`event:` and `data:` lines), as the Responses and Messages APIs send
+/// every event; `data`'s `type` goes first.
+pub(crate) fn named(plan: &Plan, name: &str, data: &Value) -> String {
+    let nl = plan.nl;
+    format!("event: {name}{nl}data: {}{nl}{nl}", typed_json(data))
+}
+
+/// One step of a scripted stream (a dialect other than chat's, made in full before it starts).
+pub(crate) enum Step {
+    /// An event, sent as it is.
+    Event(String),
+    /// An event with one content delta (one token): counted, preceded by `x-mock-delay-ms`,
+    /// and where `x-mock-reset-after: K` cuts the stream, before the (K+1)th.
+    Delta(String),
+    /// The end of the content: `x-mock-reset-after` at or past the number of deltas cuts here.
+    EndOfContent,
+}
+
+/// Sends a scripted stream. `billed(n)` is the bill once n content deltas went out; a stream
+/// that ends as scripted is logged with `outcome`.
+pub(crate) async fn script(
+    conn: &mut Conn,
+    req: &Request,
+    plan: &Plan,
+    state: &State,
+    steps: &[Step],
+    billed: &(dyn Fn(u64) -> Value + Sync),
+    outcome: &str,
+) -> std::io::Result<bool> {
+    let mut body = open(conn, plan).await?;
+    let mut sent = 0;
+    for step in steps {
+        let payload = match step {
+            Step::Event(p) => p,
+            Step::Delta(p) => {
+                if plan.reset_after == Some(sent) {
+                    log_request(state, conn, req, billed(sent), "reset", &body.sent);
+                    reset(conn).await;
+                    return Ok(false);
+                }
+                if !plan.delay.is_zero() {
+                    tokio::time::sleep(plan.delay).await;
+                }
+                p
+            }
+            Step::EndOfContent => {
+                if plan.reset_after.is_some_and(|k| k >= sent) {
+                    log_request(state, conn, req, billed(sent), "reset", &body.sent);
+                    reset(conn).await;
+                    return Ok(false);
+                }
+                continue;
+            }
+        };
+        if let Err(e) = body.event(conn, plan, payload).await {
+            log_request(state, conn, req, billed(sent), "client_gone", &body.sent);
+            return Err(e);
+        }
+        if matches!(step, Step::Delta(_)) {
+            sent += 1;
+        }
+    }
+    let r = body.end(conn, plan).await;
+    let outcome = if r.is_ok() { outcome } else { "client_gone" };
+    log_request(state, conn, req, billed(sent), outcome, &body.sent);
+    r.map(|()| true)
+}
+
+pub(crate) async fn stream(
+    conn: &mut Conn,
+    req: &Request,
+    plan: &Plan,
+    state: &State,
+) -> std::io::Result<bool> {
+    let mut body = open(conn, plan).await?;
     let openai = plan.usage_style == UsageStyle::OpenAi;
     // OpenAI's chunks carry no `type`, and `"usage": null` when usage was asked for.
     let null_usage = openai && plan.usage_asked;
@@ -154,10 +272,6 @@ pub(crate) async fn stream(
             v["usage"] = Value::Null;
         }
         serde_json::to_string(&v).unwrap()
-    };
-    let mut body = Body {
-        enc,
-        sent: Vec::new(),
     };
     let result: std::io::Result<()> = async {
         body.event(conn, plan, &format!(": mock stream{}{}", plan.nl, plan.nl))
@@ -267,4 +381,21 @@ pub(crate) async fn stream(
     let outcome = if r.is_ok() { "complete" } else { "client_gone" };
     log_request(state, conn, req, plan.billed(sent), outcome, &body.sent);
     r.map(|()| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_json_puts_type_first_everywhere_and_is_the_same_json() {
+        let v = serde_json::json!({"index": 1, "type": "content_block_delta",
+            "delta": {"text": "a\"b", "type": "text_delta"}, "list": [{"z": 1, "type": "t"}, 2, null],
+            "empty": {}});
+        let s = typed_json(&v);
+        assert!(s.starts_with(r#"{"type":"content_block_delta","#), "{s}");
+        assert!(s.contains(r#"{"type":"text_delta","text":"a\"b"}"#), "{s}");
+        assert!(s.contains(r#"[{"type":"t","z":1},2,null]"#), "{s}");
+        assert_eq!(serde_json::from_str::<Value>(&s).unwrap(), v);
+    }
 }
