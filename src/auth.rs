@@ -68,7 +68,7 @@ impl KeyHeader {
     }
 
     /// The header's value for `key`.
-    fn value(self, key: &str) -> String {
+    pub fn value(self, key: &str) -> String {
         match self {
             KeyHeader::Authorization => format!("Bearer {key}"),
             _ => key.to_string(),

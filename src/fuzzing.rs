@@ -60,29 +60,34 @@ pub fn request(data: &[u8]) {
         Some("br"),
         Some("zstd"),
     ] {
-        let _ = request::inspect_encoded(data, enc, 1 << 20);
+        for api in crate::meter::Api::ALL {
+            let _ = request::inspect_encoded(api, data, enc, 1 << 20);
+        }
     }
 }
 
-fn observe(kind: BodyKind, chunks: &[&[u8]]) -> String {
-    let mut tap = ResponseTap::new(kind, None, 1 << 20);
+fn observe(api: crate::meter::Api, kind: BodyKind, chunks: &[&[u8]]) -> String {
+    let mut tap = ResponseTap::for_api(api, kind, None, 1 << 20);
     for c in chunks {
         tap.feed(&Bytes::copy_from_slice(c));
     }
     format!("{:?}", tap.finish())
 }
 
-/// Usage extraction from SSE and JSON bodies: whole, or split in two anywhere, the same.
+/// Usage extraction from SSE and JSON bodies of every dialect: whole, or split in two
+/// anywhere, the same.
 pub fn response(data: &[u8]) {
     let (input, at) = split(data);
     let at = at.min(input.len());
-    for kind in [BodyKind::Sse, BodyKind::Json] {
-        let whole = observe(kind, &[input]);
-        let parts = observe(kind, &[&input[..at], &input[at..]]);
-        assert_eq!(
-            whole, parts,
-            "a {kind:?} body split at {at} changed what was observed"
-        );
+    for api in crate::meter::Api::ALL {
+        for kind in [BodyKind::Sse, BodyKind::Json] {
+            let whole = observe(api, kind, &[input]);
+            let parts = observe(api, kind, &[&input[..at], &input[at..]]);
+            assert_eq!(
+                whole, parts,
+                "a {api:?} {kind:?} body split at {at} changed what was observed"
+            );
+        }
     }
 }
 

@@ -217,6 +217,8 @@ enum ByArg {
     User,
     Team,
     Model,
+    /// The API dialect: chat_completions, responses, messages, embeddings, completions.
+    Api,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -257,6 +259,7 @@ fn spend(
         ByArg::User => report::By::User,
         ByArg::Team => report::By::Team,
         ByArg::Model => report::By::Model,
+        ByArg::Api => report::By::Api,
     };
     let format = match format {
         FormatArg::Table => report::Format::Table,

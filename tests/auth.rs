@@ -118,12 +118,13 @@ fn identity_comes_from_the_key_and_no_key_is_ever_written_anywhere() {
     // the upstream on the real key.
     let before = mock.received();
     let bearer = format!("Bearer {alice}");
+    // (Every metered API is allowed; an unmetered one is not.)
     let r = request(
         tap.addr,
         "POST",
-        "/v1/completions",
+        "/v1/moderations",
         &[("authorization", &bearer)],
-        br#"{"model":"m","prompt":"x"}"#,
+        br#"{"model":"m","input":"x"}"#,
     );
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "endpoint_not_allowed");

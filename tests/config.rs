@@ -26,7 +26,7 @@ fn shipped_configs_are_valid() {
     for f in ["config/tokentap.toml", "config/demo.toml"] {
         let (ok, text) = check(&repo(f));
         assert!(ok, "{f}: {text}");
-        assert!(text.contains("15 priced models"), "{text}");
+        assert!(text.contains("34 priced models"), "{text}");
     }
 }
 

@@ -175,6 +175,8 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
     );
     let _ = read_response(&mut s, 800);
     drop(s);
+    // A request no dialect meters (counted apart).
+    assert_eq!(request(tap.addr, "GET", "/v1/models", &[], b"").status, 200);
     let anon = br#"{"model":"openai/gpt-5.5","messages":[{"role":"user","content":"hi"}]}"#;
     let resp = post_chat(tap.addr, &[], anon);
     let (p, c) = received_usage(&resp).unwrap();
@@ -224,7 +226,7 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
     let mut seen_tokens = traffic(&tap, 0);
     std::thread::sleep(Duration::from_millis(2500));
     seen_tokens += traffic(&tap, 1);
-    let calls = 2 * (12 + 5 + 2);
+    let calls = 2 * (12 + 6 + 2);
     let recs = tap.wait_records(calls);
     assert_eq!(recs.len(), calls);
 

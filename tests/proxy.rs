@@ -643,7 +643,7 @@ fn a_chat_body_is_held_until_complete_and_none_of_it_leaks_when_refused() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    for (path, held) in [("/v1/chat/completions", true), ("/v1/embeddings", false)] {
+    for (path, held) in [("/v1/chat/completions", true), ("/v1/moderations", false)] {
         let (up, got) = raw_upstream();
         let tap = Tap::start(
             &format!("http://{up}"),

@@ -326,3 +326,23 @@ fn settles_release_token_reservations_even_at_zero_cost() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue 27: a capped user mixing chat, Responses and Messages calls at once holds the cap on
+/// the Redis ledger too.
+#[test]
+fn a_capped_user_mixing_dialects_at_once_stays_within_the_cap_on_the_redis_ledger() {
+    use common::dialects::*;
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let cap = 10_000_000_000u64; // $0.01
+    let tap = Tap::start(
+        &mock.url(),
+        &format!(
+            "{DIALECT_PRICING}\n[budgets.ledger]\nbackend = \"redis\"\nredis_url = \"{}\"\nredis_timeout_ms = 5000\n\
+             [budgets.users.capped]\ntotal = {{ usd = \"{}\" }}\n",
+            redis.url(),
+            usd(cap)
+        ),
+    );
+    mixed_dialects_hold_the_cap(&tap, &mock, cap);
+}

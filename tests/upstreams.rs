@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-
 use common::*;
 use serde_json::Value;
 
@@ -27,17 +25,6 @@ fn tap(mock: &Mock, upstream_extra: &str) -> Tap {
 /// What the upstream billed for the last call it logged.
 fn billed(mock: &Mock, n: usize) -> Value {
     mock.wait_requests(n)[n - 1]["billed"].clone()
-}
-
-fn inflate(enc: Option<&str>, body: &[u8]) -> Vec<u8> {
-    match enc {
-        Some("gzip") => {
-            let mut d = flate2::write::GzDecoder::new(Vec::new());
-            d.write_all(body).unwrap();
-            d.finish().unwrap()
-        }
-        _ => body.to_vec(),
-    }
 }
 
 /// The record matches the upstream's bill, reasoning tokens included.

@@ -66,7 +66,11 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
         .output_cap()
         .or_else(|| price.and_then(|p| p.max_output_tokens))
         .unwrap_or(policy.default_max_output_tokens);
-    let output = per_choice.saturating_mul(meta.n.unwrap_or(1).max(1));
+    let output = match meta.api {
+        // Embeddings produce no output tokens.
+        crate::meter::Api::Embeddings => 0,
+        _ => per_choice.saturating_mul(meta.n.unwrap_or(1).max(1)),
+    };
     let searches = if meta.web_search_requested() {
         meta.tool_max_searches
             .unwrap_or(policy.default_max_searches)
@@ -75,10 +79,22 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
     };
     // Priced at the dearer of output and reasoning, whichever the output turns out to be.
     let reasoning_dearer = price.is_some_and(|p| p.reasoning.is_some_and(|r| r > p.output));
+    // The prompt at the dearer of input and a cache write: a Messages call may write it all
+    // to the cache (no other dialect bills cache writes).
+    // (At the dearer of five-minute and one-hour writes.)
+    let writes_dearer = meta.api == crate::meter::Api::Messages
+        && price.is_some_and(|p| p.cache_write.max(p.cache_write_1h) > p.input);
+    let hour_dearer = price.is_some_and(|p| p.cache_write_1h > p.cache_write);
     let usage = Usage {
         prompt,
         completion: output,
         cached: 0,
+        cache_write: if writes_dearer { prompt } else { 0 },
+        cache_write_1h: if writes_dearer && hour_dearer {
+            prompt
+        } else {
+            0
+        },
         reasoning: if reasoning_dearer { output } else { 0 },
         web_searches: searches,
     };
@@ -86,7 +102,9 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
     // Redis scripts' arithmetic; no real call comes near, and such a call is refused anyway.
     const MAX: u64 = 1 << 53;
     Amount {
-        pico: price.map_or(0, |p| p.cost(&usage).0).min(MAX),
+        pico: price
+            .map_or(0, |p| p.cost(Some(meta.api), &usage).0)
+            .min(MAX),
         tokens: prompt.saturating_add(output).min(MAX),
     }
 }

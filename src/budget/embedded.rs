@@ -396,8 +396,8 @@ impl Embedded {
             }
             let mut ins = tx.prepare_cached(
                 "INSERT INTO calls (ts, request_id, user, teams, model, prompt, completion, cached,
-                 reasoning, web_searches, cost_pico, estimated, outcome, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 reasoning, web_searches, cost_pico, estimated, outcome, status, api, cache_write)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for r in rows {
                 ins.execute(params![
@@ -414,7 +414,9 @@ impl Embedded {
                     r.cost_pico.map(|c| c as i64),
                     r.estimated,
                     r.outcome,
-                    r.status
+                    r.status,
+                    r.api.map(crate::meter::Api::as_str),
+                    r.usage.cache_write as i64
                 ])?;
             }
         }
@@ -445,13 +447,33 @@ fn open_db(path: &Path) -> Result<Connection, String> {
              ts INTEGER NOT NULL, request_id TEXT NOT NULL, user TEXT, teams TEXT, model TEXT,
              prompt INTEGER NOT NULL, completion INTEGER NOT NULL, cached INTEGER NOT NULL,
              reasoning INTEGER NOT NULL, web_searches INTEGER NOT NULL, cost_pico INTEGER,
-             estimated INTEGER NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL);
+             estimated INTEGER NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL,
+             api TEXT, cache_write INTEGER NOT NULL DEFAULT 0);
          CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
          CREATE TABLE IF NOT EXISTS outbox (
              seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
              payload TEXT NOT NULL);",
     )
     .map_err(what)?;
+    // A ledger written before tokentap metered several APIs gets their columns (its calls
+    // were all chat calls).
+    let has = |col: &str| -> Result<bool, rusqlite::Error> {
+        db.prepare("SELECT 1 FROM pragma_table_info('calls') WHERE name = ?1")?
+            .exists(params![col])
+    };
+    if !has("api").map_err(what)? {
+        db.execute_batch(
+            "BEGIN;
+             ALTER TABLE calls ADD COLUMN api TEXT;
+             UPDATE calls SET api = 'chat_completions';
+             COMMIT;",
+        )
+        .map_err(what)?;
+    }
+    if !has("cache_write").map_err(what)? {
+        db.execute_batch("ALTER TABLE calls ADD COLUMN cache_write INTEGER NOT NULL DEFAULT 0;")
+            .map_err(what)?;
+    }
     Ok(db)
 }
 
@@ -628,6 +650,33 @@ impl Ledger for Embedded {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_ledger_from_before_the_dialects_gets_their_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE calls (
+                 ts INTEGER NOT NULL, request_id TEXT NOT NULL, user TEXT, teams TEXT, model TEXT,
+                 prompt INTEGER NOT NULL, completion INTEGER NOT NULL, cached INTEGER NOT NULL,
+                 reasoning INTEGER NOT NULL, web_searches INTEGER NOT NULL, cost_pico INTEGER,
+                 estimated INTEGER NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL);
+             INSERT INTO calls VALUES (1, 'r', 'u', '', 'm', 1, 2, 0, 0, 0, 5, 0, 'complete', 200);",
+        )
+        .unwrap();
+        drop(old);
+        for _ in 0..2 {
+            // (Opening twice: the second finds the columns in place.)
+            let db = open_db(&path).unwrap();
+            let (api, writes): (String, i64) = db
+                .query_row("SELECT api, cache_write FROM calls", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap();
+            assert_eq!((api.as_str(), writes), ("chat_completions", 0));
+        }
+    }
+
     /// Every row lands with every column in its place.
     #[test]
     fn every_call_row_is_written_with_its_own_values() {
@@ -647,10 +696,13 @@ mod tests {
             user: (!i.is_multiple_of(3)).then(|| format!("user-{i}")),
             teams: (0..i % 3).map(|t| format!("team-{t}")).collect(),
             model: (!i.is_multiple_of(4)).then(|| format!("model-{i}")),
+            api: crate::meter::Api::ALL.get(i % 6).copied(),
             usage: crate::meter::Usage {
                 prompt: i as u64 * 10 + 1,
                 completion: i as u64 * 10 + 2,
                 cached: i as u64 * 10 + 3,
+                cache_write: i as u64 * 10 + 7,
+                cache_write_1h: 0,
                 reasoning: i as u64 * 10 + 4,
                 web_searches: i as u64 * 10 + 5,
             },
@@ -667,13 +719,14 @@ mod tests {
         let mut q = db
             .prepare(
                 "SELECT ts, request_id, user, teams, model, prompt, completion, cached, reasoning,
-                 web_searches, cost_pico, estimated, outcome, status FROM calls ORDER BY ts",
+                 web_searches, cost_pico, estimated, outcome, status, api, cache_write
+                 FROM calls ORDER BY ts",
             )
             .unwrap();
         let got: Vec<String> = q
             .query_map([], |r| {
                 Ok(format!(
-                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {}",
+                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {} {:?} {}",
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
@@ -688,6 +741,8 @@ mod tests {
                     r.get::<_, bool>(11)?,
                     r.get::<_, String>(12)?,
                     r.get::<_, i64>(13)?,
+                    r.get::<_, Option<String>>(14)?,
+                    r.get::<_, i64>(15)?,
                 ))
             })
             .unwrap()
@@ -697,7 +752,7 @@ mod tests {
             .map(|i| {
                 let r = row(i);
                 format!(
-                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {}",
+                    "{} {} {:?} {} {:?} {} {} {} {} {} {:?} {} {} {} {:?} {}",
                     r.ts,
                     r.request_id,
                     r.user,
@@ -711,7 +766,9 @@ mod tests {
                     r.cost_pico,
                     r.estimated,
                     r.outcome,
-                    r.status
+                    r.status,
+                    r.api.map(|a| a.as_str().to_string()),
+                    r.usage.cache_write
                 )
             })
             .collect();

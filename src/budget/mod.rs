@@ -197,6 +197,8 @@ pub struct CallRow {
     pub user: Option<String>,
     pub teams: Vec<String>,
     pub model: Option<String>,
+    /// The call's dialect.
+    pub api: Option<crate::meter::Api>,
     pub usage: Usage,
     pub cost_pico: Option<u64>,
     pub estimated: bool,

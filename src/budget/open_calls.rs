@@ -21,6 +21,10 @@ pub struct OpenCall {
     /// Web searches counted so far (`Observed::web_searches`).
     pub web_searches: std::sync::atomic::AtomicU64,
     pub reported: std::sync::Mutex<Option<Usage>>,
+    /// The usage the stream announced when it started, while that is all it sent.
+    pub opening: std::sync::Mutex<Option<Usage>>,
+    /// The call's dialect (its searches may be priced apart).
+    pub api: Option<crate::meter::Api>,
 }
 
 impl OpenCall {
@@ -35,6 +39,9 @@ impl OpenCall {
         if let Some(u) = o.reported_usage() {
             *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
         }
+        if let Some(u) = o.opening_usage() {
+            *self.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+        }
     }
 
     /// What the call cost as far as tokentap saw it: the usage the upstream reported, or the
@@ -48,6 +55,7 @@ impl OpenCall {
             self.prompt_text_bytes,
             self.completion_bytes.load(Relaxed),
             self.web_searches.load(Relaxed),
+            *self.opening.lock().unwrap_or_else(|p| p.into_inner()),
         );
         (usage, true)
     }
@@ -58,7 +66,7 @@ impl OpenCall {
             return false;
         }
         let (usage, estimated) = self.estimate();
-        let cost = self.price.map(|p| p.cost(&usage).0);
+        let cost = self.price.map(|p| p.cost(self.api, &usage).0);
         let amount = Amount {
             pico: cost.unwrap_or(0),
             tokens: usage.prompt.saturating_add(usage.completion),
@@ -70,6 +78,7 @@ impl OpenCall {
             user: Some(self.reservation.user.clone()),
             teams: self.reservation.teams.clone(),
             model: self.model.clone(),
+            api: self.api,
             usage,
             cost_pico: cost,
             estimated,
@@ -175,6 +184,8 @@ mod tests {
                 completion_bytes: Default::default(),
                 web_searches: Default::default(),
                 reported: Default::default(),
+                opening: Default::default(),
+                api: None,
             };
             for piece in body.as_bytes().chunks(7) {
                 tap.feed(&bytes::Bytes::copy_from_slice(piece));

@@ -16,6 +16,8 @@ pub enum By {
     User,
     Team,
     Model,
+    /// The API dialect (`chat_completions`, `responses`, `messages`, ...).
+    Api,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,7 @@ struct Row {
     prompt: u64,
     completion: u64,
     cached: u64,
+    cache_write: u64,
     reasoning: u64,
     searches: u64,
     cost: u64,
@@ -81,8 +84,8 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
         .prepare(
             "SELECT user, teams, model, COUNT(*), SUM(prompt), SUM(completion), SUM(cached),
                     SUM(reasoning), SUM(web_searches), SUM(COALESCE(cost_pico, 0)),
-                    SUM(estimated), SUM(cost_pico IS NULL)
-             FROM calls WHERE ts >= ?1 AND ts < ?2 GROUP BY user, teams, model",
+                    SUM(estimated), SUM(cost_pico IS NULL), api, SUM(cache_write)
+             FROM calls WHERE ts >= ?1 AND ts < ?2 GROUP BY user, teams, model, api",
         )
         .map_err(|e| e.to_string())?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
@@ -93,6 +96,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
                 r.get::<_, Option<String>>(0)?,
                 r.get::<_, Option<String>>(1)?,
                 r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(12)?,
                 Row {
                     calls: n(3)?,
                     prompt: n(4)?,
@@ -103,6 +107,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
                     cost: n(9)?,
                     estimated: n(10)?,
                     unpriced: n(11)?,
+                    cache_write: n(13)?,
                 },
             ))
         })
@@ -110,11 +115,12 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
     // Every call counted once, also where a user's call appears under each of their teams.
     let mut total = 0u64;
     for r in it {
-        let (user, teams, model, row) = r.map_err(|e| e.to_string())?;
+        let (user, teams, model, api, row) = r.map_err(|e| e.to_string())?;
         total += row.cost;
         let keys: Vec<String> = match by {
             By::User => vec![user.unwrap_or_else(|| "(no user)".into())],
             By::Model => vec![model.unwrap_or_else(|| "(no model)".into())],
+            By::Api => vec![api.unwrap_or_else(|| "(no api)".into())],
             By::Team => {
                 let t: Vec<String> = teams
                     .unwrap_or_default()
@@ -135,6 +141,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             e.prompt += row.prompt;
             e.completion += row.completion;
             e.cached += row.cached;
+            e.cache_write += row.cache_write;
             e.reasoning += row.reasoning;
             e.searches += row.searches;
             e.cost += row.cost;
@@ -146,6 +153,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
         By::User => "user",
         By::Team => "team",
         By::Model => "model",
+        By::Api => "api",
     };
     let mut sorted: Vec<(String, Row)> = rows.into_iter().collect();
     sorted.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(a.0.cmp(&b.0)));
@@ -156,7 +164,8 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
                 .map(|(k, r)| {
                     let mut o = serde_json::json!({
                         "calls": r.calls, "prompt_tokens": r.prompt, "completion_tokens": r.completion,
-                        "cached_tokens": r.cached, "reasoning_tokens": r.reasoning,
+                        "cached_tokens": r.cached, "cache_write_tokens": r.cache_write,
+                        "reasoning_tokens": r.reasoning,
                         "web_searches": r.searches, "cost_usd": Pico(r.cost).to_string(),
                         "estimated_calls": r.estimated, "unpriced_calls": r.unpriced,
                     });
@@ -167,7 +176,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
         }
         Format::Csv => {
-            let mut out = format!("{key},calls,prompt_tokens,completion_tokens,cached_tokens,reasoning_tokens,web_searches,cost_usd,estimated_calls,unpriced_calls\n");
+            let mut out = format!("{key},calls,prompt_tokens,completion_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,web_searches,cost_usd,estimated_calls,unpriced_calls\n");
             for (k, r) in &sorted {
                 let k = if k.contains([',', '"', '\n']) {
                     format!("\"{}\"", k.replace('"', "\"\""))
@@ -176,11 +185,12 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
                 };
                 let _ = writeln!(
                     out,
-                    "{k},{},{},{},{},{},{},{},{},{}",
+                    "{k},{},{},{},{},{},{},{},{},{},{}",
                     r.calls,
                     r.prompt,
                     r.completion,
                     r.cached,
+                    r.cache_write,
                     r.reasoning,
                     r.searches,
                     Pico(r.cost),

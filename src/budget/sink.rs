@@ -35,7 +35,7 @@ pub fn soft_hook(calls: Arc<crate::telemetry::calls::CallMetrics>) -> SoftHook {
 
 impl crate::telemetry::Sink for LedgerSink {
     fn record(&self, rec: &Arc<UsageRecord>) {
-        if !rec.chat {
+        if !rec.metered() {
             return;
         }
         let now = now_unix();
@@ -67,6 +67,7 @@ impl crate::telemetry::Sink for LedgerSink {
                 .map(|r| r.teams.clone())
                 .unwrap_or_default(),
             model: rec.model.clone(),
+            api: rec.api,
             usage: rec.usage,
             cost_pico: rec.cost.map(|c| c.0),
             estimated: rec.usage_source == crate::meter::UsageSource::Estimated,

@@ -43,6 +43,38 @@ pub struct Config {
     pub budgets: crate::budget::policy::BudgetPolicy,
     pub traces: crate::telemetry::traces::TracesConfig,
     pub auth: crate::auth::AuthConfig,
+    /// More upstreams by path prefix (`[[routes]]`), longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+/// An upstream chosen by path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Normalized (`/anthropic`), no trailing slash.
+    pub prefix: String,
+    pub strip_prefix: bool,
+    pub url: UpstreamUrl,
+    /// The real key with virtual keys (`key_env`), ready as the header's value.
+    pub key: Option<crate::auth::Secret>,
+    pub key_header: crate::auth::KeyHeader,
+}
+
+impl Route {
+    /// The rest of `normalized` (a [`crate::openai::normalized_path`]) after this route's
+    /// prefix, when the prefix matches it on whole segments.
+    pub fn rest<'a>(&self, normalized: &'a str) -> Option<&'a str> {
+        let rest = normalized.strip_prefix(self.prefix.as_str())?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+}
+
+impl Config {
+    /// The route a request path goes by (`None`: `[upstream]`).
+    pub fn route_for(&self, normalized: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| r.rest(normalized).is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +168,19 @@ pub struct LimitsConfig {
     pub max_streams_per_user: usize,
     pub request_deadline: Option<Duration>,
     pub client_idle_timeout: Duration,
+    pub unmetered: Unmetered,
+}
+
+/// What happens to requests no metered dialect serves (`limits.unmetered`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmetered {
+    /// Forwarded as sent, counted and logged (the default: nothing a client relies on breaks).
+    #[default]
+    Forward,
+    /// Refused with 404 (listing models and counting tokens excepted): caps with no way
+    /// around them.
+    Refuse,
 }
 
 /// A configuration error: which file, where, and what to do about it.
@@ -279,6 +324,7 @@ fn compile(
     let traces =
         crate::telemetry::traces::compile(&raw.traces).map_err(|m| ConfigError::new(file, m))?;
     let auth = crate::auth::compile(&raw.auth, dir).map_err(|m| ConfigError::new(file, m))?;
+    let routes = routes(&raw.routes, auth.mode, &err)?;
     // A key issued for a team makes its user a member of that team (for the team's caps).
     let mut budgets = budgets;
     for (user, team) in &auth.keys.teams {
@@ -324,6 +370,7 @@ fn compile(
         budgets,
         traces,
         auth,
+        routes,
     })
 }
 
@@ -394,6 +441,68 @@ fn server(s: schema::RawServer, err: &ErrAt) -> Result<ServerConfig, ConfigError
 }
 
 /// `[upstream]` (`dir` resolves the CA file).
+fn routes(
+    raw: &[schema::RawRoute],
+    mode: crate::auth::Mode,
+    err: &ErrAt,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        // As the proxy compares it with normalized paths: lower case, no empty segments.
+        let prefix: String = r
+            .prefix
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .map(|s| format!("/{}", s.to_ascii_lowercase()))
+            .collect();
+        let prefix = if prefix.is_empty() {
+            "/".to_string()
+        } else {
+            prefix
+        };
+        if !r.prefix.starts_with('/') || prefix == "/" {
+            return Err(err(
+                &at("prefix"),
+                format!("{:?}: write a path prefix like \"/v1/messages\"", r.prefix),
+            ));
+        }
+        if routes.iter().any(|o: &Route| o.prefix == prefix) {
+            return Err(err(&at("prefix"), format!("{prefix:?} is routed twice")));
+        }
+        let url = parse_upstream_url(&r.url).map_err(|m| err(&at("url"), m))?;
+        let key = match (&r.key_env, mode) {
+            (Some(var), crate::auth::Mode::VirtualKeys) => {
+                let v = std::env::var(var).map_err(|_| {
+                    err(
+                        &at("key_env"),
+                        format!("the environment variable {var} is not set"),
+                    )
+                })?;
+                let value = r.key_header.value(v.trim());
+                if http::HeaderValue::from_str(&value).is_err() {
+                    return Err(err(
+                        &at("key_env"),
+                        format!("the key in {var} is not a valid header value"),
+                    ));
+                }
+                Some(crate::auth::Secret(value))
+            }
+            _ => None,
+        };
+        routes.push(Route {
+            prefix,
+            strip_prefix: r.strip_prefix,
+            url,
+            key,
+            key_header: r.key_header,
+        });
+    }
+    // The longest prefix wins.
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    Ok(routes)
+}
+
 fn upstream(
     u: schema::RawUpstream,
     dir: &Path,
@@ -466,6 +575,7 @@ fn limits(l: schema::RawLimits, err: &ErrAt) -> Result<LimitsConfig, ConfigError
         request_deadline: (l.request_deadline_ms > 0)
             .then(|| Duration::from_millis(l.request_deadline_ms)),
         client_idle_timeout: Duration::from_millis(l.client_idle_timeout_ms),
+        unmetered: l.unmetered,
     })
 }
 
@@ -572,6 +682,34 @@ mod tests {
 [upstream]
 url = "http://127.0.0.1:9000"
 "#;
+
+    #[test]
+    fn routes_are_matched_on_whole_segments_longest_first() {
+        let c = parse_str(&format!(
+            "{MIN}[[routes]]\nprefix = \"/Anthropic/\"\nstrip_prefix = true\nurl = \"https://a.example\"\n\
+             [[routes]]\nprefix = \"/anthropic/v1/messages\"\nurl = \"https://b.example\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].prefix, "/anthropic/v1/messages");
+        assert_eq!(c.route_for("/anthropic/v1/messages"), Some(0));
+        assert_eq!(c.route_for("/anthropic/v1/models"), Some(1));
+        assert_eq!(c.routes[1].rest("/anthropic/v1/models"), Some("/v1/models"));
+        assert_eq!(c.route_for("/anthropics/v1/messages"), None);
+        assert_eq!(c.route_for("/v1/chat/completions"), None);
+        for bad in ["prefix = \"/\"", "prefix = \"v1\""] {
+            let e = parse_str(&format!(
+                "{MIN}[[routes]]\n{bad}\nurl = \"https://a.example\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.message.contains("routes[0].prefix"), "{}", e.message);
+        }
+        let e = parse_str(&format!(
+            "{MIN}[[routes]]\nprefix = \"/x\"\nurl = \"https://a.example\"\n\
+             [[routes]]\nprefix = \"/X/\"\nurl = \"https://b.example\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("routed twice"), "{}", e.message);
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

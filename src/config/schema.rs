@@ -27,6 +27,34 @@ pub struct RawConfig {
     pub traces: crate::telemetry::traces::RawTraces,
     #[serde(default)]
     pub auth: crate::auth::RawAuth,
+    /// More upstreams, chosen by path prefix (`[[routes]]`); everything else goes to
+    /// `[upstream]`.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// One `[[routes]]` entry: requests whose path starts with `prefix` go to `url`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// A path prefix, matched on whole segments as leniently as dialects are (`/v1/messages`,
+    /// `/anthropic`).
+    pub prefix: String,
+    /// Take the prefix off the path before it goes upstream (and before the dialect is
+    /// read): `/anthropic/v1/messages` becomes `/v1/messages`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// The upstream's base URL, as `upstream.url`.
+    pub url: String,
+    /// With virtual keys: the environment variable holding this upstream's real key.
+    pub key_env: Option<String>,
+    /// The header that key goes in (`authorization`, `x-api-key`, `api-key`).
+    #[serde(default = "d_key_header")]
+    pub key_header: crate::auth::KeyHeader,
+}
+
+fn d_key_header() -> crate::auth::KeyHeader {
+    crate::auth::KeyHeader::Authorization
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +154,9 @@ pub struct RawLimits {
     pub request_deadline_ms: u64,
     /// A client that sends nothing for this long (between requests, or mid-body) is dropped.
     pub client_idle_timeout_ms: u64,
+    /// Requests to paths no metered dialect serves: `"forward"` them (counted in
+    /// `tokentap_unmetered_requests_total`), or `"refuse"` them with 404.
+    pub unmetered: super::Unmetered,
 }
 
 impl Default for RawLimits {
@@ -138,6 +169,7 @@ impl Default for RawLimits {
             max_streams_per_user: 0,
             request_deadline_ms: 0,
             client_idle_timeout_ms: 60_000,
+            unmetered: super::Unmetered::Forward,
         }
     }
 }

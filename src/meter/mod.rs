@@ -86,12 +86,68 @@ pub struct Usage {
     pub prompt: u64,
     /// Output tokens, reasoning ones included.
     pub completion: u64,
-    /// The part of `prompt` served from cache.
+    /// The part of `prompt` served from cache (cache reads).
     pub cached: u64,
+    /// The part of `prompt` written to the cache (Anthropic's `cache_creation_input_tokens`),
+    /// billed at its own price. Disjoint from `cached`.
+    pub cache_write: u64,
+    /// The part of `cache_write` kept for an hour (Anthropic's
+    /// `cache_creation.ephemeral_1h_input_tokens`), dearer than five-minute writes.
+    pub cache_write_1h: u64,
     /// The part of `completion` spent on reasoning.
     pub reasoning: u64,
     /// Web searches the upstream ran and bills.
     pub web_searches: u64,
+}
+
+/// The API dialect of a metered call: which request and response shapes it speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// OpenAI Chat Completions (`POST /v1/chat/completions`), the target API's own.
+    #[default]
+    ChatCompletions,
+    /// OpenAI Responses (`POST /v1/responses`).
+    Responses,
+    /// Anthropic Messages (`POST /v1/messages`).
+    Messages,
+    /// OpenAI Embeddings (`POST /v1/embeddings`).
+    Embeddings,
+    /// OpenAI legacy Completions (`POST /v1/completions`).
+    Completions,
+}
+
+impl Api {
+    pub const ALL: [Api; 5] = [
+        Api::ChatCompletions,
+        Api::Responses,
+        Api::Messages,
+        Api::Embeddings,
+        Api::Completions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat_completions",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+            Api::Embeddings => "embeddings",
+            Api::Completions => "completions",
+        }
+    }
+
+    /// `gen_ai.operation.name` of the GenAI semantic conventions.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Api::ChatCompletions | Api::Responses | Api::Messages => "chat",
+            Api::Embeddings => "embeddings",
+            Api::Completions => "text_completion",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|a| a.as_str() == name)
+    }
 }
 
 /// Where the usage figures of a record come from.
@@ -184,10 +240,14 @@ pub struct UsageRecord {
     pub started_at: SystemTime,
     pub method: String,
     pub path: String,
-    /// True for `POST /v1/chat/completions` whose body was a JSON object.
-    pub chat: bool,
+    /// The dialect of a metered call (a `POST` to a path one of them serves); `None` for
+    /// every other request, which passes through unmetered.
+    pub api: Option<Api>,
+    /// The class of an unmetered request's path (`models`, `files`, ..., `other`): a bounded
+    /// label for the unmetered-requests metric. Empty for metered calls.
+    pub path_class: &'static str,
     pub model: Option<String>,
-    /// `gen_ai.provider.name` of a chat call's model ([`provider::Providers`]): the one name
+    /// `gen_ai.provider.name` of a metered call's model ([`provider::Providers`]): the one name
     /// metrics, spans and the access log give the call's provider. `None` for other calls.
     pub provider: Option<std::sync::Arc<str>>,
     pub response_model: Option<String>,
@@ -254,6 +314,13 @@ pub struct UsageRecord {
     pub captured_output: Option<String>,
 }
 
+impl UsageRecord {
+    /// The call spoke a dialect tokentap meters.
+    pub fn metered(&self) -> bool {
+        self.api.is_some()
+    }
+}
+
 #[cfg(test)]
 impl UsageRecord {
     /// A complete, non-streamed chat call of `alice`, for tests to adjust
@@ -264,7 +331,8 @@ impl UsageRecord {
             started_at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             method: "POST".into(),
             path: "/v1/chat/completions".into(),
-            chat: true,
+            api: Some(Api::ChatCompletions),
+            path_class: "",
             model: Some("m".into()),
             provider: Some("openai".into()),
             response_model: None,
@@ -281,6 +349,8 @@ impl UsageRecord {
                 prompt: 10,
                 completion: 5,
                 cached: 4,
+                cache_write: 0,
+                cache_write_1h: 0,
                 reasoning: 2,
                 web_searches: 0,
             },
@@ -326,13 +396,32 @@ pub fn estimate_tokens(text_bytes: u64) -> u64 {
 /// recorded): the prompt from the request's text, the completion from the bytes it
 /// delivered (what the response tap counted: content, or the bytes of an unread JSON answer), the searches as
 /// counted. A call's record and its abandoned reservation are settled by this same figure.
-pub fn estimate(prompt_text_bytes: u64, completion_bytes: u64, web_searches: u64) -> Usage {
-    Usage {
+///
+/// `opening`: the usage a stream announced when it started (Anthropic's `message_start`),
+/// when that is all it sent: its input figures are exact and kept; the output is the larger
+/// of its count and the estimate.
+pub fn estimate(
+    prompt_text_bytes: u64,
+    completion_bytes: u64,
+    web_searches: u64,
+    opening: Option<Usage>,
+) -> Usage {
+    let e = Usage {
         prompt: estimate_tokens(prompt_text_bytes),
         completion: estimate_tokens(completion_bytes),
         cached: 0,
+        cache_write: 0,
+        cache_write_1h: 0,
         reasoning: 0,
         web_searches,
+    };
+    match opening {
+        Some(u) => Usage {
+            completion: u.completion.max(e.completion),
+            web_searches: u.web_searches.max(e.web_searches),
+            ..u
+        },
+        None => e,
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{Pico, Usage};
+use super::{Api, Pico, Usage};
 
 /// `[pricing]` as written in the main config.
 #[derive(Debug, Default, Deserialize)]
@@ -23,9 +23,15 @@ pub struct RawPricing {
     #[serde(default)]
     pub unknown_model: UnknownModel,
     pub default: Option<RawModelPrice>,
+    /// A cache write's price as a multiple of the input price, for models without their own
+    /// `cache_write_per_mtok` (default 1.25, Anthropic's five-minute cache writes).
+    pub cache_write_ratio: Option<Usd>,
     #[serde(default)]
     pub models: HashMap<String, RawModelPrice>,
 }
+
+/// The cache-write ratio when `pricing.cache_write_ratio` is not set.
+const DEFAULT_CACHE_WRITE_RATIO: &str = "1.25";
 
 /// The separate pricing file.
 #[derive(Debug, Deserialize)]
@@ -54,9 +60,20 @@ pub struct RawModelPrice {
     output_per_mtok: Usd,
     /// USD per million reasoning tokens when the provider prices them apart; defaults to output.
     reasoning_per_mtok: Option<Usd>,
+    /// USD per million input tokens written to the cache (Anthropic's
+    /// `cache_creation_input_tokens`); defaults to the input price times
+    /// `pricing.cache_write_ratio`.
+    cache_write_per_mtok: Option<Usd>,
+    /// USD per million input tokens written to the one-hour cache; defaults to twice the input
+    /// price (Anthropic's list).
+    cache_write_1h_per_mtok: Option<Usd>,
     /// USD per web search the upstream ran (`usage.num_search_queries`).
     #[serde(default)]
     per_web_search: Usd,
+    /// Per-search prices for the dialects that bill searches differently, by API name
+    /// (`responses = 0.01`, `messages = 0.01`); the others pay `per_web_search`.
+    #[serde(default)]
+    per_web_search_by_api: HashMap<String, Usd>,
     /// The most output tokens the model produces in one call: the worst case a budget
     /// reserves when a request sets no max_tokens.
     max_output_tokens: Option<u64>,
@@ -91,18 +108,33 @@ pub struct ModelPrice {
     pub cached_input: Pico,
     pub output: Pico,
     pub reasoning: Option<Pico>,
+    pub cache_write: Pico,
+    pub cache_write_1h: Pico,
     pub web_search: Pico,
+    /// `per_web_search_by_api`, indexed like [`Api::ALL`].
+    pub web_search_by_api: [Option<Pico>; 5],
     pub max_output_tokens: Option<u64>,
 }
 
 impl ModelPrice {
-    /// The cost of `u`. Cached tokens are part of `prompt` and billed once, at the cached rate;
-    /// reasoning tokens are part of `completion`.
-    pub fn cost(&self, u: &Usage) -> Pico {
+    /// The price of one web search in a call of `api`.
+    pub fn web_search_in(&self, api: Option<Api>) -> Pico {
+        api.and_then(|a| self.web_search_by_api[a as usize])
+            .unwrap_or(self.web_search)
+    }
+
+    /// The cost of `u` in a call of `api`. Cache reads and writes are part of `prompt` and
+    /// billed once, each at its own rate; reasoning tokens are part of `completion`.
+    pub fn cost(&self, api: Option<Api>, u: &Usage) -> Pico {
         let cached = u.cached.min(u.prompt) as u128;
-        let uncached = u.prompt as u128 - cached;
+        let written = (u.cache_write as u128).min(u.prompt as u128 - cached);
+        let written_1h = (u.cache_write_1h as u128).min(written);
+        let uncached = u.prompt as u128 - cached - written;
         let reasoning = u.reasoning.min(u.completion) as u128;
-        let mut total = uncached * self.input.0 as u128 + cached * self.cached_input.0 as u128;
+        let mut total = uncached * self.input.0 as u128
+            + cached * self.cached_input.0 as u128
+            + (written - written_1h) * self.cache_write.0 as u128
+            + written_1h * self.cache_write_1h.0 as u128;
         match self.reasoning {
             Some(r) => {
                 total += (u.completion as u128 - reasoning) * self.output.0 as u128;
@@ -110,7 +142,7 @@ impl ModelPrice {
             }
             None => total += u.completion as u128 * self.output.0 as u128,
         }
-        total += u.web_searches as u128 * self.web_search.0 as u128;
+        total += u.web_searches as u128 * self.web_search_in(api).0 as u128;
         Pico(u64::try_from(total).unwrap_or(u64::MAX))
     }
 }
@@ -190,6 +222,12 @@ pub fn compile(
 ) -> Result<(PriceTable, Option<(PathBuf, String)>), PricingError> {
     let mut models = HashMap::new();
     let mut included = None;
+    let ratio = raw
+        .cache_write_ratio
+        .as_ref()
+        .map_or(DEFAULT_CACHE_WRITE_RATIO, |r| r.0.as_str());
+    let ratio = decimal_scaled(ratio, 6)
+        .map_err(|m| PricingError::Here(format!("pricing.cache_write_ratio: {m}")))?;
     if let Some(rel) = &raw.file {
         let path = dir.join(rel);
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -203,7 +241,10 @@ pub fn compile(
             toml::from_str(&text).map_err(|e| in_file(crate::config::toml_error(&e, &text)))?;
         for (name, p) in &f.models {
             let key = format!("models.{name:?}");
-            models.insert(name.clone(), compile_price(p, &key).map_err(in_file)?);
+            models.insert(
+                name.clone(),
+                compile_price(p, &key, ratio).map_err(in_file)?,
+            );
         }
         included = Some((path, text));
     }
@@ -212,11 +253,11 @@ pub fn compile(
         let key = format!("pricing.models.{name:?}");
         models.insert(
             name.clone(),
-            compile_price(p, &key).map_err(PricingError::Here)?,
+            compile_price(p, &key, ratio).map_err(PricingError::Here)?,
         );
     }
     let default = match &raw.default {
-        Some(p) => Some(compile_price(p, "pricing.default").map_err(PricingError::Here)?),
+        Some(p) => Some(compile_price(p, "pricing.default", ratio).map_err(PricingError::Here)?),
         None => None,
     };
     if raw.unknown_model == UnknownModel::Default && default.is_none() {
@@ -234,7 +275,8 @@ pub fn compile(
     ))
 }
 
-fn compile_price(p: &RawModelPrice, key: &str) -> Result<ModelPrice, String> {
+/// `ratio`: the cache-write ratio in millionths (1.25 is 1_250_000).
+fn compile_price(p: &RawModelPrice, key: &str, ratio: u64) -> Result<ModelPrice, String> {
     // USD per million tokens -> pico-USD per token: multiply by 10^12 / 10^6 = 10^6.
     let per_tok =
         |field: &str, v: &Usd| decimal_scaled(&v.0, 6).map_err(|m| format!("{key}.{field}: {m}"));
@@ -248,17 +290,42 @@ fn compile_price(p: &RawModelPrice, key: &str) -> Result<ModelPrice, String> {
         Some(v) => Some(per_tok("reasoning_per_mtok", v)?),
         None => None,
     };
+    let cache_write = match &p.cache_write_per_mtok {
+        Some(v) => per_tok("cache_write_per_mtok", v)?,
+        None => u64::try_from(input as u128 * ratio as u128 / 1_000_000)
+            .map_err(|_| format!("{key}: the cache-write price is too large"))?,
+    };
+    let cache_write_1h = match &p.cache_write_1h_per_mtok {
+        Some(v) => per_tok("cache_write_1h_per_mtok", v)?,
+        None => input.saturating_mul(2),
+    };
     let web_search = if p.per_web_search.0.is_empty() {
         0
     } else {
         decimal_scaled(&p.per_web_search.0, 12).map_err(|m| format!("{key}.per_web_search: {m}"))?
     };
+    let mut web_search_by_api = [None; 5];
+    for (name, v) in &p.per_web_search_by_api {
+        let api = Api::from_name(name).ok_or_else(|| {
+            format!(
+                "{key}.per_web_search_by_api: unknown API {name:?} (one of chat_completions, \
+                 responses, messages, embeddings, completions)"
+            )
+        })?;
+        web_search_by_api[api as usize] =
+            Some(Pico(decimal_scaled(&v.0, 12).map_err(|m| {
+                format!("{key}.per_web_search_by_api.{name}: {m}")
+            })?));
+    }
     Ok(ModelPrice {
         input: Pico(input),
         cached_input: Pico(cached_input),
         output: Pico(output),
         reasoning: reasoning.map(Pico),
+        cache_write: Pico(cache_write),
+        cache_write_1h: Pico(cache_write_1h),
         web_search: Pico(web_search),
+        web_search_by_api,
         max_output_tokens: p.max_output_tokens,
     })
 }
@@ -342,14 +409,16 @@ per_web_search = 0.01
             prompt: 1000,
             completion: 100,
             cached: 800,
+            cache_write: 0,
+            cache_write_1h: 0,
             reasoning: 0,
             web_searches: 2,
         };
         // 200 * 3e-6 + 800 * 0.3e-6 + 100 * 15e-6 + 2 * 0.01 USD
         let expect_usd = 200.0 * 3e-6 + 800.0 * 0.3e-6 + 100.0 * 15e-6 + 0.02;
-        assert_eq!(p.cost(&u).0, (expect_usd * 1e12f64).round() as u64);
+        assert_eq!(p.cost(None, &u).0, (expect_usd * 1e12f64).round() as u64);
         assert_eq!(
-            p.cost(&u).0,
+            p.cost(None, &u).0,
             600_000_000 + 240_000_000 + 1_500_000_000 + 20_000_000_000
         );
     }
@@ -367,11 +436,61 @@ per_web_search = 0.01
             reasoning: 4,
             ..Usage::default()
         };
-        assert_eq!(t.get("a").unwrap().cost(&u).0, 100_000_000);
+        assert_eq!(t.get("a").unwrap().cost(None, &u).0, 100_000_000);
         assert_eq!(
-            t.get("b").unwrap().cost(&u).0,
+            t.get("b").unwrap().cost(None, &u).0,
             6 * 10_000_000 + 4 * 20_000_000
         );
+    }
+
+    #[test]
+    fn cache_writes_are_billed_once_at_their_own_rate() {
+        let t = table(
+            "[pricing.models.a]\ninput_per_mtok = 3\ncached_input_per_mtok = 0.3\noutput_per_mtok = 15\n\
+             [pricing.models.b]\ninput_per_mtok = 3\noutput_per_mtok = 15\ncache_write_per_mtok = 6\n\
+             [pricing.models.c]\ninput_per_mtok = 3\noutput_per_mtok = 15\nper_web_search = 0.005\n\
+             per_web_search_by_api = { messages = 0.01 }\n",
+        )
+        .unwrap();
+        // 1000 input tokens: 600 cache reads, 300 cache writes, 100 plain.
+        let u = Usage {
+            prompt: 1000,
+            cached: 600,
+            cache_write: 300,
+            cache_write_1h: 0,
+            ..Usage::default()
+        };
+        // The default ratio: 1.25 x 3 USD/MTok.
+        assert_eq!(
+            t.get("a").unwrap().cost(None, &u).0,
+            100 * 3_000_000 + 600 * 300_000 + 300 * 3_750_000
+        );
+        assert_eq!(
+            t.get("b").unwrap().cost(None, &u).0,
+            100 * 3_000_000 + 600 * 3_000_000 + 300 * 6_000_000
+        );
+        // Of the writes, 100 kept for an hour: twice the input price.
+        let u1h = Usage {
+            cache_write_1h: 100,
+            ..u
+        };
+        assert_eq!(
+            t.get("a").unwrap().cost(None, &u1h).0,
+            100 * 3_000_000 + 600 * 300_000 + 200 * 3_750_000 + 100 * 6_000_000
+        );
+        let s = Usage {
+            web_searches: 2,
+            ..Usage::default()
+        };
+        let c = t.get("c").unwrap();
+        assert_eq!(c.cost(Some(Api::Messages), &s).0, 2 * 10_000_000_000);
+        assert_eq!(c.cost(Some(Api::Responses), &s).0, 2 * 5_000_000_000);
+        assert_eq!(c.cost(None, &s).0, 2 * 5_000_000_000);
+        let e = table(
+            "[pricing.models.d]\ninput_per_mtok = 1\noutput_per_mtok = 1\nper_web_search_by_api = { chat = 1 }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown API \"chat\""), "{e}");
     }
 
     #[test]

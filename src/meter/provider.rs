@@ -13,6 +13,8 @@ pub struct Providers {
     /// Shared names: a record takes one without allocating.
     by_prefix: BTreeMap<String, Arc<str>>,
     default: Arc<str>,
+    /// Anthropic's name: the provider of a Messages call whose model has no prefix.
+    anthropic: Arc<str>,
 }
 
 impl Default for Providers {
@@ -45,7 +47,20 @@ impl Providers {
         Providers {
             by_prefix,
             default: default.into(),
+            anthropic: "anthropic".into(),
         }
+    }
+
+    /// The provider of a call of `api` to `model`: as [`Providers::of`], except that a
+    /// Messages call (Anthropic's API) of a model without a prefix is Anthropic's.
+    pub fn of_call(&self, api: super::Api, model: Option<&str>) -> Arc<str> {
+        let prefixed = model
+            .and_then(|m| m.split_once('/'))
+            .is_some_and(|(p, _)| !p.is_empty());
+        if api == super::Api::Messages && !prefixed {
+            return Arc::clone(&self.anthropic);
+        }
+        self.of(model)
     }
 
     /// The provider of `model`: its prefix's name (the prefix itself when the table has
@@ -82,5 +97,12 @@ mod tests {
         );
         assert_eq!(&*p.of(Some("acme/model")), "acme_ai");
         assert_eq!(&*p.of(Some("llama-3")), "vllm");
+        use crate::meter::Api;
+        assert_eq!(
+            &*p.of_call(Api::Messages, Some("claude-sonnet-4-5")),
+            "anthropic"
+        );
+        assert_eq!(&*p.of_call(Api::Responses, Some("gpt-5")), "vllm");
+        assert_eq!(&*p.of_call(Api::Messages, Some("acme/m")), "acme_ai");
     }
 }

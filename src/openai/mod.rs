@@ -1,18 +1,91 @@
-//! The wire format of OpenAI-compatible Chat Completions APIs: which paths are chat calls,
-//! request inspection and the few byte-level edits of a request body, the SSE decoder, usage
-//! extraction, the stream filter that takes asked-for usage out again, content codings and
-//! OpenAI-shaped error bodies.
+//! The wire formats of the APIs tokentap meters: which dialect a request speaks (by method and
+//! path), request inspection and the few byte-level edits of a request body, the SSE decoder,
+//! usage extraction (the OpenAI shapes in `response`, each other dialect's rule in a file of
+//! its own: `responses`, `messages`), the stream filter that takes asked-for usage out again,
+//! content codings, and error bodies in each dialect's shape.
+//!
+//! (Named `openai` for the shapes most of it reads; Anthropic's Messages dialect lives here
+//! too, behind the same two faces: a request inspection and a response tap.)
 
 mod codec;
 pub mod edit;
+mod messages;
 pub mod request;
 pub mod response;
+mod responses;
 pub(crate) mod skim;
 pub mod sse;
 pub mod strip;
 
 use bytes::Bytes;
 use serde::Serialize;
+
+use crate::meter::Api;
+
+/// The dialect of a request: a `POST` to a path one of them serves, read as leniently as
+/// [`is_chat_path`] reads chat paths (with or without the `/v1` prefix). `None` for every
+/// other request (`/v1/messages/count_tokens` included: it is free).
+pub fn api_of(method: &str, path: &str) -> Option<Api> {
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
+    }
+    let by_path = |p: &str| match p.strip_prefix("/v1").unwrap_or(p) {
+        "/chat/completions" => Some(Api::ChatCompletions),
+        "/responses" => Some(Api::Responses),
+        "/messages" => Some(Api::Messages),
+        "/embeddings" => Some(Api::Embeddings),
+        "/completions" => Some(Api::Completions),
+        _ => None,
+    };
+    // Nearly every call: a path already in normal form.
+    by_path(path).or_else(|| by_path(&normalized_path(path)))
+}
+
+/// A bounded name for the path of a request no dialect meters, for a metric label: the known
+/// endpoints of the OpenAI and Anthropic APIs by name, anything else `other`.
+pub fn path_class(path: &str) -> &'static str {
+    let p = normalized_path(path);
+    let p = p.strip_prefix("/v1").unwrap_or(&p);
+    let mut segs = p.trim_start_matches('/').split('/');
+    let (first, second) = (segs.next().unwrap_or_default(), segs.next());
+    match first {
+        "messages" if second == Some("count_tokens") => "count_tokens",
+        "responses" if second == Some("input_tokens") => "count_tokens",
+        "messages" if second == Some("batches") => "batches",
+        "chat" | "responses" | "messages" | "embeddings" | "completions" => "metered_path",
+        "models" => "models",
+        "files" => "files",
+        "uploads" => "uploads",
+        "batches" => "batches",
+        "moderations" => "moderations",
+        "images" => "images",
+        "audio" => "audio",
+        "realtime" => "realtime",
+        "assistants" | "threads" => "assistants",
+        "vector_stores" => "vector_stores",
+        "fine_tuning" => "fine_tuning",
+        "conversations" => "conversations",
+        "organization" | "organizations" => "organization",
+        "" => "root",
+        _ => "other",
+    }
+}
+
+/// Requests no dialect meters that are free by nature and part of the APIs clients use
+/// (listing models, counting tokens): never refused as unmetered.
+pub fn is_free_path(method: &str, path: &str) -> bool {
+    if !["GET", "HEAD", "POST"]
+        .iter()
+        .any(|m| method.eq_ignore_ascii_case(m))
+    {
+        return false;
+    }
+    match path_class(path) {
+        "count_tokens" => method.eq_ignore_ascii_case("POST"),
+        "models" => method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"),
+        _ => false,
+    }
+}
 
 /// True for the Chat Completions endpoint (`/v1/chat/completions` or `/chat/completions`).
 ///
@@ -176,6 +249,49 @@ impl ApiError {
         self
     }
 
+    /// The body in the shape `api`'s clients parse: Anthropic's
+    /// `{"type": "error", "error": {"type", "message"}}` for Messages, OpenAI's otherwise.
+    pub fn body_for(&self, api: Option<Api>) -> Bytes {
+        if api != Some(Api::Messages) {
+            return self.body();
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            error: Inner<'a>,
+        }
+        let v = Outer {
+            kind: "error",
+            error: Inner {
+                kind: self.anthropic_type(),
+                message: &self.message,
+            },
+        };
+        Bytes::from(serde_json::to_vec(&v).expect("error body serializes"))
+    }
+
+    /// Anthropic's error type for this status.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            504 => "timeout_error",
+            _ => "api_error",
+        }
+    }
+
     pub fn body(&self) -> Bytes {
         #[derive(Serialize)]
         struct Inner<'a> {
@@ -221,6 +337,51 @@ mod tests {
         assert!(is_chat_path("/v1/chat/completions%2F"));
         assert!(!is_chat_path("/v1/chat/completions%"));
         assert!(!is_chat_path("/v1/chat/completions%2"));
+    }
+
+    #[test]
+    fn dialects_are_picked_by_method_and_path() {
+        use Api::*;
+        for (m, p, api) in [
+            ("POST", "/v1/chat/completions", Some(ChatCompletions)),
+            ("POST", "/v1/responses", Some(Responses)),
+            ("post", "/responses?x=1", Some(Responses)),
+            ("POST", "/v1/messages", Some(Messages)),
+            ("POST", "/V1//Messages/", Some(Messages)),
+            ("POST", "/v1/%6Dessages", Some(Messages)),
+            ("POST", "/v1/embeddings", Some(Embeddings)),
+            ("POST", "/v1/completions", Some(Completions)),
+            ("POST", "/completions", Some(Completions)),
+            ("POST", "/v1/messages/count_tokens", None),
+            ("GET", "/v1/responses", None),
+            ("POST", "/v1/responses/resp_1/cancel", None),
+            ("POST", "/v2/messages", None),
+        ] {
+            assert_eq!(api_of(m, p), api, "{m} {p}");
+        }
+        assert_eq!(path_class("/v1/messages/count_tokens"), "count_tokens");
+        assert_eq!(path_class("/v1/models/gpt-5"), "models");
+        assert_eq!(path_class("/v1/responses/resp_1"), "metered_path");
+        assert_eq!(path_class("/whatever/else"), "other");
+        assert!(is_free_path("GET", "/v1/models"));
+        assert!(is_free_path("POST", "/v1/messages/count_tokens"));
+        assert!(!is_free_path("POST", "/v1/files"));
+        assert!(is_free_path("POST", "/v1/responses/input_tokens"));
+        assert!(!is_free_path("POST", "/v1/messages/count_tokensX"));
+    }
+
+    #[test]
+    fn errors_for_anthropic_clients_are_anthropic_shaped() {
+        let e = ApiError::new(429, "rate_limit_exceeded", "over budget").code("budget_exceeded");
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.body_for(Some(Api::Messages))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "error", "error": {"type": "rate_limit_error", "message": "over budget"}})
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.body_for(Some(Api::Responses))).unwrap();
+        assert_eq!(v["error"]["code"], "budget_exceeded");
     }
 
     #[test]

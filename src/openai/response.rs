@@ -14,7 +14,7 @@ use std::fmt;
 
 use super::codec::Decoding;
 use super::sse::{SseDecoder, SseEvent};
-use crate::meter::{Usage, WebSearchSource};
+use crate::meter::{Api, Usage, WebSearchSource};
 
 /// What the tap learned from a response.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -24,6 +24,9 @@ pub struct Observed {
     pub finish_reasons: Vec<String>,
     /// The last `usage` object the upstream sent (`web_searches`: its count, 0 without one).
     pub usage: Option<Usage>,
+    /// `usage` holds a stream's opening figures only (Anthropic's `message_start`: the input
+    /// is final, the output still counting): the stream was cut before its final usage.
+    pub usage_partial: bool,
     /// That usage object counted web searches itself (`num_search_queries`).
     pub searches_reported: bool,
     pub upstream_cost_usd: Option<f64>,
@@ -86,18 +89,29 @@ impl Observed {
             prompt_text_bytes,
             self.completion_bytes(),
             self.web_searches().map_or(0, |(n, _)| n),
+            self.opening_usage(),
         )
     }
 
+    /// The usage a stream announced when it started, when that is all it sent.
+    pub fn opening_usage(&self) -> Option<Usage> {
+        self.usage.filter(|_| self.usage_partial)
+    }
+
     /// The usage the upstream reported, its web searches counted when it did not count them.
+    /// `None` also when only a stream's opening figures arrived ([`Observed::estimate`]
+    /// completes them).
     pub fn reported_usage(&self) -> Option<Usage> {
+        if self.usage_partial {
+            return None;
+        }
         self.usage.map(|u| Usage {
             web_searches: self.web_searches().map_or(0, |(n, _)| n),
             ..u
         })
     }
 
-    fn capture(&mut self, text: &str) {
+    pub(super) fn capture(&mut self, text: &str) {
         let limit = self.capture_limit;
         if let Some(c) = self.captured.as_mut() {
             let room = limit.saturating_sub(c.len());
@@ -115,6 +129,8 @@ impl Observed {
 /// The text of a choice, parsed again only when content is captured.
 #[derive(Deserialize)]
 struct TextChoice<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     delta: Option<TextMessage<'a>>,
     #[serde(borrow, default)]
@@ -134,8 +150,36 @@ pub enum BodyKind {
     Json,
 }
 
+/// How a dialect's answers are read: the OpenAI shapes (chat, completions, embeddings), or a
+/// dialect with its own events and the little state its usage rule needs.
+#[derive(Debug)]
+enum Dialect {
+    OpenAi,
+    Responses(super::responses::State),
+    Messages(super::messages::State),
+}
+
+impl Dialect {
+    fn on_event(&mut self, obs: &mut Observed, e: SseEvent<'_>) {
+        match self {
+            Dialect::OpenAi => on_event(obs, e),
+            Dialect::Responses(s) => s.on_event(obs, trim_ascii(e.data)),
+            Dialect::Messages(s) => s.on_event(obs, trim_ascii(e.data)),
+        }
+    }
+
+    fn apply_body(&mut self, obs: &mut Observed, json: &[u8]) -> Result<(), serde_json::Error> {
+        match self {
+            Dialect::OpenAi => apply_json(obs, json, false),
+            Dialect::Responses(s) => s.apply_body(obs, json),
+            Dialect::Messages(s) => s.apply_body(obs, json),
+        }
+    }
+}
+
 pub struct ResponseTap {
     kind: BodyKind,
+    dialect: Dialect,
     decoding: Decoding,
     sse: SseDecoder,
     /// JSON body chunks: refcounted clones of the upstream's buffers when not compressed.
@@ -158,13 +202,24 @@ impl ResponseTap {
     /// `content_encoding` is the response's `Content-Encoding`; `limit` caps how many
     /// (inflated) bytes of a JSON body the tap keeps.
     pub fn new(kind: BodyKind, content_encoding: Option<&str>, limit: usize) -> Self {
+        Self::for_api(Api::ChatCompletions, kind, content_encoding, limit)
+    }
+
+    /// A tap for an answer in `api`'s dialect.
+    pub fn for_api(api: Api, kind: BodyKind, content_encoding: Option<&str>, limit: usize) -> Self {
         let mut observed = Observed::default();
         let decoding = Decoding::new(content_encoding).unwrap_or_else(|e| {
             observed.tap_error = Some(e);
             Decoding::Off
         });
+        let dialect = match api {
+            Api::Responses => Dialect::Responses(Default::default()),
+            Api::Messages => Dialect::Messages(Default::default()),
+            Api::ChatCompletions | Api::Completions | Api::Embeddings => Dialect::OpenAi,
+        };
         ResponseTap {
             kind,
+            dialect,
             decoding,
             sse: SseDecoder::new(limit),
             json: Vec::new(),
@@ -197,8 +252,8 @@ impl ResponseTap {
             Decoding::Off => {}
             Decoding::Identity => match self.kind {
                 BodyKind::Sse => {
-                    let obs = &mut self.observed;
-                    self.sse.feed(chunk, &mut |e| on_event(obs, e));
+                    let (obs, d) = (&mut self.observed, &mut self.dialect);
+                    self.sse.feed(chunk, &mut |e| d.on_event(obs, e));
                     self.check_sse_overflow();
                 }
                 BodyKind::Json => {
@@ -227,8 +282,8 @@ impl ResponseTap {
         }
         match self.kind {
             BodyKind::Sse => {
-                let obs = &mut self.observed;
-                self.sse.feed(&out, &mut |e| on_event(obs, e));
+                let (obs, d) = (&mut self.observed, &mut self.dialect);
+                self.sse.feed(&out, &mut |e| d.on_event(obs, e));
                 self.check_sse_overflow();
             }
             BodyKind::Json => {
@@ -274,8 +329,8 @@ impl ResponseTap {
         }
         match self.kind {
             BodyKind::Sse => {
-                let obs = &mut self.observed;
-                self.sse.finish(&mut |e| on_event(obs, e));
+                let (obs, d) = (&mut self.observed, &mut self.dialect);
+                self.sse.finish(&mut |e| d.on_event(obs, e));
             }
             BodyKind::Json => {
                 if !matches!(self.decoding, Decoding::Off) && !self.json.is_empty() {
@@ -284,7 +339,7 @@ impl ResponseTap {
                     } else {
                         Cow::Owned(self.json.concat())
                     };
-                    if let Err(e) = apply_json(&mut self.observed, &body, false) {
+                    if let Err(e) = self.dialect.apply_body(&mut self.observed, &body) {
                         self.observed.unparsed_body_bytes = body.len() as u64;
                         // (An error answer in plain text may name it too.)
                         self.observed.upstream_error_names_stream_options |=
@@ -317,7 +372,7 @@ fn on_event(obs: &mut Observed, e: SseEvent<'_>) {
     }
 }
 
-fn trim_ascii(b: &[u8]) -> &[u8] {
+pub(super) fn trim_ascii(b: &[u8]) -> &[u8] {
     let start = b
         .iter()
         .position(|c| !c.is_ascii_whitespace())
@@ -378,7 +433,7 @@ impl<'a> Choices<'a> for &'a RawValue {
         // One choice of an unexpected shape loses only itself.
         if obs.captured.is_some() {
             for c in raw.iter().filter_map(|c| field::<TextChoice>(Some(c))) {
-                if let Some(t) = c.delta.or(c.message).and_then(|m| m.content) {
+                if let Some(t) = c.delta.or(c.message).and_then(|m| m.content).or(c.text) {
                     obs.capture(&t);
                 }
             }
@@ -391,12 +446,15 @@ impl<'a> Choices<'a> for &'a RawValue {
     }
 }
 
-fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+pub(super) fn field<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
 }
 
 #[derive(Deserialize)]
 struct Choice<'a> {
+    /// A legacy completion's text (streamed or not).
+    #[serde(default)]
+    text: StrLen,
     #[serde(borrow, default)]
     delta: Option<Message<'a>>,
     #[serde(borrow, default)]
@@ -435,7 +493,7 @@ struct ToolFn<'a> {
 /// The byte length of a text field without allocating it: a string, or an array of content
 /// parts (`[{"type": "text", "text": "..."}]` or strings); 0 for null, absent or other shapes.
 #[derive(Default, Clone, Copy)]
-struct StrLen(u64);
+pub(super) struct StrLen(pub(super) u64);
 
 /// One content part: the length of its `text` (or of the part itself when it is a string).
 struct PartLen(u64);
@@ -556,7 +614,7 @@ fn cost_from(raw: Option<&RawValue>) -> Option<f64> {
 
 /// A token count: a non-negative integer, also when written as `12.0`.
 #[derive(Clone, Copy)]
-struct Count(u64);
+pub(super) struct Count(pub(super) u64);
 
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -627,6 +685,8 @@ fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, bool, Option<f64>)> {
             prompt: prompt.unwrap_or(0),
             completion: completion.unwrap_or(0),
             cached: cached.unwrap_or(0),
+            cache_write: 0,
+            cache_write_1h: 0,
             reasoning: reasoning.unwrap_or(0),
             web_searches: searches.unwrap_or(0),
         },
@@ -636,7 +696,7 @@ fn usage_from(raw: Option<&RawValue>) -> Option<(Usage, bool, Option<f64>)> {
 }
 
 /// Longest upstream error message kept in a record.
-const MAX_ERROR_CHARS: usize = 300;
+pub(super) const MAX_ERROR_CHARS: usize = 300;
 
 /// Applies one JSON object (a whole response, or one stream chunk) to `obs`.
 fn apply_json(obs: &mut Observed, json: &[u8], chunk: bool) -> Result<(), serde_json::Error> {
@@ -697,6 +757,8 @@ fn apply_skimmed(obs: &mut Observed, c: super::skim::Chunk<'_>, chunk: bool) {
             prompt: u.prompt.unwrap_or(0),
             completion: u.completion.unwrap_or(0),
             cached: u.cached.unwrap_or(0),
+            cache_write: 0,
+            cache_write_1h: 0,
             reasoning: u.reasoning.unwrap_or(0),
             web_searches: u.searches.unwrap_or(0),
         });
@@ -748,6 +810,7 @@ fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: boo
     if let Some(choices) = choices {
         let mut bytes = 0;
         for c in &choices {
+            bytes += c.text.0;
             if let Some(m) = if chunk { &c.delta } else { &c.message } {
                 bytes += m.content.0 + m.reasoning.0 + m.refusal.0;
                 for t in m.tool_calls.iter().flatten() {
@@ -780,32 +843,38 @@ fn apply_view<'a, C: Choices<'a>>(obs: &mut Observed, v: View<'a, C>, chunk: boo
         obs.warning = Some(truncate(&w, MAX_ERROR_CHARS));
     }
     if let Some(raw) = v.error {
-        obs.upstream_error_names_stream_options = raw.get().contains("stream_options");
-        let e = field::<ErrorView>(Some(raw));
-        let part = |r: Option<&RawValue>| -> Option<String> {
-            let r = r?;
-            field::<Cow<str>>(Some(r))
-                .map(Cow::into_owned)
-                .or_else(|| field::<i64>(Some(r)).map(|n| n.to_string()))
-        };
-        let kind = e.as_ref().and_then(|e| part(e.kind));
-        let code = e.as_ref().and_then(|e| part(e.code));
-        obs.upstream_error_type = kind
-            .as_deref()
-            .or(code.as_deref())
-            .filter(|k| !k.is_empty())
-            .map(|k| truncate(k, 64));
-        let msg = match (kind, code) {
-            (Some(k), Some(c)) => format!("upstream error {k} ({c})"),
-            (Some(k), None) => format!("upstream error {k}"),
-            (None, Some(c)) => format!("upstream error ({c})"),
-            (None, None) => "upstream error".into(),
-        };
-        obs.upstream_error = Some(truncate(&msg, MAX_ERROR_CHARS));
+        note_error(obs, raw);
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// Notes an upstream `error` object (by type and code: some providers echo request content
+/// in their messages).
+pub(super) fn note_error(obs: &mut Observed, raw: &RawValue) {
+    obs.upstream_error_names_stream_options = raw.get().contains("stream_options");
+    let e = field::<ErrorView>(Some(raw));
+    let part = |r: Option<&RawValue>| -> Option<String> {
+        let r = r?;
+        field::<Cow<str>>(Some(r))
+            .map(Cow::into_owned)
+            .or_else(|| field::<i64>(Some(r)).map(|n| n.to_string()))
+    };
+    let kind = e.as_ref().and_then(|e| part(e.kind));
+    let code = e.as_ref().and_then(|e| part(e.code));
+    obs.upstream_error_type = kind
+        .as_deref()
+        .or(code.as_deref())
+        .filter(|k| !k.is_empty())
+        .map(|k| truncate(k, 64));
+    let msg = match (kind, code) {
+        (Some(k), Some(c)) => format!("upstream error {k} ({c})"),
+        (Some(k), None) => format!("upstream error {k}"),
+        (None, Some(c)) => format!("upstream error ({c})"),
+        (None, None) => "upstream error".into(),
+    };
+    obs.upstream_error = Some(truncate(&msg, MAX_ERROR_CHARS));
+}
+
+pub(super) fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
@@ -870,6 +939,8 @@ pub(super) mod tests {
                 prompt: 10,
                 completion: 20,
                 cached: 4,
+                cache_write: 0,
+                cache_write_1h: 0,
                 reasoning: 5,
                 web_searches: 1
             })

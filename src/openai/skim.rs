@@ -585,6 +585,8 @@ impl<'a> Reader<'a> {
                 b"delta" => 0,
                 b"message" => 1,
                 b"finish_reason" => 2,
+                // A legacy completion's text: the serde path reads it.
+                b"text" => return None,
                 _ => return p.skip(0),
             };
             first(&mut seen[slot])?;

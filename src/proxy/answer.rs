@@ -1,5 +1,5 @@
-//! The answers tokentap gives itself, in the OpenAI error shape: refusals, and the errors it
-//! maps Pingora's to.
+//! The answers tokentap gives itself, in the error shape of the call's dialect (OpenAI's, or
+//! Anthropic's for Messages): refusals, and the errors it maps Pingora's to.
 
 use std::time::Duration;
 
@@ -87,8 +87,13 @@ pub(super) fn failure_for(e: &Error) -> Option<ApiError> {
     }
 }
 
-pub(super) async fn write_error(session: &mut Session, e: &ApiError) -> Result<()> {
-    let body = e.body();
+/// Writes tokentap's own answer, in the error shape of the call's dialect.
+pub(super) async fn write_error(
+    session: &mut Session,
+    e: &ApiError,
+    api: Option<Api>,
+) -> Result<()> {
+    let body = e.body_for(api);
     let mut resp = ResponseHeader::build(e.status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;

@@ -28,9 +28,9 @@ impl TokenTap {
                 return Err(self.reject(ctx, too_large(limit)));
             }
         }
-        if !ctx.chat || ctx.body.released {
+        let Some(api) = ctx.api.filter(|_| !ctx.body.released) else {
             return Ok(());
-        }
+        };
         if let Some(b) = body.take() {
             if !b.is_empty() {
                 ctx.body.held.push(b);
@@ -45,7 +45,7 @@ impl TokenTap {
                 _ => Bytes::from(std::mem::take(&mut ctx.body.held).concat()),
             };
             let limit = ctx.cfg.limits.max_request_body_bytes;
-            match request::inspect_encoded(&whole, ctx.body.encoding.as_deref(), limit) {
+            match request::inspect_encoded(api, &whole, ctx.body.encoding.as_deref(), limit) {
                 Ok(m) => ctx.meta = Some(m),
                 Err(e) => ctx.meta_error = Some(e.0),
             }
@@ -90,6 +90,7 @@ impl TokenTap {
         }
         let cfg = &ctx.cfg;
         if editable
+            && injectable(meta.api)
             && meta.stream
             && meta.include_usage != Some(true)
             && cfg.upstream.stream_usage.injects(meta.model.as_deref())
@@ -137,9 +138,12 @@ impl TokenTap {
         }
         let cfg = &ctx.cfg;
         let plain = ctx.body.plain();
-        let may_inject = cfg.upstream.stream_usage.inject;
+        let api = ctx.api.unwrap_or_default();
+        let may_inject = cfg.upstream.stream_usage.inject && injectable(api);
+        // (Messages bodies are never rewritten: their user is no claim.)
         let may_rewrite = cfg.auth.mode == crate::auth::Mode::VirtualKeys
-            && cfg.auth.mismatch == crate::auth::Mismatch::Overwrite;
+            && cfg.auth.mismatch == crate::auth::Mismatch::Overwrite
+            && api != Api::Messages;
         if plain && (may_inject || may_rewrite) {
             ctx.body.may_edit = true;
             req.remove_header(&header::CONTENT_LENGTH);
@@ -178,6 +182,12 @@ impl TokenTap {
             }
         }
     }
+}
+
+/// The dialects whose streams send usage only when asked (`stream_options.include_usage`),
+/// and take the asking.
+fn injectable(api: Api) -> bool {
+    matches!(api, Api::ChatCompletions | Api::Completions)
 }
 
 /// The most of a request body Pingora replays to the upstream (its retry buffer,

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
+use crate::meter::Api;
 
 /// Per-request state.
 pub struct Ctx {
     pub(super) cfg: Arc<Config>,
     pub(super) request_id: String,
-    /// `POST` to the Chat Completions endpoint.
-    pub(super) chat: bool,
+    /// The dialect of a metered call (a `POST` to a path one serves); `None`: the request
+    /// passes through unmetered.
+    pub(super) api: Option<Api>,
     pub(super) meta: Option<RequestMeta>,
     pub(super) meta_error: Option<String>,
     /// The request body's way to the upstream.
@@ -117,6 +119,10 @@ pub(super) struct Upstream {
     pub(super) addr: Option<SocketAddr>,
     /// The upstream's status (the last non-1xx head).
     pub(super) status: Option<u16>,
+    /// The `[[routes]]` entry the request goes by (`None`: `[upstream]`).
+    pub(super) route: Option<usize>,
+    /// The path after a stripped route prefix (normalized): what the dialect is read from.
+    pub(super) stripped: Option<String>,
 }
 
 /// The response on its way to the client.
@@ -182,9 +188,22 @@ impl Drop for UserStream {
 }
 
 impl Ctx {
+    /// Where the call goes: its route's upstream, or `[upstream]`'s.
+    pub(super) fn upstream_url(&self) -> &crate::config::UpstreamUrl {
+        match self.upstream.route {
+            Some(i) => &self.cfg.routes[i].url,
+            None => &self.cfg.upstream.url,
+        }
+    }
+
+    /// The path the dialect is read from: after a stripped route prefix, else as sent.
+    pub(super) fn dialect_path<'a>(&'a self, sent: &'a str) -> &'a str {
+        self.upstream.stripped.as_deref().unwrap_or(sent)
+    }
+
     /// Prompt and completion text are kept for this call's span (opted in, and sampled).
     pub(super) fn capture_content(&self) -> bool {
-        self.chat
+        self.api.is_some()
             && self.cfg.traces.capture_content
             && self.trace.as_ref().is_some_and(|t| t.sampled)
     }

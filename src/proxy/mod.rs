@@ -39,9 +39,10 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::budget::{Decision, Ledger, OpenCall, OpenCalls, OpenGuard, Refusal, Reservation};
 use crate::config::Config;
+use crate::meter::Api;
 use crate::openai::request::{self, RequestMeta};
 use crate::openai::response::{BodyKind, ResponseTap};
-use crate::openai::{is_chat_path, ApiError};
+use crate::openai::{api_of, ApiError};
 use crate::telemetry::calls::CallMetrics;
 use crate::telemetry::traces::CallTrace;
 use crate::telemetry::Sinks;
@@ -131,14 +132,19 @@ pub struct TokenTap {
 impl TokenTap {
     /// Picks the upstream address for this attempt (resolving the name on the first).
     async fn upstream_peer_inner(&self, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let u = &ctx.cfg.upstream;
+        let cfg = Arc::clone(&ctx.cfg);
+        let u = &cfg.upstream;
+        let url = match ctx.upstream.route {
+            Some(i) => &cfg.routes[i].url,
+            None => &u.url,
+        };
 
         let addrs = match ctx.upstream.addrs.take() {
             Some(a) => a,
             None => match self
                 .shared
                 .resolver
-                .resolve(&u.url.host, u.url.port, u.dns_refresh, u.connect_timeout)
+                .resolve(&url.host, url.port, u.dns_refresh, u.connect_timeout)
                 .await
             {
                 Ok(a) => a,
@@ -160,7 +166,7 @@ impl TokenTap {
         ctx.upstream.addrs = Some(addrs);
         ctx.upstream.attempts += 1;
         ctx.upstream.addr = Some(addr);
-        let mut peer = HttpPeer::new(addr, u.url.tls, u.url.host.to_string());
+        let mut peer = HttpPeer::new(addr, url.tls, url.host.to_string());
         let o = &mut peer.options;
         // The call's deadline bounds every wait on the upstream.
         let left = ctx.cfg.limits.request_deadline.map(|d| {
@@ -183,7 +189,55 @@ impl TokenTap {
     /// The request head arrived (Pingora made the context then: config snapshot, start time).
     fn on_request(&self, session: &Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
-        ctx.chat = req.method.as_str().eq_ignore_ascii_case("POST") && is_chat_path(req.uri.path());
+        if !ctx.cfg.routes.is_empty() {
+            let normalized = crate::openai::normalized_path(req.uri.path());
+            ctx.upstream.route = ctx.cfg.route_for(&normalized);
+            if let Some(r) = ctx
+                .upstream
+                .route
+                .map(|i| &ctx.cfg.routes[i])
+                .filter(|r| r.strip_prefix)
+            {
+                let rest = r.rest(&normalized).unwrap_or_default();
+                let rest = if rest.is_empty() { "/" } else { rest };
+                // What goes upstream (the path as sent, less the prefix's segments) must read
+                // as what the API was picked from: `/anthropic%2Fx/v1/messages` must not pass
+                // as `/x/v1/messages`.
+                let segments = r.prefix.matches('/').count();
+                let sent = strip_segments(req.uri.path(), segments);
+                if crate::openai::normalized_path(&sent) != rest {
+                    let e = ApiError::new(
+                        400,
+                        "invalid_request_error",
+                        "The request path does not name one endpoint: write it without \
+                         escaped slashes or dot segments.",
+                    )
+                    .code("ambiguous_path");
+                    return Err(self.reject(ctx, e));
+                }
+                ctx.upstream.stripped = Some(rest.to_string());
+            }
+        }
+        let path = ctx.dialect_path(req.uri.path());
+        let api = api_of(req.method.as_str(), path);
+        if api.is_none()
+            && req.headers.contains_key(header::UPGRADE)
+            && api_of("POST", path).is_some()
+        {
+            // A metered API over a WebSocket (Responses' WebSocket mode): its frames would
+            // pass unmetered and uncapped. Clients fall back to HTTP.
+            let e = ApiError::new(
+                400,
+                "invalid_request_error",
+                "tokentap meters this API over HTTP only: send it as a POST, without a \
+                 connection upgrade.",
+            )
+            .code("websocket_not_metered");
+            return Err(self.reject(ctx, e));
+        }
+        // (Only unmetered requests pay for the path's class.)
+        let free = api.is_none() && crate::openai::is_free_path(req.method.as_str(), path);
+        ctx.api = api;
         if ctx.cfg.traces.enabled() {
             let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
             // Several tracestate lines are one list (W3C Trace Context).
@@ -251,7 +305,8 @@ impl TokenTap {
                 return Err(self.reject(ctx, e));
             };
             ctx.identity = Some(id);
-            let allowed = ctx.chat
+            let allowed = ctx.api.is_some()
+                || free
                 || ctx.cfg.auth.allow.iter().any(|(m, p)| {
                     *m == req.method && crate::openai::normalized_path(req.uri.path()) == *p
                 });
@@ -265,7 +320,21 @@ impl TokenTap {
                 return Err(self.reject(ctx, e));
             }
         }
-        if ctx.chat {
+        if ctx.api.is_none()
+            && ctx.cfg.limits.unmetered == crate::config::Unmetered::Refuse
+            && !free
+        {
+            let e = ApiError::new(
+                404,
+                "invalid_request_error",
+                "tokentap meters Chat Completions, Responses, Messages, embeddings and \
+                 completions calls only; this endpoint is not served here \
+                 (limits.unmetered = \"refuse\").",
+            )
+            .code("unmetered_endpoint");
+            return Err(self.reject(ctx, e));
+        }
+        if ctx.api.is_some() {
             ctx.body.encoding = req
                 .headers
                 .get(header::CONTENT_ENCODING)
@@ -285,7 +354,7 @@ impl TokenTap {
         ctx.times.ttfb = Some(ctx.times.start.elapsed());
         // The upstream answered: no attempt sends the body again, and a stream does not keep it.
         ctx.body.forward = None;
-        if ctx.chat {
+        if let Some(api) = ctx.api {
             let header = |name| resp.headers.get(name).and_then(|v| v.to_str().ok());
             let ctype = header(header::CONTENT_TYPE).unwrap_or("");
             let kind = if ctype.starts_with("text/event-stream") {
@@ -303,7 +372,7 @@ impl TokenTap {
                 ctx.cfg.limits.max_response_tap_bytes
             };
             let encoding = header(header::CONTENT_ENCODING);
-            let mut tap = ResponseTap::new(kind, encoding, limit);
+            let mut tap = ResponseTap::for_api(api, kind, encoding, limit);
             if ctx.capture_content() {
                 tap.capture_content(ctx.cfg.traces.max_content_bytes);
             }
@@ -366,7 +435,13 @@ impl TokenTap {
                 // The caller is the key's user, whatever the body claims (also in the record
                 // of a refused call).
                 let claimed = meta.user.replace(id.user.clone());
-                if claimed.is_some_and(|u| !u.is_empty() && u != id.user) {
+                // (Messages' `metadata.user_id` is the client's own session or device id,
+                // not a claim: the key's user stands, and the body goes as sent.)
+                let claim = meta.user_claim;
+                let other = meta.other_user.take();
+                let names_other =
+                    |u: &Option<String>| u.as_ref().is_some_and(|u| !u.is_empty() && *u != id.user);
+                if claim && (names_other(&claimed) || names_other(&other)) {
                     let can_rewrite = ctx.body.plain();
                     if cfg.auth.mismatch == crate::auth::Mismatch::Reject || !can_rewrite {
                         return Err(self.reject(ctx, user_mismatch()));
@@ -392,6 +467,18 @@ impl TokenTap {
                  compressed with an unsupported encoding).",
             )
             .code("invalid_body");
+            return Err(self.reject(ctx, e));
+        }
+        if ctx.meta.as_ref().is_some_and(|m| m.background) && cfg.budgets.enforcing() {
+            // Its usage is billed after the answer tokentap sees: it could not be capped.
+            let e = ApiError::new(
+                400,
+                "invalid_request_error",
+                "Background responses cannot be capped: their usage is billed after the answer \
+                 tokentap sees. Send the request without `background`.",
+            )
+            .param("background")
+            .code("background_not_capped");
             return Err(self.reject(ctx, e));
         }
         if let Err(e) = self.open_stream(ctx) {
@@ -436,6 +523,7 @@ impl TokenTap {
             reservation: res,
             request_id: ctx.request_id.clone(),
             price: ctx.cfg.pricing.lookup(None, model.as_deref()).copied(),
+            api: ctx.api,
             model,
             prompt_text_bytes: meta.map_or(0, |m| m.prompt_text_bytes),
             started: ctx
@@ -446,6 +534,7 @@ impl TokenTap {
             completion_bytes: Default::default(),
             web_searches: Default::default(),
             reported: Default::default(),
+            opening: Default::default(),
         };
         ctx.open = Some(
             self.shared
@@ -472,7 +561,7 @@ impl ProxyHttp for TokenTap {
         Box::new(Ctx {
             cfg: self.shared.config.load_full(),
             request_id: self.shared.ids.next(),
-            chat: false,
+            api: None,
             meta: None,
             meta_error: None,
             body: Body::default(),
@@ -502,7 +591,7 @@ impl ProxyHttp for TokenTap {
             session.set_keepalive(Some(idle.as_secs().max(1)));
         }
         let mut r = self.on_request(session, ctx);
-        if matches!(r, Ok(false)) && ctx.chat {
+        if matches!(r, Ok(false)) && ctx.api.is_some() {
             if session.is_body_empty() {
                 // A chat call without a body: decided here, before anything goes upstream (the
                 // body filter, called for its end, then has nothing left to do).
@@ -544,9 +633,15 @@ impl ProxyHttp for TokenTap {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let cfg = Arc::clone(&ctx.cfg);
-        let url = &cfg.upstream.url;
+        let route = ctx.upstream.route.map(|i| &cfg.routes[i]);
+        let url = route.map_or(&cfg.upstream.url, |r| &r.url);
         req.insert_header(header::HOST, url.host_header.as_str())?;
         let auth = &cfg.auth;
+        // The real key: the route's, or `[auth]`'s for `[upstream]`.
+        let (real_key, key_header) = match route {
+            Some(r) => (r.key.as_ref(), r.key_header),
+            None => (auth.upstream_auth.as_ref(), auth.upstream_key_header),
+        };
         if auth.mode == crate::auth::Mode::VirtualKeys {
             // The client's key stays here, whichever header it came in; the upstream gets the
             // real one (if configured) in the header the upstream reads.
@@ -556,15 +651,15 @@ impl ProxyHttp for TokenTap {
             // The client may not choose which organisation or project the real key bills.
             req.remove_header("openai-organization");
             req.remove_header("openai-project");
-            if let Some(s) = &auth.upstream_auth {
+            if let Some(s) = real_key {
                 // Sensitive: its Debug print (Pingora's debug log) shows no value.
                 let mut v = http::HeaderValue::from_str(&s.0)
                     .map_err(|e| Error::because(ErrorType::InternalError, "upstream key", e))?;
                 v.set_sensitive(true);
-                req.insert_header(auth.upstream_key_header.name(), v)?
+                req.insert_header(key_header.name(), v)?
             }
         }
-        if ctx.chat {
+        if ctx.api.is_some() {
             self.frame_body(req, ctx)?;
         }
         // Only when the operator asked: otherwise the request goes as the client sent it.
@@ -575,12 +670,19 @@ impl ProxyHttp for TokenTap {
         {
             req.insert_header("traceparent", t.traceparent())?;
         }
-        if !url.base_path.is_empty() {
+        let strip = route
+            .filter(|r| r.strip_prefix)
+            .map(|r| r.prefix.matches('/').count());
+        if !url.base_path.is_empty() || strip.is_some() {
             let pq = req
                 .uri
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
                 .to_string();
+            let pq = match strip {
+                Some(n) => strip_segments(&pq, n),
+                None => pq,
+            };
             let uri = format!("{}{}", url.base_path, pq)
                 .parse::<http::Uri>()
                 .map_err(|e| Error::because(ErrorType::InternalError, "rewriting path", e))?;
@@ -767,7 +869,7 @@ impl ProxyHttp for TokenTap {
                 if ctx.failure.is_none() && ctx.rejection.is_none() {
                     ctx.failure = Some(api.clone());
                 }
-                match write_error(session, api).await {
+                match write_error(session, api, ctx.api).await {
                     Ok(()) => {
                         if ctx.rejection.is_some() {
                             // Read (and drop) what the client is still sending, for a while,
@@ -799,5 +901,37 @@ impl ProxyHttp for TokenTap {
     fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
         // Refusals and clients hanging up are outcomes, recorded in the access log.
         ctx.rejection.is_some() || *e.esource() == ErrorSource::Downstream
+    }
+}
+
+/// `path_and_query` without its first `n` path segments (a stripped route prefix), as sent
+/// otherwise: `/anthropic/v1/messages?x` less one segment is `/v1/messages?x`.
+fn strip_segments(path_and_query: &str, n: usize) -> String {
+    let (path, query) = match path_and_query.find('?') {
+        Some(i) => path_and_query.split_at(i),
+        None => (path_and_query, ""),
+    };
+    let mut rest = path;
+    for _ in 0..n {
+        rest = rest.trim_start_matches('/');
+        rest = rest.find('/').map_or("", |i| &rest[i..]);
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    format!("{rest}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_stripped_prefix_leaves_the_rest_as_sent() {
+        use super::strip_segments as s;
+        assert_eq!(
+            s("/anthropic/v1/messages?beta=true", 1),
+            "/v1/messages?beta=true"
+        );
+        assert_eq!(s("/a/b/v1/Files/file-AbC", 2), "/v1/Files/file-AbC");
+        assert_eq!(s("//anthropic//v1/messages", 1), "//v1/messages");
+        assert_eq!(s("/anthropic", 1), "/");
+        assert_eq!(s("/anthropic?x=1", 1), "/?x=1");
     }
 }

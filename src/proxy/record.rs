@@ -63,7 +63,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         .take()
         .filter(|t| t.sampled)
         .map(|t| t.into_context());
-    let url = &ctx.cfg.upstream.url;
+    let url = ctx.upstream_url();
     let (upstream_host, upstream_port, url_base) =
         (url.host.clone(), url.port, url.url_base.clone());
     let time_to_first_chunk = ctx
@@ -76,10 +76,14 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         started_at: ctx.times.started_at,
         method: req.method.as_str().to_string(),
         path: req.uri.path().to_string(),
-        chat: ctx.chat,
+        api: ctx.api,
+        path_class: match ctx.api {
+            Some(_) => "",
+            None => crate::openai::path_class(ctx.dialect_path(req.uri.path())),
+        },
         provider: ctx
-            .chat
-            .then(|| ctx.cfg.traces.providers.of(model.as_deref())),
+            .api
+            .map(|api| ctx.cfg.traces.providers.of_call(api, model.as_deref())),
         model,
         response_model: observed.response_model,
         response_id: observed.response_id,
@@ -108,7 +112,7 @@ pub(super) fn build(session: &Session, e: Option<&Error>, ctx: &mut Ctx) -> Usag
         captured_input: ctx.body.captured.take(),
         // Nothing captured (an error answer, say): nothing to show.
         captured_output: observed.captured.filter(|t| !t.is_empty()),
-        cost: price.map(|p| p.cost(&usage)),
+        cost: price.map(|p| p.cost(ctx.api, &usage)),
         upstream_cost_usd: observed.upstream_cost_usd,
         finish_reasons: observed.finish_reasons,
         search_ran: observed.search_ran,

@@ -256,6 +256,8 @@ fn write_line(out: &mut Vec<u8>, r: &UsageRecord) {
     j.str(&r.method);
     j.key(b"path");
     j.str(&r.path);
+    j.key(b"api");
+    j.opt_str(r.api.map(crate::meter::Api::as_str));
     j.key(b"user");
     j.opt_str(r.user.as_deref());
     j.key(b"model");
@@ -280,6 +282,12 @@ fn write_line(out: &mut Vec<u8>, r: &UsageRecord) {
     j.u64(r.usage.completion);
     j.key(b"cached_tokens");
     j.u64(r.usage.cached);
+    j.key(b"cache_write_tokens");
+    j.u64(r.usage.cache_write);
+    if r.usage.cache_write_1h > 0 {
+        j.key(b"cache_write_1h_tokens");
+        j.u64(r.usage.cache_write_1h);
+    }
     j.key(b"reasoning_tokens");
     j.u64(r.usage.reasoning);
     j.key(b"web_searches");
@@ -525,6 +533,7 @@ mod tests {
         request_id: &'a str,
         method: &'a str,
         path: &'a str,
+        api: Option<&'a str>,
         user: Option<&'a str>,
         model: Option<&'a str>,
         provider: Option<&'a str>,
@@ -537,6 +546,9 @@ mod tests {
         prompt_tokens: u64,
         completion_tokens: u64,
         cached_tokens: u64,
+        cache_write_tokens: u64,
+        #[serde(skip_serializing_if = "is_zero")]
+        cache_write_1h_tokens: u64,
         reasoning_tokens: u64,
         web_searches: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -576,6 +588,7 @@ mod tests {
             request_id: &r.request_id,
             method: &r.method,
             path: &r.path,
+            api: r.api.map(crate::meter::Api::as_str),
             user: r.user.as_deref(),
             model: r.model.as_deref(),
             provider: r.provider.as_deref(),
@@ -588,6 +601,8 @@ mod tests {
             prompt_tokens: r.usage.prompt,
             completion_tokens: r.usage.completion,
             cached_tokens: r.usage.cached,
+            cache_write_tokens: r.usage.cache_write,
+            cache_write_1h_tokens: r.usage.cache_write_1h,
             reasoning_tokens: r.usage.reasoning,
             web_searches: r.usage.web_searches,
             web_searches_source: r.web_searches_source,
@@ -699,6 +714,8 @@ mod tests {
                 started_at: UNIX_EPOCH + Duration::from_micros(started_us >> 10),
                 method,
                 path,
+                api: crate::meter::Api::ALL.get(usage[4] as usize % 6).copied(),
+                path_class: "",
                 user,
                 model,
                 provider: provider.map(Into::into),
@@ -711,6 +728,8 @@ mod tests {
                     prompt: usage[0],
                     completion: usage[1],
                     cached: usage[2],
+                    cache_write: usage[2] / 3,
+                    cache_write_1h: usage[2] / 7,
                     reasoning: usage[3],
                     web_searches: usage[4],
                 },

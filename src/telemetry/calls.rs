@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use super::Sink;
 use crate::config::Config;
-use crate::meter::{Outcome, UsageRecord, UsageSource};
+use crate::meter::{Api, Outcome, UsageRecord, UsageSource};
 
 /// `gen_ai.client.operation.duration` buckets (seconds), from the semantic conventions.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -59,7 +59,32 @@ pub const OTHER: &str = "__other__";
 pub const UNATTRIBUTED: &str = "__unattributed__";
 
 /// Token types of `tokentap_tokens_total`: disjoint, so their sum is the calls' total tokens.
-const TOKEN_TYPES: [&str; 4] = ["input", "cached_input", "output", "reasoning"];
+const TOKEN_TYPES: [&str; 5] = [
+    "input",
+    "cached_input",
+    "cache_write_input",
+    "output",
+    "reasoning",
+];
+
+/// (model label, user label or provider, API or operation name): a series' key.
+type SeriesKey = (Arc<str>, Arc<str>, &'static str);
+
+/// The `api` label of a call (empty for unmetered ones).
+fn api_label(api: Option<Api>) -> &'static str {
+    api.map_or("", Api::as_str)
+}
+
+/// The `method` label of an unmetered request: the standard methods, else `other`.
+fn method_label(m: &str) -> &'static str {
+    const METHODS: [&str; 8] = [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT",
+    ];
+    METHODS
+        .into_iter()
+        .find(|x| x.eq_ignore_ascii_case(m))
+        .unwrap_or("other")
+}
 
 /// Kinds of `tokentap_upstream_errors_total`.
 const UPSTREAM_ERROR_KINDS: [&str; 5] = [
@@ -206,7 +231,7 @@ pub fn escape(v: &str) -> String {
 struct ByUser {
     /// (status code, outcome) -> count
     requests: DashMap<(u16, Outcome), AtomicU64>,
-    tokens: [AtomicU64; 4],
+    tokens: [AtomicU64; 5],
     cost_pico: AtomicU64,
     web_searches: AtomicU64,
 }
@@ -243,10 +268,12 @@ impl ByModel {
 
 pub struct CallMetrics {
     labels: ArcSwap<Labels>,
-    by_user: DashMap<(Arc<str>, Arc<str>), Arc<ByUser>>,
+    by_user: DashMap<SeriesKey, Arc<ByUser>>,
+    /// (method, path class) -> requests no dialect meters.
+    unmetered: DashMap<(&'static str, &'static str), AtomicU64>,
     /// By (model label, provider): each series' provider is its records' (a reload that
     /// renames a provider starts new series; models counted as `__other__` keep theirs apart).
-    by_model: DashMap<(Arc<str>, Arc<str>), Arc<ByModel>>,
+    by_model: DashMap<SeriesKey, Arc<ByModel>>,
     upstream_errors: [AtomicU64; 5],
     overhead: Histogram,
     /// (user label, team, reason) -> budget refusals
@@ -263,15 +290,15 @@ pub struct CallMetrics {
 }
 
 /// (name, help, type, label names) of every family this collector exposes.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 16] = [
-    ("gen_ai_client_operation_duration_seconds", "Duration of chat calls as the client saw them, by model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
-    ("gen_ai_client_token_usage", "Tokens per chat call (input includes cached tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
+    ("gen_ai_client_operation_duration_seconds", "Duration of metered calls as the client saw them, by operation, model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
+    ("gen_ai_client_token_usage", "Tokens per metered call (input includes cached and cache-write tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
     ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
     ("gen_ai_server_time_per_output_token_seconds", "Time per output token after the first, of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
-    ("tokentap_requests_total", "Calls through tokentap by model, user, status code and outcome.", MetricType::COUNTER, &["model", "user", "status_code", "outcome"]),
-    ("tokentap_tokens_total", "Tokens by model, user and type (disjoint types: input excludes cached_input, output excludes reasoning).", MetricType::COUNTER, &["model", "user", "type"]),
-    ("tokentap_cost_usd_total", "Cost in USD from the price table, by model and user.", MetricType::COUNTER, &["model", "user"]),
-    ("tokentap_web_searches_total", "Web searches the upstream ran, by model and user.", MetricType::COUNTER, &["model", "user"]),
+    ("tokentap_requests_total", "Calls through tokentap by model, user, API (empty: unmetered), status code and outcome.", MetricType::COUNTER, &["model", "user", "api", "status_code", "outcome"]),
+    ("tokentap_tokens_total", "Tokens by model, user, API and type (disjoint types: input excludes cached_input and cache_write_input, output excludes reasoning).", MetricType::COUNTER, &["model", "user", "api", "type"]),
+    ("tokentap_cost_usd_total", "Cost in USD from the price table, by model, user and API.", MetricType::COUNTER, &["model", "user", "api"]),
+    ("tokentap_web_searches_total", "Web searches the upstream ran, by model, user and API.", MetricType::COUNTER, &["model", "user", "api"]),
     ("tokentap_usage_estimated_total", "Chat calls whose usage was estimated (cut off before the upstream reported it).", MetricType::COUNTER, &["model"]),
     ("tokentap_upstream_errors_total", "Calls the upstream failed, by kind.", MetricType::COUNTER, &["kind"]),
     ("tokentap_overhead_seconds", "Time spent inside tokentap per call (its own request, response and recording work), excluding the upstream and the client.", MetricType::HISTOGRAM, &[]),
@@ -280,6 +307,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 16] = [
     ("tokentap_budget_rejections_total", "Calls refused by the budgets, by user, team (empty for a user cap) and reason (usd, tokens, user_required, invalid_body, store_unavailable).", MetricType::COUNTER, &["user", "team", "reason"]),
     ("tokentap_budget_fail_open_total", "Calls let through without a budget check because the budget store was unreachable (on_error = fail_open).", MetricType::COUNTER, &[]),
     ("tokentap_budget_soft_threshold_crossed_total", "Times settled spend passed a soft threshold, by user (or team, for a team cap) and window.", MetricType::COUNTER, &["user", "team", "window"]),
+    ("tokentap_unmetered_requests_total", "Requests forwarded unmetered (no metered API serves their path), by method and path class.", MetricType::COUNTER, &["method", "path_class"]),
 ];
 
 impl CallMetrics {
@@ -299,6 +327,7 @@ impl CallMetrics {
         Arc::new(CallMetrics {
             labels: ArcSwap::from_pointee(Labels::new(cfg)),
             by_user: DashMap::new(),
+            unmetered: DashMap::new(),
             by_model: DashMap::new(),
             upstream_errors: Default::default(),
             overhead: histogram(&OVERHEAD_BUCKETS),
@@ -314,12 +343,16 @@ impl CallMetrics {
     fn observe(&self, r: &UsageRecord) {
         let labels = self.labels.load();
         let model = labels.model(r.model.as_deref());
-        let mut user = labels.user(r.user.as_deref(), r.chat);
+        let mut user = labels.user(r.user.as_deref(), r.metered());
+        let api = api_label(r.api);
         let max_series = labels.cfg.max_series;
         let other = Arc::clone(&labels.other);
         drop(labels);
 
-        let by_user = match self.by_user.get(&(Arc::clone(&model), Arc::clone(&user))) {
+        let by_user = match self
+            .by_user
+            .get(&(Arc::clone(&model), Arc::clone(&user), api))
+        {
             Some(e) => Arc::clone(e.value()),
             None => {
                 // Each label is capped, and so is their product.
@@ -328,7 +361,7 @@ impl CallMetrics {
                 }
                 Arc::clone(
                     self.by_user
-                        .entry((Arc::clone(&model), Arc::clone(&user)))
+                        .entry((Arc::clone(&model), Arc::clone(&user), api))
                         .or_default()
                         .value(),
                 )
@@ -344,10 +377,12 @@ impl CallMetrics {
         };
         let u = &r.usage;
         let cached = u.cached.min(u.prompt);
+        let written = u.cache_write.min(u.prompt - cached);
         let reasoning = u.reasoning.min(u.completion);
         for (c, v) in by_user.tokens.iter().zip([
-            u.prompt - cached,
+            u.prompt - cached - written,
             cached,
+            written,
             u.completion - reasoning,
             reasoning,
         ]) {
@@ -364,11 +399,20 @@ impl CallMetrics {
             self.upstream_errors[kind].fetch_add(1, Ordering::Relaxed);
         }
 
-        if !r.chat {
+        let Some(call_api) = r.api else {
+            let key = (method_label(&r.method), r.path_class);
+            match self.unmetered.get(&key) {
+                Some(c) => c.fetch_add(1, Ordering::Relaxed),
+                None => self
+                    .unmetered
+                    .entry(key)
+                    .or_default()
+                    .fetch_add(1, Ordering::Relaxed),
+            };
             return;
-        }
+        };
         let provider: Arc<str> = r.provider.clone().unwrap_or_else(|| Arc::from(""));
-        let key = (model, provider);
+        let key = (model, provider, call_api.operation());
         let by_model = match self.by_model.get(&key) {
             Some(e) => Arc::clone(e.value()),
             None => Arc::clone(
@@ -555,12 +599,11 @@ impl Collector for CallMetrics {
                 f
             })
             .collect();
-        let chat = || label("gen_ai_operation_name", "chat");
         for e in self.by_model.iter() {
-            let ((model, _), m) = (e.key(), e.value());
+            let ((model, _, operation), m) = (e.key(), e.value());
             let base = || {
                 vec![
-                    chat(),
+                    label("gen_ai_operation_name", operation),
                     label("gen_ai_provider_name", &m.provider),
                     label("gen_ai_request_model", model),
                 ]
@@ -589,8 +632,14 @@ impl Collector for CallMetrics {
             ));
         }
         for e in self.by_user.iter() {
-            let ((model, user), u) = (e.key(), e.value());
-            let mu = || vec![label("model", model), label("user", user)];
+            let ((model, user, api), u) = (e.key(), e.value());
+            let mu = || {
+                vec![
+                    label("model", model),
+                    label("user", user),
+                    label("api", api),
+                ]
+            };
             for r in u.requests.iter() {
                 let (status, outcome) = r.key();
                 let mut l = mu();
@@ -652,6 +701,13 @@ impl Collector for CallMetrics {
                     label("team", team),
                     label("window", window),
                 ],
+                r.value().load(Ordering::Relaxed) as f64,
+            ));
+        }
+        for r in self.unmetered.iter() {
+            let (method, class) = r.key();
+            fams[16].mut_metric().push(counter(
+                vec![label("method", method), label("path_class", class)],
                 r.value().load(Ordering::Relaxed) as f64,
             ));
         }

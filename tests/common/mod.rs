@@ -23,6 +23,10 @@ pub fn pico_of_usd(v: &Value) -> u64 {
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };
+    if s.contains(['e', 'E']) {
+        // A tiny amount read back as a float (`1e-7`): exact enough at twelve decimals.
+        return (s.parse::<f64>().unwrap() * 1e12).round() as u64;
+    }
     let (i, f) = s.split_once('.').unwrap_or((&s, ""));
     i.parse::<u64>().unwrap() * 1_000_000_000_000 + format!("{f:0<12}").parse::<u64>().unwrap()
 }
@@ -787,20 +791,32 @@ pub fn chat_body(model: &str, user: &str, stream: bool, extra: &str) -> Vec<u8> 
 /// Runs tests/sdk/openai_sdk_check.py (the official openai Python SDK, the same calls straight
 /// to `mock` and through `tap`); it must pass. Returns what it printed.
 pub fn openai_sdk_check(mock: &Mock, tap: &Tap) -> String {
-    // scripts/test.sh points this at a Python that has the SDK (installing it if needed).
+    sdk_script(
+        "openai_sdk_check.py",
+        "openai",
+        &[mock.url(), format!("http://{}", tap.addr)],
+    )
+}
+
+/// Runs a script of tests/sdk with `args` under the Python scripts/test.sh prepares (with the
+/// `modules` it imports); it must pass. Returns what it printed.
+pub fn sdk_script(script: &str, modules: &str, args: &[String]) -> String {
+    // scripts/test.sh points this at a Python that has the SDKs (installing them if needed).
     let python = std::env::var("TOKENTAP_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import openai"]).status();
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status();
     assert!(
         probe.is_ok_and(|s| s.success()),
-        "the openai Python SDK is missing for {python}: run scripts/test.sh (it installs it)"
+        "{modules} (Python) missing for {python}: run scripts/test.sh (it installs them)"
     );
     let out = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/sdk/openai_sdk_check.py"
-        ))
-        .arg(mock.url())
-        .arg(format!("http://{}", tap.addr))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/sdk")
+                .join(script),
+        )
+        .args(args)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -811,3 +827,17 @@ pub fn openai_sdk_check(mock: &Mock, tap: &Tap) -> String {
     );
     text
 }
+
+/// A gzip body inflated (any other as it is).
+pub fn inflate(enc: Option<&str>, body: &[u8]) -> Vec<u8> {
+    match enc {
+        Some("gzip") => {
+            let mut d = flate2::write::GzDecoder::new(Vec::new());
+            d.write_all(body).unwrap();
+            d.finish().unwrap()
+        }
+        _ => body.to_vec(),
+    }
+}
+
+pub mod dialects;

@@ -266,7 +266,8 @@ mod tests {
         UsageRecord {
             provider: Some("anthropic".into()),
             method: if kind == "other" { "PROPFIND" } else { "POST" }.into(),
-            chat: kind != "other",
+            api: (kind != "other").then_some(crate::meter::Api::ChatCompletions),
+            path_class: "",
             model: some("anthropic/claude"),
             response_model: some("anthropic/claude-1"),
             response_id: some("gen-1"),
@@ -384,6 +385,7 @@ mod tests {
             keys,
             [
                 "gen_ai.operation.name",
+                "tokentap.api",
                 "gen_ai.provider.name",
                 "gen_ai.request.stream",
                 "tokentap.usage.estimated",

@@ -95,7 +95,7 @@ pub(super) fn text_part(t: &str, left: &mut usize) -> serde_json::Value {
 pub fn span_of(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> Option<Span> {
     let t = rec.trace.as_ref()?;
     a.clear();
-    let name = if rec.chat {
+    let name = if rec.metered() {
         chat_attrs(rec, settings, a)
     } else {
         http_attrs(rec, a)
@@ -145,9 +145,12 @@ pub fn span_of(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> Opt
     })
 }
 
-/// The GenAI attributes of a chat call; its span name.
+/// The GenAI attributes of a metered call; its span name (`{operation} {model}`).
 pub(super) fn chat_attrs(rec: &UsageRecord, settings: &SpanSettings, a: &mut Attrs) -> String {
-    a.str(sc::GEN_AI_OPERATION_NAME, sc::OPERATION_CHAT);
+    let api = rec.api.unwrap_or_default();
+    let operation = api.operation();
+    a.str(sc::GEN_AI_OPERATION_NAME, operation);
+    a.str(sc::TOKENTAP_API, api.as_str());
     if let Some(p) = &rec.provider {
         a.str(sc::GEN_AI_PROVIDER_NAME, p);
     }
@@ -210,10 +213,9 @@ pub(super) fn chat_attrs(rec: &UsageRecord, settings: &SpanSettings, a: &mut Att
         a.str(sc::GEN_AI_OUTPUT_MESSAGES, m.as_str());
     }
     // `chat {model}`, put together by hand: `format!` costs several times as much, per span.
-    let mut name = String::with_capacity(
-        sc::OPERATION_CHAT.len() + 1 + rec.model.as_ref().map_or(0, String::len),
-    );
-    name.push_str(sc::OPERATION_CHAT);
+    let mut name =
+        String::with_capacity(operation.len() + 1 + rec.model.as_ref().map_or(0, String::len));
+    name.push_str(operation);
     if let Some(m) = &rec.model {
         name.push(' ');
         name.push_str(m);
@@ -232,6 +234,12 @@ pub(super) fn usage_attrs(rec: &UsageRecord, a: &mut Attrs) {
     // An estimate knows nothing of cached or reasoning tokens: no false zeros.
     if rec.usage_source == UsageSource::Reported {
         a.int(sc::GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, u.cached as i64);
+        if u.cache_write > 0 {
+            a.int(
+                sc::GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+                u.cache_write as i64,
+            );
+        }
         a.int(sc::GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, u.reasoning as i64);
     }
 }
@@ -291,7 +299,7 @@ pub(super) fn error_type(rec: &UsageRecord) -> Option<String> {
     if let Some(s) = rec.upstream_status.filter(|s| *s >= 400) {
         return Some(s.to_string());
     }
-    if rec.outcome == Outcome::Rejected && rec.status == 429 && rec.chat {
+    if rec.outcome == Outcome::Rejected && rec.status == 429 && rec.metered() {
         return Some("budget_exceeded".into());
     }
     Some(rec.outcome.as_str().to_string())
