@@ -86,8 +86,8 @@ overview = dashboard("tokentap-overview", "tokentap / Overview",
           [target(f'sum by (outcome) (rate(tokentap_requests_total{{{SEL},outcome!="complete"}}[{RI}])) '
                   f'/ ignoring(outcome) group_left sum(rate(tokentap_requests_total{{{SEL}}}[{RI}]))',
                   "{{outcome}}")]),
-    panel("Tokens per second by model and type", "Input (uncached), cached input, output (visible) "
-          "and reasoning tokens; the types are disjoint.", "short",
+    panel("Tokens per second by model and type", "Input (uncached), cached input, cache writes, "
+          "output (visible) and reasoning tokens; the types are disjoint.", "short",
           [target(f'sum by (model, type) (rate(tokentap_tokens_total{{{SEL}}}[{RI}]))', "{{model}} {{type}}")]),
     panel("Cost per hour", "Spend rate in USD per hour, from the price table.", "currencyUSD",
           [target(f'sum by (model) (rate(tokentap_cost_usd_total{{{SEL}}}[{RI}])) * 3600', "{{model}}")]),
@@ -104,6 +104,15 @@ overview = dashboard("tokentap-overview", "tokentap / Overview",
     panel("tokentap overhead p99", "99th percentile of the time tokentap itself spends per call "
           "(its request, response and recording work), excluding the upstream.", "s",
           [target(f'histogram_quantile(0.99, sum by (le) (rate(tokentap_overhead_seconds_bucket[{RI}])))', "p99")]),
+    panel("Calls per second by API", "Metered calls by the API the client spoke: chat_completions, "
+          "responses (Codex CLI, the Agents SDK), messages (Claude Code, the anthropic SDK), "
+          "embeddings, completions.", "reqps",
+          [target(f'sum by (api) (rate(tokentap_requests_total{{{SEL},api!=""}}[{RI}]))', "{{api}}")]),
+    panel("Unmetered requests per second", "Requests no metered API serves (listing models, files, "
+          "batches, ...), forwarded without metering or caps, by method and path class. "
+          "`limits.unmetered = \"refuse\"` answers them 404 instead.", "reqps",
+          [target(f'sum by (method, path_class) (rate(tokentap_unmetered_requests_total[{RI}]))',
+                  "{{method}} {{path_class}}")]),
     panel("Upstream errors", "Calls the upstream failed, by kind: error status, unreachable, reset, timeout.",
           "reqps", [target(f'sum by (kind) (rate(tokentap_upstream_errors_total[{RI}]))', "{{kind}}")], w=24),
     panel("Trace spans exported and dropped", "Spans the OTLP collector accepted, and spans dropped "
@@ -126,6 +135,13 @@ spend = dashboard("tokentap-spend", "tokentap / Spend",
           [target(f'topk(10, sum by (user) (increase(tokentap_cost_usd_total{{{SEL}}}[$__range])))',
                   "{{user}}", instant=True)], kind="bargauge", w=12,
           extra={"options": {"orientation": "horizontal", "displayMode": "gradient"}}),
+    panel("Cost in range by API", "USD spent in the selected time range by the API the client "
+          "spoke (chat_completions, responses, messages, embeddings, completions).", "currencyUSD",
+          [target(f'sum by (api) (increase(tokentap_cost_usd_total{{{SEL},api!=""}}[$__range]))',
+                  "{{api}}", instant=True)], kind="bargauge", w=12,
+          extra={"options": {"orientation": "horizontal", "displayMode": "gradient"}}),
+    panel("Cost per hour by API", "Spend rate in USD per hour, by API.", "currencyUSD",
+          [target(f'sum by (api) (rate(tokentap_cost_usd_total{{{SEL},api!=""}}[{RI}])) * 3600', "{{api}}")]),
     panel("Cost per hour by model", "Spend rate in USD per hour.", "currencyUSD",
           [target(f'sum by (model) (rate(tokentap_cost_usd_total{{{SEL}}}[{RI}])) * 3600', "{{model}}")]),
     panel("Total spend in range", "USD spent in the selected time range, all selected users and models.",
