@@ -346,3 +346,66 @@ fn a_capped_user_mixing_dialects_at_once_stays_within_the_cap_on_the_redis_ledge
     );
     mixed_dialects_hold_the_cap(&tap, &mock, cap);
 }
+
+/// Issue 22: Redis is not needed to start. With it absent, replicas listen and serve per
+/// `on_error` (fail_open: through, fail_closed: 503 and /readyz unready), report it, and use
+/// Redis by themselves once it appears; the fail_open spend made meanwhile reaches Redis
+/// exactly once, from both replicas.
+#[test]
+fn replicas_start_without_redis_serve_per_policy_and_charge_once_when_it_appears() {
+    let mock = Mock::start();
+    let port = free_port();
+    let absent = Redis { proc: None, port };
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let caps = "[budgets.users.early]\ndaily = { usd = 100 }\n";
+    let a = Tap::start(&mock.url(), &config(&absent, "fail_open", caps));
+    let b = Tap::start(&mock.url(), &config(&absent, "fail_open", caps));
+    let closed = Tap::start(&mock.url(), &config(&absent, "fail_closed", caps));
+    let call = |tap: &Tap| {
+        let body = chat_body(MODEL, "early", false, r#","max_tokens":5"#);
+        post_chat(tap.addr, &[], &body)
+    };
+    for tap in [&a, &b] {
+        for _ in 0..3 {
+            assert_eq!(call(tap).status, 200, "fail_open serves without Redis");
+        }
+        assert_eq!(tap.metric("tokentap_ledger_store_up"), 0.0);
+        let ready = request(tap.admin, "GET", "/readyz", &[], b"");
+        assert_eq!(ready.status, 200);
+        assert!(String::from_utf8_lossy(&ready.body).contains("degraded"));
+    }
+    let r = call(&closed);
+    assert_eq!(r.status, 503, "fail_closed refuses without Redis");
+    assert_eq!(r.json()["error"]["code"], "budget_store_unavailable");
+    assert_eq!(
+        request(closed.admin, "GET", "/readyz", &[], b"").status,
+        503
+    );
+    assert_eq!(
+        mock.received(),
+        6,
+        "the refused call never reached the upstream"
+    );
+
+    // Redis appears: every replica connects by itself.
+    let redis = Redis {
+        proc: Some(Redis::start_on(port)),
+        port,
+    };
+    let start = Instant::now();
+    while request(closed.admin, "GET", "/readyz", &[], b"").status != 200 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "tokentap never connected to Redis"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(call(&closed).status, 200);
+    // Six calls let through while it was absent, and one since: each charged once.
+    wait_spent(&closed, "early", 7 * real);
+    for tap in [&a, &b, &closed] {
+        assert_eq!(tap.metric("tokentap_ledger_store_up"), 1.0);
+    }
+    assert_eq!(mock.received(), 7);
+    drop(redis);
+}

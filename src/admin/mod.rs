@@ -153,12 +153,26 @@ impl ServeHttp for Admin {
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
-                // Ready once a config is loaded (always, after start-up).
+                // Ready once a config is loaded (always, after start-up), unless the budget
+                // store is unreachable and calls would be refused for it (fail_closed); with
+                // fail_open, ready but degraded.
                 let cfg = self.config.load();
+                let down = self.ledger.store_up() == Some(false);
+                let (status, state) = match (down, cfg.budgets.ledger.fail_open) {
+                    (false, _) => (StatusCode::OK, "ready"),
+                    (true, true) => (
+                        StatusCode::OK,
+                        "ready, degraded: budget store unreachable, calls go uncapped (fail_open)",
+                    ),
+                    (true, false) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: budget store unreachable, capped calls are refused (fail_closed)",
+                    ),
+                };
                 text(
-                    StatusCode::OK,
+                    status,
                     &format!(
-                        "ready pid={} upstream={} config={}\n",
+                        "{state} pid={} upstream={} config={}\n",
                         std::process::id(),
                         cfg.upstream.url.host_header,
                         cfg.hash

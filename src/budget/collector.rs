@@ -44,6 +44,13 @@ impl BudgetCollector {
                     "Times the ledger could not persist or reach its store.",
                     &[],
                 ),
+                d(
+                    "tokentap_ledger_store_up",
+                    "1 when the shared budget store (Redis) answered its last round trip, 0 \
+                     while it is unreachable (budgets.ledger.on_error applies); absent for the \
+                     embedded ledger.",
+                    &[],
+                ),
             ],
         }
     }
@@ -127,6 +134,18 @@ impl prometheus::core::Collector for BudgetCollector {
         m.set_counter(c);
         errors.mut_metric().push(m);
         let mut out = vec![errors];
+        if let Some(up) = self.ledger.store_up() {
+            let mut f = MetricFamily::default();
+            f.set_name(self.descs[3].fq_name.clone());
+            f.set_help(self.descs[3].help.clone());
+            f.set_field_type(MetricType::GAUGE);
+            let mut g = Gauge::default();
+            g.set_value(if up { 1.0 } else { 0.0 });
+            let mut m = Metric::default();
+            m.set_gauge(g);
+            f.mut_metric().push(m);
+            out.push(f);
+        }
         for f in [spend, remaining] {
             if !f.get_metric().is_empty() {
                 out.push(f);

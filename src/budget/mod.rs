@@ -258,6 +258,11 @@ pub trait Ledger: Send + Sync {
     ) -> Vec<(String, Amount)>;
     /// How often the ledger failed to persist or reach its store.
     fn errors(&self) -> u64;
+    /// Whether a shared store (Redis) answered its last round trip; `None` for a ledger
+    /// without one.
+    fn store_up(&self) -> Option<bool> {
+        None
+    }
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
 }

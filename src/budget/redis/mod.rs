@@ -8,8 +8,12 @@
 //!
 //! When Redis cannot be reached, `budgets.ledger.on_error` decides (`fail_open` lets calls
 //! through uncapped, `fail_closed` refuses them) and `tokentap_ledger_errors_total` counts it;
-//! the connection manager reconnects by itself. Per-call rows for reports stay local (the
-//! embedded ledger's file of this replica).
+//! the connection manager reconnects by itself. Redis is not needed to start: until the first
+//! connection succeeds (retried with backoff) the ledger is down, as it is when Redis goes
+//! away later; `store_up` says which, and a log line marks each change. Settles Redis could
+//! not take wait in the outbox (kept in this replica's file) and go once it is back, each
+//! exactly once. Per-call rows for reports stay local (the embedded ledger's file of this
+//! replica).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -30,6 +34,8 @@ const KEEP_AFTER_END: i64 = 7 * 86_400;
 const OUTBOX_RETRY: Duration = Duration::from_millis(250);
 /// Settles kept for Redis at most (beyond, the oldest are dropped and counted as errors).
 const OUTBOX_MAX: usize = 1_000_000;
+/// The longest wait between attempts at a first connection.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Users under the default caps whose spend the gauges follow (the top spenders).
 const FOLLOW_TOP: isize = 1000;
 
@@ -57,7 +63,11 @@ pub struct RedisLedger {
 }
 
 struct Inner {
-    con: ConnectionManager,
+    /// Set once the first connection succeeds (the manager reconnects by itself after).
+    con: OnceLock<ConnectionManager>,
+    /// Whether the last round trip to Redis worked (false until the first connection).
+    up: AtomicBool,
+    url: String,
     prefix: String,
     lease: Duration,
     /// A round trip longer than this counts as Redis being down.
@@ -82,7 +92,8 @@ struct Inner {
 }
 
 impl RedisLedger {
-    /// Connects (the first connection must work; later losses are retried by themselves).
+    /// Opens the ledger. Redis need not be up: the first connection is tried at once and
+    /// again with backoff until it works (meanwhile every call meets `on_error`).
     pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -90,7 +101,14 @@ impl RedisLedger {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let con = rt.block_on(Self::connect(cfg))?;
+        // A malformed URL is a config error, not an outage.
+        let url = cfg.redis_url.clone().unwrap_or_default();
+        redis::Client::open(url.as_str()).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
+        let first = rt.block_on(async {
+            tokio::time::timeout(cfg.redis_timeout, Self::connect(cfg))
+                .await
+                .unwrap_or_else(|_| Err(format!("cannot reach Redis at {url}: timed out")))
+        });
         let rows = Embedded::open(cfg)?;
         let kept = rows.outbox_load()?;
         let mut outbox = VecDeque::with_capacity(kept.len());
@@ -106,8 +124,24 @@ impl RedisLedger {
                 outbox.len()
             );
         }
+        let con = OnceLock::new();
+        let up = match first {
+            Ok(c) => {
+                let _ = con.set(c);
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "ledger: {e}; serving without it (budgets.ledger.on_error applies) and \
+                     connecting in the background"
+                );
+                false
+            }
+        };
         let inner = Arc::new(Inner {
             con,
+            up: AtomicBool::new(up),
+            url: url.clone(),
             prefix: cfg.redis_prefix.clone(),
             lease: cfg.reservation_ttl,
             timeout: cfg.redis_timeout,
@@ -123,6 +157,22 @@ impl RedisLedger {
             refreshing: AtomicBool::new(false),
             unanswered: Mutex::new(HashMap::new()),
         });
+        if !up {
+            let (weak, cfg) = (Arc::downgrade(&inner), cfg.clone());
+            rt.spawn(async move {
+                let mut wait = Duration::from_millis(100);
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Ok(c) = Self::connect(&cfg).await {
+                        let _ = inner.con.set(c);
+                        inner.came_up();
+                        return;
+                    }
+                    wait = (wait * 2).min(CONNECT_BACKOFF_MAX);
+                }
+            });
+        }
         let weak = Arc::downgrade(&inner);
         rt.spawn(async move {
             loop {
@@ -253,6 +303,13 @@ impl Inner {
     }
 
     fn failed(&self, what: &str, e: &dyn std::fmt::Display) -> StoreDown {
+        if self.up.swap(false, Ordering::Relaxed) {
+            log::warn!(
+                "ledger: Redis at {} went away ({e}); budgets.ledger.on_error applies until it \
+                 is back",
+                self.url
+            );
+        }
         if self
             .errors
             .fetch_add(1, Ordering::Relaxed)
@@ -261,6 +318,21 @@ impl Inner {
             log::error!("ledger: Redis {what} failed: {e}");
         }
         StoreDown(e.to_string())
+    }
+
+    /// A round trip worked.
+    fn came_up(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            log::info!("ledger: Redis at {} is reachable", self.url);
+        }
+    }
+
+    /// The connection, once there is one; else the outage, counted.
+    fn con(&self, what: &str) -> Result<ConnectionManager, StoreDown> {
+        match self.con.get() {
+            Some(c) => Ok(c.clone()),
+            None => Err(self.failed(what, &format!("not connected to Redis at {} yet", self.url))),
+        }
     }
 
     fn lock_outbox(&self) -> std::sync::MutexGuard<'_, VecDeque<SettleCall>> {
@@ -295,10 +367,15 @@ impl Inner {
         for a in &call.args {
             inv.arg(a);
         }
-        let mut con = self.con.clone();
+        let Ok(mut con) = self.con("settle") else {
+            return Err(());
+        };
         let out: Vec<i64> =
             match tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await {
-                Ok(Ok(v)) => v,
+                Ok(Ok(v)) => {
+                    self.came_up();
+                    v
+                }
                 Ok(Err(e)) => {
                     let _ = self.failed("settle", &e);
                     return Err(());
@@ -384,7 +461,9 @@ impl Inner {
 
     /// Reads the spend of `counters` (subject key, window, start) into `seen`.
     async fn refresh(&self, counters: Vec<(String, Window, i64)>, tops: Vec<(Window, i64)>) {
-        let mut con = self.con.clone();
+        let Some(mut con) = self.con.get().cloned() else {
+            return;
+        };
         let mut all = counters;
         for (window, start) in tops {
             let key = self.top_key("user:", window, start);
@@ -467,10 +546,20 @@ impl Ledger for RedisLedger {
                 .arg(cap.tokens.map_or(-1, clamp))
                 .arg(Self::expire_at(*end));
         }
-        let mut con = inner.con.clone();
+        let mut con = match inner.con("reserve") {
+            Ok(c) => c,
+            // Nothing was sent: nothing to cancel.
+            Err(down) => {
+                r.claim();
+                return Err(down);
+            }
+        };
         let reply: Result<Vec<i64>, StoreDown> =
             match tokio::time::timeout(inner.timeout, inv.invoke_async(&mut con)).await {
-                Ok(Ok(v)) => Ok(v),
+                Ok(Ok(v)) => {
+                    inner.came_up();
+                    Ok(v)
+                }
                 Ok(Err(e)) => Err(inner.failed("reserve", &e)),
                 Err(_) => Err(inner.failed("reserve", &"timed out")),
             };
@@ -547,7 +636,9 @@ impl Ledger for RedisLedger {
         }
         let ttl = inner.lease.as_secs().max(1);
         self.rt.spawn(async move {
-            let mut con = inner.con.clone();
+            let Some(mut con) = inner.con.get().cloned() else {
+                return;
+            };
             for (keys, member) in calls {
                 let mut inv = inner.renew.prepare_invoke();
                 for k in &keys {
@@ -582,7 +673,9 @@ impl Ledger for RedisLedger {
     ) -> (Amount, Amount) {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
-        let mut con = inner.con.clone();
+        let Some(mut con) = inner.con.get().cloned() else {
+            return Default::default();
+        };
         let key = inner.key(&subject.key(), window, start);
         let h: redis::RedisResult<(Option<u64>, Option<u64>, Option<u64>, Option<u64>)> =
             redis::cmd("HMGET")
@@ -691,7 +784,9 @@ impl Ledger for RedisLedger {
     ) -> Vec<(String, Amount)> {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
-        let mut con = inner.con.clone();
+        let Some(mut con) = inner.con.get().cloned() else {
+            return Vec::new();
+        };
         let users: redis::RedisResult<Vec<String>> = redis::cmd("ZREVRANGE")
             .arg(inner.top_key("user:", window, start))
             .arg(0)
@@ -741,11 +836,18 @@ impl Ledger for RedisLedger {
         self.inner.errors.load(Ordering::Relaxed)
     }
 
+    fn store_up(&self) -> Option<bool> {
+        Some(self.inner.up.load(Ordering::Relaxed))
+    }
+
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
         let key = inner.key(&subject.key(), window, start);
-        let mut con = inner.con.clone();
+        let Some(mut con) = inner.con.get().cloned() else {
+            log::error!("ledger: reset not done: not connected to Redis");
+            return;
+        };
         let r: redis::RedisResult<()> = redis::pipe()
             .atomic()
             .cmd("HSET")
