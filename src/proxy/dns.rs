@@ -4,7 +4,9 @@
 //! worker and panics on failure. tokentap resolves on Tokio's blocking pool instead (the system
 //! resolver, so `/etc/hosts` and nsswitch apply), caches the answer, refreshes it in the
 //! background once it is older than `upstream.dns_refresh_ms`, keeps serving the last good answer
-//! while a refresh fails, and hands Pingora a ready `SocketAddr`.
+//! while a refresh fails, and hands Pingora a ready `SocketAddr`. A cold name is looked up
+//! once however many calls wait for it (single flight): a burst of first calls, or a burst
+//! after a restart, costs the resolver one query, not one per call.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,14 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt, Shared};
 
 /// The name lookup behind the cache: the system resolver in production, a fake in tests.
 pub type LookupFn =
     dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync;
 
+/// A cold lookup every waiting call shares.
+type Flight = Shared<BoxFuture<'static, Result<Arc<[SocketAddr]>, String>>>;
+
 pub struct Resolver {
     cache: DashMap<(String, u16), Arc<Entry>>,
+    /// Cold lookups in progress, by name.
+    flights: DashMap<(String, u16), Flight>,
     next: AtomicUsize,
     lookup: Box<LookupFn>,
 }
@@ -68,6 +75,7 @@ impl Resolver {
     pub fn with_lookup(lookup: Box<LookupFn>) -> Arc<Self> {
         Arc::new(Resolver {
             cache: DashMap::new(),
+            flights: DashMap::new(),
             next: AtomicUsize::new(0),
             lookup,
         })
@@ -117,8 +125,28 @@ impl Resolver {
                 e
             }
             None => {
-                let addrs = self.lookup_once(host, port, timeout).await?;
-                self.store(key, addrs.into())
+                let flight = self
+                    .flights
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        let (this, key) = (Arc::clone(self), key.clone());
+                        async move {
+                            let r = this.lookup_once(&key.0, key.1, timeout).await;
+                            let r = r.map(|addrs| {
+                                Arc::clone(&this.store(key.clone(), addrs.into()).addrs)
+                            });
+                            this.flights.remove(&key);
+                            r
+                        }
+                        .boxed()
+                        .shared()
+                    })
+                    .clone();
+                let addrs = flight.await?;
+                return Ok(Resolved {
+                    addrs,
+                    start: self.next.fetch_add(1, Ordering::Relaxed),
+                });
             }
         };
         Ok(Resolved {
@@ -239,6 +267,44 @@ mod tests {
             fresh = r.resolve("h", 1, LONG, LONG).await.unwrap().pick(0);
         }
         assert_eq!(fresh, "127.0.0.8:1".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_cold_name_is_looked_up_once_for_a_burst_of_calls() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = Arc::clone(&calls);
+        let r = Resolver::with_lookup(Box::new(move |_, port| {
+            c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                // Slower than the burst: every call arrives while it runs.
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+                Ok(vec![SocketAddr::from(([127, 0, 0, 9], port))])
+            })
+        }));
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                tokio::spawn(async move { r.resolve("cold", 1, LONG, LONG).await })
+            })
+            .collect();
+        for b in burst {
+            assert_eq!(
+                b.await.unwrap().unwrap().pick(0),
+                "127.0.0.9:1".parse().unwrap()
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one lookup for the burst");
+        // A failed cold lookup is not kept: the next call tries again.
+        let fails = Arc::new(AtomicU32::new(0));
+        let f = Arc::clone(&fails);
+        let r = Resolver::with_lookup(Box::new(move |_, _| {
+            f.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Err(std::io::Error::other("NXDOMAIN")) })
+        }));
+        assert!(r.resolve("gone", 1, LONG, LONG).await.is_err());
+        assert!(r.resolve("gone", 1, LONG, LONG).await.is_err());
+        assert_eq!(fails.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
