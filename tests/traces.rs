@@ -445,3 +445,40 @@ fn a_calls_provider_is_the_same_in_its_record_its_span_and_its_metrics() {
         );
     }
 }
+
+/// Issue 22: a collector that takes a request but rejects some of its spans (OTLP's partial
+/// success) does not have them counted as exported.
+#[test]
+fn spans_a_collector_rejects_in_a_partial_success_are_counted_as_dropped() {
+    let mock = Mock::start();
+    let collector = Collector::http_rejecting(1);
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&traces_config(
+            &format!("http://{}", collector.addr),
+            "protocol = \"http/protobuf\"\nbatch_size = 2",
+        ))
+        .start();
+    for i in 0..6 {
+        let body = chat_body("anthropic/claude-opus-4.6", &format!("u{i}"), false, "");
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
+    }
+    let start = Instant::now();
+    loop {
+        let exported = tap.metric("tokentap_spans_exported_total");
+        let rejected = tap.metric("tokentap_spans_dropped_total{reason=\"rejected\"}");
+        if exported + rejected == 6.0 {
+            assert!(
+                rejected >= 1.0,
+                "each request rejected one span: {rejected}"
+            );
+            assert!(exported >= 1.0);
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "exported {exported}, rejected {rejected}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(collector.spans().len(), 6, "the collector saw every span");
+}

@@ -130,6 +130,12 @@ impl Collector {
 
     /// OTLP/HTTP with protobuf bodies at `/v1/traces`, on a plain socket.
     pub fn http() -> Collector {
+        Self::http_rejecting(0)
+    }
+
+    /// As [`Collector::http`], answering each export with a partial success that rejects
+    /// `rejects` of its spans (OTLP's `partial_success.rejected_spans`).
+    pub fn http_rejecting(rejects: i64) -> Collector {
         let (rt, store, listener) = Self::parts();
         let addr = listener.local_addr().unwrap();
         let s = Arc::clone(&store);
@@ -171,10 +177,20 @@ impl Collector {
                             }
                         }
                         let body: Vec<u8> = buf.drain(..head_len + len).skip(head_len).collect();
+                        let mut answer = Vec::new();
                         let status = if path == "/v1/traces" {
                             match ExportTraceServiceRequest::decode(body.as_slice()) {
                                 Ok(r) => {
                                     keep(&s, r);
+                                    if rejects > 0 {
+                                        answer = ExportTraceServiceResponse {
+                                            partial_success: Some(opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess {
+                                                rejected_spans: rejects,
+                                                error_message: "rejected by the test".into(),
+                                            }),
+                                        }
+                                        .encode_to_vec();
+                                    }
                                     "200 OK"
                                 }
                                 Err(_) => "400 Bad Request",
@@ -183,9 +199,12 @@ impl Collector {
                             "404 Not Found"
                         };
                         let resp = format!(
-                            "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
+                            "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                            answer.len()
                         );
-                        if c.write_all(resp.as_bytes()).await.is_err() {
+                        if c.write_all(resp.as_bytes()).await.is_err()
+                            || c.write_all(&answer).await.is_err()
+                        {
                             return;
                         }
                     }

@@ -67,12 +67,13 @@ impl Exporter {
     }
 
     /// Sends one request, retrying what the collector says may pass; the error says why the
-    /// collector did not take it.
-    pub async fn export(&self, body: Bytes) -> Result<(), String> {
+    /// collector did not take it. On success, how many of its spans the collector rejected
+    /// (OTLP's partial success).
+    pub async fn export(&self, body: Bytes) -> Result<u64, String> {
         with_retries(self.timeout, || self.send(body.clone())).await
     }
 
-    async fn send(&self, body: Bytes) -> Result<(), Failure> {
+    async fn send(&self, body: Bytes) -> Result<u64, Failure> {
         match &self.client {
             Client::Grpc { channel, metadata } => send_grpc(channel, metadata, body).await,
             Client::Http {
@@ -135,7 +136,7 @@ async fn send_grpc(
     channel: &Channel,
     metadata: &tonic::metadata::MetadataMap,
     body: Bytes,
-) -> Result<(), Failure> {
+) -> Result<u64, Failure> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     // Not ready: the channel could not connect (a local failure, not the collector's
     // answer), retried like a network error.
@@ -147,8 +148,16 @@ async fn send_grpc(
     let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT);
     grpc.unary(request, path, Preencoded)
         .await
-        .map(|_| ())
+        .map(tonic::Response::into_inner)
         .map_err(|s| grpc_failure(&s))
+}
+
+/// The spans an `ExportTraceServiceResponse` says the collector rejected (its
+/// `partial_success`; 0 without one, or for an answer that is not one).
+fn rejected_spans(resp: &ExportTraceServiceResponse) -> u64 {
+    resp.partial_success
+        .as_ref()
+        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
 }
 
 /// What a gRPC status means for the export. Its message stays out of the log (a collector
@@ -226,13 +235,13 @@ fn retry_info(details: &[u8]) -> Option<Duration> {
     Some(Duration::from_secs(secs).saturating_add(Duration::from_nanos(nanos)))
 }
 
-/// Writes the request as it was encoded; reads the response only to check that it is one.
+/// Writes the request as it was encoded; reads from the response the spans it rejected.
 #[derive(Clone, Copy)]
 struct Preencoded;
 
 impl Codec for Preencoded {
     type Encode = Bytes;
-    type Decode = ();
+    type Decode = u64;
     type Encoder = Preencoded;
     type Decoder = Preencoded;
 
@@ -256,12 +265,12 @@ impl Encoder for Preencoded {
 }
 
 impl Decoder for Preencoded {
-    type Item = ();
+    type Item = u64;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<u64>, Status> {
         ExportTraceServiceResponse::decode(src)
-            .map(|_| Some(()))
+            .map(|r| Some(rejected_spans(&r)))
             .map_err(|e| Status::internal(e.to_string()))
     }
 }
@@ -271,7 +280,7 @@ async fn send_http(
     url: &str,
     headers: &http::HeaderMap,
     body: Bytes,
-) -> Result<(), Failure> {
+) -> Result<u64, Failure> {
     // Without the URL: reqwest's error text names it with its query, which may hold a key.
     let network = |e: reqwest::Error| Failure {
         why: format!(
@@ -293,11 +302,13 @@ async fn send_http(
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
     // Read to the end (so the connection can serve the next export), within reason.
     let mut read = 0;
+    let mut answer = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(network)? {
         read += chunk.len();
+        answer.extend_from_slice(&chunk);
         if read > MAX_RESPONSE_BYTES {
             return Err(Failure {
                 why: "the collector's answer is too large".into(),
@@ -306,7 +317,10 @@ async fn send_http(
         }
     }
     if status.is_success() {
-        return Ok(());
+        // (An answer that is not a protobuf response, e.g. an empty one, rejected nothing.)
+        return Ok(
+            ExportTraceServiceResponse::decode(answer.as_slice()).map_or(0, |r| rejected_spans(&r))
+        );
     }
     Err(Failure {
         why: format!("the collector answered HTTP {status}"),
@@ -314,11 +328,22 @@ async fn send_http(
     })
 }
 
-/// The OTLP exporter's reading of HTTP statuses: throttled (after `Retry-After` seconds
-/// when given), a gateway's passing trouble, or final.
-fn http_retry(status: u16, retry_after_secs: Option<u64>) -> Retry {
-    match (status, retry_after_secs) {
-        (429 | 503, Some(s)) => Retry::After(Duration::from_secs(s.min(600))),
+/// A `Retry-After` value, delay-seconds or an HTTP date (RFC 9110 10.2.3), as a delay from
+/// `now` (a date in the past is no delay).
+fn retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(s) = v.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// The OTLP exporter's reading of HTTP statuses: throttled (after `Retry-After` when given),
+/// a gateway's passing trouble, or final.
+fn http_retry(status: u16, retry_after: Option<Duration>) -> Retry {
+    match (status, retry_after) {
+        (429 | 503, Some(d)) => Retry::After(d.min(Duration::from_secs(600))),
         (429 | 502 | 503 | 504, _) => Retry::Backoff,
         _ => Retry::Never,
     }
@@ -379,17 +404,18 @@ impl Backoff {
     }
 }
 
-async fn with_retries<F, Fut>(timeout: Duration, mut attempt: F) -> Result<(), String>
+async fn with_retries<T, F, Fut>(timeout: Duration, mut attempt: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), Failure>>,
+    Fut: Future<Output = Result<T, Failure>>,
 {
     let start = Instant::now();
     let mut backoff = Backoff::new();
     let mut retries = 0;
     loop {
-        let Err(failed) = attempt().await else {
-            return Ok(());
+        let failed = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(f) => f,
         };
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=100));
         let wait = match backoff.next(failed.retry, jitter) {
@@ -406,13 +432,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statuses_are_retried_as_the_otlp_exporter_retried_them() {
+    fn a_partial_success_counts_the_spans_it_rejected() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+        let r = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 3,
+                error_message: "too old".into(),
+            }),
+        };
+        let bytes = r.encode_to_vec();
+        let back = ExportTraceServiceResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(rejected_spans(&back), 3);
+        assert_eq!(rejected_spans(&ExportTraceServiceResponse::default()), 0);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
         assert_eq!(
-            http_retry(503, Some(2)),
-            Retry::After(Duration::from_secs(2))
+            retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(Duration::from_secs(30))
         );
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past: no delay"
+        );
+        assert_eq!(retry_after("soon", now), None);
+        // An HTTP date as the answer of a throttling collector.
+        assert_eq!(
+            http_retry(429, retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now)),
+            Retry::After(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn statuses_are_retried_as_the_otlp_exporter_retried_them() {
+        let two = Some(Duration::from_secs(2));
+        assert_eq!(http_retry(503, two), Retry::After(Duration::from_secs(2)));
         assert_eq!(http_retry(429, None), Retry::Backoff);
-        assert_eq!(http_retry(502, Some(2)), Retry::Backoff);
+        assert_eq!(http_retry(502, two), Retry::Backoff);
         for final_status in [400, 401, 404, 413, 500, 501] {
             assert_eq!(http_retry(final_status, None), Retry::Never);
         }
@@ -487,7 +547,7 @@ mod tests {
         let fail = |retry| {
             tries.set(tries.get() + 1);
             async move {
-                Err(Failure {
+                Err::<(), _>(Failure {
                     why: "no".into(),
                     retry,
                 })

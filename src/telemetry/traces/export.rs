@@ -127,6 +127,7 @@ pub(super) fn export_loop(
     let mut due = Instant::now() + cfg.batch_delay;
     // One warning per run of failures (a dead collector would otherwise fill the log).
     let failing = std::cell::Cell::new(false);
+    let rejecting = std::cell::Cell::new(false);
     let export = |batch: &mut Batch| {
         if batch.is_empty() {
             return;
@@ -137,8 +138,23 @@ pub(super) fn export_loop(
         let r =
             rt.block_on(async { tokio::time::timeout(cfg.timeout, exporter.export(body)).await });
         match r {
-            Ok(Ok(())) => {
-                counters.exported.inc_by(n);
+            Ok(Ok(rejected)) => {
+                let rejected = rejected.min(n);
+                counters.exported.inc_by(n - rejected);
+                if rejected > 0 {
+                    counters
+                        .dropped
+                        .with_label_values(&["rejected"])
+                        .inc_by(rejected);
+                    if !rejecting.replace(true) {
+                        log::warn!(
+                            "traces: the collector rejected {rejected} of {n} spans (counted in \
+                             tokentap_spans_dropped_total{{reason=\"rejected\"}})"
+                        );
+                    }
+                } else {
+                    rejecting.set(false);
+                }
                 if failing.replace(false) {
                     log::info!("traces: the collector takes spans again");
                 }
