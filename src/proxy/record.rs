@@ -148,6 +148,12 @@ fn outcome(e: Option<&Error>, ctx: &Ctx, status: u16) -> Outcome {
         | (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => Outcome::ClientDisconnected,
         (ErrorSource::Downstream, _) => Outcome::Rejected,
         (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => Outcome::Timeout,
+        // Something that is not an HTTP answer: no API answered, nothing was generated.
+        (ErrorSource::Upstream, InvalidHTTPHeader | H1Error | InvalidH2 | H2Error)
+            if ctx.upstream.status.is_none() =>
+        {
+            Outcome::UpstreamError
+        }
         (ErrorSource::Upstream, _) => {
             if ctx.upstream.status.is_some() || ctx.body.released {
                 // The upstream had the request; the connection broke before the answer ended.
