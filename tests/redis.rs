@@ -409,3 +409,46 @@ fn replicas_start_without_redis_serve_per_policy_and_charge_once_when_it_appears
     assert_eq!(mock.received(), 7);
     drop(redis);
 }
+
+/// Issue 22: Redis that loses its data (`FLUSHALL` here; a restart without persistence or a
+/// failover to an empty replica alike) is noticed by every replica, counted and logged, and
+/// the loss is exactly the documented one: the spend settled before it.
+#[test]
+fn a_flushed_redis_is_noticed_by_every_replica_and_the_loss_is_the_documented_one() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let caps = "[budgets.users.f]\ndaily = { usd = 100 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    let call = |tap: &Tap| {
+        let body = chat_body(MODEL, "f", false, r#","max_tokens":5"#);
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
+    };
+    call(&a);
+    call(&b);
+    wait_spent(&a, "f", 2 * real);
+    for tap in [&a, &b] {
+        assert_eq!(tap.metric("tokentap_ledger_store_resets_total"), 0.0);
+    }
+    // (Each replica learned the epoch when it connected, before it served.)
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).unwrap();
+    s.write_all(b"FLUSHALL\r\n").unwrap();
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"+OK"));
+    for tap in [&a, &b] {
+        let start = Instant::now();
+        while tap.metric("tokentap_ledger_store_resets_total") != 1.0 {
+            assert!(start.elapsed() < PATIENCE, "the reset went unnoticed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // What was settled before is gone (the documented loss); what is settled after counts.
+    wait_spent(&a, "f", 0);
+    call(&b);
+    wait_spent(&a, "f", real);
+    for tap in [&a, &b] {
+        assert_eq!(tap.metric("tokentap_ledger_store_resets_total"), 1.0);
+    }
+}

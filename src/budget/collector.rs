@@ -45,6 +45,12 @@ impl BudgetCollector {
                     &[],
                 ),
                 d(
+                    "tokentap_ledger_store_resets_total",
+                    "Times the shared budget store (Redis) was seen to have lost its data \
+                     (restart without persistence, FLUSHALL, failover to an empty replica).",
+                    &[],
+                ),
+                d(
                     "tokentap_ledger_store_up",
                     "1 when the shared budget store (Redis) answered its last round trip, 0 \
                      while it is unreachable (budgets.ledger.on_error applies); absent for the \
@@ -135,9 +141,19 @@ impl prometheus::core::Collector for BudgetCollector {
         errors.mut_metric().push(m);
         let mut out = vec![errors];
         if let Some(up) = self.ledger.store_up() {
+            let mut r = MetricFamily::default();
+            r.set_name(self.descs[3].fq_name.clone());
+            r.set_help(self.descs[3].help.clone());
+            r.set_field_type(MetricType::COUNTER);
+            let mut c = prometheus::proto::Counter::default();
+            c.set_value(self.ledger.store_resets() as f64);
+            let mut m = Metric::default();
+            m.set_counter(c);
+            r.mut_metric().push(m);
+            out.push(r);
             let mut f = MetricFamily::default();
-            f.set_name(self.descs[3].fq_name.clone());
-            f.set_help(self.descs[3].help.clone());
+            f.set_name(self.descs[4].fq_name.clone());
+            f.set_help(self.descs[4].help.clone());
             f.set_field_type(MetricType::GAUGE);
             let mut g = Gauge::default();
             g.set_value(if up { 1.0 } else { 0.0 });

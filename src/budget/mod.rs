@@ -263,6 +263,10 @@ pub trait Ledger: Send + Sync {
     fn store_up(&self) -> Option<bool> {
         None
     }
+    /// Times the shared store was seen to have lost its data (0 without one).
+    fn store_resets(&self) -> u64 {
+        0
+    }
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
 }

@@ -14,6 +14,13 @@
 //! not take wait in the outbox (kept in this replica's file) and go once it is back, each
 //! exactly once. Per-call rows for reports stay local (the embedded ledger's file of this
 //! replica).
+//!
+//! Redis that lost its data (restarted without persistence, `FLUSHALL`, a failover to an
+//! empty replica) is noticed within about a second: every replica watches an epoch key that
+//! the first of them sets; when it vanishes or changes, the window totals started again from
+//! zero. That is logged as an error and counted (`tokentap_ledger_store_resets_total`, alert
+//! `TokentapBudgetStoreReset`); the spend settled before it is not rebuilt (see
+//! docs/operations.md for what that allows).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -34,6 +41,8 @@ const KEEP_AFTER_END: i64 = 7 * 86_400;
 const OUTBOX_RETRY: Duration = Duration::from_millis(250);
 /// Settles kept for Redis at most (beyond, the oldest are dropped and counted as errors).
 const OUTBOX_MAX: usize = 1_000_000;
+/// The epoch key is looked at every this many outbox rounds (about a second).
+const EPOCH_EVERY: u32 = 4;
 /// The longest wait between attempts at a first connection.
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Users under the default caps whose spend the gauges follow (the top spenders).
@@ -89,6 +98,10 @@ struct Inner {
     refreshing: AtomicBool,
     /// Settles sent and not answered yet, by reservation id.
     unanswered: Mutex<HashMap<String, SettleCall>>,
+    /// The value of the epoch key last seen (`None` before the first look).
+    epoch: Mutex<Option<String>>,
+    /// Times Redis was seen to have lost its data.
+    resets: AtomicU64,
 }
 
 impl RedisLedger {
@@ -156,8 +169,13 @@ impl RedisLedger {
             seen: Mutex::new(HashMap::new()),
             refreshing: AtomicBool::new(false),
             unanswered: Mutex::new(HashMap::new()),
+            epoch: Mutex::new(None),
+            resets: AtomicU64::new(0),
         });
-        if !up {
+        if up {
+            // The epoch is known before the first call: a loss from now on is noticed.
+            rt.block_on(inner.check_epoch());
+        } else {
             let (weak, cfg) = (Arc::downgrade(&inner), cfg.clone());
             rt.spawn(async move {
                 let mut wait = Duration::from_millis(100);
@@ -167,6 +185,7 @@ impl RedisLedger {
                     if let Ok(c) = Self::connect(&cfg).await {
                         let _ = inner.con.set(c);
                         inner.came_up();
+                        inner.check_epoch().await;
                         return;
                     }
                     wait = (wait * 2).min(CONNECT_BACKOFF_MAX);
@@ -175,9 +194,14 @@ impl RedisLedger {
         }
         let weak = Arc::downgrade(&inner);
         rt.spawn(async move {
+            let mut round = 0u32;
             loop {
                 tokio::time::sleep(OUTBOX_RETRY).await;
                 let Some(inner) = weak.upgrade() else { return };
+                if round.is_multiple_of(EPOCH_EVERY) {
+                    inner.check_epoch().await;
+                }
+                round = round.wrapping_add(1);
                 inner.drain_outbox().await;
             }
         });
@@ -318,6 +342,67 @@ impl Inner {
             log::error!("ledger: Redis {what} failed: {e}");
         }
         StoreDown(e.to_string())
+    }
+
+    /// Looks at the epoch key: set it if there is none, and note a reset when the one this
+    /// replica saw before is gone or replaced (Redis lost its data).
+    async fn check_epoch(&self) {
+        let Some(mut con) = self.con.get().cloned() else {
+            return;
+        };
+        let key = format!("{}:epoch", self.prefix);
+        let get = |con: &mut ConnectionManager| {
+            let mut con = con.clone();
+            let key = key.clone();
+            async move {
+                tokio::time::timeout(
+                    self.timeout,
+                    redis::cmd("GET")
+                        .arg(&key)
+                        .query_async::<Option<String>>(&mut con),
+                )
+                .await
+            }
+        };
+        let Ok(Ok(mut now)) = get(&mut con).await else {
+            return;
+        };
+        if now.is_none() {
+            let mine = format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            );
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(&mine).arg("NX");
+            let set = set.query_async::<Option<String>>(&mut con);
+            if !matches!(tokio::time::timeout(self.timeout, set).await, Ok(Ok(_))) {
+                return;
+            }
+            // Another replica may have set it first: its value is the epoch.
+            let Ok(Ok(v)) = get(&mut con).await else {
+                return;
+            };
+            now = v;
+        }
+        let mut seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(old), Some(new)) = (seen.as_ref(), now.as_ref()) {
+            if old != new {
+                self.resets.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "ledger: Redis at {} lost its data (restarted without persistence, flushed, \
+                     or failed over to an empty replica): the current windows' spend starts \
+                     again from what is settled from now on; caps allow more until the windows \
+                     end (see docs/operations.md)",
+                    self.url
+                );
+            }
+        }
+        if now.is_some() {
+            *seen = now;
+        }
     }
 
     /// A round trip worked.
@@ -838,6 +923,10 @@ impl Ledger for RedisLedger {
 
     fn store_up(&self) -> Option<bool> {
         Some(self.inner.up.load(Ordering::Relaxed))
+    }
+
+    fn store_resets(&self) -> u64 {
+        self.inner.resets.load(Ordering::Relaxed)
     }
 
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {
