@@ -15,6 +15,22 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::meter::UsageRecord;
 
+/// Logs a warning about the configuration once per process: a config is compiled again on
+/// every reload, and the same complaint (about an environment variable, say) would otherwise
+/// be repeated each time. Returns whether it was logged.
+pub fn warn_once(message: String) -> bool {
+    static SAID: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
+        std::sync::Mutex::new(None);
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    let first = said
+        .get_or_insert_with(Default::default)
+        .insert(message.clone());
+    if first {
+        log::warn!("{message}");
+    }
+    first
+}
+
 pub trait Sink: Send + Sync {
     /// Called once per call, on the request's task, after the response ended. Must not block.
     fn record(&self, rec: &Arc<UsageRecord>);
@@ -52,5 +68,16 @@ impl Sinks {
         for s in &self.0 {
             s.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod warn_tests {
+    #[test]
+    fn a_config_warning_is_logged_once_however_often_the_config_is_compiled() {
+        let m = "test: OTEL_X is not supported (warn_once test)".to_string();
+        assert!(super::warn_once(m.clone()));
+        assert!(!super::warn_once(m.clone()));
+        assert!(super::warn_once(format!("{m} (another)")));
     }
 }

@@ -169,7 +169,7 @@ pub(super) fn compile_in(raw: &RawTraces, env: &Env) -> Result<TracesConfig, Str
         Ok(export) => cfg.export = Some(export),
         Err((true, e)) => return Err(e),
         Err((false, e)) => {
-            log::warn!("traces are off: {e}");
+            crate::telemetry::warn_once(format!("traces are off: {e}"));
             return Ok(cfg);
         }
     }
@@ -182,10 +182,12 @@ pub(super) fn compile_in(raw: &RawTraces, env: &Env) -> Result<TracesConfig, Str
                 if let Some(a) = env.get("OTEL_TRACES_SAMPLER_ARG") {
                     match a.trim().parse::<f64>() {
                         Ok(r) if (0.0..=1.0).contains(&r) => cfg.sampling_ratio = r,
-                        _ => log::warn!(
-                            "OTEL_TRACES_SAMPLER_ARG: {a:?} is not a number from 0 to 1; \
-                             sampling every trace"
-                        ),
+                        _ => {
+                            crate::telemetry::warn_once(format!(
+                                "OTEL_TRACES_SAMPLER_ARG: {a:?} is not a number from 0 to 1; \
+                                 sampling every trace"
+                            ));
+                        }
                     }
                 }
             }
@@ -239,7 +241,9 @@ pub(super) fn export_config(
         "OTEL_EXPORTER_OTLP_COMPRESSION",
     ] {
         if let Some(v) = env.get(var).filter(|v| !v.eq_ignore_ascii_case("none")) {
-            log::warn!("{var}: {v:?} is not supported: spans are sent uncompressed");
+            crate::telemetry::warn_once(format!(
+                "{var}: {v:?} is not supported: spans are sent uncompressed"
+            ));
         }
     }
     // Hours at most: an absurd value would only overflow timers. (The OTLP exporter's
@@ -332,7 +336,10 @@ pub(super) fn env_headers(env: &Env, protocol: Protocol) -> Vec<(String, String)
     for (i, entry) in list.split_terminator(',').map(str::trim).enumerate() {
         let Some((k, v)) = entry.split_once('=') else {
             if !entry.is_empty() {
-                log::warn!("{var}: entry {} is not name=value; it is not sent", i + 1);
+                crate::telemetry::warn_once(format!(
+                    "{var}: entry {} is not name=value; it is not sent",
+                    i + 1
+                ));
             }
             continue;
         };
@@ -346,9 +353,17 @@ pub(super) fn env_headers(env: &Env, protocol: Protocol) -> Vec<(String, String)
             // The name only when it is one: a mistyped entry ("Authorization: Basic …", with
             // `:` for `=`) would otherwise print the secret as the "name".
             Some(why) if http::HeaderName::from_bytes(k.as_bytes()).is_ok() => {
-                log::warn!("{var}: entry {} ({k:?}) {why}; it is not sent", i + 1)
+                crate::telemetry::warn_once(format!(
+                    "{var}: entry {} ({k:?}) {why}; it is not sent",
+                    i + 1
+                ));
             }
-            Some(why) => log::warn!("{var}: entry {} {why}; it is not sent", i + 1),
+            Some(why) => {
+                crate::telemetry::warn_once(format!(
+                    "{var}: entry {} {why}; it is not sent",
+                    i + 1
+                ));
+            }
             None => headers.push((k.to_ascii_lowercase(), v)),
         }
     }
