@@ -260,3 +260,48 @@ fn the_admin_listener_protects_admin_and_optionally_metrics() {
             .unwrap();
     assert!(defaults.contains("admin_listen = \"127.0.0.1:"));
 }
+
+/// Issue 22: `user_mismatch = "overwrite"` works for bodies tokentap cannot read before the
+/// head goes upstream (chunked, or longer than Pingora replays): the upstream gets the key's
+/// user, the rest of the body as sent.
+#[test]
+fn overwrite_mode_rewrites_the_user_of_chunked_and_long_bodies() {
+    let mock = Mock::start();
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&format!(
+            "{TEST_PRICING}\n[auth]\nmode = \"virtual_keys\"\nuser_mismatch = \"overwrite\"\n"
+        ))
+        .start();
+    let (key, _) = issue(&tap, "dana");
+    let bearer = format!("Bearer {key}");
+    let long = "x".repeat(100 * 1024);
+    for (i, (filler, chunked)) in [("", true), (long.as_str(), false), (long.as_str(), true)]
+        .into_iter()
+        .enumerate()
+    {
+        let body = format!(
+            r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi{filler}"}}],"user":"mallory"}}"#
+        );
+        let mut framed = Vec::new();
+        let mut h = vec![("authorization", bearer.as_str())];
+        if chunked {
+            for part in body.as_bytes().chunks(7000) {
+                std::io::Write::write_fmt(&mut framed, format_args!("{:x}\r\n", part.len()))
+                    .unwrap();
+                framed.extend_from_slice(part);
+                framed.extend_from_slice(b"\r\n");
+            }
+            framed.extend_from_slice(b"0\r\n\r\n");
+            h.push(("transfer-encoding", "chunked"));
+        } else {
+            framed = body.clone().into_bytes();
+        }
+        let r = post_chat(tap.addr, &h, &framed);
+        assert_eq!(r.status, 200, "{i}: {}", String::from_utf8_lossy(&r.body));
+        let seen = &mock.wait_requests(i + 1)[i];
+        assert_eq!(seen["user"], "dana", "{i}: the upstream saw the key's user");
+        let want = body.replace(r#""user":"mallory""#, r#""user":"dana""#);
+        assert_eq!(seen["body"], want, "{i}: every other byte as sent");
+        assert_eq!(tap.wait_records(i + 1)[i]["user"], "dana");
+    }
+}
