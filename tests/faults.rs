@@ -190,3 +190,62 @@ fn a_config_reload_with_a_thousand_streams_open_drops_none() {
     assert_eq!(mock.received(), n as u64);
     assert_up(&tap);
 }
+
+#[test]
+fn sigterm_with_streams_in_flight_stops_being_ready_first_then_finishes_them_and_flushes_spend() {
+    let mock = Mock::start();
+    let mut tap = TapBuilder::new(&mock.url())
+        .extra(&format!(
+            "{TEST_PRICING}\n[budgets.users.late]\ndaily = {{ usd = 1 }}\n"
+        ))
+        .start_with_server_extra("drain_timeout_ms = 20000");
+    let body = chat_body(MODEL, "late", true, "");
+    let mut streams: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = connect(tap.addr);
+            send_chat(
+                &mut s,
+                &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "100")],
+                &body,
+            );
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).unwrap();
+            s
+        })
+        .collect();
+    tap.proc.signal("TERM");
+    // Not ready (the admin listener answers no more, or says so) while the streams still run.
+    let start = Instant::now();
+    while probe(tap.admin, "/readyz").is_some_and(|r| r.status == 200) {
+        assert!(start.elapsed() < PATIENCE, "still ready after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for s in &mut streams {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            String::from_utf8_lossy(&rest).contains("[DONE]"),
+            "a stream in flight was cut by the shutdown"
+        );
+    }
+    let status = tap.proc.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let recs = tap.records();
+    assert_eq!(recs.len(), 5);
+    let spent: u64 = recs
+        .iter()
+        .inspect(|r| assert_eq!(r["outcome"], "complete", "{r}"))
+        .map(pico_of)
+        .sum();
+    // The ledger holds every stream's spend, flushed on the way out.
+    let out = tokentap_cli(&["spend", "--format", "json"], &tap.config);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user"] == "late")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(row["calls"], 5);
+    assert_eq!(pico_of_usd(&row["cost_usd"]), spent);
+}
