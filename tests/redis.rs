@@ -452,3 +452,57 @@ fn a_flushed_redis_is_noticed_by_every_replica_and_the_loss_is_the_documented_on
         assert_eq!(tap.metric("tokentap_ledger_store_resets_total"), 1.0);
     }
 }
+
+/// Issue 22: Redis killed and started again empty under two fail_open replicas: calls go on
+/// meanwhile, both replicas reconnect by themselves and notice the lost data, and what they
+/// let through is charged once each.
+#[test]
+fn redis_killed_and_restarted_empty_is_lived_through_and_outage_spend_is_charged_once() {
+    let mock = Mock::start();
+    let port = free_port();
+    let mut redis = Redis {
+        proc: Some(Redis::start_on(port)),
+        port,
+    };
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let caps = "[budgets.users.k]\ndaily = { usd = 100 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_open", caps));
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_open", caps));
+    let call = |tap: &Tap| {
+        let body = chat_body(MODEL, "k", false, r#","max_tokens":5"#);
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
+    };
+    call(&a);
+    call(&b);
+    wait_spent(&a, "k", 2 * real);
+    // Killed (no persistence: what it held is gone).
+    redis.proc.take().unwrap().signal("KILL");
+    for tap in [&a, &b] {
+        for _ in 0..2 {
+            call(tap);
+        }
+        let start = Instant::now();
+        while tap.metric("tokentap_ledger_store_up") != 0.0 {
+            assert!(start.elapsed() < PATIENCE, "the outage went unnoticed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    redis.proc = Some(Redis::start_on(port));
+    for tap in [&a, &b] {
+        let start = Instant::now();
+        while tap.metric("tokentap_ledger_store_resets_total") != 1.0
+            || tap.metric("tokentap_ledger_store_up") != 1.0
+        {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "no reconnect, or the loss unnoticed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The four calls of the outage, once each; the two before it went with Redis' data.
+    wait_spent(&a, "k", 4 * real);
+    call(&b);
+    wait_spent(&a, "k", 5 * real);
+    assert_eq!(mock.received(), 7);
+}
