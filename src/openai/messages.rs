@@ -304,9 +304,8 @@ fn finish(obs: &mut Observed, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::super::response::tests::split;
-    use super::super::response::{BodyKind, Observed, ResponseTap};
+    use super::super::response::{BodyKind, Observed};
     use crate::meter::{Api, Usage, WebSearchSource};
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     /// A streamed Messages call as Anthropic sends it, with cache reads and writes, a web
@@ -337,11 +336,7 @@ mod tests {
     );
 
     fn run(kind: BodyKind, parts: &[&[u8]]) -> Observed {
-        let mut tap = ResponseTap::for_api(Api::Messages, kind, None, 1 << 20);
-        for p in parts {
-            tap.feed(&Bytes::copy_from_slice(p));
-        }
-        tap.finish()
+        super::super::response::tests::run_as(Api::Messages, kind, None, parts)
     }
 
     #[test]

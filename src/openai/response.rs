@@ -907,7 +907,17 @@ pub(super) mod tests {
     );
 
     fn run(kind: BodyKind, enc: Option<&str>, parts: &[&[u8]]) -> Observed {
-        let mut tap = ResponseTap::new(kind, enc, 1 << 20);
+        run_as(Api::ChatCompletions, kind, enc, parts)
+    }
+
+    /// What a tap of `api` observes of a body fed in `parts`.
+    pub(in crate::openai) fn run_as(
+        api: Api,
+        kind: BodyKind,
+        enc: Option<&str>,
+        parts: &[&[u8]],
+    ) -> Observed {
+        let mut tap = ResponseTap::for_api(api, kind, enc, 1 << 20);
         for p in parts {
             tap.feed(&Bytes::copy_from_slice(p));
         }

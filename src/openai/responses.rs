@@ -274,9 +274,8 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::super::response::tests::split;
-    use super::super::response::{BodyKind, Observed, ResponseTap};
+    use super::super::response::{BodyKind, Observed};
     use crate::meter::{Api, Usage, WebSearchSource};
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     /// A streamed Responses call as OpenAI sends it: typed events, a web search, reasoning,
@@ -299,11 +298,7 @@ mod tests {
     );
 
     fn run(kind: BodyKind, parts: &[&[u8]]) -> Observed {
-        let mut tap = ResponseTap::for_api(Api::Responses, kind, None, 1 << 20);
-        for p in parts {
-            tap.feed(&Bytes::copy_from_slice(p));
-        }
-        tap.finish()
+        super::super::response::tests::run_as(Api::Responses, kind, None, parts)
     }
 
     #[test]
