@@ -482,3 +482,62 @@ fn spans_a_collector_rejects_in_a_partial_success_are_counted_as_dropped() {
     }
     assert_eq!(collector.spans().len(), 6, "the collector saw every span");
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 22: a collector that accepts connections and never answers holds spans back, but
+/// only as many as the queue takes: memory stays flat however many calls come.
+#[test]
+fn a_silent_collector_keeps_memory_flat() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    let mock = Mock::start();
+    let tap = TapBuilder::new(&mock.url())
+        .extra(&traces_config(
+            &format!("http://{addr}"),
+            "queue_size = 512\nbatch_size = 64\nexport_timeout_ms = 200",
+        ))
+        .start();
+    let wave = |n: usize| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let a = tap.addr;
+                std::thread::spawn(move || {
+                    let mut s = connect(a);
+                    for _ in 0..n / 4 {
+                        let body = chat_body(MODEL, &format!("m{t}"), false, "");
+                        assert_eq!(chat_on(&mut s, &[], &body).status, 200);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    // Warm: the queue fills, every buffer grows to its working size.
+    wave(1000);
+    let warm = rss_kib(tap.proc.pid());
+    wave(5000);
+    let after = rss_kib(tap.proc.pid());
+    eprintln!("RSS with a silent collector: {warm} KiB after 1,000 calls, {after} KiB after 6,000");
+    assert!(
+        after < warm + 16 * 1024,
+        "memory grew with the calls: {warm} KiB -> {after} KiB"
+    );
+    assert!(tap.metric("tokentap_spans_dropped_total{reason=\"queue_full\"}") > 0.0);
+}
