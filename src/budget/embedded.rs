@@ -851,3 +851,29 @@ mod tests {
         assert_eq!(st.counters.len(), 4);
     }
 }
+
+#[cfg(test)]
+mod evict_cost {
+    use super::*;
+
+    /// A measurement, not a check: how long eviction holds the state lock, the figures in
+    /// docs/operations.md (`cargo test --release --lib evict_idle_time -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn evict_idle_time() {
+        for n in [10_000usize, 100_000, 1_000_000] {
+            let mut st = State::default();
+            for i in 0..n {
+                st.counter(&format!("user:u{i}"), Window::Daily, 0).touched = 100;
+            }
+            // Half busy (kept), half idle (evicted).
+            for i in (0..n).step_by(2) {
+                st.counter(&format!("user:u{i}"), Window::Daily, 0).touched = 2 * 86_400;
+            }
+            let t = std::time::Instant::now();
+            st.evict_idle(2 * 86_400 + 10);
+            eprintln!("{n} counters, half idle: evict_idle {:?}", t.elapsed());
+        }
+    }
+}
