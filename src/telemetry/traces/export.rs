@@ -159,27 +159,19 @@ pub(super) fn export_loop(
                     log::info!("traces: the collector takes spans again");
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Err(_)) | Err(_) => {
                 counters
                     .dropped
                     .with_label_values(&["export_failed"])
                     .inc_by(n);
                 if !failing.replace(true) {
+                    let why = match r {
+                        Ok(Err(e)) => e,
+                        _ => "the collector timed out".to_string(),
+                    };
                     log::warn!(
                         "traces: spans not exported (counted in \
-                         tokentap_spans_dropped_total): {e}"
-                    );
-                }
-            }
-            Err(_) => {
-                counters
-                    .dropped
-                    .with_label_values(&["export_failed"])
-                    .inc_by(n);
-                if !failing.replace(true) {
-                    log::warn!(
-                        "traces: spans not exported (counted in \
-                         tokentap_spans_dropped_total): the collector timed out"
+                         tokentap_spans_dropped_total): {why}"
                     );
                 }
             }
