@@ -32,7 +32,9 @@ enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Spend per user, team or model over a date range, from the embedded ledger.
+    /// Spend per user, team, model or API over a date range: with the Redis ledger, of every
+    /// replica (as shipped to Redis, within about a second of each call's end); with the
+    /// embedded ledger, or with --local, of this process's ledger file.
     Spend {
         /// The TOML config file (its budgets.ledger.path is read).
         #[arg(short, long, default_value = "config/tokentap.toml")]
@@ -50,6 +52,10 @@ enum Command {
         /// table, csv or json.
         #[arg(long, value_enum, default_value = "table")]
         format: FormatArg,
+        /// With the Redis ledger: only this replica's calls, from its ledger file (also when
+        /// Redis cannot be reached).
+        #[arg(long)]
+        local: bool,
     },
     /// Copy the embedded ledger to FILE while tokentap runs (a consistent snapshot).
     Backup {
@@ -234,6 +240,7 @@ fn spend(
     to: Option<String>,
     by: ByArg,
     format: FormatArg,
+    local: bool,
 ) -> Result<String, String> {
     use tokentap::budget::report;
     let cfg = tokentap::config::load(config).map_err(|e| e.to_string())?;
@@ -254,6 +261,7 @@ fn spend(
     let after = to
         .checked_add_days(chrono::Days::new(1))
         .ok_or_else(|| format!("--to {to} is too far in the future"))?;
+    let days = (from, to);
     let (from, to) = (report::midnight(from, zone), report::midnight(after, zone));
     let by = match by {
         ByArg::User => report::By::User,
@@ -266,7 +274,13 @@ fn spend(
         FormatArg::Csv => report::Format::Csv,
         FormatArg::Json => report::Format::Json,
     };
-    report::report(&cfg.budgets.ledger.path, from, to, by, format)
+    let ledger = &cfg.budgets.ledger;
+    let calls = if ledger.backend == tokentap::budget::policy::Backend::Redis && !local {
+        tokentap::budget::redis::read_report(ledger, days.0, days.1)?
+    } else {
+        report::local(&ledger.path, from, to)?
+    };
+    Ok(report::render(calls, by, format))
 }
 
 /// mimalloc, not the system allocator (feature `mimalloc`, on by default). Why, and what was
@@ -339,7 +353,8 @@ fn main() -> ExitCode {
             to,
             by,
             format,
-        } => match spend(&config, from, to, by, format) {
+            local,
+        } => match spend(&config, from, to, by, format, local) {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS

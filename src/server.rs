@@ -35,7 +35,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     sinks.push(Box::new(Arc::clone(&calls)));
     use crate::budget::policy::Backend;
     let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend {
-        Backend::Redis => RedisLedger::open(&config.budgets.ledger)?,
+        Backend::Redis => RedisLedger::open(&config.budgets.ledger, config.budgets.offset())?,
         Backend::Embedded => Embedded::open(&config.budgets.ledger)?,
     };
     ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));

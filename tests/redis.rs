@@ -506,3 +506,151 @@ fn redis_killed_and_restarted_empty_is_lived_through_and_outage_spend_is_charged
     wait_spent(&a, "k", 5 * real);
     assert_eq!(mock.received(), 7);
 }
+
+/// `tokentap spend --format json` as a map user -> (calls, pico), from `config`'s view.
+fn report(config: &std::path::Path, local: bool) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut args = vec!["spend", "--format", "json"];
+    if local {
+        args.push("--local");
+    }
+    let out = tokentap_cli(&args, config);
+    let rows: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap().to_string(),
+                (r["calls"].as_u64().unwrap(), pico_of_usd(&r["cost_usd"])),
+            )
+        })
+        .collect()
+}
+
+/// What the records of `taps` add up to, per user.
+fn recorded(taps: &[&Tap]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
+    for t in taps {
+        for r in t.records() {
+            let e = m
+                .entry(r["user"].as_str().unwrap().to_string())
+                .or_insert((0, 0));
+            e.0 += 1;
+            e.1 += pico_of(&r);
+        }
+    }
+    m
+}
+
+/// Waits until the shared report read through `config` is `want`.
+fn wait_report(config: &std::path::Path, want: &std::collections::BTreeMap<String, (u64, u64)>) {
+    let start = Instant::now();
+    loop {
+        let got = report(config, false);
+        if &got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the shared report is {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 22: with the Redis ledger, `tokentap spend` answers for every replica: each ships
+/// the rows of its own file to Redis exactly once. After Redis lost its data the totals are
+/// rebuilt from what each replica recorded, each adding only its own calls (never twice), and
+/// a replica stopping ships its last calls on the way out.
+#[test]
+fn spend_answers_for_every_replica_once_also_after_redis_lost_its_data() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let caps = "[budgets.users.capped]\ndaily = { usd = 100 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    let mut b = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    let call = |tap: &Tap, user: &str, out: u32| {
+        let body = chat_body(MODEL, user, false, &format!(r#","max_tokens":{out}"#));
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
+    };
+    // Uncapped users too: the report is of every call, not only of reserved ones.
+    for (tap, user, out) in [
+        (&a, "capped", 5),
+        (&a, "free", 7),
+        (&a, "capped", 3),
+        (&b, "capped", 9),
+        (&b, "free", 2),
+    ] {
+        call(tap, user, out);
+    }
+    a.wait_records(3);
+    b.wait_records(2);
+    let both = recorded(&[&a, &b]);
+    assert_eq!(both["capped"].0, 3);
+    wait_report(&a.config, &both);
+    // Either replica's view is the same; --local is one replica's own file.
+    assert_eq!(report(&b.config, false), both);
+    assert_eq!(report(&a.config, true), recorded(&[&a]));
+    assert_eq!(report(&b.config, true), recorded(&[&b]));
+
+    // Redis loses its data: the totals come back, rebuilt from both replicas' rows.
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], redis.port))).unwrap();
+    s.write_all(b"FLUSHALL\r\n").unwrap();
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"+OK"));
+    wait_report(&a.config, &both);
+    // A call after the rebuild is added once, and nothing else arrives before it: each
+    // replica ships in order, so a late second copy of the rebuild would show here.
+    call(&a, "free", 4);
+    a.wait_records(4);
+    let after = recorded(&[&a, &b]);
+    wait_report(&b.config, &after);
+
+    // b stops: its last call is in the shared report when it has exited, without a wait.
+    call(&b, "late", 6);
+    b.wait_records(3);
+    let last = recorded(&[&a, &b]);
+    assert!(b.proc.terminate().success());
+    assert_eq!(report(&a.config, false), last);
+    assert_eq!(mock.received(), 7);
+}
+
+/// The ship script's contract (`src/budget/redis/ship.lua`), against a real Redis: a batch
+/// applies only on top of exactly the rows Redis has, so a batch sent again (its first reply
+/// lost) adds nothing and is answered with the row to go on from.
+#[test]
+fn a_batch_of_rows_shipped_twice_is_added_once() {
+    let redis = Redis::start();
+    let script = redis::Script::new(include_str!("../src/budget/redis/ship.lua"));
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let ship = |con: &mut redis::Connection, after: i64, last: i64, add: i64| -> i64 {
+        script
+            .key("m")
+            .key("day")
+            .arg(after)
+            .arg(last)
+            .arg(60)
+            .arg(0)
+            .arg(1)
+            .arg("$x")
+            .arg(add)
+            .invoke(con)
+            .unwrap()
+    };
+    let total = |con: &mut redis::Connection| -> i64 {
+        redis::cmd("HGET").arg("day").arg("$x").query(con).unwrap()
+    };
+    assert_eq!(ship(&mut con, 0, 5, 10), -1);
+    assert_eq!(ship(&mut con, 0, 5, 10), 5, "the same batch again");
+    assert_eq!(total(&mut con), 10);
+    assert_eq!(ship(&mut con, 3, 7, 4), 5, "a batch not on top of row 5");
+    assert_eq!(ship(&mut con, 5, 7, 4), -1);
+    assert_eq!(total(&mut con), 14);
+    let ttl: i64 = redis::cmd("TTL").arg("m").query(&mut con).unwrap();
+    assert!((1..=60).contains(&ttl), "{ttl}");
+}

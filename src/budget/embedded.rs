@@ -405,6 +405,50 @@ impl Embedded {
             .map_err(|e| e.to_string())
     }
 
+    /// This file's name among the replicas sharing a Redis ledger: random, made the first
+    /// time it is asked for and kept in the file (a new file is a new replica).
+    pub fn replica_id(&self) -> Result<String, String> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = [0u8; 12];
+        getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+        let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('replica', ?1)",
+            params![fresh],
+        )
+        .map_err(|e| e.to_string())?;
+        db.query_row("SELECT value FROM meta WHERE key = 'replica'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// Up to `limit` per-call rows written after row `after`, oldest first: each row's id,
+    /// time, and figures (one call).
+    pub fn rows_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, i64, super::report::Group, super::report::Totals)>, String> {
+        use super::report::{group_and_totals, GROUP_COLUMNS, SUM_COLUMNS};
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = db
+            .prepare_cached(&format!(
+                "SELECT rowid, ts, {GROUP_COLUMNS}, 1, {} FROM calls
+                 WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                SUM_COLUMNS.replace("SUM(", "(")
+            ))
+            .map_err(|e| e.to_string())?;
+        let rows = q
+            .query_map(params![after, limit as i64], |r| {
+                let (g, t) = group_and_totals(r, 2)?;
+                Ok((r.get(0)?, r.get(1)?, g, t))
+            })
+            .map_err(|e| e.to_string())?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| e.to_string())
+    }
+
     fn spend_now(
         &self,
         subject: &Subject,
@@ -489,7 +533,12 @@ impl Embedded {
             .unwrap_or_else(|p| p.into_inner());
         if last.elapsed() > Duration::from_secs(3600) && !self.retention.is_zero() {
             let cutoff = super::now_unix() - self.retention.as_secs() as i64;
-            tx.execute("DELETE FROM calls WHERE ts < ?1", params![cutoff])?;
+            // The newest row stays, however old: row ids keep growing, and the Redis ledger
+            // ships rows to the shared reports by id.
+            tx.execute(
+                "DELETE FROM calls WHERE ts < ?1 AND rowid < (SELECT MAX(rowid) FROM calls)",
+                params![cutoff],
+            )?;
             *last = Instant::now();
         }
         tx.commit()
@@ -515,7 +564,8 @@ fn open_db(path: &Path) -> Result<Connection, String> {
          CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
          CREATE TABLE IF NOT EXISTS outbox (
              seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
-             payload TEXT NOT NULL);",
+             payload TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     )
     .map_err(what)?;
     // A ledger written before tokentap metered several APIs gets their columns (its calls
@@ -836,6 +886,71 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+        // Rows as shipped to the shared reports: in order, one call each, and together what
+        // a report of the file adds up to.
+        let shipped = ledger.rows_after(0, 1000).unwrap();
+        assert_eq!(shipped.len(), n);
+        assert!(shipped.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(
+            ledger.rows_after(shipped[99].0, 1000).unwrap().len(),
+            n - 100
+        );
+        let mut by_row = std::collections::BTreeMap::<_, super::super::report::Totals>::new();
+        for (_, ts, g, t) in shipped {
+            assert_eq!(t.calls, 1);
+            assert!(ts >= now - 1000);
+            by_row.entry(g).or_default().add(&t);
+        }
+        let by_sql: std::collections::BTreeMap<_, _> =
+            super::super::report::local(&cfg.path, 0, now + 1)
+                .unwrap()
+                .into_iter()
+                .collect();
+        assert_eq!(by_row, by_sql);
+    }
+
+    /// Rows past `retention_days` are deleted, but the newest stays: row ids keep growing
+    /// (the Redis ledger ships rows by id).
+    #[test]
+    fn retention_keeps_the_newest_row_so_row_ids_keep_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LedgerConfig {
+            path: dir.path().join("ledger.db"),
+            flush_interval: Duration::from_secs(3600),
+            retention_days: 1,
+            ..LedgerConfig::default()
+        };
+        let ledger = Embedded::open(&cfg).unwrap();
+        let old = super::super::now_unix() - 3 * 86_400;
+        let row = |ts: i64| CallRow {
+            ts,
+            request_id: format!("r{ts}"),
+            user: None,
+            teams: vec![],
+            model: None,
+            api: None,
+            usage: crate::meter::Usage::default(),
+            cost_pico: None,
+            estimated: false,
+            outcome: "complete",
+            status: 200,
+        };
+        for i in 0..3 {
+            ledger.record_call(row(old + i));
+        }
+        // Written, then the retention pass deletes the old rows (the newest kept).
+        ledger.flush();
+        *ledger.last_retention.lock().unwrap() = Instant::now() - Duration::from_secs(7200);
+        ledger.record_call(row(old + 3));
+        ledger.flush();
+        let left = ledger.rows_after(0, 10).unwrap();
+        assert_eq!(
+            left.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            vec![(4, old + 3)]
+        );
+        ledger.record_call(row(old + 4));
+        ledger.flush();
+        assert_eq!(ledger.rows_after(4, 10).unwrap()[0].0, 5);
     }
 
     /// A window that ends with spend not yet written still gets its row, under its own

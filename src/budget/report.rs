@@ -1,5 +1,6 @@
-//! `tokentap spend`: spend per user, team or model over a date range, from the embedded
-//! ledger's per-call rows, as a table, CSV or JSON.
+//! `tokentap spend`: spend per user, team, model or API over a date range, from the per-call
+//! rows of a ledger file or (the Redis ledger) the per-day totals every replica ships to Redis,
+//! as a table, CSV or JSON.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,18 +28,87 @@ pub enum Format {
     Json,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Row {
-    calls: u64,
-    prompt: u64,
-    completion: u64,
-    cached: u64,
-    cache_write: u64,
-    reasoning: u64,
-    searches: u64,
-    cost: u64,
-    estimated: u64,
-    unpriced: u64,
+/// What a group of calls adds up to (a single call: `calls` is 1).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub calls: u64,
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+    pub searches: u64,
+    pub cost: u64,
+    pub estimated: u64,
+    pub unpriced: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, o: &Totals) {
+        for ((_, v), (_, w)) in self.fields_mut().into_iter().zip(o.fields()) {
+            *v += w;
+        }
+    }
+
+    /// Each figure with a one-letter name (how the Redis ledger stores it).
+    pub fn fields(&self) -> [(char, u64); 10] {
+        [
+            ('n', self.calls),
+            ('p', self.prompt),
+            ('c', self.completion),
+            ('k', self.cached),
+            ('w', self.cache_write),
+            ('r', self.reasoning),
+            ('s', self.searches),
+            ('$', self.cost),
+            ('e', self.estimated),
+            ('u', self.unpriced),
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [(char, &mut u64); 10] {
+        [
+            ('n', &mut self.calls),
+            ('p', &mut self.prompt),
+            ('c', &mut self.completion),
+            ('k', &mut self.cached),
+            ('w', &mut self.cache_write),
+            ('r', &mut self.reasoning),
+            ('s', &mut self.searches),
+            ('$', &mut self.cost),
+            ('e', &mut self.estimated),
+            ('u', &mut self.unpriced),
+        ]
+    }
+
+    /// The figure named `letter` (see [`Totals::fields`]); `None` for an unknown letter.
+    pub fn field_mut(&mut self, letter: char) -> Option<&mut u64> {
+        self.fields_mut()
+            .into_iter()
+            .find(|(c, _)| *c == letter)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The calls a report can tell apart: by user, team (`teams` is the call's teams, joined
+/// by commas), model or API.
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Group {
+    pub user: Option<String>,
+    pub teams: Option<String>,
+    pub model: Option<String>,
+    pub api: Option<String>,
 }
 
 /// A `YYYY-MM-DD` date.
@@ -70,8 +140,8 @@ pub fn date_of(t: i64, zone: Zone) -> NaiveDate {
     }
 }
 
-/// The report for calls in `[from, to)` (Unix seconds).
-pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Result<String, String> {
+/// What the ledger file at `ledger` holds of the calls in `[from, to)` (Unix seconds).
+pub fn local(ledger: &Path, from: i64, to: i64) -> Result<Vec<(Group, Totals)>, String> {
     if !ledger.exists() {
         return Err(format!(
             "{}: no ledger here (budgets.ledger.path); has tokentap run with this config?",
@@ -81,48 +151,69 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
     let db = Connection::open_with_flags(ledger, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("{}: {e}", ledger.display()))?;
     let mut q = db
-        .prepare(
-            "SELECT user, teams, model, COUNT(*), SUM(prompt), SUM(completion), SUM(cached),
-                    SUM(reasoning), SUM(web_searches), SUM(COALESCE(cost_pico, 0)),
-                    SUM(estimated), SUM(cost_pico IS NULL), api, SUM(cache_write)
-             FROM calls WHERE ts >= ?1 AND ts < ?2 GROUP BY user, teams, model, api",
-        )
+        .prepare(&format!(
+            "SELECT {GROUP_COLUMNS}, COUNT(*), {SUM_COLUMNS}
+             FROM calls WHERE ts >= ?1 AND ts < ?2 GROUP BY user, teams, model, api"
+        ))
         .map_err(|e| e.to_string())?;
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     let it = q
-        .query_map(params![from, to], |r| {
-            let n = |i| r.get::<_, Option<i64>>(i).map(|v| v.unwrap_or(0) as u64);
-            Ok((
-                r.get::<_, Option<String>>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, Option<String>>(12)?,
-                Row {
-                    calls: n(3)?,
-                    prompt: n(4)?,
-                    completion: n(5)?,
-                    cached: n(6)?,
-                    reasoning: n(7)?,
-                    searches: n(8)?,
-                    cost: n(9)?,
-                    estimated: n(10)?,
-                    unpriced: n(11)?,
-                    cache_write: n(13)?,
-                },
-            ))
-        })
+        .query_map(params![from, to], |r| group_and_totals(r, 0))
         .map_err(|e| e.to_string())?;
+    it.collect::<rusqlite::Result<_>>()
+        .map_err(|e| e.to_string())
+}
+
+/// The columns of a [`Group`], then (after a count of calls) the sums of a [`Totals`], as
+/// [`group_and_totals`] reads them.
+pub const GROUP_COLUMNS: &str = "user, teams, model, api";
+pub const SUM_COLUMNS: &str = "SUM(prompt), SUM(completion), SUM(cached), SUM(cache_write),
+    SUM(reasoning), SUM(web_searches), SUM(COALESCE(cost_pico, 0)), SUM(estimated),
+    SUM(cost_pico IS NULL)";
+
+/// Reads a [`Group`] and its [`Totals`] from a row laid out as [`GROUP_COLUMNS`], a count,
+/// and [`SUM_COLUMNS`], starting at column `at`.
+pub fn group_and_totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(Group, Totals)> {
+    let n = |i: usize| {
+        r.get::<_, Option<i64>>(at + i)
+            .map(|v| v.unwrap_or(0).max(0) as u64)
+    };
+    let s = |i: usize| r.get::<_, Option<String>>(at + i);
+    Ok((
+        Group {
+            user: s(0)?,
+            teams: s(1)?,
+            model: s(2)?,
+            api: s(3)?,
+        },
+        Totals {
+            calls: n(4)?,
+            prompt: n(5)?,
+            completion: n(6)?,
+            cached: n(7)?,
+            cache_write: n(8)?,
+            reasoning: n(9)?,
+            searches: n(10)?,
+            cost: n(11)?,
+            estimated: n(12)?,
+            unpriced: n(13)?,
+        },
+    ))
+}
+
+/// Lays out `groups` by user, team, model or API.
+pub fn render(groups: Vec<(Group, Totals)>, by: By, format: Format) -> String {
+    let mut rows: BTreeMap<String, Totals> = BTreeMap::new();
     // Every call counted once, also where a user's call appears under each of their teams.
     let mut total = 0u64;
-    for r in it {
-        let (user, teams, model, api, row) = r.map_err(|e| e.to_string())?;
+    for (g, row) in groups {
         total += row.cost;
         let keys: Vec<String> = match by {
-            By::User => vec![user.unwrap_or_else(|| "(no user)".into())],
-            By::Model => vec![model.unwrap_or_else(|| "(no model)".into())],
-            By::Api => vec![api.unwrap_or_else(|| "(no api)".into())],
+            By::User => vec![g.user.unwrap_or_else(|| "(no user)".into())],
+            By::Model => vec![g.model.unwrap_or_else(|| "(no model)".into())],
+            By::Api => vec![g.api.unwrap_or_else(|| "(no api)".into())],
             By::Team => {
-                let t: Vec<String> = teams
+                let t: Vec<String> = g
+                    .teams
                     .unwrap_or_default()
                     .split(',')
                     .filter(|s| !s.is_empty())
@@ -136,17 +227,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             }
         };
         for k in keys {
-            let e = rows.entry(k).or_default();
-            e.calls += row.calls;
-            e.prompt += row.prompt;
-            e.completion += row.completion;
-            e.cached += row.cached;
-            e.cache_write += row.cache_write;
-            e.reasoning += row.reasoning;
-            e.searches += row.searches;
-            e.cost += row.cost;
-            e.estimated += row.estimated;
-            e.unpriced += row.unpriced;
+            rows.entry(k).or_default().add(&row);
         }
     }
     let key = match by {
@@ -155,9 +236,9 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
         By::Model => "model",
         By::Api => "api",
     };
-    let mut sorted: Vec<(String, Row)> = rows.into_iter().collect();
+    let mut sorted: Vec<(String, Totals)> = rows.into_iter().collect();
     sorted.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(a.0.cmp(&b.0)));
-    Ok(match format {
+    match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = sorted
                 .iter()
@@ -257,7 +338,7 @@ pub fn report(ledger: &Path, from: i64, to: i64, by: By, format: Format) -> Resu
             }
             out
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -31,8 +31,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
+mod shared;
+pub use shared::read as read_report;
+
 use super::embedded::Embedded;
-use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window};
+use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window, Zone};
 use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation, SoftHook, StoreDown};
 
 /// After a window ends, its counters are kept this long (for reports and late settles).
@@ -53,6 +56,8 @@ const FOLLOW_TOP: isize = 1000;
 const RESERVE: &str = include_str!("reserve.lua");
 const SETTLE: &str = include_str!("settle.lua");
 const RENEW: &str = include_str!("renew.lua");
+/// Ships a batch of this replica's call rows to the shared reports (see `shared.rs`).
+const SHIP: &str = include_str!("ship.lua");
 
 /// One settle, as sent to Redis (and kept in the outbox until Redis takes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,12 +107,21 @@ struct Inner {
     epoch: Mutex<Option<String>>,
     /// Times Redis was seen to have lost its data.
     resets: AtomicU64,
+    ship: Script,
+    /// This replica's name in the shared reports (kept in its file).
+    replica: String,
+    /// The last of this replica's rows Redis has (`None`: ask Redis).
+    shipped: Mutex<Option<i64>>,
+    /// The budgets' zone: reports are by its days.
+    zone: Zone,
+    retention_days: u64,
 }
 
 impl RedisLedger {
     /// Opens the ledger. Redis need not be up: the first connection is tried at once and
-    /// again with backoff until it works (meanwhile every call meets `on_error`).
-    pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
+    /// again with backoff until it works (meanwhile every call meets `on_error`). Reports are
+    /// by days of `zone`.
+    pub fn open(cfg: &LedgerConfig, zone: Zone) -> Result<Arc<Self>, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tokentap-redis")
@@ -124,6 +138,7 @@ impl RedisLedger {
         });
         let rows = Embedded::open(cfg)?;
         let kept = rows.outbox_load()?;
+        let replica = rows.replica_id()?;
         let mut outbox = VecDeque::with_capacity(kept.len());
         for (id, payload) in kept {
             match serde_json::from_str::<SettleCall>(&payload) {
@@ -171,6 +186,11 @@ impl RedisLedger {
             unanswered: Mutex::new(HashMap::new()),
             epoch: Mutex::new(None),
             resets: AtomicU64::new(0),
+            ship: Script::new(SHIP),
+            replica,
+            shipped: Mutex::new(None),
+            zone,
+            retention_days: cfg.retention_days,
         });
         if up {
             // The epoch is known before the first call: a loss from now on is noticed.
@@ -198,11 +218,15 @@ impl RedisLedger {
             loop {
                 tokio::time::sleep(OUTBOX_RETRY).await;
                 let Some(inner) = weak.upgrade() else { return };
-                if round.is_multiple_of(EPOCH_EVERY) {
+                let second = round.is_multiple_of(EPOCH_EVERY);
+                if second {
                     inner.check_epoch().await;
                 }
                 round = round.wrapping_add(1);
                 inner.drain_outbox().await;
+                if second {
+                    inner.ship_rows().await;
+                }
             }
         });
         Ok(Arc::new(RedisLedger { rt, inner }))
@@ -391,6 +415,8 @@ impl Inner {
         if let (Some(old), Some(new)) = (seen.as_ref(), now.as_ref()) {
             if old != new {
                 self.resets.fetch_add(1, Ordering::Relaxed);
+                // The shared reports went too: every replica ships its rows again.
+                self.forget_shipped();
                 log::error!(
                     "ledger: Redis at {} lost its data (restarted without persistence, flushed, \
                      or failed over to an empty replica): the current windows' spend starts \
@@ -822,6 +848,11 @@ impl Ledger for RedisLedger {
             );
         }
         inner.rows.flush();
+        // And the rows just written, to the shared reports.
+        let i2 = Arc::clone(inner);
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), i2.ship_rows()).await
+        });
     }
 
     fn counters(&self, policy: &BudgetPolicy, now: i64) -> Vec<(String, Window, Amount)> {

@@ -1,0 +1,240 @@
+//! Spend reports for every replica: each replica ships the per-call rows of its own ledger
+//! file to Redis as per-day totals (one hash per day of the budgets' zone, a field per
+//! figure and group of calls), and `tokentap spend` reads those.
+//!
+//! Exactly once, by row id: a replica's rows get growing ids in its file, and Redis keeps,
+//! beside the totals and changed in the same script, the id of the last row it has from that
+//! replica. A batch applies only on top of exactly that row, so a batch whose reply was lost
+//! is not added again, and after Redis lost its data (the marker is gone with the totals)
+//! every replica ships its rows again from its first: the totals are rebuilt, each replica
+//! adding only its own calls. Rows older than `retention_days` are not shipped (their days
+//! have expired in Redis as in the file).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+
+use super::Inner;
+use crate::budget::policy::LedgerConfig;
+use crate::budget::report::{self, Group, Totals};
+
+/// Rows shipped in one script, and batches a round ships at most.
+const AT_ONCE: usize = 2_000;
+const BATCHES: usize = 32;
+
+/// A day's totals.
+pub(super) fn day_key(prefix: &str, day: NaiveDate) -> String {
+    // One hash tag for every report key: a ship script touches a marker and day hashes,
+    // which a Redis Cluster must find on one node.
+    format!("{prefix}:{{report}}:day:{day}")
+}
+
+/// The last row Redis has from `replica`.
+fn shipped_key(prefix: &str, replica: &str) -> String {
+    format!("{prefix}:{{report}}:shipped:{replica}")
+}
+
+/// A group as a hash field: the figure's letter, then the group as a JSON array.
+fn field(letter: char, g: &Group) -> String {
+    let group = serde_json::to_string(&(&g.user, &g.teams, &g.model, &g.api)).unwrap_or_default();
+    format!("{letter}{group}")
+}
+
+/// Reads a field made by [`field`].
+fn parse_field(f: &str) -> Option<(char, Group)> {
+    let mut chars = f.chars();
+    let letter = chars.next()?;
+    let (user, teams, model, api) = serde_json::from_str(chars.as_str()).ok()?;
+    Some((
+        letter,
+        Group {
+            user,
+            teams,
+            model,
+            api,
+        },
+    ))
+}
+
+impl Inner {
+    /// Until when Redis keeps a day's totals (0: for ever).
+    fn day_expires(&self, day: NaiveDate) -> i64 {
+        if self.retention_days == 0 {
+            return 0;
+        }
+        let end = day
+            .succ_opt()
+            .map_or(i64::MAX / 2, |next| report::midnight(next, self.zone));
+        end + self.retention_days as i64 * 86_400
+    }
+
+    /// Ships this replica's rows Redis does not have yet (those written to the file; the file
+    /// is written every flush interval).
+    pub(super) async fn ship_rows(&self) {
+        let Some(mut con) = self.con.get().cloned() else {
+            return;
+        };
+        let marker = shipped_key(&self.prefix, &self.replica);
+        let ttl = if self.retention_days == 0 {
+            0
+        } else {
+            // Longer than any row it covers is shipped for: when it expires, the replica's
+            // rows are all past retention, and shipping them again adds nothing.
+            (self.retention_days + 2) * 86_400
+        };
+        for _ in 0..BATCHES {
+            let known = *self.shipped.lock().unwrap_or_else(|p| p.into_inner());
+            let after = match known {
+                Some(v) => v,
+                None => {
+                    let mut get = redis::cmd("GET");
+                    get.arg(&marker);
+                    let get = get.query_async::<Option<i64>>(&mut con);
+                    match tokio::time::timeout(self.timeout, get).await {
+                        Ok(Ok(v)) => v.unwrap_or(0),
+                        Ok(Err(e)) => {
+                            let _ = self.failed("report read", &e);
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = self.failed("report read", &"timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let file = Arc::clone(&self.rows);
+            let rows =
+                match tokio::task::spawn_blocking(move || file.rows_after(after, AT_ONCE)).await {
+                    Ok(Ok(rows)) => rows,
+                    Ok(Err(e)) => {
+                        log::error!("ledger: cannot read calls to ship to Redis: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let Some(&(last, ..)) = rows.last() else {
+                *self.shipped.lock().unwrap_or_else(|p| p.into_inner()) = Some(after);
+                return;
+            };
+            let full = rows.len() == AT_ONCE;
+            let now = crate::budget::now_unix();
+            let mut days: BTreeMap<NaiveDate, HashMap<Group, Totals>> = BTreeMap::new();
+            for (_, ts, g, t) in rows {
+                let day = report::date_of(ts, self.zone);
+                let expires = self.day_expires(day);
+                if expires != 0 && expires <= now {
+                    continue;
+                }
+                days.entry(day).or_default().entry(g).or_default().add(&t);
+            }
+            let mut inv = self.ship.prepare_invoke();
+            inv.key(&marker).arg(after).arg(last).arg(ttl);
+            for (day, groups) in &days {
+                let pairs: Vec<(String, u64)> = groups
+                    .iter()
+                    .flat_map(|(g, t)| {
+                        t.fields()
+                            .into_iter()
+                            .filter(|(_, v)| *v != 0)
+                            .map(move |(c, v)| (field(c, g), v))
+                    })
+                    .collect();
+                inv.key(day_key(&self.prefix, *day))
+                    .arg(self.day_expires(*day))
+                    .arg(pairs.len());
+                for (f, v) in pairs {
+                    inv.arg(f).arg(v.min(i64::MAX as u64));
+                }
+            }
+            let have =
+                match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut con)).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        let _ = self.failed("report ship", &e);
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = self.failed("report ship", &"timed out");
+                        return;
+                    }
+                };
+            self.came_up();
+            let mut shipped = self.shipped.lock().unwrap_or_else(|p| p.into_inner());
+            if have == -1 {
+                *shipped = Some(last);
+                if !full {
+                    return;
+                }
+            } else {
+                // Redis has another row than this replica thought (a lost reply, or lost
+                // data): go on from the row it has.
+                *shipped = Some(have);
+            }
+        }
+    }
+
+    /// Redis lost its data: what it has of this replica is asked again before shipping.
+    pub(super) fn forget_shipped(&self) {
+        *self.shipped.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// The calls of every replica on days `from..=to` (of the budgets' zone), as Redis has them.
+pub fn read(
+    cfg: &LedgerConfig,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<(Group, Totals)>, String> {
+    let url = cfg.redis_url.as_deref().unwrap_or_default();
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot reach Redis at {url}: {e} (--local reads this replica's own calls from its \
+             ledger file)"
+        )
+    };
+    let client = redis::Client::open(url).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
+    let wait = cfg.redis_timeout.max(Duration::from_secs(2));
+    let mut con = client
+        .get_connection_with_timeout(wait)
+        .map_err(|e| unreachable(&e))?;
+    con.set_read_timeout(Some(wait * 5))
+        .map_err(|e| unreachable(&e))?;
+    let mut all: HashMap<Group, Totals> = HashMap::new();
+    for day in from.iter_days().take_while(|d| *d <= to) {
+        let h: Vec<(String, u64)> = redis::cmd("HGETALL")
+            .arg(day_key(&cfg.redis_prefix, day))
+            .query(&mut con)
+            .map_err(|e| unreachable(&e))?;
+        for (f, v) in h {
+            let Some((letter, g)) = parse_field(&f) else {
+                continue;
+            };
+            if let Some(slot) = all.entry(g).or_default().field_mut(letter) {
+                *slot += v;
+            }
+        }
+    }
+    Ok(all.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_name_their_figure_and_group_and_read_back() {
+        let g = Group {
+            user: Some("al\"ice|,".into()),
+            teams: Some("a,b".into()),
+            model: None,
+            api: Some("messages".into()),
+        };
+        let f = field('$', &g);
+        assert_eq!(parse_field(&f), Some(('$', g)));
+        assert_eq!(parse_field("x"), None);
+        assert_eq!(parse_field(""), None);
+    }
+}
