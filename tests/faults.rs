@@ -315,3 +315,268 @@ fn kill_9_under_load_loses_at_most_the_last_flush_interval_of_spend() {
     let spent = pico_of_usd(&v["windows"][0]["spent_usd"]);
     assert_eq!(spent, kept * per_call as u64, "{v}");
 }
+
+/// Runs tokentap with a disk of its own: a tmpfs mounted (with `opts`) on `disk` in a mount
+/// namespace of its own (`unshare`; no root needed where user namespaces are allowed), which
+/// the test sees through `/proc/<pid>/root`.
+fn own_disk(disk: &std::path::Path, opts: &str) -> Vec<String> {
+    [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        &format!(r#"mount -t tmpfs -o {opts} tmpfs "$0" && exec "$@""#),
+        disk.to_str().unwrap(),
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// A tokentap whose embedded ledger is on a disk of its own.
+struct OnOwnDisk {
+    tap: Tap,
+    _outer: tempfile::TempDir,
+    /// The disk as tokentap sees it, and as this test does.
+    disk: std::path::PathBuf,
+    seen: std::path::PathBuf,
+}
+
+fn tap_on_own_disk(mock: &Mock, opts: &str, on_error: &str) -> OnOwnDisk {
+    let can = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status();
+    assert!(
+        can.is_ok_and(|s| s.success()),
+        "this test gives tokentap a disk of its own in a mount namespace (`unshare --user \
+         --mount`, util-linux): run it as root, or allow unprivileged user namespaces \
+         (sysctl kernel.unprivileged_userns_clone=1)"
+    );
+    let outer = tempfile::tempdir().unwrap();
+    let disk = outer.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let wrapper = own_disk(&disk, opts);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let tap = TapBuilder::new(&mock.url())
+        .wrapper(&wrapper)
+        .extra(&format!(
+            "{TEST_PRICING}\n[budgets.ledger]\npath = \"{}\"\nflush_interval_ms = 100\n\
+             on_error = \"{on_error}\"\n[budgets.users.d]\ndaily = {{ usd = 100 }}\n\
+             [budgets.users.broke]\ndaily = {{ usd = \"0.000000000001\" }}\n",
+            disk.join("ledger.db").display()
+        ))
+        .log_to_file()
+        .start();
+    let seen = format!("/proc/{}/root{}", tap.proc.pid(), disk.display());
+    OnOwnDisk {
+        tap,
+        _outer: outer,
+        disk,
+        seen: seen.into(),
+    }
+}
+
+/// `tokentap spend`'s (calls, pico) for `user`, run in `tap`'s mount namespace (SQLite
+/// resolves `/proc/<pid>/root` to this namespace's root); none before the ledger file exists.
+fn spend_of(tap: &Tap, user: &str) -> (u64, u64) {
+    let out = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &tap.proc.pid().to_string(),
+            "-U",
+            "-m",
+            "--preserve-credentials",
+        ])
+        .arg(env!("CARGO_BIN_EXE_tokentap"))
+        .args(["spend", "--format", "json", "--config"])
+        .arg(&tap.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("no ledger here") {
+        return (0, 0);
+    }
+    assert!(out.status.success(), "{err}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user"] == user)
+        .map_or((0, 0), |r| {
+            (r["calls"].as_u64().unwrap(), pico_of_usd(&r["cost_usd"]))
+        })
+}
+
+/// What `tap`'s records hold for `user`: (calls, pico).
+fn recorded_for(tap: &Tap, user: &str) -> (u64, u64) {
+    tap.records()
+        .iter()
+        .filter(|r| r["user"] == user)
+        .fold((0, 0), |(n, p), r| (n + 1, p + pico_of(r)))
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < PATIENCE, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `user`'s spend in the current daily window, as the caps see it.
+fn capped_spend(tap: &Tap, user: &str) -> u64 {
+    let v = request(
+        tap.admin,
+        "GET",
+        &format!("/admin/budgets/users/{user}"),
+        &[],
+        b"",
+    )
+    .json();
+    pico_of_usd(&v["windows"][0]["spent_usd"])
+}
+
+fn call_as(tap: &Tap, user: &str) -> Resp {
+    post_chat(
+        tap.addr,
+        &[],
+        &chat_body(MODEL, user, false, r#","max_tokens":5"#),
+    )
+}
+
+/// The embedded ledger's disk fills up mid-traffic: calls go on and caps still hold; the
+/// fault is logged once, counted, and shown by a gauge and `/readyz`; nothing panics; and
+/// once there is room again every call's row and spend are in the file, once.
+#[test]
+fn a_full_disk_under_the_embedded_ledger_is_lived_through_and_loses_nothing() {
+    let mock = Mock::start();
+    let OnOwnDisk {
+        mut tap,
+        seen,
+        _outer: _keep,
+        ..
+    } = tap_on_own_disk(&mock, "size=8m", "fail_closed");
+    assert_eq!(call_as(&tap, "d").status, 200);
+    wait_for("the first call in the file", || spend_of(&tap, "d").0 == 1);
+    assert_eq!(tap.metric("tokentap_ledger_file_writable"), 1.0);
+
+    // Fill the disk.
+    let filler = seen.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let full = loop {
+        if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            break e;
+        }
+    };
+    assert_eq!(full.raw_os_error(), Some(28), "{full}"); // ENOSPC
+    for _ in 0..5 {
+        assert_eq!(call_as(&tap, "d").status, 200);
+    }
+    // Caps are decided in memory: they still hold.
+    let r = call_as(&tap, "broke");
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    wait_for("the gauge to show the fault", || {
+        tap.metric("tokentap_ledger_file_writable") == 0.0
+    });
+    assert!(tap.metric("tokentap_ledger_errors_total") >= 1.0);
+    let ready = request(tap.admin, "GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 200);
+    assert!(
+        String::from_utf8_lossy(&ready.body).contains("ledger file not writable"),
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+    assert_eq!(spend_of(&tap, "d").0, 1, "written while the disk was full?");
+
+    // Room again: what waited is written, once.
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("the gauge to show the file written", || {
+        tap.metric("tokentap_ledger_file_writable") == 1.0
+    });
+    tap.wait_records(7);
+    let want = recorded_for(&tap, "d");
+    assert_eq!(want.0, 6);
+    assert_eq!(spend_of(&tap, "d"), want);
+    assert_eq!(capped_spend(&tap, "d"), want.1);
+    let log = std::fs::read_to_string(tap.dir.path().join("tokentap.stderr")).unwrap();
+    assert_eq!(log.matches("cannot write to").count(), 1, "{log}");
+    assert_eq!(log.matches("is written again").count(), 1, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(tap.proc.terminate().success());
+    assert_eq!(mock.received(), 6);
+}
+
+/// The embedded ledger's disk is read-only at start (a volume mounted read-only, say):
+/// tokentap starts anyway. The spend in the file is unknown, so `on_error` decides capped
+/// calls: fail_closed refuses them with 503 and is not ready; fail_open lets them through.
+/// Once the disk is writable the file opens, and the spend let through meanwhile is in it.
+#[test]
+fn a_read_only_disk_at_start_is_served_per_policy_until_the_ledger_opens() {
+    let mock = Mock::start();
+    let OnOwnDisk {
+        tap: closed,
+        _outer: _keep1,
+        ..
+    } = tap_on_own_disk(&mock, "ro,size=8m", "fail_closed");
+    let r = call_as(&closed, "d");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "budget_store_unavailable");
+    assert_eq!(
+        request(closed.admin, "GET", "/readyz", &[], b"").status,
+        503
+    );
+    assert_eq!(closed.metric("tokentap_ledger_store_up"), 0.0);
+    assert_eq!(mock.received(), 0, "a refused call reached the upstream");
+
+    let OnOwnDisk {
+        tap: open,
+        disk,
+        _outer: _keep2,
+        ..
+    } = tap_on_own_disk(&mock, "ro,size=8m", "fail_open");
+    for _ in 0..3 {
+        assert_eq!(call_as(&open, "d").status, 200);
+    }
+    let ready = request(open.admin, "GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 200);
+    assert!(String::from_utf8_lossy(&ready.body).contains("degraded"));
+    assert_eq!(open.metric("tokentap_ledger_store_up"), 0.0);
+    let log = std::fs::read_to_string(open.dir.path().join("tokentap.stderr")).unwrap();
+    assert!(log.contains("cannot open"), "{log}");
+
+    // The disk becomes writable: the ledger opens by itself.
+    let pid = open.proc.pid().to_string();
+    let st = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &pid,
+            "-U",
+            "-m",
+            "--preserve-credentials",
+            "mount",
+            "-o",
+            "remount,rw",
+        ])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    wait_for("the ledger to open", || {
+        open.metric("tokentap_ledger_store_up") == 1.0
+    });
+    assert_eq!(call_as(&open, "d").status, 200);
+    open.wait_records(4);
+    let want = recorded_for(&open, "d");
+    assert_eq!(want.0, 4);
+    wait_for("every call in the file", || spend_of(&open, "d") == want);
+    // And in the caps' spend: what was let through meanwhile is charged.
+    assert_eq!(capped_spend(&open, "d"), want.1);
+    assert_eq!(mock.received(), 4);
+}

@@ -169,10 +169,16 @@ impl ServeHttp for Admin {
                         "not ready: budget store unreachable, capped calls are refused (fail_closed)",
                     ),
                 };
+                // The file failing is degraded, never unready: caps are decided in memory.
+                let file = if self.ledger.file_writable() == Some(false) {
+                    ", degraded: ledger file not writable, spend waits in memory"
+                } else {
+                    ""
+                };
                 text(
                     status,
                     &format!(
-                        "{state} pid={} upstream={} config={}\n",
+                        "{state}{file} pid={} upstream={} config={}\n",
                         std::process::id(),
                         cfg.upstream.url.host_header,
                         cfg.hash

@@ -52,9 +52,16 @@ impl BudgetCollector {
                 ),
                 d(
                     "tokentap_ledger_store_up",
-                    "1 when the shared budget store (Redis) answered its last round trip, 0 \
-                     while it is unreachable (budgets.ledger.on_error applies); absent for the \
-                     embedded ledger.",
+                    "1 when the budget store answers (Redis: its last round trip worked; the \
+                     embedded ledger: its file is open), 0 while it does not \
+                     (budgets.ledger.on_error applies).",
+                    &[],
+                ),
+                d(
+                    "tokentap_ledger_file_writable",
+                    "1 when the last write to the ledger's file worked, 0 while it fails (disk \
+                     full or read-only): spend and call rows then wait in memory and caps still \
+                     hold.",
                     &[],
                 ),
             ],
@@ -157,6 +164,18 @@ impl prometheus::core::Collector for BudgetCollector {
             f.set_field_type(MetricType::GAUGE);
             let mut g = Gauge::default();
             g.set_value(if up { 1.0 } else { 0.0 });
+            let mut m = Metric::default();
+            m.set_gauge(g);
+            f.mut_metric().push(m);
+            out.push(f);
+        }
+        if let Some(ok) = self.ledger.file_writable() {
+            let mut f = MetricFamily::default();
+            f.set_name(self.descs[5].fq_name.clone());
+            f.set_help(self.descs[5].help.clone());
+            f.set_field_type(MetricType::GAUGE);
+            let mut g = Gauge::default();
+            g.set_value(if ok { 1.0 } else { 0.0 });
             let mut m = Metric::default();
             m.set_gauge(g);
             f.mut_metric().push(m);

@@ -4,6 +4,7 @@
 //! lost. The file holds per-window aggregates (what budgets need after a restart) and one row
 //! per call (what reports need), the rows kept for `retention_days`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -210,6 +211,52 @@ impl State {
         }
     }
 
+    /// Adds the spend the file holds to the counters: a counter's newest window in the file
+    /// becomes its current one where memory has none; where memory has the same window
+    /// (spend settled before a late open), the two add up; an ended window still waiting to
+    /// be written gets the file's spend of that window added.
+    fn add_from_file(&mut self, file: HashMap<(String, Window, i64), Amount>) {
+        for (name, window, c) in &mut self.rolled {
+            if let Some(f) = file.get(&(name.clone(), *window, c.start)) {
+                c.spent.add(*f);
+            }
+        }
+        let mut newest: HashMap<(String, Window), (i64, Amount)> = HashMap::new();
+        for ((name, window, start), spent) in file {
+            let e = newest.entry((name, window)).or_insert((start, spent));
+            if start > e.0 {
+                *e = (start, spent);
+            }
+        }
+        for ((name, window), (start, spent)) in newest {
+            match self.counters.get_mut(&name, window) {
+                Some(c) if c.start == start => c.spent.add(spent),
+                Some(c) if c.start > start => {}
+                _ => {
+                    let c = self.counter(&name, window, start);
+                    c.spent = spent;
+                    c.touched = start;
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest call rows beyond [`UNWRITTEN_ROWS_MAX`] (counted in `errors`).
+    fn bound_rows(&mut self, errors: &std::sync::atomic::AtomicU64) {
+        let Some(over) = self.rows.len().checked_sub(UNWRITTEN_ROWS_MAX) else {
+            return;
+        };
+        if over == 0 {
+            return;
+        }
+        self.rows.drain(..over);
+        errors.fetch_add(over as u64, std::sync::atomic::Ordering::Relaxed);
+        log::error!(
+            "ledger: more than {UNWRITTEN_ROWS_MAX} call rows wait for the file: dropped the \
+             oldest {over} (their spend is kept)"
+        );
+    }
+
     /// Forgets counters whose window has surely ended since they were last used and that hold
     /// nothing: memory follows the callers of the current windows, not every caller ever. One
     /// shard at a time, one every two seconds (all of them about once a minute), so that a
@@ -230,25 +277,74 @@ impl State {
 
 pub struct Embedded {
     /// Held for the ledger's life: one process per file (two would overwrite each other).
-    _lock: std::fs::File,
+    file_lock: Mutex<Option<std::fs::File>>,
     soft: std::sync::OnceLock<super::SoftHook>,
     errors: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
-    db: Mutex<Connection>,
+    /// The file, once open (`None` while it cannot be opened).
+    db: Mutex<Option<Connection>>,
     retention: Duration,
     last_retention: Mutex<Instant>,
+    path: std::path::PathBuf,
+    /// Whether the last write to the file worked (false while the disk is full, read-only
+    /// or failing: spend and rows wait in memory).
+    writable: std::sync::atomic::AtomicBool,
+    /// Whether the file has been opened (and its spend loaded): until then the ledger is down.
+    opened: std::sync::atomic::AtomicBool,
 }
 
+/// Why the file did not open.
+enum OpenError {
+    /// Another tokentap process holds it: a config error, never retried.
+    InUse(String),
+    Failed(String),
+}
+
+/// Call rows kept in memory while the file cannot be written, at most (about 60 MB); beyond,
+/// the oldest are dropped and counted as errors. Spend totals are never dropped (one counter
+/// per subject and window).
+const UNWRITTEN_ROWS_MAX: usize = 250_000;
+
 impl Embedded {
-    /// Opens (or creates) the ledger file and loads the spend of the current windows.
+    /// Opens (or creates) the ledger file and loads the spend of the current windows. A file
+    /// that cannot be opened (a read-only or full disk, a missing volume) is not a reason to
+    /// stop: until it opens (tried again every flush interval) the ledger is down, and
+    /// `budgets.ledger.on_error` decides capped calls. Only a file another tokentap holds is.
     pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
-        let lock = lock_file(&cfg.path)?;
-        let db = open_db(&cfg.path)?;
-        let mut state = State::default();
+        let ledger = Arc::new(Embedded {
+            file_lock: Mutex::new(None),
+            soft: std::sync::OnceLock::new(),
+            errors: std::sync::atomic::AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+            db: Mutex::new(None),
+            retention: Duration::from_secs(cfg.retention_days.saturating_mul(86_400)),
+            last_retention: Mutex::new(Instant::now() - Duration::from_secs(7200)),
+            path: cfg.path.clone(),
+            writable: std::sync::atomic::AtomicBool::new(true),
+            opened: std::sync::atomic::AtomicBool::new(false),
+        });
+        {
+            let mut db = ledger.db.lock().unwrap_or_else(|p| p.into_inner());
+            match ledger.open_file() {
+                Ok(c) => *db = Some(c),
+                Err(OpenError::InUse(e)) => return Err(e),
+                Err(OpenError::Failed(e)) => ledger.cannot_write(&e),
+            }
+        }
+        spawn_flusher(Arc::downgrade(&ledger), cfg.flush_interval);
+        Ok(ledger)
+    }
+
+    /// Takes the file's lock, opens it, and adds the spend it holds to what is in memory (at
+    /// start, nothing; after a late open, the spend settled meanwhile).
+    fn open_file(&self) -> Result<Connection, OpenError> {
+        let lock = lock_file(&self.path)?;
+        let db = open_db(&self.path).map_err(OpenError::Failed)?;
+        let mut file: HashMap<(String, Window, i64), Amount> = HashMap::new();
         {
             let mut q = db
                 .prepare("SELECT key, window, start, pico, tokens FROM spend")
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| OpenError::Failed(e.to_string()))?;
             let rows = q
                 .query_map([], |r| {
                     Ok((
@@ -259,43 +355,56 @@ impl Embedded {
                         r.get::<_, i64>(4)?,
                     ))
                 })
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| OpenError::Failed(e.to_string()))?;
             for row in rows {
-                let (key, window, start, pico, tokens) = row.map_err(|e| e.to_string())?;
+                let (key, window, start, pico, tokens) =
+                    row.map_err(|e| OpenError::Failed(e.to_string()))?;
                 let Ok(window) = Window::parse(&window) else {
                     continue;
                 };
-                let c = state
-                    .counters
-                    .map_mut(&key, window)
-                    .entry(Key { name: key, window })
-                    .or_default();
-                // Keep the newest window of each counter; older ones are history.
-                if start >= c.start {
-                    *c = Counter {
-                        start,
-                        spent: Amount {
-                            pico: pico as u64,
-                            tokens: tokens as u64,
-                        },
-                        reserved: Amount::default(),
-                        touched: start,
-                        dirty: false,
-                    };
-                }
+                let spent = Amount {
+                    pico: pico as u64,
+                    tokens: tokens as u64,
+                };
+                file.insert((key, window, start), spent);
             }
         }
-        let ledger = Arc::new(Embedded {
-            _lock: lock,
-            soft: std::sync::OnceLock::new(),
-            errors: std::sync::atomic::AtomicU64::new(0),
-            state: Mutex::new(state),
-            db: Mutex::new(db),
-            retention: Duration::from_secs(cfg.retention_days.saturating_mul(86_400)),
-            last_retention: Mutex::new(Instant::now() - Duration::from_secs(7200)),
-        });
-        spawn_flusher(Arc::downgrade(&ledger), cfg.flush_interval);
-        Ok(ledger)
+        self.lock().add_from_file(file);
+        *self.file_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        if self.opened.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(db);
+        }
+        if !self.writable.load(std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("ledger: {} is open", self.path.display());
+        }
+        Ok(db)
+    }
+
+    fn not_open(&self) -> String {
+        format!("{} is not open", self.path.display())
+    }
+
+    /// Notes a failed open or write: counted each time, logged once per fault.
+    fn cannot_write(&self, e: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.errors.fetch_add(1, Relaxed);
+        if !self.writable.swap(false, Relaxed) {
+            return;
+        }
+        if self.opened.load(Relaxed) {
+            log::error!(
+                "ledger: cannot write to {}: {e}; spend and call rows wait in memory (caps still \
+                 hold; a crash now loses them) and are written once it works again",
+                self.path.display()
+            );
+        } else {
+            log::error!(
+                "ledger: cannot open {}: {e}; until it opens (tried every flush interval) the \
+                 spend it holds is unknown, so budgets.ledger.on_error decides capped calls \
+                 (fail_closed: 503; fail_open: through, charged when it opens)",
+                self.path.display()
+            );
+        }
     }
 
     fn reserve_now(
@@ -395,6 +504,7 @@ impl Embedded {
     /// The settles kept by an earlier run, oldest first.
     pub fn outbox_load(&self) -> Result<Vec<(String, String)>, String> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or_else(|| self.not_open())?;
         let mut q = db
             .prepare("SELECT id, payload FROM outbox ORDER BY seq")
             .map_err(|e| e.to_string())?;
@@ -409,6 +519,7 @@ impl Embedded {
     /// time it is asked for and kept in the file (a new file is a new replica).
     pub fn replica_id(&self) -> Result<String, String> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or_else(|| self.not_open())?;
         let mut bytes = [0u8; 12];
         getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
         let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -432,6 +543,7 @@ impl Embedded {
     ) -> Result<Vec<(i64, i64, super::report::Group, super::report::Totals)>, String> {
         use super::report::{group_and_totals, GROUP_COLUMNS, SUM_COLUMNS};
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = db.as_ref().ok_or_else(|| self.not_open())?;
         let mut q = db
             .prepare_cached(&format!(
                 "SELECT rowid, ts, {GROUP_COLUMNS}, 1, {} FROM calls
@@ -593,7 +705,7 @@ fn open_db(path: &Path) -> Result<Connection, String> {
 /// Takes the ledger's lock file (`<path>.lock`) for the life of the process: a second
 /// tokentap on the same file would overwrite this one's spend. Reports read the file itself
 /// and need no lock.
-fn lock_file(path: &Path) -> Result<std::fs::File, String> {
+fn lock_file(path: &Path) -> Result<std::fs::File, OpenError> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock_path = std::path::PathBuf::from(name);
@@ -602,18 +714,19 @@ fn lock_file(path: &Path) -> Result<std::fs::File, String> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| format!("ledger lock {}: {e}", lock_path.display()))?;
+        .map_err(|e| OpenError::Failed(format!("ledger lock {}: {e}", lock_path.display())))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse(format!(
             "ledger {} is in use by another tokentap process (it holds {}): give each \
              process its own budgets.ledger.path, or share caps through the redis backend",
             path.display(),
             lock_path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(format!("ledger lock {}: {e}", lock_path.display()))
-        }
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Failed(format!(
+            "ledger lock {}: {e}",
+            lock_path.display()
+        ))),
     }
 }
 
@@ -642,6 +755,10 @@ impl Ledger for Embedded {
         worst: Amount,
         now: i64,
     ) -> Result<Result<Reservation, Rejection>, super::StoreDown> {
+        if !self.opened.load(std::sync::atomic::Ordering::Relaxed) {
+            // The spend the file holds is unknown: no cap can be checked.
+            return Err(super::StoreDown(self.not_open()));
+        }
         Ok(self.reserve_now(policy, user, worst, now))
     }
 
@@ -722,6 +839,17 @@ impl Ledger for Embedded {
         // and the one at shutdown) commit in the order they took their snapshots, so an
         // older snapshot can never overwrite a newer one.
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if db.is_none() {
+            match self.open_file() {
+                Ok(c) => *db = Some(c),
+                Err(OpenError::InUse(e) | OpenError::Failed(e)) => {
+                    self.cannot_write(&e);
+                    self.lock().bound_rows(&self.errors);
+                    return;
+                }
+            }
+        }
+        let Some(db) = db.as_mut() else { return };
         let (spend, rows, put, done) = {
             let mut st = self.lock();
             st.evict_idle(super::now_unix());
@@ -740,22 +868,38 @@ impl Ledger for Embedded {
                 std::mem::take(&mut st.outbox_done),
             )
         };
-        if let Err(e) = self.write(&mut db, &spend, &rows, (&put, &done)) {
-            self.errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            log::error!("ledger: cannot write to its file: {e}; will retry");
+        let written = rows.len();
+        if let Err(e) = self.write(db, &spend, &rows, (&put, &done)) {
+            self.cannot_write(&e.to_string());
             let mut st = self.lock();
             st.untake_dirty(spend);
             let mut rows = rows;
             rows.append(&mut st.rows);
             st.rows = rows;
+            st.bound_rows(&self.errors);
             let mut put = put;
             put.append(&mut st.outbox_put);
             st.outbox_put = put;
             let mut done = done;
             done.append(&mut st.outbox_done);
             st.outbox_done = done;
+        } else if !self
+            .writable
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            log::warn!(
+                "ledger: {} is written again ({written} call rows that waited)",
+                self.path.display()
+            );
         }
+    }
+
+    fn file_writable(&self) -> Option<bool> {
+        Some(self.writable.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn store_up(&self) -> Option<bool> {
+        Some(self.opened.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -951,6 +1095,46 @@ mod tests {
         ledger.record_call(row(old + 4));
         ledger.flush();
         assert_eq!(ledger.rows_after(4, 10).unwrap()[0].0, 5);
+    }
+
+    /// A file that opens late (its disk was read-only at start): the spend it holds adds to
+    /// what was settled in memory meanwhile, window by window.
+    #[test]
+    fn a_late_open_adds_the_files_spend_to_what_was_settled_meanwhile() {
+        let day = 86_400;
+        let pico = |p| Amount { pico: p, tokens: 0 };
+        let mut st = State::default();
+        st.counter("user:a", Window::Daily, day).spent = pico(5);
+        st.mark_dirty("user:a", Window::Daily);
+        // b's window ended before the file opened: its spend waits to be written as it ended.
+        st.counter("user:b", Window::Daily, 0).spent = pico(2);
+        st.mark_dirty("user:b", Window::Daily);
+        st.counter("user:b", Window::Daily, day);
+        let file: HashMap<(String, Window, i64), Amount> = [
+            (("user:a".into(), Window::Daily, day), pico(7)),
+            (("user:a".into(), Window::Daily, 0), pico(3)),
+            (("user:b".into(), Window::Daily, 0), pico(4)),
+            (("user:c".into(), Window::Daily, day), pico(9)),
+            (("user:c".into(), Window::Daily, 0), pico(1)),
+        ]
+        .into_iter()
+        .collect();
+        st.add_from_file(file);
+        let spent = |st: &State, k: &str| {
+            st.counters
+                .get(k, Window::Daily)
+                .map(|c| (c.start, c.spent.pico))
+        };
+        assert_eq!(spent(&st, "user:a"), Some((day, 12)));
+        assert_eq!(spent(&st, "user:b"), Some((day, 0)));
+        assert_eq!(spent(&st, "user:c"), Some((day, 9)));
+        let written: Vec<(String, i64, u64)> = st
+            .take_dirty()
+            .into_iter()
+            .map(|(k, _, c)| (k, c.start, c.spent.pico))
+            .collect();
+        assert!(written.contains(&("user:b".into(), 0, 6)), "{written:?}");
+        assert!(written.contains(&("user:a".into(), day, 12)), "{written:?}");
     }
 
     /// A window that ends with spend not yet written still gets its row, under its own

@@ -263,6 +263,10 @@ pub trait Ledger: Send + Sync {
     fn store_up(&self) -> Option<bool> {
         None
     }
+    /// Whether the last write to the ledger's own file worked; `None` without a file.
+    fn file_writable(&self) -> Option<bool> {
+        None
+    }
     /// Times the shared store was seen to have lost its data (0 without one).
     fn store_resets(&self) -> u64 {
         0

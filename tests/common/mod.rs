@@ -217,6 +217,8 @@ pub struct TapBuilder {
     server_extra: String,
     /// tokentap's log (stderr) goes to `tokentap.stderr` in its directory.
     log_to_file: bool,
+    /// A command that runs tokentap (its command line follows this one's).
+    wrapper: Vec<String>,
 }
 
 impl TapBuilder {
@@ -231,7 +233,15 @@ impl TapBuilder {
             env: Vec::new(),
             server_extra: String::new(),
             log_to_file: false,
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs tokentap through `cmd` (e.g. `unshare`, then tokentap's command line; the wrapper
+    /// must `exec` it, so that the process started is tokentap).
+    pub fn wrapper(mut self, cmd: &[&str]) -> Self {
+        self.wrapper = cmd.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Lines added to the `[server]` table, then start.
@@ -311,6 +321,7 @@ impl TapBuilder {
             env,
             server_extra,
             log_to_file,
+            wrapper,
         } = self;
         let drain = if server_extra.contains("drain_timeout_ms") {
             ""
@@ -345,7 +356,14 @@ path = "access.log"
         } else {
             std::fs::write(&config, &text).unwrap();
         }
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokentap"));
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_tokentap"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tokentap")),
+        };
         // Hermetic: an OTEL_* variable of the runner's must not turn on traces here.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("OTEL_") {

@@ -108,8 +108,8 @@ struct Inner {
     /// Times Redis was seen to have lost its data.
     resets: AtomicU64,
     ship: Script,
-    /// This replica's name in the shared reports (kept in its file).
-    replica: String,
+    /// This replica's name in the shared reports (kept in its file, read once it is open).
+    replica: OnceLock<String>,
     /// The last of this replica's rows Redis has (`None`: ask Redis).
     shipped: Mutex<Option<i64>>,
     /// The budgets' zone: reports are by its days.
@@ -137,8 +137,12 @@ impl RedisLedger {
                 .unwrap_or_else(|_| Err(format!("cannot reach Redis at {url}: timed out")))
         });
         let rows = Embedded::open(cfg)?;
-        let kept = rows.outbox_load()?;
-        let replica = rows.replica_id()?;
+        // (A file that cannot be opened yet holds no outbox this process could read; its
+        // rows and settles wait in memory.)
+        let kept = rows.outbox_load().unwrap_or_else(|e| {
+            log::error!("ledger: settles kept by an earlier run cannot be read: {e}");
+            Vec::new()
+        });
         let mut outbox = VecDeque::with_capacity(kept.len());
         for (id, payload) in kept {
             match serde_json::from_str::<SettleCall>(&payload) {
@@ -187,7 +191,7 @@ impl RedisLedger {
             epoch: Mutex::new(None),
             resets: AtomicU64::new(0),
             ship: Script::new(SHIP),
-            replica,
+            replica: OnceLock::new(),
             shipped: Mutex::new(None),
             zone,
             retention_days: cfg.retention_days,
@@ -950,6 +954,10 @@ impl Ledger for RedisLedger {
 
     fn errors(&self) -> u64 {
         self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    fn file_writable(&self) -> Option<bool> {
+        self.inner.rows.file_writable()
     }
 
     fn store_up(&self) -> Option<bool> {

@@ -76,7 +76,17 @@ impl Inner {
         let Some(mut con) = self.con.get().cloned() else {
             return;
         };
-        let marker = shipped_key(&self.prefix, &self.replica);
+        let replica = match self.replica.get() {
+            Some(r) => r.clone(),
+            None => {
+                let file = Arc::clone(&self.rows);
+                let Ok(Ok(r)) = tokio::task::spawn_blocking(move || file.replica_id()).await else {
+                    return; // (the file is not open yet)
+                };
+                self.replica.get_or_init(|| r).clone()
+            }
+        };
+        let marker = shipped_key(&self.prefix, &replica);
         let ttl = if self.retention_days == 0 {
             0
         } else {
