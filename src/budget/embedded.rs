@@ -765,7 +765,7 @@ impl Ledger for Embedded {
     fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
         let crossed = self.settle_now(r, actual, now);
         if let Some(hook) = self.soft.get() {
-            crossed.iter().for_each(|h| hook(h));
+            crossed.iter().for_each(|h| hook(&h.key, h.window));
         }
     }
 

@@ -72,6 +72,10 @@ pub struct Hold {
     pub soft_tokens: Option<u64>,
     /// Start of the window the reservation was made in.
     pub start: i64,
+    /// And its end, as found when reserving. (Found again from `start` at settle time it can
+    /// differ: where the zone's offset changes by half an hour, Lord Howe's, the hours before
+    /// and after the change overlap, and the offset at `start` is the one before.)
+    pub end: i64,
 }
 
 impl Hold {
@@ -104,7 +108,7 @@ impl Reservation {
 }
 
 /// Told when settled spend passes a cap's soft threshold.
-pub type SoftHook = Arc<dyn Fn(&Hold) + Send + Sync>;
+pub type SoftHook = Arc<dyn Fn(&str, Window) + Send + Sync>;
 
 /// The hold a cap takes on a call made at `now`, and the end of its window.
 pub fn hold(subject: &Subject, cap: &policy::Cap, now: i64, zone: policy::Zone) -> (Hold, i64) {
@@ -116,6 +120,7 @@ pub fn hold(subject: &Subject, cap: &policy::Cap, now: i64, zone: policy::Zone) 
             soft_usd: cap.soft_usd.map(|p| p.0),
             soft_tokens: cap.soft_tokens,
             start,
+            end,
         },
         end,
     )
@@ -294,6 +299,37 @@ mod tests {
                 proptest::prop_assert_eq!(s, format!("x{n:x}"));
             }
         }
+    }
+
+    /// Lord Howe springs forward by 30 minutes (2026-10-04, 02:00 +10:30 to 02:30 +11:00,
+    /// 15:30 UTC): the hour reserved in at 15:40 UTC is 15:00–16:00 UTC (local 02:00–03:00
+    /// at +11). Found again from its start, 15:00 UTC, it would be 14:30–15:30 (the offset
+    /// then was +10:30), and the Redis ledger set its counter to expire half an hour early:
+    /// a hold keeps the end found when reserving.
+    #[test]
+    fn a_hold_keeps_its_windows_end_across_lord_howes_half_hour_change() {
+        let zone = policy::Zone::Named("Australia/Lord_Howe".parse().unwrap());
+        let cap = policy::Cap {
+            window: Window::Hourly,
+            usd: None,
+            tokens: Some(1),
+            soft_usd: None,
+            soft_tokens: None,
+        };
+        let change = 1_791_041_400; // 2026-10-03T15:30:00Z
+        let now = change + 600;
+        let (h, end) = hold(&Subject::User("u".into()), &cap, now, zone);
+        assert_eq!(
+            (h.start, h.end, end),
+            (change - 1800, change + 1800, change + 1800)
+        );
+        assert_eq!(
+            Window::Hourly.bounds(h.start, zone),
+            (change - 3600, change)
+        );
+        // Before the change, an hour is 14:30–15:30 UTC, as at +10:30.
+        let (before, _) = hold(&Subject::User("u".into()), &cap, change - 600, zone);
+        assert_eq!((before.start, before.end), (change - 3600, change));
     }
 
     #[test]

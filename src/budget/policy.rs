@@ -284,15 +284,18 @@ impl Window {
             return (now, now + 1);
         };
         // Local midnight (or the hour) as a timestamp. Where a DST change skips it, the first
-        // moment after the gap; where it repeats, the first of the two.
+        // moment after the gap (on the half hour); where it repeats, the first of the two.
         let at = |d: NaiveDate, hour: u32| -> i64 {
             let naive = d.and_hms_opt(hour, 0, 0).unwrap_or_default();
             match zone.from_local_datetime(&naive) {
                 LocalResult::Single(t) => t.timestamp(),
                 LocalResult::Ambiguous(t, _) => t.timestamp(),
-                LocalResult::None => zone
-                    .from_local_datetime(&(naive + ChronoDuration::hours(1)))
-                    .earliest()
+                // The gap is 30 minutes (Lord Howe) or an hour: the first half hour after it.
+                LocalResult::None => (1..=4)
+                    .find_map(|k| {
+                        zone.from_local_datetime(&(naive + ChronoDuration::minutes(30 * k)))
+                            .earliest()
+                    })
                     .map_or(now, |t| t.timestamp()),
             }
         };

@@ -126,8 +126,8 @@ pub fn midnight(d: NaiveDate, zone: Zone) -> i64 {
         Zone::Fixed(z) => z.from_local_datetime(&t).earliest().map(|t| t.timestamp()),
         Zone::Named(z) => z.from_local_datetime(&t).earliest().map(|t| t.timestamp()),
     };
-    (0..=3)
-        .find_map(|h| at(start + chrono::Duration::hours(h)))
+    (0..=6)
+        .find_map(|k| at(start + chrono::Duration::minutes(30 * k)))
         .unwrap_or_else(|| start.and_utc().timestamp())
 }
 

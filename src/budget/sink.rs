@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{now_unix, Amount, CallRow, Hold, Ledger, OpenCalls, SoftHook};
+use super::policy::Window;
+use super::{now_unix, Amount, CallRow, Ledger, OpenCalls, SoftHook};
 use crate::meter::UsageRecord;
 /// What a record settles: its cost and tokens (zero when the upstream billed nothing).
 pub fn actual(rec: &UsageRecord) -> Amount {
@@ -23,13 +24,9 @@ pub struct LedgerSink {
 /// The soft-threshold signal: a warning in the log and
 /// `tokentap_budget_soft_threshold_crossed_total`.
 pub fn soft_hook(calls: Arc<crate::telemetry::calls::CallMetrics>) -> SoftHook {
-    Arc::new(move |h: &Hold| {
-        log::warn!(
-            "budget: {} passed the soft threshold of its {} budget",
-            h.key,
-            h.window
-        );
-        calls.soft_threshold_crossed(&h.key, &h.window.name());
+    Arc::new(move |key: &str, window: Window| {
+        log::warn!("budget: {key} passed the soft threshold of its {window} budget");
+        calls.soft_threshold_crossed(key, &window.name());
     })
 }
 

@@ -36,7 +36,7 @@ pub use shared::read as read_report;
 
 use super::embedded::Embedded;
 use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window, Zone};
-use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation, SoftHook, StoreDown};
+use super::{Amount, CallRow, Ledger, Rejection, Reservation, SoftHook, StoreDown};
 
 /// After a window ends, its counters are kept this long (for reports and late settles).
 const KEEP_AFTER_END: i64 = 7 * 86_400;
@@ -517,13 +517,7 @@ impl Inner {
             self.follow(key, window, *start, spent);
             if *crossed == 1 {
                 if let Some(hook) = self.soft.get() {
-                    hook(&Hold {
-                        key: key.clone(),
-                        window,
-                        soft_usd: None,
-                        soft_tokens: None,
-                        start: *start,
-                    });
+                    hook(key, window);
                 }
             }
         }
@@ -720,11 +714,7 @@ impl Ledger for RedisLedger {
             return;
         }
         let _ = now;
-        let ends: Vec<i64> = r
-            .holds
-            .iter()
-            .map(|h| h.window.bounds(h.start, r.offset).1)
-            .collect();
+        let ends: Vec<i64> = r.holds.iter().map(|h| h.end).collect();
         self.send(self.settle_call(r, actual, &ends));
     }
 
