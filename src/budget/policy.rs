@@ -124,6 +124,23 @@ pub struct RawLedger {
     pub reservation_ttl_s: u64,
     /// A Redis round trip longer than this counts as Redis being down (`on_error` applies).
     pub redis_timeout_ms: u64,
+    /// standalone (`redis_url`), sentinel or cluster (`redis_nodes`).
+    pub redis_mode: crate::budget::redis::Mode,
+    /// Sentinel: the Sentinels' addresses; cluster: seed nodes ("host:port", or
+    /// "rediss://host:port" for TLS).
+    pub redis_nodes: Vec<String>,
+    /// Sentinel: the name the Sentinels monitor the master under.
+    pub redis_sentinel_master: Option<String>,
+    /// Environment variables holding the ACL user and password (over the URL's).
+    pub redis_username_env: Option<String>,
+    pub redis_password_env: Option<String>,
+    /// Environment variable holding the Sentinels' own password.
+    pub redis_sentinel_password_env: Option<String>,
+    /// TLS: trust this CA (PEM) instead of the system's roots; a client certificate and key
+    /// (PEM) for mutual TLS. Relative to the config file.
+    pub redis_ca_file: Option<PathBuf>,
+    pub redis_client_cert_file: Option<PathBuf>,
+    pub redis_client_key_file: Option<PathBuf>,
 }
 
 /// `budgets.ledger.backend`.
@@ -158,6 +175,15 @@ impl Default for RawLedger {
             on_error: OnError::FailClosed,
             reservation_ttl_s: 900,
             redis_timeout_ms: 500,
+            redis_mode: Default::default(),
+            redis_nodes: Vec::new(),
+            redis_sentinel_master: None,
+            redis_username_env: None,
+            redis_password_env: None,
+            redis_sentinel_password_env: None,
+            redis_ca_file: None,
+            redis_client_cert_file: None,
+            redis_client_key_file: None,
         }
     }
 }
@@ -414,7 +440,8 @@ pub struct LedgerConfig {
     pub path: PathBuf,
     pub flush_interval: std::time::Duration,
     pub retention_days: u64,
-    pub redis_url: Option<String>,
+    /// The Redis of the redis backend (`None` for the embedded one).
+    pub redis: Option<crate::budget::redis::Target>,
     pub redis_prefix: String,
     pub fail_open: bool,
     pub reservation_ttl: std::time::Duration,
@@ -428,7 +455,7 @@ impl Default for LedgerConfig {
             path: PathBuf::from("tokentap-ledger.db"),
             flush_interval: std::time::Duration::from_millis(500),
             retention_days: 90,
-            redis_url: None,
+            redis: None,
             redis_prefix: "tokentap".into(),
             fail_open: false,
             reservation_ttl: std::time::Duration::from_secs(900),
@@ -546,15 +573,39 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
         }
     }
     let backend = raw.ledger.backend;
-    if backend == Backend::Redis && raw.ledger.redis_url.is_none() {
-        return Err("budgets.ledger.redis_url: the redis backend needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\"".into());
+    let l = &raw.ledger;
+    if l.redis_timeout_ms == 0 {
+        return Err("budgets.ledger.redis_timeout_ms: must be greater than 0".into());
     }
+    let redis = match backend {
+        Backend::Embedded => None,
+        Backend::Redis => {
+            let path = |p: &Option<PathBuf>| p.as_ref().map(|p| dir.join(p));
+            let (ca, cert, key) = (
+                path(&l.redis_ca_file),
+                path(&l.redis_client_cert_file),
+                path(&l.redis_client_key_file),
+            );
+            Some(crate::budget::redis::Target::new(
+                &crate::budget::redis::Settings {
+                    mode: l.redis_mode,
+                    url: l.redis_url.as_deref(),
+                    nodes: &l.redis_nodes,
+                    sentinel_master: l.redis_sentinel_master.as_deref(),
+                    username_env: l.redis_username_env.as_deref(),
+                    password_env: l.redis_password_env.as_deref(),
+                    sentinel_password_env: l.redis_sentinel_password_env.as_deref(),
+                    ca_file: ca.as_deref(),
+                    client_cert_file: cert.as_deref(),
+                    client_key_file: key.as_deref(),
+                    timeout: std::time::Duration::from_millis(l.redis_timeout_ms),
+                },
+            )?)
+        }
+    };
     let fail_open = raw.ledger.on_error == OnError::FailOpen;
     if raw.ledger.flush_interval_ms == 0 {
         return Err("budgets.ledger.flush_interval_ms: must be greater than 0".into());
-    }
-    if raw.ledger.redis_timeout_ms == 0 {
-        return Err("budgets.ledger.redis_timeout_ms: must be greater than 0".into());
     }
     if raw.ledger.reservation_ttl_s == 0 {
         return Err("budgets.ledger.reservation_ttl_s: must be greater than 0".into());
@@ -574,7 +625,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
             path: dir.join(&raw.ledger.path),
             flush_interval: std::time::Duration::from_millis(raw.ledger.flush_interval_ms),
             retention_days: raw.ledger.retention_days,
-            redis_url: raw.ledger.redis_url.clone(),
+            redis,
             redis_prefix: raw.ledger.redis_prefix.clone(),
             fail_open,
             reservation_ttl: std::time::Duration::from_secs(raw.ledger.reservation_ttl_s),

@@ -27,12 +27,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
 mod shared;
+mod store;
 pub use shared::read as read_report;
+pub use store::{Con, Mode, Settings, Target};
 
 use super::embedded::Embedded;
 use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window, Zone};
@@ -77,11 +78,17 @@ pub struct RedisLedger {
 }
 
 struct Inner {
-    /// Set once the first connection succeeds (the manager reconnects by itself after).
-    con: OnceLock<ConnectionManager>,
+    /// Set once a connection succeeds. It reconnects by itself to the same server (a Cluster
+    /// connection follows the Cluster); in Sentinel mode, a new one is made to the master the
+    /// Sentinels name when the old one fails.
+    con: arc_swap::ArcSwapOption<Con>,
     /// Whether the last round trip to Redis worked (false until the first connection).
     up: AtomicBool,
-    url: String,
+    target: Target,
+    /// The next (re)connection attempt waits until then; doubled after each failure.
+    retry: Mutex<(std::time::Instant, Duration)>,
+    /// Key prefix (in Cluster mode in braces: a hash tag, so every key of a script is in one
+    /// slot).
     prefix: String,
     lease: Duration,
     /// A round trip longer than this counts as Redis being down.
@@ -128,14 +135,11 @@ impl RedisLedger {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        // A malformed URL is a config error, not an outage.
-        let url = cfg.redis_url.clone().unwrap_or_default();
-        redis::Client::open(url.as_str()).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
-        let first = rt.block_on(async {
-            tokio::time::timeout(cfg.redis_timeout, Self::connect(cfg))
-                .await
-                .unwrap_or_else(|_| Err(format!("cannot reach Redis at {url}: timed out")))
-        });
+        let target = cfg
+            .redis
+            .clone()
+            .ok_or("budgets.ledger: the redis backend needs redis_url or redis_nodes")?;
+        let first = rt.block_on(target.connect());
         let rows = Embedded::open(cfg)?;
         // (A file that cannot be opened yet holds no outbox this process could read; its
         // rows and settles wait in memory.)
@@ -156,10 +160,10 @@ impl RedisLedger {
                 outbox.len()
             );
         }
-        let con = OnceLock::new();
+        let con = arc_swap::ArcSwapOption::empty();
         let up = match first {
             Ok(c) => {
-                let _ = con.set(c);
+                con.store(Some(Arc::new(c)));
                 true
             }
             Err(e) => {
@@ -173,10 +177,10 @@ impl RedisLedger {
         let inner = Arc::new(Inner {
             con,
             up: AtomicBool::new(up),
-            url: url.clone(),
-            prefix: cfg.redis_prefix.clone(),
+            retry: Mutex::new((std::time::Instant::now(), Duration::from_millis(100))),
+            prefix: key_prefix(cfg),
             lease: cfg.reservation_ttl,
-            timeout: cfg.redis_timeout,
+            timeout: target.timeout,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
@@ -195,26 +199,11 @@ impl RedisLedger {
             shipped: Mutex::new(None),
             zone,
             retention_days: cfg.retention_days,
+            target,
         });
         if up {
             // The epoch is known before the first call: a loss from now on is noticed.
             rt.block_on(inner.check_epoch());
-        } else {
-            let (weak, cfg) = (Arc::downgrade(&inner), cfg.clone());
-            rt.spawn(async move {
-                let mut wait = Duration::from_millis(100);
-                loop {
-                    tokio::time::sleep(wait).await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    if let Ok(c) = Self::connect(&cfg).await {
-                        let _ = inner.con.set(c);
-                        inner.came_up();
-                        inner.check_epoch().await;
-                        return;
-                    }
-                    wait = (wait * 2).min(CONNECT_BACKOFF_MAX);
-                }
-            });
         }
         let weak = Arc::downgrade(&inner);
         rt.spawn(async move {
@@ -222,6 +211,7 @@ impl RedisLedger {
             loop {
                 tokio::time::sleep(OUTBOX_RETRY).await;
                 let Some(inner) = weak.upgrade() else { return };
+                inner.reconnect_if_needed().await;
                 let second = round.is_multiple_of(EPOCH_EVERY);
                 if second {
                     inner.check_epoch().await;
@@ -234,23 +224,6 @@ impl RedisLedger {
             }
         });
         Ok(Arc::new(RedisLedger { rt, inner }))
-    }
-
-    async fn connect(cfg: &LedgerConfig) -> Result<ConnectionManager, String> {
-        let url = cfg.redis_url.as_deref().unwrap_or_default();
-        let client =
-            redis::Client::open(url).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.redis_timeout))
-            .set_response_timeout(Some(cfg.redis_timeout))
-            .set_number_of_retries(1);
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            ConnectionManager::new_with_config(client, mcfg),
-        )
-        .await
-        .map_err(|_| format!("cannot reach Redis at {url}: timed out"))?
-        .map_err(|e| format!("cannot reach Redis at {url}: {e}"))
     }
 
     fn expire_at(end: i64) -> i64 {
@@ -337,7 +310,56 @@ fn clamp(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// The prefix of the ledger's keys: in Cluster mode in braces, a hash tag, so that the keys a
+/// script touches (a call's caps: its user's and its teams') are in one slot.
+fn key_prefix(cfg: &LedgerConfig) -> String {
+    match cfg.redis.as_ref().map(|t| t.mode) {
+        Some(Mode::Cluster) => format!("{{{}}}", cfg.redis_prefix),
+        _ => cfg.redis_prefix.clone(),
+    }
+}
+
 impl Inner {
+    /// The connection, if there is one.
+    fn current(&self) -> Option<Con> {
+        self.con.load().as_deref().cloned()
+    }
+
+    /// Connects when there is no connection yet, and in Sentinel mode while Redis is down
+    /// (the master may have changed), with backoff (0.1 s doubling to 2 s).
+    async fn reconnect_if_needed(&self) {
+        let none = self.con.load().is_none();
+        let sentinel_down = self.target.mode == Mode::Sentinel && !self.up.load(Ordering::Relaxed);
+        if !none && !sentinel_down {
+            return;
+        }
+        {
+            let r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
+            if std::time::Instant::now() < r.0 {
+                return;
+            }
+        }
+        match self.target.connect().await {
+            Ok(c) => {
+                // (In Sentinel mode only the master the Sentinels name answers writes: a
+                // demoted one refuses them and brings us here again.)
+                self.con.store(Some(Arc::new(c)));
+                *self.retry.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (std::time::Instant::now(), Duration::from_millis(100));
+                if none {
+                    self.came_up();
+                }
+                self.check_epoch().await;
+            }
+            Err(e) => {
+                let mut r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
+                r.1 = (r.1 * 2).min(CONNECT_BACKOFF_MAX);
+                r.0 = std::time::Instant::now() + r.1;
+                log::debug!("ledger: {e}");
+            }
+        }
+    }
+
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {
         format!(
             "{}:{}:{}:{}",
@@ -359,7 +381,7 @@ impl Inner {
             log::warn!(
                 "ledger: Redis at {} went away ({e}); budgets.ledger.on_error applies until it \
                  is back",
-                self.url
+                self.target.display()
             );
         }
         if self
@@ -375,11 +397,11 @@ impl Inner {
     /// Looks at the epoch key: set it if there is none, and note a reset when the one this
     /// replica saw before is gone or replaced (Redis lost its data).
     async fn check_epoch(&self) {
-        let Some(mut con) = self.con.get().cloned() else {
+        let Some(mut con) = self.current() else {
             return;
         };
         let key = format!("{}:epoch", self.prefix);
-        let get = |con: &mut ConnectionManager| {
+        let get = |con: &mut Con| {
             let mut con = con.clone();
             let key = key.clone();
             async move {
@@ -426,7 +448,7 @@ impl Inner {
                      or failed over to an empty replica): the current windows' spend starts \
                      again from what is settled from now on; caps allow more until the windows \
                      end (see docs/operations.md)",
-                    self.url
+                    self.target.display()
                 );
             }
         }
@@ -438,15 +460,18 @@ impl Inner {
     /// A round trip worked.
     fn came_up(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
-            log::info!("ledger: Redis at {} is reachable", self.url);
+            log::info!("ledger: Redis at {} is reachable", self.target.display());
         }
     }
 
     /// The connection, once there is one; else the outage, counted.
-    fn con(&self, what: &str) -> Result<ConnectionManager, StoreDown> {
-        match self.con.get() {
-            Some(c) => Ok(c.clone()),
-            None => Err(self.failed(what, &format!("not connected to Redis at {} yet", self.url))),
+    fn con(&self, what: &str) -> Result<Con, StoreDown> {
+        match self.current() {
+            Some(c) => Ok(c),
+            None => Err(self.failed(
+                what,
+                &format!("not connected to Redis at {} yet", self.target.display()),
+            )),
         }
     }
 
@@ -570,7 +595,7 @@ impl Inner {
 
     /// Reads the spend of `counters` (subject key, window, start) into `seen`.
     async fn refresh(&self, counters: Vec<(String, Window, i64)>, tops: Vec<(Window, i64)>) {
-        let Some(mut con) = self.con.get().cloned() else {
+        let Some(mut con) = self.current() else {
             return;
         };
         let mut all = counters;
@@ -741,7 +766,7 @@ impl Ledger for RedisLedger {
         }
         let ttl = inner.lease.as_secs().max(1);
         self.rt.spawn(async move {
-            let Some(mut con) = inner.con.get().cloned() else {
+            let Some(mut con) = inner.current() else {
                 return;
             };
             for (keys, member) in calls {
@@ -778,7 +803,7 @@ impl Ledger for RedisLedger {
     ) -> (Amount, Amount) {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
-        let Some(mut con) = inner.con.get().cloned() else {
+        let Some(mut con) = inner.current() else {
             return Default::default();
         };
         let key = inner.key(&subject.key(), window, start);
@@ -894,7 +919,7 @@ impl Ledger for RedisLedger {
     ) -> Vec<(String, Amount)> {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
-        let Some(mut con) = inner.con.get().cloned() else {
+        let Some(mut con) = inner.current() else {
             return Vec::new();
         };
         let users: redis::RedisResult<Vec<String>> = redis::cmd("ZREVRANGE")
@@ -962,7 +987,7 @@ impl Ledger for RedisLedger {
         let (start, _) = window.bounds(now, policy.offset());
         let inner = &self.inner;
         let key = inner.key(&subject.key(), window, start);
-        let Some(mut con) = inner.con.get().cloned() else {
+        let Some(mut con) = inner.current() else {
             log::error!("ledger: reset not done: not connected to Redis");
             return;
         };

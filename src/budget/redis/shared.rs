@@ -73,7 +73,7 @@ impl Inner {
     /// Ships this replica's rows Redis does not have yet (those written to the file; the file
     /// is written every flush interval).
     pub(super) async fn ship_rows(&self) {
-        let Some(mut con) = self.con.get().cloned() else {
+        let Some(mut con) = self.current() else {
             return;
         };
         let replica = match self.replica.get() {
@@ -198,36 +198,46 @@ pub fn read(
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<Vec<(Group, Totals)>, String> {
-    let url = cfg.redis_url.as_deref().unwrap_or_default();
-    let unreachable = |e: &dyn std::fmt::Display| {
-        format!(
-            "cannot reach Redis at {url}: {e} (--local reads this replica's own calls from its \
-             ledger file)"
-        )
-    };
-    let client = redis::Client::open(url).map_err(|e| format!("budgets.ledger.redis_url: {e}"))?;
-    let wait = cfg.redis_timeout.max(Duration::from_secs(2));
-    let mut con = client
-        .get_connection_with_timeout(wait)
-        .map_err(|e| unreachable(&e))?;
-    con.set_read_timeout(Some(wait * 5))
-        .map_err(|e| unreachable(&e))?;
-    let mut all: HashMap<Group, Totals> = HashMap::new();
-    for day in from.iter_days().take_while(|d| *d <= to) {
-        let h: Vec<(String, u64)> = redis::cmd("HGETALL")
-            .arg(day_key(&cfg.redis_prefix, day))
-            .query(&mut con)
-            .map_err(|e| unreachable(&e))?;
-        for (f, v) in h {
-            let Some((letter, g)) = parse_field(&f) else {
-                continue;
-            };
-            if let Some(slot) = all.entry(g).or_default().field_mut(letter) {
-                *slot += v;
+    let target = cfg
+        .redis
+        .as_ref()
+        .ok_or("budgets.ledger: the redis backend needs redis_url or redis_nodes")?;
+    let local = " (--local reads this replica's own calls from its ledger file)";
+    let prefix = super::key_prefix(cfg);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut con = target.connect().await.map_err(|e| format!("{e}{local}"))?;
+        let mut all: HashMap<Group, Totals> = HashMap::new();
+        for day in from.iter_days().take_while(|d| *d <= to) {
+            let mut get = redis::cmd("HGETALL");
+            get.arg(day_key(&prefix, day));
+            let h: Vec<(String, u64)> = tokio::time::timeout(
+                target.timeout.max(Duration::from_secs(10)),
+                get.query_async(&mut con),
+            )
+            .await
+            .map_err(|_| format!("Redis at {} did not answer{local}", target.display()))?
+            .map_err(|e| {
+                format!(
+                    "Redis at {}: {}{local}",
+                    target.display(),
+                    super::store::shown(&e)
+                )
+            })?;
+            for (f, v) in h {
+                let Some((letter, g)) = parse_field(&f) else {
+                    continue;
+                };
+                if let Some(slot) = all.entry(g).or_default().field_mut(letter) {
+                    *slot += v;
+                }
             }
         }
-    }
-    Ok(all.into_iter().collect())
+        Ok(all.into_iter().collect())
+    })
 }
 
 #[cfg(test)]
