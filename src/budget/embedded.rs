@@ -295,9 +295,26 @@ pub struct Embedded {
 
 /// Why the file did not open.
 enum OpenError {
-    /// Another tokentap process holds it: a config error, never retried.
-    InUse(String),
+    /// Another tokentap process holds it, or it is not a ledger (corrupt, not SQLite): an
+    /// error at start-up, not an outage to wait out.
+    Fatal(String),
+    /// Anything else (read-only, full, missing directory, permissions): retried.
     Failed(String),
+}
+
+impl OpenError {
+    fn of(path: &Path, e: rusqlite::Error) -> OpenError {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        let fatal = matches!(e.sqlite_error_code(), Some(DatabaseCorrupt | NotADatabase));
+        let e = format!("ledger {}: {e}", path.display());
+        if fatal {
+            OpenError::Fatal(format!(
+                "{e} (restore it from a backup, or move it away to start a new ledger)"
+            ))
+        } else {
+            OpenError::Failed(e)
+        }
+    }
 }
 
 /// Call rows kept in memory while the file cannot be written, at most (about 60 MB); beyond,
@@ -327,7 +344,7 @@ impl Embedded {
             let mut db = ledger.db.lock().unwrap_or_else(|p| p.into_inner());
             match ledger.open_file() {
                 Ok(c) => *db = Some(c),
-                Err(OpenError::InUse(e)) => return Err(e),
+                Err(OpenError::Fatal(e)) => return Err(e),
                 Err(OpenError::Failed(e)) => ledger.cannot_write(&e),
             }
         }
@@ -339,12 +356,13 @@ impl Embedded {
     /// start, nothing; after a late open, the spend settled meanwhile).
     fn open_file(&self) -> Result<Connection, OpenError> {
         let lock = lock_file(&self.path)?;
-        let db = open_db(&self.path).map_err(OpenError::Failed)?;
+        let db = open_db(&self.path)?;
+        let what = |e| OpenError::of(&self.path, e);
         let mut file: HashMap<(String, Window, i64), Amount> = HashMap::new();
         {
             let mut q = db
                 .prepare("SELECT key, window, start, pico, tokens FROM spend")
-                .map_err(|e| OpenError::Failed(e.to_string()))?;
+                .map_err(what)?;
             let rows = q
                 .query_map([], |r| {
                     Ok((
@@ -355,10 +373,9 @@ impl Embedded {
                         r.get::<_, i64>(4)?,
                     ))
                 })
-                .map_err(|e| OpenError::Failed(e.to_string()))?;
+                .map_err(what)?;
             for row in rows {
-                let (key, window, start, pico, tokens) =
-                    row.map_err(|e| OpenError::Failed(e.to_string()))?;
+                let (key, window, start, pico, tokens) = row.map_err(what)?;
                 let Ok(window) = Window::parse(&window) else {
                     continue;
                 };
@@ -657,8 +674,8 @@ impl Embedded {
     }
 }
 
-fn open_db(path: &Path) -> Result<Connection, String> {
-    let what = |e: rusqlite::Error| format!("ledger {}: {e}", path.display());
+fn open_db(path: &Path) -> Result<Connection, OpenError> {
+    let what = |e: rusqlite::Error| OpenError::of(path, e);
     let db = Connection::open(path).map_err(what)?;
     db.execute_batch(
         "PRAGMA journal_mode = WAL;
@@ -717,7 +734,7 @@ fn lock_file(path: &Path) -> Result<std::fs::File, OpenError> {
         .map_err(|e| OpenError::Failed(format!("ledger lock {}: {e}", lock_path.display())))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::InUse(format!(
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Fatal(format!(
             "ledger {} is in use by another tokentap process (it holds {}): give each \
              process its own budgets.ledger.path, or share caps through the redis backend",
             path.display(),
@@ -842,7 +859,7 @@ impl Ledger for Embedded {
         if db.is_none() {
             match self.open_file() {
                 Ok(c) => *db = Some(c),
-                Err(OpenError::InUse(e) | OpenError::Failed(e)) => {
+                Err(OpenError::Fatal(e) | OpenError::Failed(e)) => {
                     self.cannot_write(&e);
                     self.lock().bound_rows(&self.errors);
                     return;
@@ -924,7 +941,7 @@ mod tests {
         drop(old);
         for _ in 0..2 {
             // (Opening twice: the second finds the columns in place.)
-            let db = open_db(&path).unwrap();
+            let db = open_db(&path).unwrap_or_else(|_| panic!("open"));
             let (api, writes): (String, i64) = db
                 .query_row("SELECT api, cache_write FROM calls", [], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -1095,6 +1112,30 @@ mod tests {
         ledger.record_call(row(old + 4));
         ledger.flush();
         assert_eq!(ledger.rows_after(4, 10).unwrap()[0].0, 5);
+    }
+
+    /// A file that is not a ledger stops the start (an outage would be waited out; this is
+    /// not one), with what to do; a directory that does not exist yet is waited for.
+    #[test]
+    fn a_corrupt_file_stops_the_start_and_a_missing_directory_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let cfg = LedgerConfig {
+            path,
+            ..LedgerConfig::default()
+        };
+        let e = Embedded::open(&cfg).err().unwrap();
+        assert!(e.contains("not a database") && e.contains("backup"), "{e}");
+        let later = LedgerConfig {
+            path: dir.path().join("not-yet").join("ledger.db"),
+            ..LedgerConfig::default()
+        };
+        let l = Embedded::open(&later).unwrap();
+        assert_eq!(l.store_up(), Some(false));
+        std::fs::create_dir(dir.path().join("not-yet")).unwrap();
+        l.flush();
+        assert_eq!(l.store_up(), Some(true));
     }
 
     /// A file that opens late (its disk was read-only at start): the spend it holds adds to

@@ -110,6 +110,9 @@ struct Inner {
     refreshing: AtomicBool,
     /// Settles sent and not answered yet, by reservation id.
     unanswered: Mutex<HashMap<String, SettleCall>>,
+    /// Whether the settles an earlier run kept in the file have been read (they are read once
+    /// the file is open, which may be after start-up).
+    kept_loaded: AtomicBool,
     /// The value of the epoch key last seen (`None` before the first look).
     epoch: Mutex<Option<String>>,
     /// Times Redis was seen to have lost its data.
@@ -141,25 +144,8 @@ impl RedisLedger {
             .ok_or("budgets.ledger: the redis backend needs redis_url or redis_nodes")?;
         let first = rt.block_on(target.connect());
         let rows = Embedded::open(cfg)?;
-        // (A file that cannot be opened yet holds no outbox this process could read; its
-        // rows and settles wait in memory.)
-        let kept = rows.outbox_load().unwrap_or_else(|e| {
-            log::error!("ledger: settles kept by an earlier run cannot be read: {e}");
-            Vec::new()
-        });
-        let mut outbox = VecDeque::with_capacity(kept.len());
-        for (id, payload) in kept {
-            match serde_json::from_str::<SettleCall>(&payload) {
-                Ok(c) => outbox.push_back(c),
-                Err(e) => log::error!("ledger: dropping unreadable kept settle {id}: {e}"),
-            }
-        }
-        if !outbox.is_empty() {
-            log::info!(
-                "ledger: {} settles kept from an earlier run go to Redis now",
-                outbox.len()
-            );
-        }
+        // (A file that cannot be opened yet is read once it opens: see `load_kept`.)
+        let outbox = VecDeque::new();
         let con = arc_swap::ArcSwapOption::empty();
         let up = match first {
             Ok(c) => {
@@ -193,6 +179,7 @@ impl RedisLedger {
             refreshing: AtomicBool::new(false),
             unanswered: Mutex::new(HashMap::new()),
             epoch: Mutex::new(None),
+            kept_loaded: AtomicBool::new(false),
             resets: AtomicU64::new(0),
             ship: Script::new(SHIP),
             replica: OnceLock::new(),
@@ -201,6 +188,7 @@ impl RedisLedger {
             retention_days: cfg.retention_days,
             target,
         });
+        inner.load_kept();
         if up {
             // The epoch is known before the first call: a loss from now on is noticed.
             rt.block_on(inner.check_epoch());
@@ -211,6 +199,7 @@ impl RedisLedger {
             loop {
                 tokio::time::sleep(OUTBOX_RETRY).await;
                 let Some(inner) = weak.upgrade() else { return };
+                inner.load_kept();
                 inner.reconnect_if_needed().await;
                 let second = round.is_multiple_of(EPOCH_EVERY);
                 if second {
@@ -320,6 +309,36 @@ fn key_prefix(cfg: &LedgerConfig) -> String {
 }
 
 impl Inner {
+    /// Reads the settles an earlier run kept in the file into the outbox, once the file is
+    /// open (sending one twice is harmless: each runs once, by its marker).
+    fn load_kept(&self) {
+        if self.kept_loaded.load(Ordering::Relaxed) || self.rows.store_up() != Some(true) {
+            return;
+        }
+        let kept = match self.rows.outbox_load() {
+            Ok(k) => k,
+            Err(e) => {
+                log::error!("ledger: settles kept by an earlier run cannot be read yet: {e}");
+                return;
+            }
+        };
+        self.kept_loaded.store(true, Ordering::Relaxed);
+        let mut calls = Vec::with_capacity(kept.len());
+        for (id, payload) in kept {
+            match serde_json::from_str::<SettleCall>(&payload) {
+                Ok(c) => calls.push(c),
+                Err(e) => log::error!("ledger: dropping unreadable kept settle {id}: {e}"),
+            }
+        }
+        if !calls.is_empty() {
+            log::info!(
+                "ledger: {} settles kept from an earlier run go to Redis now",
+                calls.len()
+            );
+            self.lock_outbox().extend(calls);
+        }
+    }
+
     /// The connection, if there is one.
     fn current(&self) -> Option<Con> {
         self.con.load().as_deref().cloned()

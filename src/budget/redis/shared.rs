@@ -20,9 +20,13 @@ use super::Inner;
 use crate::budget::policy::LedgerConfig;
 use crate::budget::report::{self, Group, Totals};
 
-/// Rows shipped in one script, and batches a round ships at most.
-const AT_ONCE: usize = 2_000;
-const BATCHES: usize = 32;
+/// Rows shipped in one script, and batches a round (a second) ships at most: a replica that
+/// ships its whole file again (after Redis lost its data) sends 4,000 rows a second in small
+/// scripts, so that the reserves sharing the connection do not wait behind them.
+const AT_ONCE: usize = 500;
+const BATCHES: usize = 8;
+/// A ship may take this long (it is off every call's path).
+const SHIP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A day's totals.
 pub(super) fn day_key(prefix: &str, day: NaiveDate) -> String {
@@ -102,15 +106,13 @@ impl Inner {
                     let mut get = redis::cmd("GET");
                     get.arg(&marker);
                     let get = get.query_async::<Option<i64>>(&mut con);
-                    match tokio::time::timeout(self.timeout, get).await {
+                    match tokio::time::timeout(SHIP_TIMEOUT, get).await {
                         Ok(Ok(v)) => v.unwrap_or(0),
                         Ok(Err(e)) => {
-                            let _ = self.failed("report read", &e);
-                            return;
+                            return self.ship_failed(&e);
                         }
                         Err(_) => {
-                            let _ = self.failed("report read", &"timed out");
-                            return;
+                            return self.ship_failed(&"timed out");
                         }
                     }
                 }
@@ -163,15 +165,12 @@ impl Inner {
                 match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut con)).await {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
-                        let _ = self.failed("report ship", &e);
-                        return;
+                        return self.ship_failed(&e);
                     }
                     Err(_) => {
-                        let _ = self.failed("report ship", &"timed out");
-                        return;
+                        return self.ship_failed(&"timed out");
                     }
                 };
-            self.came_up();
             let mut shipped = self.shipped.lock().unwrap_or_else(|p| p.into_inner());
             if have == -1 {
                 *shipped = Some(last);
@@ -183,6 +182,18 @@ impl Inner {
                 // data): go on from the row it has.
                 *shipped = Some(have);
             }
+        }
+    }
+
+    /// A ship that failed: counted, logged now and then, tried again next round. Not a sign
+    /// that Redis is down (that is for the calls' own round trips to say).
+    fn ship_failed(&self, e: &dyn std::fmt::Display) {
+        if self
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(100)
+        {
+            log::warn!("ledger: shipping call rows to Redis for reports failed ({e}); retrying");
         }
     }
 
@@ -211,7 +222,14 @@ pub fn read(
     rt.block_on(async {
         let mut con = target.connect().await.map_err(|e| format!("{e}{local}"))?;
         let mut all: HashMap<Group, Totals> = HashMap::new();
-        for day in from.iter_days().take_while(|d| *d <= to) {
+        // Days past retention are gone from Redis: not asked for one by one.
+        let floor = if cfg.retention_days > 0 {
+            chrono::Utc::now().date_naive()
+                - chrono::Days::new(cfg.retention_days.saturating_add(2))
+        } else {
+            NaiveDate::MIN
+        };
+        for day in from.max(floor).iter_days().take_while(|d| *d <= to) {
             let mut get = redis::cmd("HGETALL");
             get.arg(day_key(&prefix, day));
             let h: Vec<(String, u64)> = tokio::time::timeout(
