@@ -359,13 +359,16 @@ impl Inner {
             }
         }
         match self.target.connect().await {
-            Ok(c) => {
+            Ok(mut c) => {
                 // (In Sentinel mode only the master the Sentinels name answers writes: a
                 // demoted one refuses them and brings us here again.)
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut c);
+                let answered = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
                 self.con.store(Some(Arc::new(c)));
                 *self.retry.lock().unwrap_or_else(|p| p.into_inner()) =
                     (std::time::Instant::now(), Duration::from_millis(100));
-                if none {
+                if answered {
                     self.came_up();
                 }
                 self.check_epoch().await;
