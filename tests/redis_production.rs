@@ -692,3 +692,175 @@ fn sentinel_failover_is_followed_and_nothing_is_counted_twice() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Six nodes: three masters, each with a replica. The master holding the ledger's slot is
+/// killed; the Cluster promotes its replica, and tokentap follows (a call meanwhile meets
+/// on_error), with nothing counted twice.
+#[test]
+fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..6).map(|_| cluster_port()).collect();
+    let mut nodes: Vec<Option<Proc>> = ports
+        .iter()
+        .map(|p| {
+            let p = p.to_string();
+            Some(redis_server(
+                dir.path(),
+                &[
+                    "--port",
+                    &p,
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{p}.conf"),
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            ))
+        })
+        .collect();
+    for p in &ports {
+        wait_cli(&with(&plain(*p), &["PING"]), "PONG");
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addrs.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+    assert!(cli(&create).is_some(), "redis-cli --cluster create failed");
+    for p in &ports {
+        wait_cli(&with(&plain(*p), &["CLUSTER", "INFO"]), "cluster_state:ok");
+    }
+    let slot: u32 = cli(&with(&plain(ports[0]), &["CLUSTER", "KEYSLOT", "tokentap"]))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The master of the slot, and its replica once it is in sync.
+    let (master_id, master) = {
+        let nodes = cli(&with(&plain(ports[0]), &["CLUSTER", "NODES"])).unwrap();
+        let line = nodes
+            .lines()
+            .find(|l| {
+                l.contains("master")
+                    && l.split_whitespace()
+                        .skip(8)
+                        .any(|r| match r.split_once('-') {
+                            Some((a, b)) => {
+                                (a.parse::<u32>().unwrap()..=b.parse().unwrap()).contains(&slot)
+                            }
+                            None => r.parse::<u32>().ok() == Some(slot),
+                        })
+            })
+            .unwrap();
+        let mut w = line.split_whitespace();
+        let id = w.next().unwrap().to_string();
+        let port: u16 = w
+            .next()
+            .unwrap()
+            .split(['@', ':'])
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        (id, port)
+    };
+    let replica = {
+        let start = Instant::now();
+        loop {
+            let nodes = cli(&with(&plain(ports[0]), &["CLUSTER", "NODES"])).unwrap();
+            if let Some(l) = nodes
+                .lines()
+                .find(|l| l.contains("slave") && l.contains(&master_id))
+            {
+                let port: u16 = l
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .split(['@', ':'])
+                    .nth(1)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                break port;
+            }
+            assert!(start.elapsed() < PATIENCE, "the master has no replica");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_cli(
+        &with(&plain(replica), &["INFO", "replication"]),
+        "master_link_status:up",
+    );
+
+    let mock = Mock::start();
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let seeds: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let lines = format!(
+        "redis_mode = \"cluster\"\nredis_nodes = [{}]\nredis_timeout_ms = 1000\n\
+         on_error = \"fail_closed\"",
+        seeds.join(", ")
+    );
+    let tap = Tap::start(
+        &mock.url(),
+        &ledger(&lines, "[budgets.users.f]\ndaily = { usd = 100 }\n"),
+    );
+    let call = || {
+        post_chat(
+            tap.addr,
+            &[],
+            &chat_body(MODEL, "f", false, r#","max_tokens":5"#),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(call().status, 200);
+    }
+    let spent = || {
+        let v = request(tap.admin, "GET", "/admin/budgets/users/f", &[], b"").json();
+        pico_of_usd(&v["windows"][0]["spent_usd"])
+    };
+    let start = Instant::now();
+    while spent() != 3 * real {
+        assert!(start.elapsed() < PATIENCE, "spent {}", spent());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Everything the master has is on its replica before it dies.
+    wait_cli(&with(&plain(master), &["WAIT", "1", "1000"]), "1");
+
+    let i = ports.iter().position(|p| *p == master).unwrap();
+    nodes[i].take().unwrap().signal("KILL");
+    wait_cli(&with(&plain(replica), &["ROLE"]), "master");
+    let since = Instant::now();
+    let mut went = 3;
+    loop {
+        let r = call();
+        if r.status == 200 {
+            went += 1;
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            since.elapsed() < PATIENCE,
+            "never served after the failover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(call().status, 200);
+    went += 1;
+    let start = Instant::now();
+    while spent() != went * real {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "spent {}, want {}",
+            spent(),
+            went * real
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mock.received(), went);
+}
