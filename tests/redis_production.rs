@@ -563,6 +563,38 @@ fn a_three_master_cluster_shared_by_two_replicas_holds_the_cap() {
     );
 }
 
+/// Waits until `tokentap spend` (from Redis) has every call of `user` that `tap` recorded,
+/// each once.
+fn wait_report_matches(tap: &Tap, user: &str) {
+    let start = Instant::now();
+    loop {
+        let recs: Vec<_> = tap
+            .records()
+            .into_iter()
+            .filter(|r| r["user"] == user)
+            .collect();
+        let want = (recs.len() as u64, recs.iter().map(pico_of).sum::<u64>());
+        let out = tokentap_cli(&["spend", "--format", "json"], &tap.config);
+        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let got = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["user"] == user)
+            .map_or((0, 0), |r| {
+                (r["calls"].as_u64().unwrap(), pico_of_usd(&r["cost_usd"]))
+            });
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the report has {got:?}, the records {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A free port whose cluster bus port (10,000 above) is free too.
 fn cluster_port() -> u16 {
     loop {
@@ -691,6 +723,7 @@ fn sentinel_failover_is_followed_and_nothing_is_counted_twice() {
         assert!(start.elapsed() < PATIENCE, "never ready again");
         std::thread::sleep(Duration::from_millis(50));
     }
+    wait_report_matches(&tap, "s");
 }
 
 /// Six nodes: three masters, each with a replica. The master holding the ledger's slot is
@@ -863,4 +896,5 @@ fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(mock.received(), went);
+    wait_report_matches(&tap, "f");
 }
