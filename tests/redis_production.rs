@@ -351,41 +351,8 @@ fn a_tls_only_redis_with_a_password_from_the_environment_holds_caps_and_hides_it
 #[test]
 fn a_three_master_cluster_shared_by_two_replicas_holds_the_cap() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
-    let _nodes: Vec<Proc> = ports
-        .iter()
-        .map(|p| {
-            let p = p.to_string();
-            redis_server(
-                dir.path(),
-                &[
-                    "--port",
-                    &p,
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{p}.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-            )
-        })
-        .collect();
-    for p in &ports {
-        wait_cli(&with(&plain(*p), &["PING"]), "PONG");
-    }
+    let (_nodes, ports) = cluster(dir.path(), 3, 0);
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut create = vec!["--cluster", "create"];
-    create.extend(addrs.iter().map(String::as_str));
-    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-    assert!(cli(&create).is_some(), "redis-cli --cluster create failed");
-    for p in &ports {
-        wait_cli(&with(&plain(*p), &["CLUSTER", "INFO"]), "cluster_state:ok");
-    }
     let mock = Mock::start();
     let (cap, caps) = cap_of_ten();
     let caps = format!("{caps}[budgets.users.mover]\ndaily = {{ usd = 100 }}\n");
@@ -421,38 +388,13 @@ fn a_three_master_cluster_shared_by_two_replicas_holds_the_cap() {
     // ASK redirects (and TRYAGAIN for a script whose keys are split) while it moves, MOVED
     // after. A call either goes through or meets on_error (503, fail_closed), and every
     // call that went through is charged once.
-    let slot = cli(&with(&plain(ports[0]), &["CLUSTER", "KEYSLOT", "tokentap"]))
-        .unwrap()
-        .trim()
-        .to_string();
-    let slot_n: u32 = slot.parse().unwrap();
+    let slot = ledger_slot(ports[0]);
     let nodes = cli(&with(&plain(ports[0]), &["CLUSTER", "NODES"])).unwrap();
-    let owner_of = |line: &str| {
-        line.split_whitespace()
-            .skip(8)
-            .any(|r| match r.split_once('-') {
-                Some((a, b)) => (a.parse::<u32>().unwrap()..=b.parse().unwrap()).contains(&slot_n),
-                None => r.parse::<u32>().ok() == Some(slot_n),
-            })
-    };
-    let id_port = |line: &str| {
-        let mut w = line.split_whitespace();
-        let id = w.next().unwrap().to_string();
-        let port: u16 = w
-            .next()
-            .unwrap()
-            .split(['@', ':'])
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        (id, port)
-    };
-    let (src_id, src) = id_port(nodes.lines().find(|l| owner_of(l)).unwrap());
+    let (src_id, src) = id_port(nodes.lines().find(|l| serves(l, &slot)).unwrap());
     let (dst_id, dst) = id_port(
         nodes
             .lines()
-            .find(|l| !owner_of(l) && !l.trim().is_empty())
+            .find(|l| !serves(l, &slot) && !l.trim().is_empty())
             .unwrap(),
     );
     let charge = |tap: &Tap| {
@@ -595,6 +537,87 @@ fn wait_report_matches(tap: &Tap, user: &str) {
     }
 }
 
+/// A Cluster of `masters` masters with `replicas` replicas each, on free ports: its
+/// processes (in `dir`) and ports, once every node says the cluster is ok.
+fn cluster(dir: &Path, masters: usize, replicas: usize) -> (Vec<Option<Proc>>, Vec<u16>) {
+    let ports: Vec<u16> = (0..masters * (1 + replicas))
+        .map(|_| cluster_port())
+        .collect();
+    let nodes = ports
+        .iter()
+        .map(|p| {
+            let p = p.to_string();
+            let conf = format!("nodes-{p}.conf");
+            Some(redis_server(
+                dir,
+                &[
+                    "--port",
+                    &p,
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            ))
+        })
+        .collect();
+    for p in &ports {
+        wait_cli(&with(&plain(*p), &["PING"]), "PONG");
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let r = replicas.to_string();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addrs.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", &r, "--cluster-yes"]);
+    assert!(cli(&create).is_some(), "redis-cli --cluster create failed");
+    for p in &ports {
+        wait_cli(&with(&plain(*p), &["CLUSTER", "INFO"]), "cluster_state:ok");
+    }
+    (nodes, ports)
+}
+
+/// The slot of the ledger's keys (their hash tag is the prefix, `tokentap`).
+fn ledger_slot(port: u16) -> String {
+    cli(&with(&plain(port), &["CLUSTER", "KEYSLOT", "tokentap"]))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A `CLUSTER NODES` line's node id and port.
+fn id_port(line: &str) -> (String, u16) {
+    let mut w = line.split_whitespace();
+    let id = w.next().unwrap().to_string();
+    let port = w
+        .next()
+        .unwrap()
+        .split(['@', ':'])
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    (id, port)
+}
+
+/// Whether a `CLUSTER NODES` line's node serves `slot`.
+fn serves(line: &str, slot: &str) -> bool {
+    let slot: u32 = slot.parse().unwrap();
+    line.split_whitespace()
+        .skip(8)
+        .any(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().unwrap()..=b.parse().unwrap()).contains(&slot),
+            None => r.parse::<u32>().ok() == Some(slot),
+        })
+}
+
 /// A free port whose cluster bus port (10,000 above) is free too.
 fn cluster_port() -> u16 {
     loop {
@@ -732,77 +755,17 @@ fn sentinel_failover_is_followed_and_nothing_is_counted_twice() {
 #[test]
 fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..6).map(|_| cluster_port()).collect();
-    let mut nodes: Vec<Option<Proc>> = ports
-        .iter()
-        .map(|p| {
-            let p = p.to_string();
-            Some(redis_server(
-                dir.path(),
-                &[
-                    "--port",
-                    &p,
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{p}.conf"),
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-            ))
-        })
-        .collect();
-    for p in &ports {
-        wait_cli(&with(&plain(*p), &["PING"]), "PONG");
-    }
+    let (mut nodes, ports) = cluster(dir.path(), 3, 1);
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut create = vec!["--cluster", "create"];
-    create.extend(addrs.iter().map(String::as_str));
-    create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
-    assert!(cli(&create).is_some(), "redis-cli --cluster create failed");
-    for p in &ports {
-        wait_cli(&with(&plain(*p), &["CLUSTER", "INFO"]), "cluster_state:ok");
-    }
-    let slot: u32 = cli(&with(&plain(ports[0]), &["CLUSTER", "KEYSLOT", "tokentap"]))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let slot = ledger_slot(ports[0]);
     // The master of the slot, and its replica once it is in sync.
-    let (master_id, master) = {
-        let nodes = cli(&with(&plain(ports[0]), &["CLUSTER", "NODES"])).unwrap();
-        let line = nodes
+    let (master_id, master) = id_port(
+        cli(&with(&plain(ports[0]), &["CLUSTER", "NODES"]))
+            .unwrap()
             .lines()
-            .find(|l| {
-                l.contains("master")
-                    && l.split_whitespace()
-                        .skip(8)
-                        .any(|r| match r.split_once('-') {
-                            Some((a, b)) => {
-                                (a.parse::<u32>().unwrap()..=b.parse().unwrap()).contains(&slot)
-                            }
-                            None => r.parse::<u32>().ok() == Some(slot),
-                        })
-            })
-            .unwrap();
-        let mut w = line.split_whitespace();
-        let id = w.next().unwrap().to_string();
-        let port: u16 = w
-            .next()
-            .unwrap()
-            .split(['@', ':'])
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        (id, port)
-    };
+            .find(|l| l.contains("master") && serves(l, &slot))
+            .unwrap(),
+    );
     let replica = {
         let start = Instant::now();
         loop {
@@ -811,16 +774,7 @@ fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
                 .lines()
                 .find(|l| l.contains("slave") && l.contains(&master_id))
             {
-                let port: u16 = l
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap()
-                    .split(['@', ':'])
-                    .nth(1)
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                break port;
+                break id_port(l).1;
             }
             assert!(start.elapsed() < PATIENCE, "the master has no replica");
             std::thread::sleep(Duration::from_millis(50));

@@ -137,49 +137,37 @@ impl prometheus::core::Collector for BudgetCollector {
                     .push(gauge(&user, window, left as f64 / 1e12));
             }
         }
-        let mut errors = MetricFamily::default();
-        errors.set_name(self.descs[2].fq_name.clone());
-        errors.set_help(self.descs[2].help.clone());
-        errors.set_field_type(MetricType::COUNTER);
-        let mut c = prometheus::proto::Counter::default();
-        c.set_value(self.ledger.errors() as f64);
-        let mut m = Metric::default();
-        m.set_counter(c);
-        errors.mut_metric().push(m);
-        let mut out = vec![errors];
-        if let Some(up) = self.ledger.store_up() {
-            let mut r = MetricFamily::default();
-            r.set_name(self.descs[3].fq_name.clone());
-            r.set_help(self.descs[3].help.clone());
-            r.set_field_type(MetricType::COUNTER);
-            let mut c = prometheus::proto::Counter::default();
-            c.set_value(self.ledger.store_resets() as f64);
-            let mut m = Metric::default();
-            m.set_counter(c);
-            r.mut_metric().push(m);
-            out.push(r);
+        // One unlabelled sample of the family described by `descs[i]`.
+        let single = |i: usize, kind: MetricType, v: f64| {
             let mut f = MetricFamily::default();
-            f.set_name(self.descs[4].fq_name.clone());
-            f.set_help(self.descs[4].help.clone());
-            f.set_field_type(MetricType::GAUGE);
-            let mut g = Gauge::default();
-            g.set_value(if up { 1.0 } else { 0.0 });
+            f.set_name(self.descs[i].fq_name.clone());
+            f.set_help(self.descs[i].help.clone());
+            f.set_field_type(kind);
             let mut m = Metric::default();
-            m.set_gauge(g);
+            if kind == MetricType::COUNTER {
+                let mut c = prometheus::proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            } else {
+                let mut g = Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+            }
             f.mut_metric().push(m);
-            out.push(f);
+            f
+        };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut out = vec![single(2, MetricType::COUNTER, self.ledger.errors() as f64)];
+        if let Some(up) = self.ledger.store_up() {
+            out.push(single(
+                3,
+                MetricType::COUNTER,
+                self.ledger.store_resets() as f64,
+            ));
+            out.push(single(4, MetricType::GAUGE, flag(up)));
         }
         if let Some(ok) = self.ledger.file_writable() {
-            let mut f = MetricFamily::default();
-            f.set_name(self.descs[5].fq_name.clone());
-            f.set_help(self.descs[5].help.clone());
-            f.set_field_type(MetricType::GAUGE);
-            let mut g = Gauge::default();
-            g.set_value(if ok { 1.0 } else { 0.0 });
-            let mut m = Metric::default();
-            m.set_gauge(g);
-            f.mut_metric().push(m);
-            out.push(f);
+            out.push(single(5, MetricType::GAUGE, flag(ok)));
         }
         for f in [spend, remaining] {
             if !f.get_metric().is_empty() {
