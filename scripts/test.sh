@@ -10,8 +10,13 @@ need_deb python3 python3
 # A real Prometheus scrapes tokentap in tests/dashboards.rs; promtool checks the exposition.
 need_deb prometheus prometheus
 need_deb promtool prometheus
-# A real Redis backs the shared-budget tests (tests/redis.rs).
+# A real Redis backs the shared-budget tests (tests/redis.rs), and redis-cli builds the
+# Cluster and asks the Sentinel in tests/redis_production.rs.
 need_deb redis-server redis-server
+need_deb redis-cli redis-tools
+# unshare, nsenter and mount give tokentap a disk of its own to fill (tests/faults.rs).
+need_deb unshare util-linux
+need_deb nsenter util-linux
 
 # docker-compose parses the compose stack (tests/deploy.rs); it need not run containers.
 need_deb docker-compose docker-compose

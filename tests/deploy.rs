@@ -159,23 +159,36 @@ fn every_shipped_config_passes_check_config() {
             "compose demo",
             std::fs::read_to_string(root().join("deploy/compose/config/demo.toml")).unwrap(),
         ),
+        (
+            "compose tls",
+            std::fs::read_to_string(root().join("deploy/compose/config/tokentap-tls.toml"))
+                .unwrap(),
+        ),
         ("kubernetes", configmap_toml()),
     ];
     for (name, text) in configs {
         let dir = tmp.path().join(name.replace(' ', "-"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&pricing, dir.join("pricing.toml")).unwrap();
+        // The Redis CA the Kubernetes pods mount next to the config (redis-ca.crt) and the
+        // compose TLS overlay at /etc/tokentap-redis-ca: read when the config loads (its
+        // content only when connecting).
+        let ca = dir.join("redis-ca.crt");
+        std::fs::write(&ca, "a CA certificate").unwrap();
         // The compose stack mounts the repository's config/ at /etc/tokentap-prices.
-        let text = text.replace(
-            "/etc/tokentap-prices/pricing.toml",
-            pricing.to_str().unwrap(),
-        );
+        let text = text
+            .replace(
+                "/etc/tokentap-prices/pricing.toml",
+                pricing.to_str().unwrap(),
+            )
+            .replace("/etc/tokentap-redis-ca/ca.crt", ca.to_str().unwrap());
         std::fs::write(dir.join("tokentap.toml"), text).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_tokentap"))
             .arg("check-config")
             .arg(dir.join("tokentap.toml"))
             .env("UPSTREAM_API_KEY", "sk-test")
             .env("TOKENTAP_ADMIN_TOKEN", "a-token-of-sixteen-chars")
+            .env("REDIS_PASSWORD", "a-redis-password")
             .output()
             .unwrap();
         assert!(

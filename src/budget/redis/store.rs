@@ -219,6 +219,21 @@ impl Target {
                 }
             }
         };
+        let tls = match s.mode {
+            Mode::Standalone => s.url.is_some_and(|u| u.starts_with("rediss://")),
+            _ => s.nodes.iter().all(|n| n.starts_with("rediss://")),
+        };
+        if (ca.is_some() || client_cert.is_some()) && !tls {
+            return Err(format!(
+                "budgets.ledger: redis_ca_file and redis_client_cert_file are for TLS: write {} \
+                 with rediss://",
+                if s.mode == Mode::Standalone {
+                    "redis_url"
+                } else {
+                    "redis_nodes"
+                }
+            ));
+        }
         Ok(Target {
             mode: s.mode,
             url: s.url.map(str::to_string),
