@@ -577,6 +577,17 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
     if l.redis_timeout_ms == 0 {
         return Err("budgets.ledger.redis_timeout_ms: must be greater than 0".into());
     }
+    if backend == Backend::Redis
+        && l.redis_mode == crate::budget::redis::Mode::Cluster
+        && (l.redis_prefix.is_empty() || l.redis_prefix.contains(['{', '}']))
+    {
+        return Err(format!(
+            "budgets.ledger.redis_prefix: {:?} cannot be a Cluster hash tag (in Cluster mode the \
+             prefix is written {{prefix}} so that a call's keys share a slot): give a name \
+             without braces",
+            l.redis_prefix
+        ));
+    }
     let redis = match backend {
         Backend::Embedded => None,
         Backend::Redis => {

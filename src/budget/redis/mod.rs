@@ -49,6 +49,8 @@ const OUTBOX_MAX: usize = 1_000_000;
 const EPOCH_EVERY: u32 = 4;
 /// The longest wait between attempts at a first connection.
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// While Redis is down, a new connection is made at most this often.
+const REBUILD_EVERY: Duration = Duration::from_secs(2);
 /// Users under the default caps whose spend the gauges follow (the top spenders).
 const FOLLOW_TOP: isize = 1000;
 
@@ -59,6 +61,8 @@ const SETTLE: &str = include_str!("settle.lua");
 const RENEW: &str = include_str!("renew.lua");
 /// Ships a batch of this replica's call rows to the shared reports (see `shared.rs`).
 const SHIP: &str = include_str!("ship.lua");
+/// Reads (or first sets) the epoch key, as a write: see `check_epoch`.
+const EPOCH: &str = include_str!("epoch.lua");
 
 /// One settle, as sent to Redis (and kept in the outbox until Redis takes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,6 +122,7 @@ struct Inner {
     /// Times Redis was seen to have lost its data.
     resets: AtomicU64,
     ship: Script,
+    epoch_script: Script,
     /// This replica's name in the shared reports (kept in its file, read once it is open).
     replica: OnceLock<String>,
     /// The last of this replica's rows Redis has (`None`: ask Redis).
@@ -182,6 +187,7 @@ impl RedisLedger {
             kept_loaded: AtomicBool::new(false),
             resets: AtomicU64::new(0),
             ship: Script::new(SHIP),
+            epoch_script: Script::new(EPOCH),
             replica: OnceLock::new(),
             shipped: Mutex::new(None),
             zone,
@@ -199,7 +205,11 @@ impl RedisLedger {
             loop {
                 tokio::time::sleep(OUTBOX_RETRY).await;
                 let Some(inner) = weak.upgrade() else { return };
-                inner.load_kept();
+                if !inner.kept_loaded.load(Ordering::Relaxed) {
+                    // (A file read: off the thread that drives the connections.)
+                    let i = Arc::clone(&inner);
+                    let _ = tokio::task::spawn_blocking(move || i.load_kept()).await;
+                }
                 inner.reconnect_if_needed().await;
                 let second = round.is_multiple_of(EPOCH_EVERY);
                 if second {
@@ -326,6 +336,22 @@ impl Inner {
         let mut calls = Vec::with_capacity(kept.len());
         for (id, payload) in kept {
             match serde_json::from_str::<SettleCall>(&payload) {
+                // Kept under another prefix (redis_prefix or redis_mode changed since): its
+                // keys are not this ledger's, and a Cluster would refuse them for ever.
+                Ok(c)
+                    if !c
+                        .keys
+                        .iter()
+                        .all(|k| k.starts_with(&format!("{}:", self.prefix))) =>
+                {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    self.rows.outbox_done(c.id);
+                    log::error!(
+                        "ledger: dropping kept settle {id}: its keys are not under the prefix \
+                         {:?} (budgets.ledger.redis_prefix or redis_mode changed)",
+                        self.prefix
+                    );
+                }
                 Ok(c) => calls.push(c),
                 Err(e) => log::error!("ledger: dropping unreadable kept settle {id}: {e}"),
             }
@@ -344,12 +370,13 @@ impl Inner {
         self.con.load().as_deref().cloned()
     }
 
-    /// Connects when there is no connection yet, and in Sentinel mode while Redis is down
-    /// (the master may have changed), with backoff (0.1 s doubling to 2 s).
+    /// Connects when there is no connection yet (with backoff: 0.1 s doubling to 2 s), and
+    /// makes a new one, at most every 2 s, while Redis is down: a connection keeps its
+    /// server, and the master may now be another (a Sentinel promotion, an endpoint whose
+    /// DNS name moved to a new primary, a Cluster master gone without a word).
     async fn reconnect_if_needed(&self) {
         let none = self.con.load().is_none();
-        let sentinel_down = self.target.mode == Mode::Sentinel && !self.up.load(Ordering::Relaxed);
-        if !none && !sentinel_down {
+        if !none && self.up.load(Ordering::Relaxed) {
             return;
         }
         {
@@ -358,28 +385,26 @@ impl Inner {
                 return;
             }
         }
-        match self.target.connect().await {
-            Ok(mut c) => {
-                // (In Sentinel mode only the master the Sentinels name answers writes: a
-                // demoted one refuses them and brings us here again.)
-                let cmd = redis::cmd("PING");
-                let ping = cmd.query_async::<String>(&mut c);
-                let answered = matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)));
+        let next = match self.target.connect().await {
+            Ok(c) => {
                 self.con.store(Some(Arc::new(c)));
-                *self.retry.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (std::time::Instant::now(), Duration::from_millis(100));
-                if answered {
-                    self.came_up();
-                }
+                // The epoch check is a write: it says whether this one takes writes (a
+                // demoted master does not) and marks Redis up if so.
                 self.check_epoch().await;
+                REBUILD_EVERY
             }
             Err(e) => {
-                let mut r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
-                r.1 = (r.1 * 2).min(CONNECT_BACKOFF_MAX);
-                r.0 = std::time::Instant::now() + r.1;
                 log::debug!("ledger: {e}");
+                let r = self.retry.lock().unwrap_or_else(|p| p.into_inner());
+                if none {
+                    (r.1 * 2).min(CONNECT_BACKOFF_MAX)
+                } else {
+                    REBUILD_EVERY
+                }
             }
-        }
+        };
+        *self.retry.lock().unwrap_or_else(|p| p.into_inner()) =
+            (std::time::Instant::now() + next, next);
     }
 
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {
@@ -422,43 +447,31 @@ impl Inner {
         let Some(mut con) = self.current() else {
             return;
         };
-        let key = format!("{}:epoch", self.prefix);
-        let get = |con: &mut Con| {
-            let mut con = con.clone();
-            let key = key.clone();
-            async move {
-                tokio::time::timeout(
-                    self.timeout,
-                    redis::cmd("GET")
-                        .arg(&key)
-                        .query_async::<Option<String>>(&mut con),
-                )
-                .await
-            }
-        };
-        let Ok(Ok(mut now)) = get(&mut con).await else {
-            return;
-        };
-        if now.is_none() {
-            let mine = format!(
-                "{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
-            );
-            let mut set = redis::cmd("SET");
-            set.arg(&key).arg(&mine).arg("NX");
-            let set = set.query_async::<Option<String>>(&mut con);
-            if !matches!(tokio::time::timeout(self.timeout, set).await, Ok(Ok(_))) {
-                return;
-            }
-            // Another replica may have set it first: its value is the epoch.
-            let Ok(Ok(v)) = get(&mut con).await else {
-                return;
+        let mine = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let mut inv = self.epoch_script.prepare_invoke();
+        inv.key(format!("{}:epoch", self.prefix)).arg(&mine);
+        // Also the heartbeat that says whether Redis is up (and a master), between calls.
+        let now: Option<String> =
+            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut con)).await {
+                Ok(Ok(v)) => {
+                    self.came_up();
+                    v
+                }
+                Ok(Err(e)) => {
+                    let _ = self.failed("epoch check", &e);
+                    return;
+                }
+                Err(_) => {
+                    let _ = self.failed("epoch check", &"timed out");
+                    return;
+                }
             };
-            now = v;
-        }
         let mut seen = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(old), Some(new)) = (seen.as_ref(), now.as_ref()) {
             if old != new {

@@ -89,8 +89,10 @@ pub struct Settings<'a> {
     pub timeout: Duration,
 }
 
-/// `url` with its password (and user) replaced: what may be shown.
+/// `url` with its password (and user) replaced, and without a query (where a unix socket's
+/// URL can carry `pass=`): what may be shown.
 pub fn redact(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(u, _)| u);
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((_, host)) => format!("{scheme}://***@{host}"),
@@ -234,7 +236,32 @@ impl Target {
                 }
             ));
         }
-        Ok(Target {
+        let infos = match s.mode {
+            Mode::Standalone => vec![s.url.unwrap_or_default().to_string()],
+            _ => s.nodes.iter().map(|n| node_url(n)).collect(),
+        };
+        for u in &infos {
+            let info = u.as_str().into_connection_info().map_err(|e| shown(&e))?;
+            if matches!(info.addr(), ConnectionAddr::TcpTls { insecure: true, .. }) {
+                return Err(format!(
+                    "budgets.ledger: {} asks for TLS without checking the certificate \
+                     (#insecure): give redis_ca_file instead",
+                    redact(u)
+                ));
+            }
+            let creds = info.redis_settings();
+            if s.mode == Mode::Sentinel
+                && (creds.password().is_some() || creds.username().is_some())
+            {
+                return Err(format!(
+                    "budgets.ledger.redis_nodes: {} carries credentials: give the Sentinels' \
+                     password with redis_sentinel_password_env and the master's with \
+                     redis_password_env (and redis_username_env)",
+                    redact(u)
+                ));
+            }
+        }
+        let target = Target {
             mode: s.mode,
             url: s.url.map(str::to_string),
             nodes: s.nodes.to_vec(),
@@ -246,7 +273,22 @@ impl Target {
             client_cert,
             timeout: s.timeout,
             display,
-        })
+        };
+        // Certificates that do not parse are a config error, not an outage.
+        if let Some(certs) = target.certificates() {
+            let info = node_url(&infos[0])
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| shown(&e))?;
+            redis::Client::build_with_tls(info, certs).map_err(|e| {
+                format!(
+                    "budgets.ledger: redis_ca_file, redis_client_cert_file or \
+                     redis_client_key_file: {}",
+                    shown(&e)
+                )
+            })?;
+        }
+        Ok(target)
     }
 
     /// What logs and errors call this Redis (no secret in it).
@@ -267,10 +309,28 @@ impl Target {
         })
     }
 
+    /// Keepalive probes and a user timeout: a server gone without a word (a powered-off VM,
+    /// a dropped route) is given up on in seconds, not after the kernel's ~15 minutes.
+    fn tcp(&self) -> redis::io::tcp::TcpSettings {
+        use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+        let keepalive = TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(1));
+        let s = TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(keepalive);
+        #[cfg(target_os = "linux")]
+        let s = s.set_user_timeout((self.timeout * 4).max(Duration::from_secs(5)));
+        s
+    }
+
     /// A node's connection info with the credentials from the environment laid over the
     /// URL's.
     fn info(&self, url: &str) -> redis::RedisResult<ConnectionInfo> {
-        let info = node_url(url).as_str().into_connection_info()?;
+        let info = node_url(url)
+            .as_str()
+            .into_connection_info()?
+            .set_tcp_settings(self.tcp());
         let mut redis = info.redis_settings().clone();
         if let Some(u) = &self.username {
             redis = redis.set_username(u);
@@ -366,6 +426,9 @@ impl Target {
                     if let Some(p) = &self.sentinel_password {
                         b = b.set_client_to_sentinel_password(p.text());
                     }
+                    b = b
+                        .set_client_to_redis_tcp_settings(self.tcp())
+                        .set_client_to_sentinel_tcp_settings(self.tcp());
                     if tls {
                         b = b
                             .set_client_to_redis_tls_mode(TlsMode::Secure)
@@ -463,6 +526,10 @@ mod tests {
         assert_eq!(redact("redis://:pw@h:1"), "redis://***@h:1");
         assert_eq!(redact("redis://h:1/2"), "redis://h:1/2");
         assert_eq!(redact("u:p@h:1"), "***@h:1");
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?db=1&pass=pw"),
+            "redis+unix:///run/r.sock"
+        );
         assert_eq!(
             redact_words("cannot reach redis://u:pw@h:1 now"),
             "cannot reach redis://***@h:1 now"
