@@ -873,3 +873,102 @@ fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
     assert_eq!(mock.received(), went);
     wait_report_matches(&tap, "f");
 }
+
+/// The Sentinels name another master while the old one still answers and takes writes (as
+/// on the cut-off side of a partition): round trips to it do not fail, and tokentap still
+/// moves to the named master within seconds, because it asks the Sentinels every 5 s.
+#[test]
+fn the_master_the_sentinels_name_is_followed_while_the_old_one_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, s) = (free_port(), free_port(), free_port());
+    let args = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let _a = redis_server(dir.path(), &with(&["--port".into(), a.to_string()], &args));
+    let _b = redis_server(dir.path(), &with(&["--port".into(), b.to_string()], &args));
+    for p in [a, b] {
+        wait_cli(&with(&plain(p), &["PING"]), "PONG");
+    }
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!("port {s}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {a} 1\n"),
+    )
+    .unwrap();
+    let _sentinel = redis_server(dir.path(), &[conf.to_str().unwrap(), "--sentinel"]);
+    wait_cli(
+        &with(
+            &plain(s),
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+        ),
+        &a.to_string(),
+    );
+    let mock = Mock::start();
+    let lines = format!(
+        "redis_mode = \"sentinel\"\nredis_nodes = [\"127.0.0.1:{s}\"]\n\
+         redis_sentinel_master = \"mymaster\"\nredis_timeout_ms = 2000"
+    );
+    let tap = Tap::start(
+        &mock.url(),
+        &ledger(&lines, "[budgets.users.p]\ndaily = { usd = 100 }\n"),
+    );
+    let call = || {
+        let r = post_chat(
+            tap.addr,
+            &[],
+            &chat_body(MODEL, "p", false, r#","max_tokens":5"#),
+        );
+        assert_eq!(r.status, 200);
+    };
+    call();
+    wait_cli(&with(&plain(a), &["KEYS", "*user:p*"]), "user:p");
+
+    // The Sentinels now name b; a goes on answering and taking writes.
+    cli(&with(&plain(s), &["SENTINEL", "REMOVE", "mymaster"])).unwrap();
+    let bp = b.to_string();
+    cli(&with(
+        &plain(s),
+        &["SENTINEL", "MONITOR", "mymaster", "127.0.0.1", &bp, "1"],
+    ))
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        call();
+        if cli(&with(&plain(b), &["KEYS", "*user:p*"])).is_some_and(|k| k.contains("user:p")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "tokentap stayed with the master the Sentinels no longer name"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // From now on, b: a call adds to b's counter and not to a's.
+    let sum = |port: u16| -> u64 {
+        let keys = cli(&with(&plain(port), &["KEYS", "*user:p:daily:*"])).unwrap_or_default();
+        keys.lines()
+            .filter(|k| !k.is_empty() && !k.ends_with(":leases"))
+            .map(|k| {
+                cli(&with(&plain(port), &["HGET", k, "sp"]))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let settled = |port: u16, want: u64| {
+        let start = Instant::now();
+        while sum(port) != want {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{port}: {} not {want}",
+                sum(port)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let real = PROMPT_TOKENS * IN + 5 * OUT;
+    let (on_a, on_b) = (sum(a), sum(b));
+    settled(b, on_b.max(real));
+    let on_b = sum(b);
+    call();
+    settled(b, on_b + real);
+    assert_eq!(sum(a), on_a);
+}

@@ -49,6 +49,9 @@ const OUTBOX_MAX: usize = 1_000_000;
 const EPOCH_EVERY: u32 = 4;
 /// The longest wait between attempts at a first connection.
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// In Sentinel mode, the Sentinels are asked which master they name every this many outbox
+/// rounds (about 5 s), also while Redis answers.
+const SENTINEL_EVERY: u32 = 20;
 /// While Redis is down, a new connection is made at most this often.
 const REBUILD_EVERY: Duration = Duration::from_secs(2);
 /// Users under the default caps whose spend the gauges follow (the top spenders).
@@ -91,6 +94,8 @@ struct Inner {
     target: Target,
     /// The next (re)connection attempt waits until then; doubled after each failure.
     retry: Mutex<(std::time::Instant, Duration)>,
+    /// Sentinel mode: the address of the master the connection goes to.
+    master: Mutex<Option<String>>,
     /// Key prefix (in Cluster mode in braces: a hash tag, so every key of a script is in one
     /// slot).
     prefix: String,
@@ -152,9 +157,11 @@ impl RedisLedger {
         // (A file that cannot be opened yet is read once it opens: see `load_kept`.)
         let outbox = VecDeque::new();
         let con = arc_swap::ArcSwapOption::empty();
+        let mut master = None;
         let up = match first {
-            Ok(c) => {
+            Ok((c, m)) => {
                 con.store(Some(Arc::new(c)));
+                master = m;
                 true
             }
             Err(e) => {
@@ -169,6 +176,7 @@ impl RedisLedger {
             con,
             up: AtomicBool::new(up),
             retry: Mutex::new((std::time::Instant::now(), Duration::from_millis(100))),
+            master: Mutex::new(master),
             prefix: key_prefix(cfg),
             lease: cfg.reservation_ttl,
             timeout: target.timeout,
@@ -214,6 +222,9 @@ impl RedisLedger {
                 let second = round.is_multiple_of(EPOCH_EVERY);
                 if second {
                     inner.check_epoch().await;
+                }
+                if round % SENTINEL_EVERY == SENTINEL_EVERY - 1 {
+                    inner.follow_sentinels().await;
                 }
                 round = round.wrapping_add(1);
                 inner.drain_outbox().await;
@@ -386,8 +397,9 @@ impl Inner {
             }
         }
         let next = match self.target.connect().await {
-            Ok(c) => {
+            Ok((c, master)) => {
                 self.con.store(Some(Arc::new(c)));
+                *self.master.lock().unwrap_or_else(|p| p.into_inner()) = master;
                 // The epoch check is a write: it says whether this one takes writes (a
                 // demoted master does not) and marks Redis up if so.
                 self.check_epoch().await;
@@ -405,6 +417,41 @@ impl Inner {
         };
         *self.retry.lock().unwrap_or_else(|p| p.into_inner()) =
             (std::time::Instant::now() + next, next);
+    }
+
+    /// Sentinel mode: moves to the master the Sentinels name when it is not the one this
+    /// connection goes to. A master cut off from the Sentinels (a partition) can go on taking
+    /// writes that its replicas will never see; round trips to it do not fail, so only
+    /// asking tells.
+    async fn follow_sentinels(&self) {
+        if self.target.mode != Mode::Sentinel || self.con.load().is_none() {
+            return;
+        }
+        let Ok(named) = self.target.sentinel_master().await else {
+            return; // (the Sentinels unreachable: stay with the master we have)
+        };
+        let current = self
+            .master
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current.as_deref() == Some(named.as_str()) {
+            return;
+        }
+        log::warn!(
+            "ledger: the Sentinels name {named} as the master, not {}: moving to it",
+            current.as_deref().unwrap_or("(unknown)")
+        );
+        match self.target.connect().await {
+            Ok((c, master)) => {
+                self.con.store(Some(Arc::new(c)));
+                *self.master.lock().unwrap_or_else(|p| p.into_inner()) = master;
+                self.check_epoch().await;
+            }
+            Err(e) => {
+                let _ = self.failed("connect", &e);
+            }
+        }
     }
 
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {

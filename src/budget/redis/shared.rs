@@ -220,7 +220,7 @@ pub fn read(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut con = target.connect().await.map_err(|e| format!("{e}{local}"))?;
+        let (mut con, _) = target.connect().await.map_err(|e| format!("{e}{local}"))?;
         let mut all: HashMap<Group, Totals> = HashMap::new();
         // Days past retention are gone from Redis: not asked for one by one.
         let floor = if cfg.retention_days > 0 {

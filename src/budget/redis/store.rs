@@ -355,8 +355,61 @@ impl Target {
             .set_number_of_retries(1)
     }
 
-    /// Connects (in Sentinel mode: to the master the Sentinels name now).
-    pub async fn connect(&self) -> Result<Con, String> {
+    /// A client of the Sentinels, for the master they name.
+    fn sentinel(&self) -> redis::RedisResult<redis::sentinel::SentinelClient> {
+        let infos = self
+            .nodes
+            .iter()
+            .map(|n| node_url(n).as_str().into_connection_info())
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let tls = matches!(infos[0].addr(), ConnectionAddr::TcpTls { .. });
+        let master = self.master.as_deref().unwrap_or_default();
+        let mut b = SentinelClientBuilder::new(
+            infos.iter().map(|i| i.addr().clone()),
+            master,
+            SentinelServerType::Master,
+        )?;
+        if let Some(u) = &self.username {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = &self.password {
+            b = b.set_client_to_redis_password(p.text());
+        }
+        if let Some(p) = &self.sentinel_password {
+            b = b.set_client_to_sentinel_password(p.text());
+        }
+        b = b
+            .set_client_to_redis_tcp_settings(self.tcp())
+            .set_client_to_sentinel_tcp_settings(self.tcp());
+        if tls {
+            b = b
+                .set_client_to_redis_tls_mode(TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        }
+        if let Some(c) = self.certificates() {
+            b = b
+                .set_client_to_redis_certificates(c.clone())
+                .set_client_to_sentinel_certificates(c);
+        }
+        b.build()
+    }
+
+    /// The address of the master the Sentinels name now (Sentinel mode).
+    pub async fn sentinel_master(&self) -> Result<String, String> {
+        let at = &self.display;
+        let failed = |e: redis::RedisError| format!("Sentinels at {at}: {}", shown(&e));
+        let mut s = self.sentinel().map_err(failed)?;
+        let ask = s.async_get_client();
+        let client = tokio::time::timeout(self.timeout.max(Duration::from_secs(2)), ask)
+            .await
+            .map_err(|_| format!("Sentinels at {at}: timed out"))?
+            .map_err(failed)?;
+        Ok(client.get_connection_info().addr().to_string())
+    }
+
+    /// Connects (in Sentinel mode: to the master the Sentinels name now, whose address comes
+    /// with the connection).
+    pub async fn connect(&self) -> Result<(Con, Option<String>), String> {
         let at = &self.display;
         let failed = |e: redis::RedisError| format!("cannot reach Redis at {at}: {}", shown(&e));
         let con = async {
@@ -368,7 +421,7 @@ impl Target {
                         .map_err(failed)?;
                     ConnectionManager::new_with_config(client, self.manager_config())
                         .await
-                        .map(Con::One)
+                        .map(|c| (Con::One(c), None))
                         .map_err(failed)
                 }
                 Mode::Cluster => {
@@ -399,51 +452,16 @@ impl Target {
                     client
                         .get_async_connection()
                         .await
-                        .map(Con::Cluster)
+                        .map(|c| (Con::Cluster(c), None))
                         .map_err(failed)
                 }
                 Mode::Sentinel => {
-                    let infos = self
-                        .nodes
-                        .iter()
-                        .map(|n| node_url(n).as_str().into_connection_info())
-                        .collect::<redis::RedisResult<Vec<_>>>()
-                        .map_err(failed)?;
-                    let tls = matches!(infos[0].addr(), ConnectionAddr::TcpTls { .. });
-                    let master = self.master.as_deref().unwrap_or_default();
-                    let mut b = SentinelClientBuilder::new(
-                        infos.iter().map(|i| i.addr().clone()),
-                        master,
-                        SentinelServerType::Master,
-                    )
-                    .map_err(failed)?;
-                    if let Some(u) = &self.username {
-                        b = b.set_client_to_redis_username(u);
-                    }
-                    if let Some(p) = &self.password {
-                        b = b.set_client_to_redis_password(p.text());
-                    }
-                    if let Some(p) = &self.sentinel_password {
-                        b = b.set_client_to_sentinel_password(p.text());
-                    }
-                    b = b
-                        .set_client_to_redis_tcp_settings(self.tcp())
-                        .set_client_to_sentinel_tcp_settings(self.tcp());
-                    if tls {
-                        b = b
-                            .set_client_to_redis_tls_mode(TlsMode::Secure)
-                            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-                    }
-                    if let Some(c) = self.certificates() {
-                        b = b
-                            .set_client_to_redis_certificates(c.clone())
-                            .set_client_to_sentinel_certificates(c);
-                    }
-                    let mut sentinel = b.build().map_err(failed)?;
+                    let mut sentinel = self.sentinel().map_err(failed)?;
                     let client = sentinel.async_get_client().await.map_err(failed)?;
+                    let master = client.get_connection_info().addr().to_string();
                     ConnectionManager::new_with_config(client, self.manager_config())
                         .await
-                        .map(Con::One)
+                        .map(|c| (Con::One(c), Some(master)))
                         .map_err(failed)
                 }
             }
