@@ -424,19 +424,6 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// `user`'s spend in the current daily window, as the caps see it.
-fn capped_spend(tap: &Tap, user: &str) -> u64 {
-    let v = request(
-        tap.admin,
-        "GET",
-        &format!("/admin/budgets/users/{user}"),
-        &[],
-        b"",
-    )
-    .json();
-    pico_of_usd(&v["windows"][0]["spent_usd"])
-}
-
 fn call_as(tap: &Tap, user: &str) -> Resp {
     post_chat(
         tap.addr,
@@ -500,7 +487,7 @@ fn a_full_disk_under_the_embedded_ledger_is_lived_through_and_loses_nothing() {
     let want = recorded_for(&tap, "d");
     assert_eq!(want.0, 6);
     assert_eq!(spend_of(&tap, "d"), want);
-    assert_eq!(capped_spend(&tap, "d"), want.1);
+    assert_eq!(tap.window_spend("d").0, want.1);
     let log = std::fs::read_to_string(tap.dir.path().join("tokentap.stderr")).unwrap();
     assert_eq!(log.matches("cannot write to").count(), 1, "{log}");
     assert_eq!(log.matches("is written again").count(), 1, "{log}");
@@ -577,6 +564,6 @@ fn a_read_only_disk_at_start_is_served_per_policy_until_the_ledger_opens() {
     assert_eq!(want.0, 4);
     wait_for("every call in the file", || spend_of(&open, "d") == want);
     // And in the caps' spend: what was let through meanwhile is charged.
-    assert_eq!(capped_spend(&open, "d"), want.1);
+    assert_eq!(open.window_spend("d").0, want.1);
     assert_eq!(mock.received(), 4);
 }

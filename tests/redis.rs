@@ -116,28 +116,11 @@ fn two_replicas_sharing_redis_hold_the_cap_together() {
     assert!(ok <= 10, "{ok} calls went through a cap of about 10");
 }
 
-/// The spend of `user` in its first window, as the admin API reads it from Redis.
-fn spent(tap: &Tap, user: &str) -> (u64, u64) {
-    let v = request(
-        tap.admin,
-        "GET",
-        &format!("/admin/budgets/users/{user}"),
-        &[],
-        b"",
-    )
-    .json();
-    let w = &v["windows"][0];
-    (
-        pico_of_usd(&w["spent_usd"]),
-        pico_of_usd(&w["reserved_usd"]),
-    )
-}
-
 /// Waits until `user`'s spend is `want` with nothing reserved.
 fn wait_spent(tap: &Tap, user: &str, want: u64) {
     let start = Instant::now();
     loop {
-        let got = spent(tap, user);
+        let got = tap.window_spend(user);
         if got == (want, 0) {
             return;
         }

@@ -183,21 +183,13 @@ fn caps_hold_under_64_concurrent_calls(mock: &Mock, taps: &[&Tap], user: &str, c
     // And the shared counter says the same, to the pico-USD.
     let start = Instant::now();
     loop {
-        let v = request(
-            taps[0].admin,
-            "GET",
-            &format!("/admin/budgets/users/{user}"),
-            &[],
-            b"",
-        )
-        .json();
-        let w = &v["windows"][0];
-        if pico_of_usd(&w["spent_usd"]) == spent && pico_of_usd(&w["reserved_usd"]) == 0 {
+        let w = taps[0].window_spend(user);
+        if w == (spent, 0) {
             break;
         }
         assert!(
             start.elapsed() < PATIENCE,
-            "the shared spend is {w}, want {spent}"
+            "the shared spend and reserve are {w:?}, want {spent}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -481,18 +473,14 @@ fn a_three_master_cluster_shared_by_two_replicas_holds_the_cap() {
             .filter(|r| r["status"] == 200)
             .map(pico_of)
             .sum();
-        let v = request(a.admin, "GET", "/admin/budgets/users/mover", &[], b"").json();
-        let w = v["windows"][0].clone();
-        if recs.len() == statuses.len()
-            && pico_of_usd(&w["spent_usd"]) == charged
-            && pico_of_usd(&w["reserved_usd"]) == 0
-        {
+        let w = a.window_spend("mover");
+        if recs.len() == statuses.len() && w == (charged, 0) {
             assert_eq!(charged, went * (PROMPT_TOKENS * IN + 5 * OUT));
             break;
         }
         assert!(
             start.elapsed() < PATIENCE,
-            "mover: {w} vs {charged} charged in records"
+            "mover: {w:?} vs {charged} charged in records"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -620,6 +608,23 @@ fn serves(line: &str, slot: &str) -> bool {
         })
 }
 
+/// Waits until the replica at `replica` has everything the master at `master` has now (its
+/// replication offset). (`WAIT` from another client would not do: it waits for that
+/// client's own writes.)
+fn caught_up(master: u16, replica: u16) {
+    let offset = |port: u16, field: &str| -> Option<u64> {
+        cli(&with(&plain(port), &["INFO", "replication"]))?
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+    };
+    let want = offset(master, "master_repl_offset:").expect("the master's offset");
+    let start = Instant::now();
+    while offset(replica, "slave_repl_offset:").is_none_or(|o| o < want) {
+        assert!(start.elapsed() < PATIENCE, "the replica never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A free port whose cluster bus port (10,000 above) is free too.
 fn cluster_port() -> u16 {
     loop {
@@ -696,10 +701,7 @@ fn sentinel_failover_is_followed_and_nothing_is_counted_twice() {
     for _ in 0..3 {
         assert_eq!(call().status, 200);
     }
-    let spent = || {
-        let v = request(tap.admin, "GET", "/admin/budgets/users/s", &[], b"").json();
-        pico_of_usd(&v["windows"][0]["spent_usd"])
-    };
+    let spent = || tap.window_spend("s").0;
     let wait_spent = |want: u64| {
         let start = Instant::now();
         while spent() != want {
@@ -709,7 +711,7 @@ fn sentinel_failover_is_followed_and_nothing_is_counted_twice() {
     };
     wait_spent(3 * real);
     // What the master holds has reached the replica before it dies.
-    wait_cli(&with(&plain(r), &["KEYS", "*"]), "user:s");
+    caught_up(m, r);
 
     master.signal("KILL");
     let _ = master.child.wait();
@@ -814,17 +816,14 @@ fn a_cluster_master_failing_over_is_followed_and_nothing_is_counted_twice() {
     for _ in 0..3 {
         assert_eq!(call().status, 200);
     }
-    let spent = || {
-        let v = request(tap.admin, "GET", "/admin/budgets/users/f", &[], b"").json();
-        pico_of_usd(&v["windows"][0]["spent_usd"])
-    };
+    let spent = || tap.window_spend("f").0;
     let start = Instant::now();
     while spent() != 3 * real {
         assert!(start.elapsed() < PATIENCE, "spent {}", spent());
         std::thread::sleep(Duration::from_millis(50));
     }
     // Everything the master has is on its replica before it dies.
-    wait_cli(&with(&plain(master), &["WAIT", "1", "1000"]), "1");
+    caught_up(master, replica);
 
     let i = ports.iter().position(|p| *p == master).unwrap();
     nodes[i].take().unwrap().signal("KILL");

@@ -441,6 +441,24 @@ impl Tap {
         read_records(&self.log)
     }
 
+    /// `user`'s spent and reserved pico-USD in their first budget window, as the admin API
+    /// reads them from the ledger.
+    pub fn window_spend(&self, user: &str) -> (u64, u64) {
+        let v = request(
+            self.admin,
+            "GET",
+            &format!("/admin/budgets/users/{user}"),
+            &[],
+            b"",
+        )
+        .json();
+        let w = &v["windows"][0];
+        (
+            pico_of_usd(&w["spent_usd"]),
+            pico_of_usd(&w["reserved_usd"]),
+        )
+    }
+
     /// The hash of the running config (`GET /admin/config`).
     pub fn config_hash(&self) -> String {
         let r = request(self.admin, "GET", "/admin/config", &[], b"");
