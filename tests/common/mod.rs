@@ -877,3 +877,87 @@ pub fn inflate(enc: Option<&str>, body: &[u8]) -> Vec<u8> {
 }
 
 pub mod dialects;
+
+/// The model priced in [`TEST_PRICING`] that the shared-cap tests call, its prompt's tokens
+/// and its prices in pico-USD per token.
+pub const CAP_MODEL: &str = "anthropic/claude-opus-4.6";
+const CAP_PROMPT_TOKENS: u64 = 14;
+const CAP_IN: u64 = 5_000_000;
+const CAP_OUT: u64 = 25_000_000;
+
+/// A daily cap of about ten calls (of five output tokens) for the user `greedy`: the cap in
+/// pico-USD and its config lines.
+pub fn cap_of_ten() -> (u64, String) {
+    let real = CAP_PROMPT_TOKENS * CAP_IN + 5 * CAP_OUT;
+    let cap = 10 * real;
+    (
+        cap,
+        format!(
+            "[budgets.users.greedy]\ndaily = {{ usd = \"{}\" }}\n",
+            usd(cap)
+        ),
+    )
+}
+
+/// 64 calls at once of a user whose cap is about ten calls, over `taps`: the cap holds
+/// (within one worst case), refused calls never reach the upstream, and each answered call
+/// is charged once.
+pub fn caps_hold_under_64_concurrent_calls(mock: &Mock, taps: &[&Tap], user: &str, cap: u64) {
+    let worst = CAP_PROMPT_TOKENS * CAP_IN + 20 * CAP_OUT;
+    let before = mock.received();
+    let body = chat_body(CAP_MODEL, user, false, r#","max_tokens":20"#);
+    let addrs: Vec<_> = taps.iter().map(|t| t.addr).collect();
+    let statuses: Vec<u16> = chats_at_once(
+        64,
+        |i| addrs[i % addrs.len()],
+        &[("x-mock-delay-ms", "100")],
+        &body,
+    )
+    .iter()
+    .map(|r| r.status)
+    .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        64 - ok,
+        "{statuses:?}"
+    );
+    assert!(
+        (1..=10).contains(&ok),
+        "{ok} calls through a cap of about 10"
+    );
+    assert_eq!(
+        mock.received() - before,
+        ok as u64,
+        "a refused call reached the upstream"
+    );
+    let n: usize = taps.iter().map(|t| t.records().len()).sum();
+    let start = Instant::now();
+    while taps.iter().map(|t| t.records().len()).sum::<usize>() < n.max(64) {
+        assert!(start.elapsed() < PATIENCE, "records missing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spent: u64 = taps
+        .iter()
+        .flat_map(|t| t.records())
+        .filter(|r| r["user"] == user && r["status"] == 200)
+        .map(|r| pico_of(&r))
+        .sum();
+    assert!(
+        spent <= cap + worst,
+        "spent {spent} > cap {cap} + worst {worst}"
+    );
+    // And the shared counter says the same, to the pico-USD.
+    let start = Instant::now();
+    loop {
+        let w = taps[0].window_spend(user);
+        if w == (spent, 0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the shared spend and reserve are {w:?}, want {spent}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
