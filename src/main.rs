@@ -258,11 +258,6 @@ fn spend(
     if to < from {
         return Err(format!("--to {to} is before --from {from}"));
     }
-    let after = to
-        .checked_add_days(chrono::Days::new(1))
-        .ok_or_else(|| format!("--to {to} is too far in the future"))?;
-    let days = (from, to);
-    let (from, to) = (report::midnight(from, zone), report::midnight(after, zone));
     let by = match by {
         ByArg::User => report::By::User,
         ByArg::Team => report::By::Team,
@@ -274,12 +269,7 @@ fn spend(
         FormatArg::Csv => report::Format::Csv,
         FormatArg::Json => report::Format::Json,
     };
-    let ledger = &cfg.budgets.ledger;
-    let calls = if ledger.backend == tokentap::budget::policy::Backend::Redis && !local {
-        tokentap::budget::redis::read_report(ledger, days.0, days.1)?
-    } else {
-        report::local(&ledger.path, from, to)?
-    };
+    let calls = report::spend(&cfg.budgets.ledger, zone, from, to, local)?;
     Ok(report::render(calls, by, format))
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 
-use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window};
+use super::policy::{BudgetPolicy, LedgerConfig, Subject, Window, Zone};
 use super::{Amount, CallRow, Hold, Ledger, Rejection, Reservation};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -291,6 +291,9 @@ pub struct Embedded {
     writable: std::sync::atomic::AtomicBool,
     /// Whether the file has been opened (and its spend loaded): until then the ledger is down.
     opened: std::sync::atomic::AtomicBool,
+    /// The zone whose days the rollups count (the budgets' zone when the ledger opened).
+    zone: Zone,
+    history: Arc<super::history::History>,
 }
 
 /// Why the file did not open.
@@ -328,7 +331,14 @@ impl Embedded {
     /// stop: until it opens (tried again every flush interval) the ledger is down, and
     /// `budgets.ledger.on_error` decides capped calls. Only a file another tokentap holds is.
     pub fn open(cfg: &LedgerConfig) -> Result<Arc<Self>, String> {
+        Self::open_in(cfg, Zone::utc())
+    }
+
+    /// [`Embedded::open`], with the rollups' days counted in `zone` (the budgets' zone).
+    pub fn open_in(cfg: &LedgerConfig, zone: Zone) -> Result<Arc<Self>, String> {
         let ledger = Arc::new(Embedded {
+            zone,
+            history: Arc::new(super::history::History::new(cfg.path.clone(), zone)),
             file_lock: Mutex::new(None),
             soft: std::sync::OnceLock::new(),
             errors: std::sync::atomic::AtomicU64::new(0),
@@ -356,8 +366,9 @@ impl Embedded {
     /// start, nothing; after a late open, the spend settled meanwhile).
     fn open_file(&self) -> Result<Connection, OpenError> {
         let lock = lock_file(&self.path)?;
-        let db = open_db(&self.path)?;
+        let mut db = open_db(&self.path)?;
         let what = |e| OpenError::of(&self.path, e);
+        super::rollup::ensure(&mut db, self.zone).map_err(what)?;
         let mut file: HashMap<(String, Window, i64), Amount> = HashMap::new();
         {
             let mut q = db
@@ -632,10 +643,23 @@ impl Embedded {
             }
             let mut ins = tx.prepare_cached(
                 "INSERT INTO calls (ts, request_id, user, teams, model, prompt, completion, cached,
-                 reasoning, web_searches, cost_pico, estimated, outcome, status, api, cache_write)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 reasoning, web_searches, cost_pico, estimated, outcome, status, api, cache_write,
+                 duration_ms, usage_source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                 ?17, ?18)",
             )?;
+            let mut team =
+                tx.prepare_cached("INSERT OR IGNORE INTO call_teams (team, call) VALUES (?1, ?2)")?;
+            let mut rollup = super::rollup::Batch::default();
             for r in rows {
+                let teams = r.teams.join(",");
+                let group = super::report::Group {
+                    user: r.user.clone(),
+                    teams: Some(teams.clone()),
+                    model: r.model.clone(),
+                    api: r.api.map(|a| a.as_str().to_string()),
+                };
+                rollup.add(r.ts, &group, &r.totals(), self.zone);
                 ins.execute(params![
                     r.ts,
                     r.request_id,
@@ -652,9 +676,16 @@ impl Embedded {
                     r.outcome,
                     r.status,
                     r.api.map(crate::meter::Api::as_str),
-                    r.usage.cache_write as i64
+                    r.usage.cache_write as i64,
+                    r.duration_ms.map(|d| d.min(i64::MAX as u64) as i64),
+                    r.usage_source
                 ])?;
+                let call = tx.last_insert_rowid();
+                for t in &r.teams {
+                    team.execute(params![t, call])?;
+                }
             }
+            rollup.write(&tx)?;
         }
         let mut last = self
             .last_retention
@@ -668,6 +699,7 @@ impl Embedded {
                 "DELETE FROM calls WHERE ts < ?1 AND rowid < (SELECT MAX(rowid) FROM calls)",
                 params![cutoff],
             )?;
+            super::rollup::expire(&tx, cutoff, self.zone)?;
             *last = Instant::now();
         }
         tx.commit()
@@ -716,6 +748,15 @@ fn open_db(path: &Path) -> Result<Connection, OpenError> {
         db.execute_batch("ALTER TABLE calls ADD COLUMN cache_write INTEGER NOT NULL DEFAULT 0;")
             .map_err(what)?;
     }
+    // Kept since the admin page lists a user's calls (older rows have neither).
+    if !has("duration_ms").map_err(what)? {
+        db.execute_batch(
+            "ALTER TABLE calls ADD COLUMN duration_ms INTEGER;
+             ALTER TABLE calls ADD COLUMN usage_source TEXT;",
+        )
+        .map_err(what)?;
+    }
+    db.execute_batch(super::rollup::SCHEMA).map_err(what)?;
     Ok(db)
 }
 
@@ -918,6 +959,14 @@ impl Ledger for Embedded {
     fn store_up(&self) -> Option<bool> {
         Some(self.opened.load(std::sync::atomic::Ordering::Relaxed))
     }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn history(&self) -> Arc<super::history::History> {
+        Arc::clone(&self.history)
+    }
 }
 
 #[cfg(test)]
@@ -984,6 +1033,8 @@ mod tests {
             estimated: i.is_multiple_of(2),
             outcome: ["complete", "rejected"][i % 2],
             status: 200 + i as u16,
+            duration_ms: Some(i as u64),
+            usage_source: "reported",
         };
         for i in 0..n {
             ledger.record_call(row(i));
@@ -1095,6 +1146,8 @@ mod tests {
             estimated: false,
             outcome: "complete",
             status: 200,
+            duration_ms: None,
+            usage_source: "none",
         };
         for i in 0..3 {
             ledger.record_call(row(old + i));

@@ -11,10 +11,12 @@
 mod collector;
 mod decision;
 pub mod embedded;
+pub mod history;
 mod open_calls;
 pub mod policy;
 pub mod redis;
 pub mod report;
+pub mod rollup;
 mod sink;
 mod view;
 
@@ -209,6 +211,29 @@ pub struct CallRow {
     pub estimated: bool,
     pub outcome: &'static str,
     pub status: u16,
+    /// From the request's head to the record (`None` for a call that never got one).
+    pub duration_ms: Option<u64>,
+    /// `reported`, `estimated` or `none`.
+    pub usage_source: &'static str,
+}
+
+impl CallRow {
+    /// The call's figures, as reports add them up.
+    pub fn totals(&self) -> report::Totals {
+        report::Totals {
+            calls: 1,
+            prompt: self.usage.prompt,
+            completion: self.usage.completion,
+            cached: self.usage.cached,
+            cache_write: self.usage.cache_write,
+            reasoning: self.usage.reasoning,
+            searches: self.usage.web_searches,
+            cost: self.cost_pico.unwrap_or(0),
+            estimated: u64::from(self.estimated),
+            unpriced: u64::from(self.cost_pico.is_none()),
+            errors: u64::from(self.outcome != "complete" || self.status >= 400),
+        }
+    }
 }
 
 /// The ledger's store failed; the config says whether calls go ahead (`fail_open`).
@@ -278,6 +303,19 @@ pub trait Ledger: Send + Sync {
     }
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
+    /// `embedded` or `redis`.
+    fn backend(&self) -> &'static str;
+    /// The reader of this replica's ledger file (its per-call rows and rollups).
+    fn history(&self) -> Arc<history::History>;
+    /// The per-day totals every replica shares, on days `from..=to` (the Redis ledger);
+    /// `None` where the ledger file is the whole record (the embedded ledger).
+    async fn shared_days(
+        &self,
+        _from: chrono::NaiveDate,
+        _to: chrono::NaiveDate,
+    ) -> Option<Result<history::Days, String>> {
+        None
+    }
 }
 
 pub fn now_unix() -> i64 {

@@ -84,6 +84,8 @@ impl OpenCall {
             estimated,
             outcome: "abandoned",
             status: 0,
+            duration_ms: None,
+            usage_source: if estimated { "estimated" } else { "reported" },
         });
         true
     }

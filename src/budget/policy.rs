@@ -379,6 +379,15 @@ impl Zone {
     pub fn utc() -> Zone {
         Zone::Fixed(FixedOffset::east_opt(0).expect("UTC"))
     }
+
+    /// The zone's name: the IANA name, `UTC`, or the offset (`+05:30`).
+    pub fn name(&self) -> String {
+        match self {
+            Zone::Fixed(z) if z.local_minus_utc() == 0 => "UTC".into(),
+            Zone::Fixed(z) => z.to_string(),
+            Zone::Named(z) => z.name().to_string(),
+        }
+    }
 }
 
 fn window_error(s: &str) -> String {

@@ -41,6 +41,8 @@ pub struct Totals {
     pub cost: u64,
     pub estimated: u64,
     pub unpriced: u64,
+    /// Calls that did not complete (an error status, refused, cut off, timed out).
+    pub errors: u64,
 }
 
 impl Totals {
@@ -51,7 +53,7 @@ impl Totals {
     }
 
     /// Each figure with a one-letter name (how the Redis ledger stores it).
-    pub fn fields(&self) -> [(char, u64); 10] {
+    pub fn fields(&self) -> [(char, u64); 11] {
         [
             ('n', self.calls),
             ('p', self.prompt),
@@ -63,10 +65,11 @@ impl Totals {
             ('$', self.cost),
             ('e', self.estimated),
             ('u', self.unpriced),
+            ('x', self.errors),
         ]
     }
 
-    fn fields_mut(&mut self) -> [(char, &mut u64); 10] {
+    fn fields_mut(&mut self) -> [(char, &mut u64); 11] {
         [
             ('n', &mut self.calls),
             ('p', &mut self.prompt),
@@ -78,6 +81,7 @@ impl Totals {
             ('$', &mut self.cost),
             ('e', &mut self.estimated),
             ('u', &mut self.unpriced),
+            ('x', &mut self.errors),
         ]
     }
 
@@ -140,6 +144,66 @@ pub fn date_of(t: i64, zone: Zone) -> NaiveDate {
     }
 }
 
+/// `tokentap spend` and the admin page's export: what was spent on days `from..=to` of
+/// `zone`, per group of calls: with the Redis ledger (unless `local`), of every replica, as
+/// shipped to Redis; otherwise of this replica's ledger file.
+pub fn spend(
+    ledger: &super::policy::LedgerConfig,
+    zone: Zone,
+    from: NaiveDate,
+    to: NaiveDate,
+    local_only: bool,
+) -> Result<Vec<(Group, Totals)>, String> {
+    if to < from {
+        return Err(format!("the last day {to} is before the first {from}"));
+    }
+    let after = to
+        .checked_add_days(chrono::Days::new(1))
+        .ok_or_else(|| format!("{to} is too far in the future"))?;
+    if ledger.backend == super::policy::Backend::Redis && !local_only {
+        return super::redis::read_report(ledger, from, to);
+    }
+    local_days(&ledger.path, zone, from, to)
+        .unwrap_or_else(|| local(&ledger.path, midnight(from, zone), midnight(after, zone)))
+}
+
+/// [`local`] from the file's day rollups, when its days are counted in `zone` (`None`
+/// otherwise, or for a file without them).
+fn local_days(
+    ledger: &Path,
+    zone: Zone,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Option<Result<Vec<(Group, Totals)>, String>> {
+    let db = Connection::open_with_flags(ledger, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let counted: String = db
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'rollup_zone'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()?;
+    if counted != zone.name() {
+        return None;
+    }
+    let run = || -> rusqlite::Result<Vec<(Group, Totals)>> {
+        let mut q = db.prepare(&format!(
+            "SELECT NULLIF(user, ''), NULLIF(teams, ''), NULLIF(model, ''), NULLIF(api, ''),
+             {} FROM roll_day WHERE day >= ?1 AND day <= ?2 GROUP BY user, teams, model, api",
+            super::rollup::SUMS
+        ))?;
+        let rows = q.query_map(
+            params![
+                super::rollup::day_number(from),
+                super::rollup::day_number(to)
+            ],
+            |r| group_and_totals(r, 0),
+        )?;
+        rows.collect()
+    };
+    Some(run().map_err(|e| format!("{}: {e}", ledger.display())))
+}
+
 /// What the ledger file at `ledger` holds of the calls in `[from, to)` (Unix seconds).
 pub fn local(ledger: &Path, from: i64, to: i64) -> Result<Vec<(Group, Totals)>, String> {
     if !ledger.exists() {
@@ -168,7 +232,7 @@ pub fn local(ledger: &Path, from: i64, to: i64) -> Result<Vec<(Group, Totals)>, 
 pub const GROUP_COLUMNS: &str = "user, teams, model, api";
 pub const SUM_COLUMNS: &str = "SUM(prompt), SUM(completion), SUM(cached), SUM(cache_write),
     SUM(reasoning), SUM(web_searches), SUM(COALESCE(cost_pico, 0)), SUM(estimated),
-    SUM(cost_pico IS NULL)";
+    SUM(cost_pico IS NULL), SUM(outcome != 'complete' OR status >= 400)";
 
 /// Reads a [`Group`] and its [`Totals`] from a row laid out as [`GROUP_COLUMNS`], a count,
 /// and [`SUM_COLUMNS`], starting at column `at`.
@@ -196,6 +260,7 @@ pub fn group_and_totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(G
             cost: n(11)?,
             estimated: n(12)?,
             unpriced: n(13)?,
+            errors: n(14)?,
         },
     ))
 }

@@ -70,6 +70,8 @@ impl crate::telemetry::Sink for LedgerSink {
             estimated: rec.usage_source == crate::meter::UsageSource::Estimated,
             outcome: rec.outcome.as_str(),
             status: rec.status,
+            duration_ms: Some(rec.duration.as_millis().min(u128::from(u64::MAX)) as u64),
+            usage_source: rec.usage_source.as_str(),
         });
     }
 

@@ -153,7 +153,7 @@ impl RedisLedger {
             .clone()
             .ok_or("budgets.ledger: the redis backend needs redis_url or redis_nodes")?;
         let first = rt.block_on(target.connect());
-        let rows = Embedded::open(cfg)?;
+        let rows = Embedded::open_in(cfg, zone)?;
         // (A file that cannot be opened yet is read once it opens: see `load_kept`.)
         let outbox = VecDeque::new();
         let con = arc_swap::ArcSwapOption::empty();
@@ -1063,6 +1063,27 @@ impl Ledger for RedisLedger {
 
     fn store_resets(&self) -> u64 {
         self.inner.resets.load(Ordering::Relaxed)
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn history(&self) -> Arc<crate::budget::history::History> {
+        self.inner.rows.history()
+    }
+
+    async fn shared_days(
+        &self,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> Option<Result<crate::budget::history::Days, String>> {
+        Some(
+            self.inner
+                .shared_days(from, to)
+                .await
+                .map(crate::budget::history::Days),
+        )
     }
 
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {

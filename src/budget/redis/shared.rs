@@ -221,41 +221,89 @@ pub fn read(
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let (mut con, _) = target.connect().await.map_err(|e| format!("{e}{local}"))?;
+        let days = read_days(
+            &mut con,
+            &prefix,
+            cfg.retention_days,
+            from,
+            to,
+            target.timeout.max(Duration::from_secs(10)),
+        )
+        .await
+        .map_err(|e| format!("Redis at {}: {e}{local}", target.display()))?;
         let mut all: HashMap<Group, Totals> = HashMap::new();
-        // Days past retention are gone from Redis: not asked for one by one.
-        let floor = if cfg.retention_days > 0 {
-            chrono::Utc::now().date_naive()
-                - chrono::Days::new(cfg.retention_days.saturating_add(2))
-        } else {
-            NaiveDate::MIN
-        };
-        for day in from.max(floor).iter_days().take_while(|d| *d <= to) {
-            let mut get = redis::cmd("HGETALL");
-            get.arg(day_key(&prefix, day));
-            let h: Vec<(String, u64)> = tokio::time::timeout(
-                target.timeout.max(Duration::from_secs(10)),
-                get.query_async(&mut con),
-            )
+        for (_, g, t) in days {
+            all.entry(g).or_default().add(&t);
+        }
+        Ok(all.into_iter().collect())
+    })
+}
+
+/// The per-day totals of every replica on days `from..=to`, per day and group (one
+/// pipeline of `HGETALL`s: the report keys share one hash tag, so one node of a Cluster).
+pub(super) async fn read_days<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    prefix: &str,
+    retention_days: u64,
+    from: NaiveDate,
+    to: NaiveDate,
+    timeout: Duration,
+) -> Result<Vec<(NaiveDate, Group, Totals)>, String> {
+    // Days past retention are gone from Redis: not asked for one by one.
+    let floor = if retention_days > 0 {
+        chrono::Utc::now().date_naive() - chrono::Days::new(retention_days.saturating_add(2))
+    } else {
+        NaiveDate::MIN
+    };
+    let days: Vec<NaiveDate> = from
+        .max(floor)
+        .iter_days()
+        .take_while(|d| *d <= to)
+        .collect();
+    let mut out = Vec::new();
+    for chunk in days.chunks(31) {
+        let mut pipe = redis::pipe();
+        for day in chunk {
+            pipe.cmd("HGETALL").arg(day_key(prefix, *day));
+        }
+        let hashes: Vec<Vec<(String, u64)>> = tokio::time::timeout(timeout, pipe.query_async(con))
             .await
-            .map_err(|_| format!("Redis at {} did not answer{local}", target.display()))?
-            .map_err(|e| {
-                format!(
-                    "Redis at {}: {}{local}",
-                    target.display(),
-                    super::store::shown(&e)
-                )
-            })?;
+            .map_err(|_| "did not answer".to_string())?
+            .map_err(|e| super::store::shown(&e))?;
+        for (day, h) in chunk.iter().zip(hashes) {
+            let mut groups: HashMap<Group, Totals> = HashMap::new();
             for (f, v) in h {
                 let Some((letter, g)) = parse_field(&f) else {
                     continue;
                 };
-                if let Some(slot) = all.entry(g).or_default().field_mut(letter) {
+                if let Some(slot) = groups.entry(g).or_default().field_mut(letter) {
                     *slot += v;
                 }
             }
+            out.extend(groups.into_iter().map(|(g, t)| (*day, g, t)));
         }
-        Ok(all.into_iter().collect())
-    })
+    }
+    Ok(out)
+}
+
+impl Inner {
+    /// [`read_days`] on the ledger's own connection.
+    pub(super) async fn shared_days(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(NaiveDate, Group, Totals)>, String> {
+        let mut con = self.current().ok_or("Redis is not connected")?;
+        read_days(
+            &mut con,
+            &self.prefix,
+            self.retention_days,
+            from,
+            to,
+            self.timeout.max(Duration::from_secs(2)),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
