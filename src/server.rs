@@ -36,7 +36,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     use crate::budget::policy::Backend;
     let ledger: Arc<dyn Ledger> = match config.budgets.ledger.backend {
         Backend::Redis => RedisLedger::open(&config.budgets.ledger, config.budgets.offset())?,
-        Backend::Embedded => Embedded::open(&config.budgets.ledger)?,
+        Backend::Embedded => Embedded::open_in(&config.budgets.ledger, config.budgets.offset())?,
     };
     ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
     // The calls holding a reservation: the proxy opens them, the ledger sink settles them by
@@ -111,6 +111,9 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
             ledger,
             metrics,
             reloader,
+            live: Arc::clone(&shared.calls.live),
+            traces: trace_counters,
+            started: Instant::now(),
         },
     );
     admin.add_tcp(&admin_listen.to_string());

@@ -1,5 +1,14 @@
 //! The admin listener, on its own address (loopback by default), apart from proxied traffic:
-//! `/healthz`, `/readyz`, `/metrics`, `GET /admin/config` and `POST /admin/reload`.
+//! `/healthz`, `/readyz`, `/metrics`, `GET /admin/config`, `POST /admin/reload`, the budget
+//! routes, and the admin page (`/`, its files under `/ui/`, its JSON under `/admin/api/`).
+//!
+//! With an admin token, `/admin/…` needs it: `Authorization: Bearer <token>`, or the page's
+//! session cookie (made from the token at `POST /admin/login`; `HttpOnly`, `SameSite=Strict`).
+//! A state-changing request from a browser must come from the admin listener's own origin,
+//! and, when the cookie authenticates it, carry the session's CSRF value.
+
+mod api;
+mod ui;
 
 use std::sync::Arc;
 
@@ -22,6 +31,81 @@ pub struct Admin {
     pub ledger: Arc<dyn Ledger>,
     pub metrics: Arc<Metrics>,
     pub reloader: Arc<Reloader>,
+    /// The metered calls in flight (the live view).
+    pub live: Arc<crate::telemetry::live::LiveCalls>,
+    /// The span exporter's counters (the status view).
+    pub traces: crate::telemetry::traces::TraceCounters,
+    pub started: std::time::Instant,
+}
+
+/// The page's session cookie.
+const COOKIE: &str = "tokentap_session";
+/// The header a cookie-authenticated state change carries.
+const CSRF_HEADER: &str = "x-tokentap-csrf";
+
+/// How a request to `/admin/…` is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// No admin token is configured.
+    Open,
+    Bearer,
+    Cookie,
+    Denied,
+}
+
+/// A value made from the token for one purpose (the session cookie, the CSRF value): neither
+/// gives the token away, and both change with it.
+fn derived(token: &str, purpose: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"tokentap admin ");
+    h.update(purpose.as_bytes());
+    h.update([0]);
+    h.update(token.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn header<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+    session
+        .req_header()
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The value of cookie `name` in the request.
+fn cookie<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+    session
+        .req_header()
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Whether a browser sent this request from another site: its `Origin` is not the admin
+/// listener it was sent to, or `Sec-Fetch-Site` says so. (Tools such as curl send neither.)
+fn cross_site(session: &ServerSession) -> bool {
+    if let Some(site) = header(session, "sec-fetch-site") {
+        if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
+            return true;
+        }
+    }
+    match header(session, "origin") {
+        None => false,
+        Some(origin) => {
+            let host = header(session, "host").unwrap_or("");
+            let authority = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            authority != Some(host) || host.is_empty()
+        }
+    }
 }
 
 /// Compares without leaking, through timing, how much of the token (or how long it) is:
@@ -36,20 +120,87 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Admin {
-    /// `/admin/*` needs `Authorization: Bearer <token>` when a token is configured.
-    fn authorized(&self, session: &ServerSession) -> bool {
+    /// `/admin/*` needs `Authorization: Bearer <token>`, or the page's session cookie, when a
+    /// token is configured.
+    fn access(&self, session: &ServerSession) -> Access {
         let cfg = self.config.load();
         let Some(token) = &cfg.server.admin_token else {
-            return true;
+            return Access::Open;
         };
-        let given = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::auth::bearer)
-            .unwrap_or("");
-        same(given.as_bytes(), token.expose().as_bytes())
+        let token = token.expose();
+        if let Some(given) = header(session, "authorization").and_then(crate::auth::bearer) {
+            return if same(given.as_bytes(), token.as_bytes()) {
+                Access::Bearer
+            } else {
+                Access::Denied
+            };
+        }
+        match cookie(session, COOKIE) {
+            Some(c) if same(c.as_bytes(), derived(token, "session").as_bytes()) => Access::Cookie,
+            _ => Access::Denied,
+        }
+    }
+
+    /// The session's CSRF value (`None` without a token).
+    fn csrf(&self) -> Option<String> {
+        let cfg = self.config.load();
+        cfg.server
+            .admin_token
+            .as_ref()
+            .map(|t| derived(t.expose(), "csrf"))
+    }
+
+    /// `GET /admin/api/session`: what the page needs to know before it asks for data.
+    fn session_info(&self, access: Access) -> Response<Vec<u8>> {
+        let auth = if access == Access::Open {
+            "none"
+        } else {
+            "token"
+        };
+        let logged_in = matches!(access, Access::Open | Access::Bearer | Access::Cookie);
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "auth": auth,
+                "logged_in": logged_in,
+                "csrf": if logged_in { self.csrf() } else { None },
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        )
+    }
+
+    /// `POST /admin/login` with `token=<token>`: the session cookie, or 401.
+    async fn login(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(b)) if body.len() + b.len() <= 16 * 1024 => body.extend_from_slice(&b),
+                Ok(Some(_)) => {
+                    return error(StatusCode::PAYLOAD_TOO_LARGE, "the form is too large")
+                }
+                Ok(None) => break,
+                Err(_) => return error(StatusCode::BAD_REQUEST, "the form could not be read"),
+            }
+        }
+        let form = String::from_utf8_lossy(&body);
+        let given = api::param(&form, "token").unwrap_or_default();
+        let cfg = self.config.load();
+        let Some(token) = &cfg.server.admin_token else {
+            return bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
+        };
+        if !same(given.as_bytes(), token.expose().as_bytes()) {
+            log::warn!("admin: a login with a wrong token");
+            return error(StatusCode::UNAUTHORIZED, "That is not the admin token.");
+        }
+        let mut r = bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
+        let c = format!(
+            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
+            derived(token.expose(), "session")
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&c) {
+            r.headers_mut().insert(http::header::SET_COOKIE, v);
+        }
+        r
     }
 
     /// `/admin/budgets/...`
@@ -135,20 +286,73 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
+        if method == Method::GET {
+            if let Some(r) = ui::file(&path) {
+                return r;
+            }
+        }
+        let access = self.access(session);
+        if path == "/admin/api/session" {
+            return self.session_info(access);
+        }
+        let changes = !matches!(method, Method::GET | Method::HEAD);
+        if changes && path.starts_with("/admin/") && cross_site(session) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "A state-changing admin request from another site is refused.",
+            );
+        }
+        if path == "/admin/login" {
+            if method != Method::POST {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            }
+            return self.login(session).await;
+        }
         let protected = {
             let cfg = self.config.load();
             path.starts_with("/admin/")
                 || (path == "/metrics" && cfg.server.protect_metrics)
                 || (matches!(path.as_str(), "/healthz" | "/readyz") && cfg.server.protect_health)
         };
-        if protected && !self.authorized(session) {
+        if protected && access == Access::Denied {
             return error(
                 StatusCode::UNAUTHORIZED,
-                "The admin API needs Authorization: Bearer <token> (server.admin_token_env).",
+                "The admin API needs Authorization: Bearer <token> (server.admin_token_env), \
+                 or the page's login.",
             );
+        }
+        if changes && access == Access::Cookie {
+            let given = header(session, CSRF_HEADER).unwrap_or("");
+            let want = self.csrf().unwrap_or_default();
+            if want.is_empty() || !same(given.as_bytes(), want.as_bytes()) {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "A state-changing request with the page's session needs its X-Tokentap-CSRF \
+                     header.",
+                );
+            }
+        }
+        if path == "/admin/logout" {
+            if method != Method::POST {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            }
+            let mut r = bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
+            r.headers_mut().insert(
+                http::header::SET_COOKIE,
+                http::HeaderValue::from_static(
+                    "tokentap_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+                ),
+            );
+            return r;
         }
         if path.starts_with("/admin/budgets") {
             return self.budgets(&method, &path, &query).await;
+        }
+        if let Some(rest) = path.strip_prefix("/admin/api/") {
+            if method != Method::GET {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            }
+            return self.api(rest, &query).await;
         }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -236,7 +440,8 @@ impl ServeHttp for Admin {
             (_, "/admin/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: /healthz, /readyz, /metrics, /admin/config, POST /admin/reload\n",
+                "not found: / (the admin page), /healthz, /readyz, /metrics, /admin/config, \
+                 POST /admin/reload, /admin/api/...\n",
             ),
         }
     }
@@ -261,6 +466,40 @@ fn bytes_response(status: StatusCode, ctype: &str, body: Vec<u8>) -> Response<Ve
         .status(status)
         .header(http::header::CONTENT_TYPE, ctype)
         .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CONTENT_SECURITY_POLICY, ui::CSP)
+        .header(http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(http::header::X_FRAME_OPTIONS, "DENY")
+        .header(http::header::REFERRER_POLICY, "no-referrer")
+        .header(http::header::CACHE_CONTROL, "no-store")
         .body(body)
         .expect("static response builds")
+}
+
+impl Admin {
+    /// `/admin/api/<rest>`.
+    async fn api(&self, rest: &str, query: &str) -> Response<Vec<u8>> {
+        use crate::budget::history::Dim;
+        let segs: Vec<String> = rest
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| crate::openai::percent_decode(s).into_owned())
+            .collect();
+        let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
+        match seg.as_slice() {
+            ["overview"] => self.overview(query).await,
+            ["budgets"] => self.budgets_view(query).await,
+            ["users", u] => self.subject(Dim::User, u).await,
+            ["teams", t] => self.subject(Dim::Team, t).await,
+            ["users", u, "calls"] => self.calls(Dim::User, u, query).await,
+            ["teams", t, "calls"] => self.calls(Dim::Team, t, query).await,
+            ["live"] => self.live(),
+            ["status"] => self.status().await,
+            ["spend"] => self.spend(query).await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "admin API: overview, budgets, users/{user}[/calls], teams/{team}[/calls], live, \
+                 status, spend (docs/admin-page.md)",
+            ),
+        }
+    }
 }

@@ -59,6 +59,20 @@ pub struct Reloader {
     /// One reload at a time; the last rejection, so a file event that changes nothing
     /// does not report the same error again.
     state: Mutex<Option<String>>,
+    /// The last reload that did something (or failed), for the admin page.
+    last: Mutex<Option<LastReload>>,
+}
+
+/// A reload as the admin page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastReload {
+    /// Unix seconds.
+    pub at: i64,
+    pub trigger: String,
+    /// `reloaded`, `unchanged` or `rejected`.
+    pub result: &'static str,
+    pub error: Option<String>,
+    pub hash: String,
 }
 
 impl Reloader {
@@ -79,6 +93,7 @@ impl Reloader {
             started,
             log_from_env,
             state: Mutex::new(None),
+            last: Mutex::new(None),
         })
     }
 
@@ -91,7 +106,31 @@ impl Reloader {
         self.config.load().needs_restart_against(&self.started)
     }
 
+    /// The last reload that swapped a config, was asked for, or failed.
+    pub fn last(&self) -> Option<LastReload> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn reload(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
+        let r = self.reload_now(trigger);
+        let (result, error) = match &r {
+            Ok(a) if a.changed => ("reloaded", None),
+            // A file event that changed nothing is not a reload anyone asked for.
+            Ok(_) if trigger == Trigger::File => return r,
+            Ok(_) => ("unchanged", None),
+            Err(e) => ("rejected", Some(e.to_string())),
+        };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastReload {
+            at: crate::budget::now_unix(),
+            trigger: trigger.to_string(),
+            result,
+            error,
+            hash: self.config.load().hash.clone(),
+        });
+        r
+    }
+
+    fn reload_now(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
         let mut last_error = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let running = self.config.load_full();
         let m = &self.metrics;

@@ -40,6 +40,8 @@ pub struct Ctx {
     pub(super) user_stream: Option<UserStream>,
     /// The caller, from its virtual key.
     pub(crate) identity: Option<crate::auth::Identity>,
+    /// Lists the call on the admin page's live view while it runs.
+    pub(super) live: Option<crate::telemetry::live::LiveGuard>,
 }
 
 /// A chat request body's way to the upstream.

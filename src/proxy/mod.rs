@@ -511,6 +511,22 @@ impl TokenTap {
         // The body goes now: time to first token counts from here, not from before the
         // budget decision (a Redis round trip is tokentap's, not the upstream's).
         ctx.times.sent_at = Some(Instant::now());
+        let meta = ctx.meta.as_ref();
+        ctx.live = Some(
+            self.shared
+                .calls
+                .live
+                .open(crate::telemetry::live::LiveCall {
+                    request_id: ctx.request_id.clone(),
+                    user: meta.and_then(|m| m.user.clone()),
+                    model: meta.and_then(|m| m.model.clone()),
+                    api: ctx.api.map(crate::meter::Api::as_str),
+                    started: ctx.times.start,
+                    stream: meta.is_some_and(|m| m.stream),
+                    chunks: Default::default(),
+                    bytes: Default::default(),
+                }),
+        );
         Ok(())
     }
 
@@ -576,6 +592,7 @@ impl ProxyHttp for TokenTap {
             budget_decision: None,
             user_stream: None,
             identity: None,
+            live: None,
         })
     }
 
@@ -752,6 +769,9 @@ impl ProxyHttp for TokenTap {
                 ctx.times.first_chunk = Some(Instant::now());
             }
             ctx.response.bytes += b.len() as u64;
+            if let Some(live) = ctx.live.as_ref().filter(|_| !b.is_empty()) {
+                live.chunk(b.len());
+            }
             if let Some(tap) = ctx.response.tap.as_mut() {
                 if tap.feed(b) {
                     let now = Instant::now();
@@ -894,6 +914,7 @@ impl ProxyHttp for TokenTap {
         ctx.response.stream_active = None;
         let rec = record::build(session, e, ctx);
         self.shared.sinks.record(Arc::new(rec));
+        ctx.live = None;
         let total = ctx.times.overhead + t.elapsed();
         self.shared.calls.observe_overhead(total.as_secs_f64());
     }

@@ -286,6 +286,8 @@ pub struct CallMetrics {
     pub in_flight: Arc<AtomicI64>,
     /// Streams whose response is being relayed (`tokentap_streams_active`).
     pub streams_active: Arc<AtomicI64>,
+    /// The metered calls in flight, for the admin page.
+    pub live: Arc<super::live::LiveCalls>,
     descs: Vec<Desc>,
 }
 
@@ -336,6 +338,7 @@ impl CallMetrics {
             soft: DashMap::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
             streams_active: Arc::new(AtomicI64::new(0)),
+            live: Arc::default(),
             descs,
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod calls;
+pub mod live;
 pub mod metrics;
 pub mod otlp;
 pub mod semconv;

@@ -36,6 +36,8 @@ pub struct TraceSink {
 pub struct TraceCounters {
     pub dropped: prometheus::IntCounterVec,
     pub exported: prometheus::IntCounter,
+    /// Spans waiting for export (`tokentap_spans_queued`).
+    pub queued: prometheus::IntGauge,
 }
 
 impl TraceCounters {
@@ -54,11 +56,17 @@ impl TraceCounters {
                 "Spans the collector accepted.",
             )
             .expect("valid metric"),
+            queued: prometheus::IntGauge::new(
+                "tokentap_spans_queued",
+                "Spans in the queue to the exporter (traces.queue_size at most).",
+            )
+            .expect("valid metric"),
         }
     }
 
     pub fn register(&self, r: &prometheus::Registry) -> prometheus::Result<()> {
         r.register(Box::new(self.dropped.clone()))?;
+        r.register(Box::new(self.queued.clone()))?;
         r.register(Box::new(self.exported.clone()))
     }
 }
@@ -183,6 +191,7 @@ pub(super) fn export_loop(
         loop {
             match rx.try_recv() {
                 Ok(Msg::Record(rec)) => {
+                    counters.queued.dec();
                     add(&mut batch, &mut attrs, &rec, &settings.load());
                     if batch.len() >= cfg.batch_size {
                         export(&mut batch);
@@ -193,6 +202,7 @@ pub(super) fn export_loop(
                     // Everything queued before the flush, then answer.
                     while let Ok(m) = rx.try_recv() {
                         if let Msg::Record(rec) = m {
+                            counters.queued.dec();
                             add(&mut batch, &mut attrs, &rec, &settings.load());
                             if batch.len() >= cfg.batch_size {
                                 export(&mut batch);
@@ -229,7 +239,10 @@ impl super::super::Sink for TraceSink {
             return;
         }
         match tx.try_send(Msg::Record(Arc::clone(rec))) {
-            Ok(()) => self.wake.queued(),
+            Ok(()) => {
+                self.counters.queued.inc();
+                self.wake.queued()
+            }
             Err(TrySendError::Full(_)) => self
                 .counters
                 .dropped
