@@ -325,7 +325,15 @@ impl Admin {
                     .unwrap_or(f64::INFINITY),
                 "resets" => v["resets_unix"].as_f64().unwrap_or(f64::INFINITY),
                 "name" => 0.0,
-                _ => v["used"].as_f64().unwrap_or(0.0),
+                // Reached caps first, then soft thresholds passed, each by how much is used.
+                _ => {
+                    let rank = match v["state"].as_str() {
+                        Some("capped") => 2.0,
+                        Some("soft") => 1.0,
+                        _ => 0.0,
+                    };
+                    rank * 10.0 + v["used"].as_f64().unwrap_or(0.0).min(9.0)
+                }
             };
             (k, name)
         };
@@ -610,7 +618,9 @@ fn cap_row(
     .fold(0.0f64, f64::max);
     let soft = cap.soft_usd.is_some_and(|s| spent.pico > s.0)
         || cap.soft_tokens.is_some_and(|s| spent.tokens > s);
-    let state = if used >= 1.0 {
+    // Reached: spent to the cap, or it refused a call for what was spent (a call's worst
+    // case no longer fits) in this window.
+    let state = if used >= 1.0 || crate::budget::refused_now(subject, cap.window, now) {
         "capped"
     } else if soft {
         "soft"

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::policy::{MissingUser, Subject};
+use super::policy::{MissingUser, Subject, Window};
 use super::{holds_for, now_unix, Amount, Ledger, Rejection, Reservation, StoreDown};
 use crate::config::Config;
 use crate::meter::{estimate_tokens, Usage};
@@ -180,6 +180,9 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
         }
         Ok(Ok(r)) => Decision::Allow(Some(Arc::new(r))),
         Ok(Err(rej)) => {
+            if !rej.in_flight {
+                note_refusal(&rej, now);
+            }
             let team = match &rej.subject {
                 Subject::Team(t) => t.clone(),
                 Subject::User(_) => String::new(),
@@ -236,4 +239,25 @@ fn refusal(r: &Rejection, now: i64) -> ApiError {
     .code("budget_exceeded");
     e.retry_after = retry;
     e
+}
+
+/// The caps that refused a call on this replica (not for calls in flight: for what was
+/// spent), until their window resets: (subject key, window) -> reset time. The admin page
+/// shows them as reached.
+static REFUSED: std::sync::LazyLock<dashmap::DashMap<(String, Window), i64>> =
+    std::sync::LazyLock::new(dashmap::DashMap::new);
+
+fn note_refusal(rej: &super::Rejection, now: i64) {
+    if REFUSED.len() > 10_000 {
+        REFUSED.retain(|_, until| *until > now);
+    }
+    REFUSED.insert((rej.subject.key(), rej.window), rej.resets_at);
+}
+
+/// Whether `subject`'s cap on `window` refused a call in its current window (on this
+/// replica).
+pub fn refused_now(subject: &Subject, window: Window, now: i64) -> bool {
+    REFUSED
+        .get(&(subject.key(), window))
+        .is_some_and(|until| *until > now)
 }

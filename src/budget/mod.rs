@@ -21,7 +21,7 @@ mod sink;
 mod view;
 
 pub use collector::BudgetCollector;
-pub use decision::{decide, worst_case, Decision, Refusal};
+pub use decision::{decide, refused_now, worst_case, Decision, Refusal};
 pub use open_calls::{OpenCall, OpenCalls, OpenGuard};
 pub use sink::{actual, soft_hook, LedgerSink};
 pub use view::*;
