@@ -246,13 +246,13 @@ mod tests {
         CallRow {
             ts,
             request_id: format!("r{i}"),
-            user: (i % 7 != 0).then(|| format!("u{}", i % users.max(1))),
+            user: (!i.is_multiple_of(7)).then(|| format!("u{}", i % users.max(1))),
             teams: teams
                 .iter()
                 .take((i % 3) as usize)
                 .map(|t| t.to_string())
                 .collect(),
-            model: (i % 5 != 0).then(|| format!("m{}", i % 3)),
+            model: (!i.is_multiple_of(5)).then(|| format!("m{}", i % 3)),
             api: crate::meter::Api::ALL.get((i % 6) as usize).copied(),
             usage: crate::meter::Usage {
                 prompt: i * 3 + 1,
@@ -263,8 +263,8 @@ mod tests {
                 reasoning: i % 3,
                 web_searches: i % 2,
             },
-            cost_pico: (i % 4 != 0).then_some(i * 1_000_003),
-            estimated: i % 2 == 0,
+            cost_pico: (!i.is_multiple_of(4)).then_some(i * 1_000_003),
+            estimated: i.is_multiple_of(2),
             outcome: ["complete", "upstream_error", "complete"][(i % 3) as usize],
             status: [200, 502, 429][(i % 3) as usize],
             duration_ms: Some(i),
