@@ -18,6 +18,11 @@ need_deb redis-cli redis-tools
 need_deb unshare util-linux
 need_deb nsenter util-linux
 
+# A real headless browser drives the admin page (tests/admin_browser.rs): Debian's Chromium,
+# through ChromeDriver.
+need_deb chromium chromium
+need_deb chromedriver chromium-driver
+
 # docker-compose parses the compose stack (tests/deploy.rs); it need not run containers.
 need_deb docker-compose docker-compose
 

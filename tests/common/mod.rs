@@ -876,6 +876,7 @@ pub fn inflate(enc: Option<&str>, body: &[u8]) -> Vec<u8> {
     }
 }
 
+pub mod browser;
 pub mod dialects;
 
 /// The model priced in [`TEST_PRICING`] that the shared-cap tests call, its prompt's tokens
