@@ -601,3 +601,66 @@ fn a_batch_of_rows_shipped_twice_is_added_once() {
     let ttl: i64 = redis::cmd("TTL").arg("m").query(&mut con).unwrap();
     assert!((1..=60).contains(&ttl), "{ttl}");
 }
+
+/// Issue 23: with the Redis ledger, the admin page's spend is what every replica shipped to
+/// Redis (either replica shows the same overview, top lists and budgets), and its call list
+/// is the replica's own, which it says.
+#[test]
+fn the_admin_page_shows_every_replicas_spend_and_its_own_calls() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let caps = "[budgets.default]\ndaily = { usd = 100 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", caps));
+    for (tap, user) in [(&a, "ann"), (&a, "ann"), (&b, "ann"), (&b, "ben")] {
+        let body = chat_body(MODEL, user, false, "");
+        assert_eq!(post_chat(tap.addr, &[], &body).status, 200);
+    }
+    a.wait_records(2);
+    b.wait_records(2);
+    let both = recorded(&[&a, &b]);
+    let total: u64 = both.values().map(|(_, c)| c).sum();
+    let overview = |tap: &Tap| request(tap.admin, "GET", "/admin/api/overview", &[], b"").json();
+    let start = Instant::now();
+    for tap in [&a, &b] {
+        loop {
+            let v = overview(tap);
+            if v["periods"][0]["calls"] == 4 {
+                assert_eq!(v["backend"], "redis");
+                assert_eq!(v["scope"]["totals"], "shared");
+                assert_eq!(pico_of_usd(&v["periods"][0]["cost_usd"]), total);
+                assert_eq!(pico_of_usd(&v["daily"][89]["cost_usd"]), total);
+                let top: std::collections::BTreeMap<String, (u64, u64)> = v["top"]["users"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|u| {
+                        let name = u["name"].as_str().unwrap().to_string();
+                        (
+                            name,
+                            (u["calls"].as_u64().unwrap(), pico_of_usd(&u["cost_usd"])),
+                        )
+                    })
+                    .collect();
+                assert_eq!(top, both);
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "never shared: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Budgets come from Redis: ann's spend through both replicas, on either.
+    for tap in [&a, &b] {
+        let rows = request(tap.admin, "GET", "/admin/api/budgets?q=ann", &[], b"").json();
+        assert_eq!(pico_of_usd(&rows["rows"][0]["spent_usd"]), both["ann"].1);
+        let u = request(tap.admin, "GET", "/admin/api/users/ann", &[], b"").json();
+        assert_eq!(u["totals"]["calls"], 3);
+    }
+    // The call list is the replica's: a has two of ann's three calls.
+    let calls = request(a.admin, "GET", "/admin/api/users/ann/calls", &[], b"").json();
+    assert_eq!(calls["calls"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        (calls["scope"].as_str(), calls["backend"].as_str()),
+        (Some("replica"), Some("redis"))
+    );
+}
