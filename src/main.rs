@@ -269,7 +269,7 @@ fn spend(
         FormatArg::Csv => report::Format::Csv,
         FormatArg::Json => report::Format::Json,
     };
-    let calls = report::spend(&cfg.budgets.ledger, zone, from, to, local)?;
+    let calls = report::spend(&cfg.budgets.ledger, zone, from, to, by, local)?;
     Ok(report::render(calls, by, format))
 }
 

@@ -570,7 +570,7 @@ impl Admin {
             _ => return error(StatusCode::BAD_REQUEST, "format: csv or json"),
         };
         let ledger = cfg.budgets.ledger.clone();
-        let groups = blocking(move || report::spend(&ledger, zone, from, to, false)).await;
+        let groups = blocking(move || report::spend(&ledger, zone, from, to, by, false)).await;
         match groups {
             Ok(g) => {
                 let body = report::render(g, by, format).into_bytes();

@@ -119,11 +119,13 @@ impl History {
     ) -> Result<Vec<(String, Totals)>, String> {
         let sql = match dim {
             Dim::User => format!(
-                "SELECT user, '', '', '', '', {SUMS} FROM roll_day WHERE day >= ?1 AND day <= ?2
+                "SELECT user, '', '', '', '', {SUMS} FROM roll_user_day
+                 WHERE day >= ?1 AND day <= ?2
                  GROUP BY user ORDER BY SUM(cost) DESC, user LIMIT ?3"
             ),
             Dim::Model => format!(
-                "SELECT model, '', '', '', '', {SUMS} FROM roll_day WHERE day >= ?1 AND day <= ?2
+                "SELECT model, '', '', '', '', {SUMS} FROM roll_model_day
+                 WHERE day >= ?1 AND day <= ?2
                  GROUP BY model ORDER BY SUM(cost) DESC, model LIMIT ?3"
             ),
             Dim::Team => format!(

@@ -145,13 +145,15 @@ pub fn date_of(t: i64, zone: Zone) -> NaiveDate {
 }
 
 /// `tokentap spend` and the admin page's export: what was spent on days `from..=to` of
-/// `zone`, per group of calls: with the Redis ledger (unless `local`), of every replica, as
-/// shipped to Redis; otherwise of this replica's ledger file.
+/// `zone`, per group of calls (enough of each group to lay it out `by`): with the Redis
+/// ledger (unless `local`), of every replica, as shipped to Redis; otherwise of this
+/// replica's ledger file.
 pub fn spend(
     ledger: &super::policy::LedgerConfig,
     zone: Zone,
     from: NaiveDate,
     to: NaiveDate,
+    by: By,
     local_only: bool,
 ) -> Result<Vec<(Group, Totals)>, String> {
     if to < from {
@@ -163,7 +165,7 @@ pub fn spend(
     if ledger.backend == super::policy::Backend::Redis && !local_only {
         return super::redis::read_report(ledger, from, to);
     }
-    local_days(&ledger.path, zone, from, to)
+    local_days(&ledger.path, zone, from, to, by)
         .unwrap_or_else(|| local(&ledger.path, midnight(from, zone), midnight(after, zone)))
 }
 
@@ -174,24 +176,36 @@ fn local_days(
     zone: Zone,
     from: NaiveDate,
     to: NaiveDate,
+    by: By,
 ) -> Option<Result<Vec<(Group, Totals)>, String>> {
+    use super::rollup::{zone_mark, SUMS, ZONE_KEY};
     let db = Connection::open_with_flags(ledger, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
     let counted: String = db
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'rollup_zone'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT value FROM meta WHERE key = ?1", [ZONE_KEY], |r| {
+            r.get(0)
+        })
         .ok()?;
-    if counted != zone.name() {
+    if counted != zone_mark(zone) {
         return None;
     }
-    let run = || -> rusqlite::Result<Vec<(Group, Totals)>> {
-        let mut q = db.prepare(&format!(
+    // By user or model, the one-key rollups (a few rows a day); by team or API, every group
+    // (a call in several teams counts once in a table's total).
+    let sql = match by {
+        By::User => format!(
+            "SELECT NULLIF(user, ''), NULL, NULL, NULL, {SUMS} FROM roll_user_day
+             WHERE day >= ?1 AND day <= ?2 GROUP BY user"
+        ),
+        By::Model => format!(
+            "SELECT NULL, NULL, NULLIF(model, ''), NULL, {SUMS} FROM roll_model_day
+             WHERE day >= ?1 AND day <= ?2 GROUP BY model"
+        ),
+        By::Team | By::Api => format!(
             "SELECT NULLIF(user, ''), NULLIF(teams, ''), NULLIF(model, ''), NULLIF(api, ''),
-             {} FROM roll_day WHERE day >= ?1 AND day <= ?2 GROUP BY user, teams, model, api",
-            super::rollup::SUMS
-        ))?;
+             {SUMS} FROM roll_day WHERE day >= ?1 AND day <= ?2 GROUP BY user, teams, model, api"
+        ),
+    };
+    let run = || -> rusqlite::Result<Vec<(Group, Totals)>> {
+        let mut q = db.prepare(&sql)?;
         let rows = q.query_map(
             params![
                 super::rollup::day_number(from),

@@ -5,6 +5,8 @@
 //!   midnights fall on a quarter hour): the overview's totals and its hourly chart;
 //! - `roll_day`: per day of the budgets' zone and group of calls (user, teams, model, API):
 //!   reports, top users and models, a user's spend per model;
+//! - `roll_user_day`, `roll_model_day`: per day and user, per day and model (top spenders and
+//!   reports by user or model over months read a few thousand rows, not every group's);
 //! - `roll_team_day`: per day, team and model (a call counts once under each of its teams);
 //! - `call_teams`: the calls of each team, newest first, for a team's recent calls.
 //!
@@ -36,6 +38,18 @@ pub(super) const SCHEMA: &str = "
         e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
         PRIMARY KEY (day, user, teams, model, api)) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS roll_day_user ON roll_day (user, day);
+    CREATE TABLE IF NOT EXISTS roll_user_day (
+        day INTEGER NOT NULL, user TEXT NOT NULL,
+        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
+        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
+        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
+        PRIMARY KEY (day, user)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS roll_model_day (
+        day INTEGER NOT NULL, model TEXT NOT NULL,
+        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
+        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
+        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
+        PRIMARY KEY (day, model)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS roll_team_day (
         day INTEGER NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL,
         n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
@@ -73,6 +87,9 @@ pub fn day_of_number(n: i64) -> chrono::NaiveDate {
 pub(super) struct Batch {
     quarters: HashMap<i64, Totals>,
     days: HashMap<(i64, Group), Totals>,
+    /// Per day and user ("" for none), per day and model: the one-key rollups.
+    user_days: HashMap<(i64, String), Totals>,
+    model_days: HashMap<(i64, String), Totals>,
     team_days: HashMap<(i64, String, String), Totals>,
 }
 
@@ -93,6 +110,11 @@ impl Batch {
                     .add(t);
             }
         }
+        self.user_days
+            .entry((day, g.user.clone().unwrap_or_default()))
+            .or_default()
+            .add(t);
+        self.model_days.entry((day, model)).or_default().add(t);
         self.days.entry((day, g.clone())).or_default().add(t);
     }
 
@@ -140,6 +162,21 @@ impl Batch {
                 f[10]
             ])?;
         }
+        for (table, key, rows) in [
+            ("roll_user_day", "user", &self.user_days),
+            ("roll_model_day", "model", &self.model_days),
+        ] {
+            let mut one = tx.prepare_cached(&format!(
+                "INSERT INTO {table} (day, {key}, {FIGURES}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+                 ?8, ?9, ?10, ?11, ?12, ?13) ON CONFLICT (day, {key}) DO UPDATE SET {set}"
+            ))?;
+            for ((day, name), t) in rows {
+                let f = v(t);
+                one.execute(params![
+                    day, name, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]
+                ])?;
+            }
+        }
         let mut td = tx.prepare_cached(&format!(
             "INSERT INTO roll_team_day (day, team, model, {FIGURES}) VALUES (?1, ?2, ?3, ?4, ?5,
              ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
@@ -155,8 +192,16 @@ impl Batch {
     }
 }
 
-/// The meta key saying in which zone `roll_day` counts days (and that the rollups exist).
-const ZONE_KEY: &str = "rollup_zone";
+/// The meta key saying in which zone the rollups count days (and which rollups the file has:
+/// [`VERSION`] before the zone's name).
+pub const ZONE_KEY: &str = "rollup_zone";
+/// Changes when the rollups do: a file with another version has them built again.
+const VERSION: &str = "2";
+
+/// What [`ZONE_KEY`] holds for rollups of this version counted in `zone`.
+pub fn zone_mark(zone: Zone) -> String {
+    format!("{VERSION} {}", zone.name())
+}
 
 /// Builds the rollups again from the call rows when the file has none yet (a ledger from
 /// before them) or counted its days in another zone than `zone`.
@@ -168,14 +213,14 @@ pub(super) fn ensure(db: &mut Connection, zone: Zone) -> rusqlite::Result<()> {
             |r| r.get(0),
         )
         .ok();
-    if have.as_deref() == Some(zone.name().as_str()) {
+    if have.as_deref() == Some(zone_mark(zone).as_str()) {
         return Ok(());
     }
     let started = std::time::Instant::now();
     let tx = db.transaction()?;
     tx.execute_batch(
         "DELETE FROM roll_quarter; DELETE FROM roll_day; DELETE FROM roll_team_day;
-         DELETE FROM call_teams;
+         DELETE FROM roll_user_day; DELETE FROM roll_model_day; DELETE FROM call_teams;
          INSERT INTO call_teams (team, call)
              WITH RECURSIVE split(call, team, rest) AS (
                  SELECT rowid, '', teams || ',' FROM calls WHERE teams != ''
@@ -205,7 +250,7 @@ pub(super) fn ensure(db: &mut Connection, zone: Zone) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value = ?2",
-        params![ZONE_KEY, zone.name()],
+        params![ZONE_KEY, zone_mark(zone)],
     )?;
     tx.commit()?;
     if rows > 0 {
@@ -227,6 +272,8 @@ pub(super) fn expire(tx: &Transaction<'_>, cutoff: i64, zone: Zone) -> rusqlite:
     let day = day_number(report::date_of(cutoff, zone));
     tx.execute("DELETE FROM roll_day WHERE day < ?1", params![day])?;
     tx.execute("DELETE FROM roll_team_day WHERE day < ?1", params![day])?;
+    tx.execute("DELETE FROM roll_user_day WHERE day < ?1", params![day])?;
+    tx.execute("DELETE FROM roll_model_day WHERE day < ?1", params![day])?;
     tx.execute(
         "DELETE FROM call_teams WHERE call < (SELECT MIN(rowid) FROM calls)",
         [],
@@ -316,14 +363,23 @@ mod tests {
                 drop(ledger);
                 let today = report::date_of(crate::budget::now_unix(), z);
                 let (from, to) = (today - chrono::Days::new(50), today - chrono::Days::new(10));
-                let days = report::spend(&cfg, z, from, to, false).unwrap();
                 let calls = report::local(
                     &cfg.path,
                     report::midnight(from, z),
                     report::midnight(to + chrono::Days::new(1), z),
                 )
                 .unwrap();
-                proptest::prop_assert_eq!(sorted(days), sorted(calls));
+                let rolled = report::spend(&cfg, z, from, to, report::By::Api, false).unwrap();
+                proptest::prop_assert_eq!(sorted(rolled), sorted(calls.clone()));
+                for by in [report::By::User, report::By::Team, report::By::Model, report::By::Api] {
+                    for format in [report::Format::Json, report::Format::Table] {
+                        let rolled = report::spend(&cfg, z, from, to, by, false).unwrap();
+                        proptest::prop_assert_eq!(
+                            report::render(rolled, by, format),
+                            report::render(calls.clone(), by, format)
+                        );
+                    }
+                }
                 // The quarter hours hold every call once.
                 let h = crate::budget::history::History::new(cfg.path.clone(), z);
                 let q: u64 = h
