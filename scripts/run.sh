@@ -22,6 +22,7 @@ if [ "${1:-}" = "--demo" ]; then
         (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break
         sleep 0.1
     done
+    echo "tokentap: proxy on http://127.0.0.1:8080, admin page on http://127.0.0.1:9464/"
     ./target/release/tokentap serve --config config/demo.toml
 else
     exec ./target/release/tokentap serve --config "${TOKENTAP_CONFIG:-config/tokentap.toml}"

@@ -638,7 +638,7 @@
         fig('td', 'request_id', c.request_id, c.request_id, 'rid'));
     });
     holder.replaceChildren(
-      page.backend === 'redis' ? h('p', { class: 'note' }, 'Calls recorded by this replica (each replica keeps its own call history).') : null,
+      page.backend === 'redis' ? h('p', { class: 'note' }, 'Calls recorded by this replica (each replica keeps its own call history).') : '',
       calls.length ? h('div', { class: 'scroll' }, table({ class: 'data calls' }, cols, rows))
         : h('p', { class: 'empty' }, before == null ? 'No calls recorded.' : 'No older calls.'),
       h('div', { class: 'pager' },
