@@ -114,6 +114,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
             live: Arc::clone(&shared.calls.live),
             traces: trace_counters,
             started: Instant::now(),
+            sessions: Default::default(),
         },
     );
     admin.add_tcp(&admin_listen.to_string());

@@ -8,7 +8,10 @@
 //! and, when the cookie authenticates it, carry the session's CSRF value.
 
 mod api;
+mod session;
 mod ui;
+
+use session::{cookie, header, same, Sessions, COOKIE};
 
 use std::sync::Arc;
 
@@ -36,10 +39,10 @@ pub struct Admin {
     /// The span exporter's counters (the status view).
     pub traces: crate::telemetry::traces::TraceCounters,
     pub started: std::time::Instant,
+    /// The page's logins.
+    pub sessions: Sessions,
 }
 
-/// The page's session cookie.
-const COOKIE: &str = "tokentap_session";
 /// The header a cookie-authenticated state change carries.
 const CSRF_HEADER: &str = "x-tokentap-csrf";
 
@@ -51,72 +54,6 @@ enum Access {
     Bearer,
     Cookie,
     Denied,
-}
-
-/// A value made from the token for one purpose (the session cookie, the CSRF value): neither
-/// gives the token away, and both change with it.
-fn derived(token: &str, purpose: &str) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(b"tokentap admin ");
-    h.update(purpose.as_bytes());
-    h.update([0]);
-    h.update(token.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn header<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
-    session
-        .req_header()
-        .headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-}
-
-/// The value of cookie `name` in the request.
-fn cookie<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
-    session
-        .req_header()
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
-}
-
-/// Whether a browser sent this request from another site: its `Origin` is not the admin
-/// listener it was sent to, or `Sec-Fetch-Site` says so. (Tools such as curl send neither.)
-fn cross_site(session: &ServerSession) -> bool {
-    if let Some(site) = header(session, "sec-fetch-site") {
-        if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
-            return true;
-        }
-    }
-    match header(session, "origin") {
-        None => false,
-        Some(origin) => {
-            let host = header(session, "host").unwrap_or("");
-            let authority = origin
-                .strip_prefix("http://")
-                .or_else(|| origin.strip_prefix("https://"));
-            authority != Some(host) || host.is_empty()
-        }
-    }
-}
-
-/// Compares without leaking, through timing, how much of the token (or how long it) is:
-/// the digests are compared, in full.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    use sha2::Digest;
-    let (a, b) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
 }
 
 impl Admin {
@@ -136,22 +73,21 @@ impl Admin {
             };
         }
         match cookie(session, COOKIE) {
-            Some(c) if same(c.as_bytes(), derived(token, "session").as_bytes()) => Access::Cookie,
+            Some(id) if self.sessions.valid(id, token, crate::budget::now_unix()) => Access::Cookie,
             _ => Access::Denied,
         }
     }
 
-    /// The session's CSRF value (`None` without a token).
-    fn csrf(&self) -> Option<String> {
+    /// The CSRF value of the request's session (`None` without one).
+    fn csrf(&self, session: &ServerSession) -> Option<String> {
         let cfg = self.config.load();
-        cfg.server
-            .admin_token
-            .as_ref()
-            .map(|t| derived(t.expose(), "csrf"))
+        let token = cfg.server.admin_token.as_ref()?;
+        let id = cookie(session, COOKIE)?;
+        Some(Sessions::csrf(id, token.expose()))
     }
 
     /// `GET /admin/api/session`: what the page needs to know before it asks for data.
-    fn session_info(&self, access: Access) -> Response<Vec<u8>> {
+    fn session_info(&self, session: &ServerSession, access: Access) -> Response<Vec<u8>> {
         let auth = if access == Access::Open {
             "none"
         } else {
@@ -163,7 +99,7 @@ impl Admin {
             &json!({
                 "auth": auth,
                 "logged_in": logged_in,
-                "csrf": if logged_in { self.csrf() } else { None },
+                "csrf": if access == Access::Cookie { self.csrf(session) } else { None },
                 "version": env!("CARGO_PKG_VERSION"),
             }),
         )
@@ -189,14 +125,21 @@ impl Admin {
             return bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
         };
         if !same(given.as_bytes(), token.expose().as_bytes()) {
-            log::warn!("admin: a login with a wrong token");
+            self.sessions.failed().await;
             return error(StatusCode::UNAUTHORIZED, "That is not the admin token.");
         }
+        let Some(id) = self
+            .sessions
+            .open(token.expose(), crate::budget::now_unix())
+        else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many open sessions: try again later.",
+            );
+        };
         let mut r = bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
-        let c = format!(
-            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
-            derived(token.expose(), "session")
-        );
+        // Scoped to /admin: it never goes along with calls to the proxy on the same host.
+        let c = format!("{COOKIE}={id}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=43200");
         if let Ok(v) = http::HeaderValue::from_str(&c) {
             r.headers_mut().insert(http::header::SET_COOKIE, v);
         }
@@ -255,6 +198,7 @@ impl Admin {
                 };
                 let subject = Subject::User(u.to_string());
                 ledger.reset(&subject, window, policy, now).await;
+                crate::budget::forget_refusal(&subject, window);
                 log::info!("admin: reset the {window} spend of user {u:?}");
                 json_response(
                     StatusCode::OK,
@@ -286,17 +230,25 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
+        let access = self.access(session);
+        let page = path == "/" || path.starts_with("/ui/") || path.starts_with("/admin/");
+        if page && access == Access::Open && !session::addressed_by_ip(session) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "Without an admin token (server.admin_token_env), the admin page and API answer \
+                 only to an IP address or localhost as the host.",
+            );
+        }
         if method == Method::GET {
             if let Some(r) = ui::file(&path) {
                 return r;
             }
         }
-        let access = self.access(session);
         if path == "/admin/api/session" {
-            return self.session_info(access);
+            return self.session_info(session, access);
         }
         let changes = !matches!(method, Method::GET | Method::HEAD);
-        if changes && path.starts_with("/admin/") && cross_site(session) {
+        if changes && path.starts_with("/admin/") && session::cross_site(session) {
             return error(
                 StatusCode::FORBIDDEN,
                 "A state-changing admin request from another site is refused.",
@@ -323,7 +275,7 @@ impl ServeHttp for Admin {
         }
         if changes && access == Access::Cookie {
             let given = header(session, CSRF_HEADER).unwrap_or("");
-            let want = self.csrf().unwrap_or_default();
+            let want = self.csrf(session).unwrap_or_default();
             if want.is_empty() || !same(given.as_bytes(), want.as_bytes()) {
                 return error(
                     StatusCode::FORBIDDEN,
@@ -336,11 +288,14 @@ impl ServeHttp for Admin {
             if method != Method::POST {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
             }
+            if let Some(id) = cookie(session, COOKIE) {
+                self.sessions.close(id);
+            }
             let mut r = bytes_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
             r.headers_mut().insert(
                 http::header::SET_COOKIE,
                 http::HeaderValue::from_static(
-                    "tokentap_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+                    "tokentap_session=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0",
                 ),
             );
             return r;

@@ -279,6 +279,22 @@ pub fn group_and_totals(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(G
     ))
 }
 
+/// A CSV cell (RFC 4180) of a name callers chose: quoted when it holds a separator, a quote
+/// or a line break, and, when it starts like a formula (`=`, `+`, `-`, `@`, a tab or a
+/// carriage return), prefixed with `'` so that a spreadsheet shows it instead of running it.
+fn csv_cell(k: &str) -> String {
+    let k = if k.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{k}")
+    } else {
+        k.to_string()
+    };
+    if k.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", k.replace('"', "\"\""))
+    } else {
+        k
+    }
+}
+
 /// Lays out `groups` by user, team, model or API.
 pub fn render(groups: Vec<(Group, Totals)>, by: By, format: Format) -> String {
     let mut rows: BTreeMap<String, Totals> = BTreeMap::new();
@@ -338,11 +354,7 @@ pub fn render(groups: Vec<(Group, Totals)>, by: By, format: Format) -> String {
         Format::Csv => {
             let mut out = format!("{key},calls,prompt_tokens,completion_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,web_searches,cost_usd,estimated_calls,unpriced_calls\n");
             for (k, r) in &sorted {
-                let k = if k.contains([',', '"', '\n']) {
-                    format!("\"{}\"", k.replace('"', "\"\""))
-                } else {
-                    k.clone()
-                };
+                let k = csv_cell(k);
                 let _ = writeln!(
                     out,
                     "{k},{},{},{},{},{},{},{},{},{},{}",
@@ -423,6 +435,16 @@ pub fn render(groups: Vec<(Group, Totals)>, by: By, format: Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_cells_of_caller_names_neither_break_rows_nor_run_as_formulas() {
+        assert_eq!(csv_cell("alice"), "alice");
+        assert_eq!(csv_cell("a,b"), "\"a,b\"");
+        assert_eq!(csv_cell("say \"hi\"\r\n"), "\"say \"\"hi\"\"\r\n\"");
+        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_cell("+1"), "'+1");
+        assert_eq!(csv_cell("@sum"), "'@sum");
+    }
 
     #[test]
     fn days_start_at_midnight_in_the_budgets_zone() {

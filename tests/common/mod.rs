@@ -624,7 +624,7 @@ pub fn send_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: test.local\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
