@@ -135,6 +135,12 @@ fn the_page_shows_the_ledgers_figures_a_users_calls_and_markup_as_text() {
         3,
         "soft thresholds passed stand out"
     );
+    assert_eq!(b.js("return document.querySelectorAll('img').length"), 0);
+    assert!(b
+        .js("return [...document.querySelectorAll('tr[data-kind] a')].map(a => a.textContent)")
+        .as_array()
+        .unwrap()
+        .contains(&Value::String(XSS.into())));
     // The filter narrows the list.
     b.js(
         "const f = document.getElementById('budget-filter'); f.value = 'bo'; \
@@ -201,7 +207,7 @@ fn a_slow_stream_shows_on_the_live_view_until_it_ends() {
     let stream = std::thread::spawn(move || {
         post_chat(
             addr,
-            &[("x-mock-chunks", "40"), ("x-mock-delay-ms", "60")],
+            &[("x-mock-chunks", "80"), ("x-mock-delay-ms", "60")],
             &chat_body(MODEL, "streamer", true, ""),
         )
     });

@@ -663,4 +663,23 @@ fn the_admin_page_shows_every_replicas_spend_and_its_own_calls() {
         (calls["scope"].as_str(), calls["backend"].as_str()),
         (Some("replica"), Some("redis"))
     );
+    // Redis gone: the page shows this replica's own figures and says why.
+    let mut redis = redis;
+    drop(redis.proc.take());
+    let v = overview(&a);
+    assert_eq!(v["scope"]["totals"], "replica");
+    assert!(
+        v["scope"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("Redis could not be read"),
+        "{v}"
+    );
+    assert_eq!(v["periods"][0]["calls"], 2, "a's own calls");
+    let u = request(a.admin, "GET", "/admin/api/users/ann", &[], b"").json();
+    assert_eq!(u["totals"]["calls"], 2);
+    assert!(u["note"]
+        .as_str()
+        .unwrap()
+        .contains("Redis could not be read"));
 }

@@ -6,6 +6,7 @@
 //! replica's own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::NaiveDate;
 use futures::future::join_all;
@@ -13,13 +14,16 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{error, json_response, Admin};
-use crate::budget::history::{rfc3339, Days, Dim, History};
+use crate::budget::history::{rfc3339, Dim, SharedOverview};
 use crate::budget::policy::{BudgetPolicy, Cap, Subject, Window, Zone};
 use crate::budget::report::{self, Totals};
 use crate::meter::Pico;
 
 /// Top entries per list on the overview.
 const TOP: usize = 10;
+/// Users under the default caps the budgets view lists at most (the biggest spenders of each
+/// default window): with the Redis ledger, every row is a round trip.
+const DEFAULT_CAPPED_LISTED: usize = 2_000;
 
 fn usd(p: u64) -> String {
     Pico(p).to_string()
@@ -72,28 +76,12 @@ fn fold(quarters: &[(i64, Totals)], starts: &[i64], end: i64) -> Vec<Totals> {
     out
 }
 
-/// Where the shared numbers come from, and whether they could be read.
-enum Source {
-    File(Arc<History>),
-    Shared(Days),
+/// Why the page shows this replica's file where Redis's shared figures were wanted.
+fn unshared(e: &str) -> String {
+    format!("Redis could not be read ({e}): these are this replica's own calls")
 }
 
 impl Admin {
-    /// The per-day totals of days `from..=to`: Redis's (what all replicas share), or this
-    /// replica's file; the note says why Redis's were not used.
-    async fn days_source(&self, from: NaiveDate, to: NaiveDate) -> (Source, Option<String>) {
-        match self.ledger.shared_days(from, to).await {
-            Some(Ok(d)) => (Source::Shared(d), None),
-            Some(Err(e)) => (
-                Source::File(self.ledger.history()),
-                Some(format!(
-                    "Redis could not be read ({e}): these are this replica's own calls"
-                )),
-            ),
-            None => (Source::File(self.ledger.history()), None),
-        }
-    }
-
     pub(super) async fn overview(&self, query: &str) -> Response<Vec<u8>> {
         let cfg = self.config.load();
         let zone = cfg.budgets.offset();
@@ -127,13 +115,28 @@ impl Admin {
             }
         };
         let hourly = fold(&quarters, &hour_starts, end);
-        let (source, note) = self.days_source(first_day, today).await;
         let window_days = |w: Window| {
             let (start, _) = w.bounds(now, zone);
             (report::date_of(start, zone), today)
         };
-        let (period_totals, daily, top) = match &source {
-            Source::File(_) => {
+        // The longest period: the shared days asked for cover it and the 90 days' chart.
+        let earliest = periods
+            .iter()
+            .map(|(_, w)| window_days(*w).0)
+            .min()
+            .unwrap_or(today)
+            .min(first_day);
+        let (shared, note) = match self
+            .ledger
+            .shared_overview(earliest, today, window_days(top_window), TOP)
+            .await
+        {
+            Some(Ok(o)) => (Some(o), None),
+            Some(Err(e)) => (None, Some(unshared(&e))),
+            None => (None, None),
+        };
+        let (period_totals, daily, top) = match shared {
+            None => {
                 let period_totals: Vec<Totals> = periods
                     .iter()
                     .map(|(_, w)| {
@@ -157,37 +160,37 @@ impl Admin {
                     Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
                 }
             }
-            Source::Shared(days) => {
+            Some(SharedOverview {
+                daily: per_day,
+                users,
+                teams,
+                models,
+            }) => {
                 let period_totals = periods
                     .iter()
                     .map(|(_, w)| {
-                        let (f, t) = window_days(*w);
-                        days.daily(f, t)
-                            .values()
-                            .fold(Totals::default(), |mut a, t| {
+                        let (f, _) = window_days(*w);
+                        per_day
+                            .range(f..=today)
+                            .fold(Totals::default(), |mut a, (_, t)| {
                                 a.add(t);
                                 a
                             })
                     })
                     .collect();
-                let per_day = days.daily(first_day, today);
                 let daily = first_day
                     .iter_days()
                     .take(90)
                     .map(|d| per_day.get(&d).cloned().unwrap_or_default())
                     .collect();
-                let (f, t) = window_days(top_window);
-                let top = [
-                    days.top(Dim::User, f, t, TOP),
-                    days.top(Dim::Team, f, t, TOP),
-                    days.top(Dim::Model, f, t, TOP),
-                ];
-                (period_totals, daily, top)
+                (period_totals, daily, [users, teams, models])
             }
         };
         let top_json = |v: &Vec<(String, Totals)>| -> Vec<Value> {
             v.iter()
                 .map(|(name, t)| {
+                    // Calls without a user (or model): `null`.
+                    let name = (!name.is_empty()).then_some(name);
                     json!({
                         "name": name, "calls": t.calls, "tokens": t.prompt + t.completion,
                         "cost_usd": usd(t.cost),
@@ -195,7 +198,7 @@ impl Admin {
                 })
                 .collect()
         };
-        let shared = matches!(source, Source::Shared(_));
+        let shared = note.is_none() && self.ledger.backend() == "redis";
         json_response(
             StatusCode::OK,
             &json!({
@@ -272,7 +275,7 @@ impl Admin {
             let mut windows: Vec<Window> = policy.default_caps.iter().map(|c| c.window).collect();
             windows.dedup();
             for w in windows {
-                for (u, _) in self.ledger.top(policy, w, 100_000, now).await {
+                for (u, _) in self.ledger.top(policy, w, DEFAULT_CAPPED_LISTED, now).await {
                     if !policy.user_caps.contains_key(&u) {
                         users
                             .entry(u)
@@ -311,7 +314,18 @@ impl Admin {
                 q.is_empty() || name.to_lowercase().contains(&q)
             })
             .collect();
-        let mut rows = self.cap_rows(policy, subjects, now).await;
+        // A store that does not answer in time gives an error, not a page that never loads.
+        let Ok(mut rows) = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.cap_rows(policy, subjects, now),
+        )
+        .await
+        else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The budget store did not answer in time.",
+            );
+        };
         let sort = param(query, "sort").unwrap_or_else(|| "used".into());
         let desc = param(query, "order").map_or(sort != "name", |o| o != "asc");
         let key = |v: &Value| -> (f64, String) {
@@ -388,16 +402,25 @@ impl Admin {
         let caps = self.cap_rows(policy, vec![(subject, caps)], now).await;
         let today = report::date_of(now, zone);
         let first = today - chrono::Days::new(29);
-        let (source, note) = self.days_source(first, today).await;
-        let per_day = match source {
-            Source::File(h) => {
+        let (shared, note) = match self
+            .ledger
+            .shared_by_model(dim == Dim::Team, name, first, today)
+            .await
+        {
+            Some(Ok(v)) => (Some(v), None),
+            Some(Err(e)) => (None, Some(unshared(&e))),
+            None => (None, None),
+        };
+        let per_day = match shared {
+            Some(v) => v,
+            None => {
+                let h = self.ledger.history();
                 let n = name.to_string();
                 match blocking(move || h.by_model(dim, &n, first, today)).await {
                     Ok(v) => v,
                     Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
                 }
             }
-            Source::Shared(days) => days.by_model(dim, name, first, today),
         };
         let days: Vec<NaiveDate> = first.iter_days().take(30).collect();
         let mut models: std::collections::BTreeMap<String, Vec<Totals>> = Default::default();
@@ -548,7 +571,13 @@ impl Admin {
             Some(s) => report::date(&s).map_err(|e| format!("{k}: {e}")),
         };
         let (from, to) = match (day("from"), day("to")) {
-            (Ok(f), Ok(t)) if f <= t => (f, t),
+            (Ok(f), Ok(t)) if f <= t && (t - f).num_days() < 1100 => (f, t),
+            (Ok(_), Ok(_)) if day("from").ok() <= day("to").ok() => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "from..to: at most 1,100 days at once (tokentap spend takes any range)",
+                )
+            }
             (Ok(f), Ok(t)) => {
                 return error(
                     StatusCode::BAD_REQUEST,

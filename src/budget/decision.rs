@@ -178,7 +178,15 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
                 )
             }
         }
-        Ok(Ok(r)) => Decision::Allow(Some(Arc::new(r))),
+        Ok(Ok(r)) => {
+            // A call fits again: its caps are no longer reached.
+            if !REFUSED.is_empty() {
+                for h in &r.holds {
+                    REFUSED.remove(&(h.key.clone(), h.window));
+                }
+            }
+            Decision::Allow(Some(Arc::new(r)))
+        }
         Ok(Err(rej)) => {
             if !rej.in_flight {
                 note_refusal(&rej, now);
@@ -242,16 +250,32 @@ fn refusal(r: &Rejection, now: i64) -> ApiError {
 }
 
 /// The caps that refused a call on this replica (not for calls in flight: for what was
-/// spent), until their window resets: (subject key, window) -> reset time. The admin page
-/// shows them as reached.
+/// spent), until their window resets, a call fits again, or an operator resets the spend:
+/// (subject key, window) -> reset time. The admin page shows them as reached.
 static REFUSED: std::sync::LazyLock<dashmap::DashMap<(String, Window), i64>> =
     std::sync::LazyLock::new(dashmap::DashMap::new);
+/// Caps kept as refused at most (user ids are callers' to choose); past it, ended windows
+/// are dropped at most once a second, and refusals beyond are not kept.
+const REFUSED_MAX: usize = 10_000;
+static REFUSED_SWEPT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 fn note_refusal(rej: &super::Rejection, now: i64) {
-    if REFUSED.len() > 10_000 {
+    use std::sync::atomic::Ordering::Relaxed;
+    if REFUSED.len() >= REFUSED_MAX {
+        if REFUSED_SWEPT.swap(now, Relaxed) == now {
+            return;
+        }
         REFUSED.retain(|_, until| *until > now);
+        if REFUSED.len() >= REFUSED_MAX {
+            return;
+        }
     }
     REFUSED.insert((rej.subject.key(), rej.window), rej.resets_at);
+}
+
+/// An operator reset `subject`'s spend on `window`: its cap is no longer reached.
+pub fn forget_refusal(subject: &Subject, window: Window) {
+    REFUSED.remove(&(subject.key(), window));
 }
 
 /// Whether `subject`'s cap on `window` refused a call in its current window (on this

@@ -692,14 +692,20 @@ impl Embedded {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if last.elapsed() > Duration::from_secs(3600) && !self.retention.is_zero() {
-            let cutoff = super::now_unix() - self.retention.as_secs() as i64;
+            // From a midnight of the budgets' zone: the rows, the quarter hours and the days
+            // all end at the same instant, and agree.
+            let oldest = super::report::date_of(
+                super::now_unix() - self.retention.as_secs() as i64,
+                self.zone,
+            );
+            let cutoff = super::report::midnight(oldest, self.zone);
+            super::rollup::expire(&tx, cutoff, self.zone)?;
             // The newest row stays, however old: row ids keep growing, and the Redis ledger
             // ships rows to the shared reports by id.
             tx.execute(
                 "DELETE FROM calls WHERE ts < ?1 AND rowid < (SELECT MAX(rowid) FROM calls)",
                 params![cutoff],
             )?;
-            super::rollup::expire(&tx, cutoff, self.zone)?;
             *last = Instant::now();
         }
         tx.commit()
@@ -1165,6 +1171,77 @@ mod tests {
         ledger.record_call(row(old + 4));
         ledger.flush();
         assert_eq!(ledger.rows_after(4, 10).unwrap()[0].0, 5);
+    }
+
+    /// Retention drops the rows, their team entries and the rollups from the same midnight of
+    /// the budgets' zone: what is left agrees, however the rows fell across days.
+    #[test]
+    fn retention_drops_rows_and_rollups_from_the_same_midnight() {
+        use super::super::report;
+        let dir = tempfile::tempdir().unwrap();
+        let zone = Zone::Fixed(chrono::FixedOffset::east_opt(-5 * 3600 - 1800).unwrap());
+        let cfg = LedgerConfig {
+            path: dir.path().join("ledger.db"),
+            flush_interval: Duration::from_secs(3600),
+            retention_days: 2,
+            ..LedgerConfig::default()
+        };
+        let ledger = Embedded::open_in(&cfg, zone).unwrap();
+        let now = super::super::now_unix();
+        // Every 37 minutes over five days, in one team or two, written before retention runs.
+        let n = 5 * 24 * 60 / 37;
+        // (The last one after the retention pass is due: written, it runs the pass.)
+        for i in 0..=n {
+            if i == n {
+                ledger.flush();
+                *ledger.last_retention.lock().unwrap() = Instant::now() - Duration::from_secs(7200);
+            }
+            ledger.record_call(CallRow {
+                ts: now - 5 * 86_400 + i * 37 * 60,
+                request_id: format!("r{i}"),
+                user: Some(format!("u{}", i % 4)),
+                teams: (0..1 + i % 2).map(|t| format!("t{t}")).collect(),
+                model: Some("m".into()),
+                api: None,
+                usage: crate::meter::Usage {
+                    prompt: 10,
+                    ..Default::default()
+                },
+                cost_pico: Some(1000 + i as u64),
+                estimated: false,
+                outcome: "complete",
+                status: 200,
+                duration_ms: None,
+                usage_source: "reported",
+            });
+        }
+        ledger.flush();
+        let db = Connection::open(&cfg.path).unwrap();
+        let one = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+        let rows = one("SELECT COUNT(*) FROM calls");
+        assert!(rows > 0 && rows < n, "{rows} of {n} left");
+        let first = one("SELECT MIN(ts) FROM calls");
+        let cutoff = report::midnight(report::date_of(now - 2 * 86_400, zone), zone);
+        assert!(
+            first >= cutoff && first < cutoff + 37 * 60,
+            "rows start at the midnight"
+        );
+        assert_eq!(one("SELECT SUM(n) FROM roll_quarter"), rows);
+        assert_eq!(one("SELECT SUM(n) FROM roll_user_day"), rows);
+        assert_eq!(one("SELECT SUM(n) FROM roll_day"), rows);
+        assert_eq!(
+            one("SELECT COUNT(*) FROM call_teams"),
+            one("SELECT SUM(1 + (teams LIKE '%,%')) FROM calls"),
+            "no team entry outlives its row"
+        );
+        assert_eq!(
+            one("SELECT COUNT(*) FROM call_teams WHERE call NOT IN (SELECT rowid FROM calls)"),
+            0
+        );
+        assert_eq!(
+            one("SELECT SUM(cost) FROM roll_day"),
+            one("SELECT SUM(cost_pico) FROM calls")
+        );
     }
 
     /// A file that is not a ledger stops the start (an outage would be waited out; this is

@@ -2,10 +2,10 @@
 //! spenders, a user's or team's spend per model per day and their recent calls. A read-only
 //! connection of its own (the file is in WAL mode: reading never blocks the writer).
 //!
-//! The same questions about the Redis ledger's shared per-day totals are answered from the
-//! days Redis returns by [`from_days`].
+//! The Redis ledger answers the same questions from what all replicas share
+//! ([`SharedOverview`], `Ledger::shared_by_model`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -13,7 +13,7 @@ use chrono::NaiveDate;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::policy::Zone;
-use super::report::{self, Group, Totals};
+use super::report::{self, Totals};
 use super::rollup::{self, QUARTER, SUMS};
 
 /// Who a page is about.
@@ -268,76 +268,12 @@ impl History {
     }
 }
 
-/// Sums of the days Redis shares (per day and group) as [`History`] answers them.
-pub struct Days(pub Vec<(NaiveDate, Group, Totals)>);
-
-impl Days {
-    /// Totals per day, on days `from..=to`.
-    pub fn daily(&self, from: NaiveDate, to: NaiveDate) -> BTreeMap<NaiveDate, Totals> {
-        let mut m = BTreeMap::new();
-        for (d, _, t) in &self.0 {
-            if (from..=to).contains(d) {
-                m.entry(*d).or_insert_with(Totals::default).add(t);
-            }
-        }
-        m
-    }
-
-    /// As [`History::top`].
-    pub fn top(
-        &self,
-        dim: Dim,
-        from: NaiveDate,
-        to: NaiveDate,
-        limit: usize,
-    ) -> Vec<(String, Totals)> {
-        let mut m: HashMap<String, Totals> = HashMap::new();
-        for (d, g, t) in &self.0 {
-            if !(from..=to).contains(d) {
-                continue;
-            }
-            for k in keys(dim, g) {
-                m.entry(k).or_default().add(t);
-            }
-        }
-        let mut v: Vec<(String, Totals)> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(a.0.cmp(&b.0)));
-        v.truncate(limit);
-        v
-    }
-
-    /// As [`History::by_model`].
-    pub fn by_model(
-        &self,
-        dim: Dim,
-        name: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Vec<(NaiveDate, String, Totals)> {
-        let mut m: BTreeMap<(NaiveDate, String), Totals> = BTreeMap::new();
-        for (d, g, t) in &self.0 {
-            if (from..=to).contains(d) && keys(dim, g).iter().any(|k| k == name) {
-                m.entry((*d, g.model.clone().unwrap_or_default()))
-                    .or_default()
-                    .add(t);
-            }
-        }
-        m.into_iter().map(|((d, model), t)| (d, model, t)).collect()
-    }
-}
-
-/// The names a group of calls counts under.
-fn keys(dim: Dim, g: &Group) -> Vec<String> {
-    match dim {
-        Dim::User => vec![g.user.clone().unwrap_or_default()],
-        Dim::Model => vec![g.model.clone().unwrap_or_default()],
-        Dim::Team => g
-            .teams
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(str::to_string)
-            .collect(),
-    }
+/// The admin page's overview as Redis shares it (the summaries every replica ships).
+#[derive(Debug, Default)]
+pub struct SharedOverview {
+    /// Totals of each day asked for that has calls.
+    pub daily: BTreeMap<NaiveDate, Totals>,
+    pub users: Vec<(String, Totals)>,
+    pub teams: Vec<(String, Totals)>,
+    pub models: Vec<(String, Totals)>,
 }

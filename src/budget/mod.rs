@@ -21,7 +21,7 @@ mod sink;
 mod view;
 
 pub use collector::BudgetCollector;
-pub use decision::{decide, refused_now, worst_case, Decision, Refusal};
+pub use decision::{decide, forget_refusal, refused_now, worst_case, Decision, Refusal};
 pub use open_calls::{OpenCall, OpenCalls, OpenGuard};
 pub use sink::{actual, soft_hook, LedgerSink};
 pub use view::*;
@@ -307,13 +307,27 @@ pub trait Ledger: Send + Sync {
     fn backend(&self) -> &'static str;
     /// The reader of this replica's ledger file (its per-call rows and rollups).
     fn history(&self) -> Arc<history::History>;
-    /// The per-day totals every replica shares, on days `from..=to` (the Redis ledger);
-    /// `None` where the ledger file is the whole record (the embedded ledger).
-    async fn shared_days(
+    /// What all replicas share for the admin page's overview (the Redis ledger): the totals
+    /// of each of days `from..=to` and the top `limit` users, teams and models of days
+    /// `top.0..=top.1`; `None` where the ledger file is the whole record (the embedded one).
+    async fn shared_overview(
         &self,
         _from: chrono::NaiveDate,
         _to: chrono::NaiveDate,
-    ) -> Option<Result<history::Days, String>> {
+        _top: (chrono::NaiveDate, chrono::NaiveDate),
+        _limit: usize,
+    ) -> Option<Result<history::SharedOverview, String>> {
+        None
+    }
+    /// A user's (or, `team`, a team's) spend per day and model on days `from..=to` as all
+    /// replicas share it; `None` as for [`Ledger::shared_overview`].
+    async fn shared_by_model(
+        &self,
+        _team: bool,
+        _name: &str,
+        _from: chrono::NaiveDate,
+        _to: chrono::NaiveDate,
+    ) -> Option<Result<Vec<(chrono::NaiveDate, String, report::Totals)>, String>> {
         None
     }
 }

@@ -263,8 +263,15 @@ pub(super) fn ensure(db: &mut Connection, zone: Zone) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Drops what retention dropped of the calls: rollups before `cutoff` (Unix seconds).
+/// Drops what retention drops of the calls (before `cutoff`, a midnight of `zone`, in Unix
+/// seconds): the rollups before it, and the team entries of the rows about to be deleted
+/// (run before the rows are).
 pub(super) fn expire(tx: &Transaction<'_>, cutoff: i64, zone: Zone) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM call_teams WHERE call IN (SELECT rowid FROM calls
+         WHERE ts < ?1 AND rowid < (SELECT MAX(rowid) FROM calls))",
+        params![cutoff],
+    )?;
     tx.execute(
         "DELETE FROM roll_quarter WHERE q < ?1",
         params![cutoff.div_euclid(QUARTER)],
@@ -274,10 +281,6 @@ pub(super) fn expire(tx: &Transaction<'_>, cutoff: i64, zone: Zone) -> rusqlite:
     tx.execute("DELETE FROM roll_team_day WHERE day < ?1", params![day])?;
     tx.execute("DELETE FROM roll_user_day WHERE day < ?1", params![day])?;
     tx.execute("DELETE FROM roll_model_day WHERE day < ?1", params![day])?;
-    tx.execute(
-        "DELETE FROM call_teams WHERE call < (SELECT MIN(rowid) FROM calls)",
-        [],
-    )?;
     Ok(())
 }
 

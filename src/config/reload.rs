@@ -61,6 +61,7 @@ pub struct Reloader {
     state: Mutex<Option<String>>,
     /// The last reload that did something (or failed), for the admin page.
     last: Mutex<Option<LastReload>>,
+    serial: Mutex<()>,
 }
 
 /// A reload as the admin page shows it.
@@ -94,6 +95,7 @@ impl Reloader {
             log_from_env,
             state: Mutex::new(None),
             last: Mutex::new(None),
+            serial: Mutex::new(()),
         })
     }
 
@@ -112,6 +114,8 @@ impl Reloader {
     }
 
     pub fn reload(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
+        // Held until `last` says what this reload did (two at once record in their order).
+        let _one = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.reload_now(trigger);
         let (result, error) = match &r {
             Ok(a) if a.changed => ("reloaded", None),

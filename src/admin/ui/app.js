@@ -416,8 +416,10 @@
 
   function topTable(kind, title, rows, link) {
     rows = rows || [];
-    const body = rows.length ? rows.map((r) => h('tr', { data: { name: r.name } },
-      h('td', { class: 'name' }, link ? link(r.name) : r.name),
+    // Calls without a user (or model) are listed as such, with no page to link to.
+    const none = '(no ' + title.toLowerCase().replace(/s$/, '') + ')';
+    const body = rows.length ? rows.map((r) => h('tr', { data: { name: r.name == null ? '' : r.name } },
+      h('td', { class: 'name' }, r.name == null ? h('span', { class: 'muted' }, none) : link ? link(r.name) : r.name),
       fig('td', 'calls', r.calls, int(r.calls), 'num'),
       fig('td', 'tokens', r.tokens, int(r.tokens), 'num'),
       fig('td', 'cost_usd', r.cost_usd, usd(r.cost_usd), 'num')))

@@ -1073,17 +1073,25 @@ impl Ledger for RedisLedger {
         self.inner.rows.history()
     }
 
-    async fn shared_days(
+    async fn shared_overview(
         &self,
         from: chrono::NaiveDate,
         to: chrono::NaiveDate,
-    ) -> Option<Result<crate::budget::history::Days, String>> {
-        Some(
-            self.inner
-                .shared_days(from, to)
-                .await
-                .map(crate::budget::history::Days),
-        )
+        top: (chrono::NaiveDate, chrono::NaiveDate),
+        limit: usize,
+    ) -> Option<Result<crate::budget::history::SharedOverview, String>> {
+        Some(self.inner.shared_overview(from, to, top, limit).await)
+    }
+
+    async fn shared_by_model(
+        &self,
+        team: bool,
+        name: &str,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> Option<Result<Vec<(chrono::NaiveDate, String, crate::budget::report::Totals)>, String>>
+    {
+        Some(self.inner.shared_by_model(team, name, from, to).await)
     }
 
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64) {

@@ -2,6 +2,11 @@
 //! file to Redis as per-day totals (one hash per day of the budgets' zone, a field per
 //! figure and group of calls), and `tokentap spend` reads those.
 //!
+//! With them go, in the same script, the small summaries the admin page reads (a page load
+//! must not pull every group's figures over the connection that reservations use): per day,
+//! the totals of all calls; the calls, tokens and cost per user, per model and per team; and
+//! per user and per team, those per model.
+//!
 //! Exactly once, by row id: a replica's rows get growing ids in its file, and Redis keeps,
 //! beside the totals and changed in the same script, the id of the last row it has from that
 //! replica. A batch applies only on top of exactly that row, so a batch whose reply was lost
@@ -33,6 +38,102 @@ pub(super) fn day_key(prefix: &str, day: NaiveDate) -> String {
     // One hash tag for every report key: a ship script touches a marker and day hashes,
     // which a Redis Cluster must find on one node.
     format!("{prefix}:{{report}}:day:{day}")
+}
+
+/// A day's summary for the admin page: `sum` (every figure of all calls), `users`, `models`
+/// or `teams` (calls, tokens and cost of each), or `user`/`team` with the name (per model).
+pub(super) fn summary_key(prefix: &str, kind: &str, day: NaiveDate, name: Option<&str>) -> String {
+    match name {
+        None => format!("{prefix}:{{report}}:{kind}:{day}"),
+        Some(n) => format!("{prefix}:{{report}}:{kind}:{day}:{n}"),
+    }
+}
+
+/// The figures the per-name summaries keep: calls, prompt and completion tokens, cost.
+const SUMMARY_LETTERS: [char; 4] = ['n', 'p', 'c', '$'];
+
+/// A summary's field: the figure's letter, then the name as JSON (`null` for none).
+fn name_field(letter: char, name: Option<&str>) -> String {
+    format!(
+        "{letter}{}",
+        serde_json::to_string(&name).unwrap_or_default()
+    )
+}
+
+fn parse_name_field(f: &str) -> Option<(char, Option<String>)> {
+    let mut chars = f.chars();
+    let letter = chars.next()?;
+    Some((letter, serde_json::from_str(chars.as_str()).ok()?))
+}
+
+/// The admin page's summaries of one day's groups: (key, fields) per summary hash.
+fn summaries(
+    prefix: &str,
+    day: NaiveDate,
+    groups: &HashMap<Group, Totals>,
+) -> Vec<(String, Vec<(String, u64)>)> {
+    let mut hashes: BTreeMap<String, HashMap<String, u64>> = BTreeMap::new();
+    let mut add = |key: String, letters: &[char], name: Option<&str>, t: &Totals, all: bool| {
+        let h = hashes.entry(key).or_default();
+        for (c, v) in t.fields() {
+            if v != 0 && (all || letters.contains(&c)) {
+                let f = if all {
+                    c.to_string()
+                } else {
+                    name_field(c, name)
+                };
+                *h.entry(f).or_default() += v;
+            }
+        }
+    };
+    for (g, t) in groups {
+        let teams = g.teams.as_deref().unwrap_or("");
+        let teams = teams.split(',').filter(|t| !t.is_empty());
+        add(summary_key(prefix, "sum", day, None), &[], None, t, true);
+        add(
+            summary_key(prefix, "users", day, None),
+            &SUMMARY_LETTERS,
+            g.user.as_deref(),
+            t,
+            false,
+        );
+        add(
+            summary_key(prefix, "models", day, None),
+            &SUMMARY_LETTERS,
+            g.model.as_deref(),
+            t,
+            false,
+        );
+        if let Some(u) = &g.user {
+            add(
+                summary_key(prefix, "user", day, Some(u)),
+                &SUMMARY_LETTERS,
+                g.model.as_deref(),
+                t,
+                false,
+            );
+        }
+        for team in teams {
+            add(
+                summary_key(prefix, "teams", day, None),
+                &SUMMARY_LETTERS,
+                Some(team),
+                t,
+                false,
+            );
+            add(
+                summary_key(prefix, "team", day, Some(team)),
+                &SUMMARY_LETTERS,
+                g.model.as_deref(),
+                t,
+                false,
+            );
+        }
+    }
+    hashes
+        .into_iter()
+        .map(|(k, h)| (k, h.into_iter().collect()))
+        .collect()
 }
 
 /// The last row Redis has from `replica`.
@@ -160,6 +261,12 @@ impl Inner {
                 for (f, v) in pairs {
                     inv.arg(f).arg(v.min(i64::MAX as u64));
                 }
+                for (key, pairs) in summaries(&self.prefix, *day, groups) {
+                    inv.key(key).arg(self.day_expires(*day)).arg(pairs.len());
+                    for (f, v) in pairs {
+                        inv.arg(f).arg(v.min(i64::MAX as u64));
+                    }
+                }
             }
             let have =
                 match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut con)).await {
@@ -221,26 +328,25 @@ pub fn read(
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let (mut con, _) = target.connect().await.map_err(|e| format!("{e}{local}"))?;
-        let days = read_days(
+        let mut all: HashMap<Group, Totals> = HashMap::new();
+        read_days(
             &mut con,
             &prefix,
             cfg.retention_days,
             from,
             to,
             target.timeout.max(Duration::from_secs(10)),
+            |_, g, t| all.entry(g).or_default().add(&t),
         )
         .await
         .map_err(|e| format!("Redis at {}: {e}{local}", target.display()))?;
-        let mut all: HashMap<Group, Totals> = HashMap::new();
-        for (_, g, t) in days {
-            all.entry(g).or_default().add(&t);
-        }
         Ok(all.into_iter().collect())
     })
 }
 
-/// The per-day totals of every replica on days `from..=to`, per day and group (one
-/// pipeline of `HGETALL`s: the report keys share one hash tag, so one node of a Cluster).
+/// The per-day totals of every replica on days `from..=to`, each (day, group, totals) handed
+/// to `each` as it comes (one pipeline of `HGETALL`s per month: the report keys share one
+/// hash tag, so one node of a Cluster).
 pub(super) async fn read_days<C: redis::aio::ConnectionLike>(
     con: &mut C,
     prefix: &str,
@@ -248,61 +354,162 @@ pub(super) async fn read_days<C: redis::aio::ConnectionLike>(
     from: NaiveDate,
     to: NaiveDate,
     timeout: Duration,
-) -> Result<Vec<(NaiveDate, Group, Totals)>, String> {
-    // Days past retention are gone from Redis: not asked for one by one.
+    mut each: impl FnMut(NaiveDate, Group, Totals),
+) -> Result<(), String> {
+    let days = days_kept(retention_days, from, to);
+    let keys: Vec<String> = days.iter().map(|d| day_key(prefix, *d)).collect();
+    hgetall(con, &keys, timeout, |i, h| {
+        let mut groups: HashMap<Group, Totals> = HashMap::new();
+        for (f, v) in h {
+            let Some((letter, g)) = parse_field(&f) else {
+                continue;
+            };
+            if let Some(slot) = groups.entry(g).or_default().field_mut(letter) {
+                *slot += v;
+            }
+        }
+        for (g, t) in groups {
+            each(days[i], g, t);
+        }
+    })
+    .await
+}
+
+/// The days of `from..=to` Redis may still hold (days past retention are gone from it: not
+/// asked for one by one).
+fn days_kept(retention_days: u64, from: NaiveDate, to: NaiveDate) -> Vec<NaiveDate> {
     let floor = if retention_days > 0 {
         chrono::Utc::now().date_naive() - chrono::Days::new(retention_days.saturating_add(2))
     } else {
         NaiveDate::MIN
     };
-    let days: Vec<NaiveDate> = from
-        .max(floor)
+    from.max(floor)
         .iter_days()
         .take_while(|d| *d <= to)
-        .collect();
-    let mut out = Vec::new();
-    for chunk in days.chunks(31) {
+        .collect()
+}
+
+/// `HGETALL` of every key, 31 to a pipeline; `each` gets the key's index and its fields.
+async fn hgetall<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    keys: &[String],
+    timeout: Duration,
+    mut each: impl FnMut(usize, Vec<(String, u64)>),
+) -> Result<(), String> {
+    for (n, chunk) in keys.chunks(31).enumerate() {
         let mut pipe = redis::pipe();
-        for day in chunk {
-            pipe.cmd("HGETALL").arg(day_key(prefix, *day));
+        for k in chunk {
+            pipe.cmd("HGETALL").arg(k);
         }
         let hashes: Vec<Vec<(String, u64)>> = tokio::time::timeout(timeout, pipe.query_async(con))
             .await
             .map_err(|_| "did not answer".to_string())?
             .map_err(|e| super::store::shown(&e))?;
-        for (day, h) in chunk.iter().zip(hashes) {
-            let mut groups: HashMap<Group, Totals> = HashMap::new();
-            for (f, v) in h {
-                let Some((letter, g)) = parse_field(&f) else {
-                    continue;
-                };
-                if let Some(slot) = groups.entry(g).or_default().field_mut(letter) {
-                    *slot += v;
-                }
-            }
-            out.extend(groups.into_iter().map(|(g, t)| (*day, g, t)));
+        for (i, h) in hashes.into_iter().enumerate() {
+            each(n * 31 + i, h);
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Folds a per-name summary's fields into totals per name.
+fn per_name(h: Vec<(String, u64)>, into: &mut HashMap<Option<String>, Totals>) {
+    for (f, v) in h {
+        if let Some((letter, name)) = parse_name_field(&f) {
+            if let Some(slot) = into.entry(name).or_default().field_mut(letter) {
+                *slot += v;
+            }
+        }
+    }
 }
 
 impl Inner {
-    /// [`read_days`] on the ledger's own connection.
-    pub(super) async fn shared_days(
+    /// The admin page's overview from the summaries all replicas ship: the totals of each
+    /// of days `from..=to`, and the top `limit` users, teams and models of days
+    /// `top_from..=top_to`.
+    pub(super) async fn shared_overview(
         &self,
         from: NaiveDate,
         to: NaiveDate,
-    ) -> Result<Vec<(NaiveDate, Group, Totals)>, String> {
+        top: (NaiveDate, NaiveDate),
+        limit: usize,
+    ) -> Result<crate::budget::history::SharedOverview, String> {
         let mut con = self.current().ok_or("Redis is not connected")?;
-        read_days(
+        let timeout = self.timeout.max(Duration::from_secs(2));
+        let days = days_kept(self.retention_days, from, to);
+        let keys: Vec<String> = days
+            .iter()
+            .map(|d| summary_key(&self.prefix, "sum", *d, None))
+            .collect();
+        let mut daily = BTreeMap::new();
+        hgetall(&mut con, &keys, timeout, |i, h| {
+            let mut t = Totals::default();
+            for (f, v) in h {
+                if let Some(slot) = f.chars().next().and_then(|c| t.field_mut(c)) {
+                    *slot += v;
+                }
+            }
+            daily.insert(days[i], t);
+        })
+        .await?;
+        let top_days = days_kept(self.retention_days, top.0, top.1);
+        let mut lists = Vec::new();
+        for kind in ["users", "teams", "models"] {
+            let keys: Vec<String> = top_days
+                .iter()
+                .map(|d| summary_key(&self.prefix, kind, *d, None))
+                .collect();
+            let mut m = HashMap::new();
+            hgetall(&mut con, &keys, timeout, |_, h| per_name(h, &mut m)).await?;
+            let mut v: Vec<(String, Totals)> = m
+                .into_iter()
+                .map(|(k, t)| (k.unwrap_or_default(), t))
+                .collect();
+            v.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(a.0.cmp(&b.0)));
+            v.truncate(limit);
+            lists.push(v);
+        }
+        let mut lists = lists.into_iter();
+        Ok(crate::budget::history::SharedOverview {
+            daily,
+            users: lists.next().unwrap_or_default(),
+            teams: lists.next().unwrap_or_default(),
+            models: lists.next().unwrap_or_default(),
+        })
+    }
+
+    /// A user's (or team's) spend per day and model on days `from..=to`, from the summaries
+    /// all replicas ship.
+    pub(super) async fn shared_by_model(
+        &self,
+        team: bool,
+        name: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(NaiveDate, String, Totals)>, String> {
+        let mut con = self.current().ok_or("Redis is not connected")?;
+        let days = days_kept(self.retention_days, from, to);
+        let kind = if team { "team" } else { "user" };
+        let keys: Vec<String> = days
+            .iter()
+            .map(|d| summary_key(&self.prefix, kind, *d, Some(name)))
+            .collect();
+        let mut out = Vec::new();
+        hgetall(
             &mut con,
-            &self.prefix,
-            self.retention_days,
-            from,
-            to,
+            &keys,
             self.timeout.max(Duration::from_secs(2)),
+            |i, h| {
+                let mut m = HashMap::new();
+                per_name(h, &mut m);
+                out.extend(
+                    m.into_iter()
+                        .map(|(model, t)| (days[i], model.unwrap_or_default(), t)),
+                );
+            },
         )
-        .await
+        .await?;
+        Ok(out)
     }
 }
 

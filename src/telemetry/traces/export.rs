@@ -238,18 +238,20 @@ impl super::super::Sink for TraceSink {
         if rec.trace.is_none() {
             return;
         }
+        // Counted before it is sent: the exporter may take it out at once.
+        self.counters.queued.inc();
         match tx.try_send(Msg::Record(Arc::clone(rec))) {
-            Ok(()) => {
-                self.counters.queued.inc();
-                self.wake.queued()
+            Ok(()) => self.wake.queued(),
+            Err(TrySendError::Full(_)) => {
+                self.counters.queued.dec();
+                self.counters
+                    .dropped
+                    .with_label_values(&["queue_full"])
+                    .inc()
             }
-            Err(TrySendError::Full(_)) => self
-                .counters
-                .dropped
-                .with_label_values(&["queue_full"])
-                .inc(),
             // After the shutdown's flush (or if the exporter thread died).
             Err(TrySendError::Disconnected(_)) => {
+                self.counters.queued.dec();
                 self.counters.dropped.with_label_values(&["stopped"]).inc()
             }
         }
