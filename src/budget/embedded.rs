@@ -650,21 +650,18 @@ impl Embedded {
             )?;
             let mut team =
                 tx.prepare_cached("INSERT OR IGNORE INTO call_teams (team, call) VALUES (?1, ?2)")?;
-            let mut rollup = super::rollup::Batch::default();
-            for r in rows {
-                let teams = r.teams.join(",");
-                let group = super::report::Group {
-                    user: r.user.clone(),
-                    teams: Some(teams.clone()),
-                    model: r.model.clone(),
-                    api: r.api.map(|a| a.as_str().to_string()),
-                };
-                rollup.add(r.ts, &group, &r.totals(), self.zone);
+            let teams: Vec<String> = rows.iter().map(|r| r.teams.join(",")).collect();
+            let mut rollup = super::rollup::Batch::new(self.zone);
+            for (r, teams) in rows.iter().zip(&teams) {
+                let user = r.user.as_deref().unwrap_or("");
+                let model = r.model.as_deref().unwrap_or("");
+                let api = r.api.map_or("", |a| a.as_str());
+                rollup.add(r.ts, (user, teams, model, api), &r.totals());
                 ins.execute(params![
                     r.ts,
                     r.request_id,
                     r.user,
-                    r.teams.join(","),
+                    teams,
                     r.model,
                     r.usage.prompt as i64,
                     r.usage.completion as i64,

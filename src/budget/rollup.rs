@@ -82,40 +82,81 @@ pub fn day_of_number(n: i64) -> chrono::NaiveDate {
         .unwrap_or_default()
 }
 
-/// What a batch of calls adds to the rollups, summed before it is written.
-#[derive(Default)]
-pub(super) struct Batch {
+/// What a batch of calls adds to the rollups, summed before it is written. Its keys borrow
+/// the calls' own strings (a group without a user, model or API has `""` there, as the
+/// tables keep it): summing a flush's rows allocates per distinct key, not per row.
+pub(super) struct Batch<'a> {
+    zone: Zone,
+    /// The day last found, and the instants it spans: rows come in time order.
+    last_day: Option<(i64, i64, i64)>,
     quarters: HashMap<i64, Totals>,
-    days: HashMap<(i64, Group), Totals>,
-    /// Per day and user ("" for none), per day and model: the one-key rollups.
-    user_days: HashMap<(i64, String), Totals>,
-    model_days: HashMap<(i64, String), Totals>,
-    team_days: HashMap<(i64, String, String), Totals>,
+    days: HashMap<(i64, &'a str, &'a str, &'a str, &'a str), Totals>,
+    /// Per day and user, per day and model: the one-key rollups.
+    user_days: HashMap<(i64, &'a str), Totals>,
+    model_days: HashMap<(i64, &'a str), Totals>,
+    team_days: HashMap<(i64, &'a str, &'a str), Totals>,
 }
 
-impl Batch {
-    /// Adds a call (or a group of calls) made at `ts`.
-    pub(super) fn add(&mut self, ts: i64, g: &Group, t: &Totals, zone: Zone) {
+impl<'a> Batch<'a> {
+    pub(super) fn new(zone: Zone) -> Self {
+        Batch {
+            zone,
+            last_day: None,
+            quarters: HashMap::new(),
+            days: HashMap::new(),
+            user_days: HashMap::new(),
+            model_days: HashMap::new(),
+            team_days: HashMap::new(),
+        }
+    }
+
+    /// The number of the day (of the zone) `ts` falls in.
+    fn day(&mut self, ts: i64) -> i64 {
+        match self.last_day {
+            Some((n, from, to)) if (from..to).contains(&ts) => n,
+            _ => {
+                let d = report::date_of(ts, self.zone);
+                let from = report::midnight(d, self.zone);
+                let to = d
+                    .succ_opt()
+                    .map_or(i64::MAX, |next| report::midnight(next, self.zone));
+                let n = day_number(d);
+                // (A day whose bounds do not hold `ts`, at a zone's odd change, is not kept.)
+                if (from..to).contains(&ts) {
+                    self.last_day = Some((n, from, to));
+                }
+                n
+            }
+        }
+    }
+
+    /// Adds a call (or a group of calls) made at `ts`; `teams` joined by commas.
+    pub(super) fn add(
+        &mut self,
+        ts: i64,
+        (user, teams, model, api): (&'a str, &'a str, &'a str, &'a str),
+        t: &Totals,
+    ) {
         self.quarters
             .entry(ts.div_euclid(QUARTER))
             .or_default()
             .add(t);
-        let day = day_number(report::date_of(ts, zone));
-        let model = g.model.clone().unwrap_or_default();
-        for team in g.teams.as_deref().unwrap_or("").split(',') {
-            if !team.is_empty() {
-                self.team_days
-                    .entry((day, team.to_string(), model.clone()))
-                    .or_default()
-                    .add(t);
-            }
+        let day = self.day(ts);
+        for team in teams.split(',').filter(|t| !t.is_empty()) {
+            self.team_days.entry((day, team, model)).or_default().add(t);
         }
-        self.user_days
-            .entry((day, g.user.clone().unwrap_or_default()))
+        self.user_days.entry((day, user)).or_default().add(t);
+        self.model_days.entry((day, model)).or_default().add(t);
+        self.days
+            .entry((day, user, teams, model, api))
             .or_default()
             .add(t);
-        self.model_days.entry((day, model)).or_default().add(t);
-        self.days.entry((day, g.clone())).or_default().add(t);
+    }
+
+    /// [`Batch::add`] of a group as reports read it.
+    pub(super) fn add_group(&mut self, ts: i64, g: &'a Group, t: &Totals) {
+        let s = |o: &'a Option<String>| o.as_deref().unwrap_or("");
+        self.add(ts, (s(&g.user), s(&g.teams), s(&g.model), s(&g.api)), t);
     }
 
     pub(super) fn write(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
@@ -140,26 +181,11 @@ impl Batch {
              ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT (day, user, teams, model, api) DO UPDATE SET {set}"
         ))?;
-        let s = |o: &Option<String>| o.clone().unwrap_or_default();
-        for ((day, g), t) in &self.days {
+        for ((day, user, teams, model, api), t) in &self.days {
             let f = v(t);
             d.execute(params![
-                day,
-                s(&g.user),
-                s(&g.teams),
-                s(&g.model),
-                s(&g.api),
-                f[0],
-                f[1],
-                f[2],
-                f[3],
-                f[4],
-                f[5],
-                f[6],
-                f[7],
-                f[8],
-                f[9],
-                f[10]
+                day, user, teams, model, api, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8],
+                f[9], f[10]
             ])?;
         }
         for (table, key, rows) in [
@@ -230,22 +256,32 @@ pub(super) fn ensure(db: &mut Connection, zone: Zone) -> rusqlite::Result<()> {
                  FROM split WHERE rest != '')
              SELECT team, call FROM split WHERE team != '';",
     )?;
+    // In pieces: the rows of a piece are held while its batch borrows them.
     let mut rows = 0u64;
-    {
-        let mut batch = Batch::default();
-        let mut q = tx.prepare(&format!(
-            "SELECT ts, {}, 1, {} FROM calls",
-            report::GROUP_COLUMNS,
-            report::SUM_COLUMNS.replace("SUM(", "(")
-        ))?;
-        let mut it = q.query([])?;
-        while let Some(r) = it.next()? {
-            let ts: i64 = r.get(0)?;
-            let (g, t) = report::group_and_totals(r, 1)?;
-            batch.add(ts, &g, &t, zone);
-            rows += 1;
+    let mut after = 0i64;
+    loop {
+        let piece: Vec<(i64, i64, Group, Totals)> = {
+            let mut q = tx.prepare_cached(&format!(
+                "SELECT rowid, ts, {}, 1, {} FROM calls WHERE rowid > ?1 ORDER BY rowid LIMIT 50000",
+                report::GROUP_COLUMNS,
+                report::SUM_COLUMNS.replace("SUM(", "(")
+            ))?;
+            let it = q.query_map(params![after], |r| {
+                let (g, t) = report::group_and_totals(r, 2)?;
+                Ok((r.get(0)?, r.get(1)?, g, t))
+            })?;
+            it.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(&(last, ..)) = piece.last() else {
+            break;
+        };
+        let mut batch = Batch::new(zone);
+        for (_, ts, g, t) in &piece {
+            batch.add_group(*ts, g, t);
         }
         batch.write(&tx)?;
+        rows += piece.len() as u64;
+        after = last;
     }
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
