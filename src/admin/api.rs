@@ -14,10 +14,9 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{error, json_response, Admin};
-use crate::budget::history::{rfc3339, Dim, SharedOverview};
+use crate::budget::history::{rfc3339, usd, Dim, SharedOverview};
 use crate::budget::policy::{BudgetPolicy, Cap, Subject, Window, Zone};
 use crate::budget::report::{self, Totals};
-use crate::meter::Pico;
 
 /// Top entries per list on the overview.
 const TOP: usize = 10;
@@ -25,9 +24,6 @@ const TOP: usize = 10;
 /// default window): with the Redis ledger, every row is a round trip.
 const DEFAULT_CAPPED_LISTED: usize = 2_000;
 
-fn usd(p: u64) -> String {
-    Pico(p).to_string()
-}
 
 /// A query string's parameter, decoded.
 pub(super) fn param(query: &str, k: &str) -> Option<String> {

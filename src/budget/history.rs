@@ -45,6 +45,11 @@ pub struct CallView {
     pub duration_ms: Option<u64>,
 }
 
+/// Pico-USD as the exact decimal string of US dollars the admin API answers (`"0.000123"`).
+pub fn usd(pico: u64) -> String {
+    crate::meter::Pico(pico).to_string()
+}
+
 /// RFC 3339 in UTC, to the second.
 pub fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
