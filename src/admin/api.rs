@@ -24,7 +24,6 @@ const TOP: usize = 10;
 /// default window): with the Redis ledger, every row is a round trip.
 const DEFAULT_CAPPED_LISTED: usize = 2_000;
 
-
 /// A query string's parameter, decoded.
 pub(super) fn param(query: &str, k: &str) -> Option<String> {
     query.split('&').find_map(|kv| {

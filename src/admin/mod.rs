@@ -159,12 +159,7 @@ impl Admin {
                 (a == k).then(|| crate::openai::percent_decode(b).into_owned())
             })
         };
-        let rest = path.trim_start_matches("/admin/budgets");
-        let segs: Vec<String> = rest
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| crate::openai::percent_decode(s).into_owned())
-            .collect();
+        let segs = segments(path.trim_start_matches("/admin/budgets"));
         let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
         match (method, seg.as_slice()) {
             (&Method::GET, ["users", u]) => json_response(
@@ -212,6 +207,14 @@ impl Admin {
             ),
         }
     }
+}
+
+/// A path's segments, each percent-decoded (a user id may hold a `/`, sent as `%2F`).
+fn segments(rest: &str) -> Vec<String> {
+    rest.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| crate::openai::percent_decode(s).into_owned())
+        .collect()
 }
 
 fn error(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
@@ -434,11 +437,7 @@ impl Admin {
     /// `/admin/api/<rest>`.
     async fn api(&self, rest: &str, query: &str) -> Response<Vec<u8>> {
         use crate::budget::history::Dim;
-        let segs: Vec<String> = rest
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| crate::openai::percent_decode(s).into_owned())
-            .collect();
+        let segs = segments(rest);
         let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
         match seg.as_slice() {
             ["overview"] => self.overview(query).await,

@@ -759,7 +759,7 @@ fn open_db(path: &Path) -> Result<Connection, OpenError> {
         )
         .map_err(what)?;
     }
-    db.execute_batch(super::rollup::SCHEMA).map_err(what)?;
+    db.execute_batch(&super::rollup::schema()).map_err(what)?;
     Ok(db)
 }
 

@@ -21,41 +21,35 @@ use rusqlite::{params, Connection, Transaction};
 use super::policy::Zone;
 use super::report::{self, Group, Totals};
 
-pub(super) const SCHEMA: &str = "
-    CREATE INDEX IF NOT EXISTS calls_user ON calls (user);
-    CREATE TABLE IF NOT EXISTS call_teams (
-        team TEXT NOT NULL, call INTEGER NOT NULL, PRIMARY KEY (team, call)) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS roll_quarter (
-        q INTEGER PRIMARY KEY,
-        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
-        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
-        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL);
-    CREATE TABLE IF NOT EXISTS roll_day (
-        day INTEGER NOT NULL, user TEXT NOT NULL, teams TEXT NOT NULL, model TEXT NOT NULL,
-        api TEXT NOT NULL,
-        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
-        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
-        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
-        PRIMARY KEY (day, user, teams, model, api)) WITHOUT ROWID;
-    CREATE INDEX IF NOT EXISTS roll_day_user ON roll_day (user, day);
-    CREATE TABLE IF NOT EXISTS roll_user_day (
-        day INTEGER NOT NULL, user TEXT NOT NULL,
-        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
-        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
-        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
-        PRIMARY KEY (day, user)) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS roll_model_day (
-        day INTEGER NOT NULL, model TEXT NOT NULL,
-        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
-        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
-        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
-        PRIMARY KEY (day, model)) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS roll_team_day (
-        day INTEGER NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL,
-        n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL, k INTEGER NOT NULL,
-        w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL, cost INTEGER NOT NULL,
-        e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL,
-        PRIMARY KEY (day, team, model)) WITHOUT ROWID;";
+/// Every rollup's figures, in [`Totals::fields`] order (`cost` is `$`).
+const FIGURE_COLUMNS: &str = "n INTEGER NOT NULL, p INTEGER NOT NULL, c INTEGER NOT NULL,
+    k INTEGER NOT NULL, w INTEGER NOT NULL, r INTEGER NOT NULL, s INTEGER NOT NULL,
+    cost INTEGER NOT NULL, e INTEGER NOT NULL, u INTEGER NOT NULL, x INTEGER NOT NULL";
+
+/// The rollups' tables and indexes.
+pub(super) fn schema() -> String {
+    let f = FIGURE_COLUMNS;
+    format!(
+        "CREATE INDEX IF NOT EXISTS calls_user ON calls (user);
+         CREATE TABLE IF NOT EXISTS call_teams (
+             team TEXT NOT NULL, call INTEGER NOT NULL, PRIMARY KEY (team, call)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS roll_quarter (q INTEGER PRIMARY KEY, {f});
+         CREATE TABLE IF NOT EXISTS roll_day (
+             day INTEGER NOT NULL, user TEXT NOT NULL, teams TEXT NOT NULL, model TEXT NOT NULL,
+             api TEXT NOT NULL, {f},
+             PRIMARY KEY (day, user, teams, model, api)) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS roll_day_user ON roll_day (user, day);
+         CREATE TABLE IF NOT EXISTS roll_user_day (
+             day INTEGER NOT NULL, user TEXT NOT NULL, {f},
+             PRIMARY KEY (day, user)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS roll_model_day (
+             day INTEGER NOT NULL, model TEXT NOT NULL, {f},
+             PRIMARY KEY (day, model)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS roll_team_day (
+             day INTEGER NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL, {f},
+             PRIMARY KEY (day, team, model)) WITHOUT ROWID;"
+    )
+}
 
 /// The sums of a rollup's figures, laid out as [`report::group_and_totals`] reads them after
 /// the group (the count first).
