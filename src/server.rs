@@ -45,6 +45,7 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
     sinks.push(Box::new(LedgerSink {
         ledger: Arc::clone(&ledger),
         open: Arc::clone(&open_calls),
+        membership: arc_swap::ArcSwap::from_pointee(config.budgets.membership.clone()),
     }));
     // Last: at shutdown the ledger is flushed before spans wait on a collector.
     let traces = crate::telemetry::traces::TraceSink::new(&config)?;

@@ -852,3 +852,19 @@ fn without_a_token_a_cross_site_state_change_is_refused() {
         (Some("none"), Some(true))
     );
 }
+
+/// A team without caps still has its members' calls: on the overview's top teams and on its
+/// own page (a call's teams come from the config, not only from a reservation).
+#[test]
+fn an_uncapped_teams_calls_are_its_own() {
+    let mock = Mock::start();
+    let tap = Tap::start(
+        &mock.url(),
+        &format!("{TEST_PRICING}\n[budgets.teams.docs]\nmembers = [\"zoe\"]\n"),
+    );
+    assert_eq!(chat(&tap, "zoe", &[]).status, 200);
+    let v = wait_api(&tap, "/admin/api/overview", |v| calls_today(v) == 1);
+    assert_eq!(v["top"]["teams"][0]["name"], "docs");
+    let calls = api(&tap, "/admin/api/teams/docs/calls");
+    assert_eq!(calls["calls"].as_array().unwrap().len(), 1);
+}

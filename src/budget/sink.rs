@@ -19,6 +19,9 @@ pub fn actual(rec: &UsageRecord) -> Amount {
 pub struct LedgerSink {
     pub ledger: Arc<dyn Ledger>,
     pub open: Arc<OpenCalls>,
+    /// Each user's teams, from the running config: a call's row names them also when no
+    /// cap reserved it (teams without caps still show on reports and the admin page).
+    pub membership: arc_swap::ArcSwap<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// The soft-threshold signal: a warning in the log and
@@ -59,10 +62,11 @@ impl crate::telemetry::Sink for LedgerSink {
                 .as_ref()
                 .map(|r| r.user.clone())
                 .or_else(|| rec.user.clone()),
-            teams: reservation
-                .as_ref()
-                .map(|r| r.teams.clone())
-                .unwrap_or_default(),
+            teams: match (&reservation, &rec.user) {
+                (Some(r), _) => r.teams.clone(),
+                (None, Some(u)) => self.membership.load().get(u).cloned().unwrap_or_default(),
+                (None, None) => Vec::new(),
+            },
             model: rec.model.clone(),
             api: rec.api,
             usage: rec.usage,
@@ -73,6 +77,11 @@ impl crate::telemetry::Sink for LedgerSink {
             duration_ms: Some(rec.duration.as_millis().min(u128::from(u64::MAX)) as u64),
             usage_source: rec.usage_source.as_str(),
         });
+    }
+
+    fn reconfigure(&self, cfg: &crate::config::Config) {
+        self.membership
+            .store(Arc::new(cfg.budgets.membership.clone()));
     }
 
     fn shutdown(&self) {
