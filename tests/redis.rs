@@ -683,3 +683,63 @@ fn the_admin_page_shows_every_replicas_spend_and_its_own_calls() {
         .unwrap()
         .contains("Redis could not be read"));
 }
+
+/// Issue 24: rate limits are exact across replicas sharing Redis: 5 a minute through two
+/// replicas is 5, and a tokens-per-minute limit holds under 64 calls at once on both.
+#[test]
+fn rate_limits_hold_across_two_replicas_sharing_redis() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let limits = "[budgets.limits]\nusers.alice = { requests_per_minute = 5 }\n\
+                  users.tess = { tokens_per_minute = 400 }\nusers.cory = { concurrent = 1 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", limits));
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", limits));
+    five_a_minute_hold(&mock, &[&a, &b], "alice");
+    tokens_a_minute_hold_under_64_calls(&mock, &[&a, &b], "tess", 400);
+    // One call in flight at a time, whichever replica: a stream on a holds b's call off.
+    let addr = a.addr;
+    let stream = std::thread::spawn(move || {
+        post_chat(
+            addr,
+            &[("x-mock-chunks", "60"), ("x-mock-delay-ms", "50")],
+            &chat_body(MODEL, "cory", true, ""),
+        )
+    });
+    let start = Instant::now();
+    while request(a.admin, "GET", "/admin/api/live", &[], b"").json()["calls"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(start.elapsed() < PATIENCE, "the stream never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(calls_in_turn(&[b.addr], "cory", 1)[0].status, 429);
+    assert_eq!(stream.join().unwrap().status, 200);
+    // Its end reaches Redis off the call's path: b lets the next one through soon after.
+    let start = Instant::now();
+    while calls_in_turn(&[b.addr], "cory", 1)[0].status != 200 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the stream's end never freed the limit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 24: rate limits follow the Redis backend's fault rules: with Redis gone, a limited
+/// caller is refused (fail_closed, 503) or let through unlimited (fail_open).
+#[test]
+fn rate_limits_follow_on_error_when_redis_is_gone() {
+    let mock = Mock::start();
+    let mut redis = Redis::start();
+    let limits = "[budgets.limits]\ndefault = { requests_per_minute = 100 }\n";
+    let closed = Tap::start(&mock.url(), &config(&redis, "fail_closed", limits));
+    let open = Tap::start(&mock.url(), &config(&redis, "fail_open", limits));
+    assert_eq!(calls_in_turn(&[closed.addr], "u", 1)[0].status, 200);
+    drop(redis.proc.take());
+    let r = calls_in_turn(&[closed.addr], "u", 1).remove(0);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "budget_store_unavailable");
+    assert_eq!(calls_in_turn(&[open.addr], "u", 1)[0].status, 200);
+}

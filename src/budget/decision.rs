@@ -36,6 +36,8 @@ pub enum Refusal {
     UnreadableBody,
     /// The budget store cannot be reached and `on_error = "fail_closed"`.
     StoreUnavailable,
+    /// A rate limit of the user, a team of theirs or their key would be passed.
+    RateLimited { user: String, limit: &'static str },
 }
 
 impl Refusal {
@@ -47,6 +49,7 @@ impl Refusal {
             Refusal::UserRequired => "user_required",
             Refusal::UnreadableBody => "invalid_body",
             Refusal::StoreUnavailable => "store_unavailable",
+            Refusal::RateLimited { .. } => "rate_limit",
         }
     }
 }
@@ -106,6 +109,136 @@ pub fn worst_case(meta: &RequestMeta, cfg: &Config) -> Amount {
             .map_or(0, |p| p.cost(Some(meta.api), &usage).0)
             .min(MAX),
         tokens: prompt.saturating_add(output).min(MAX),
+    }
+}
+
+/// The `x-ratelimit-*` headers (OpenAI's names) of a caller's standing against its own
+/// limits: limit, remaining, and when the window has room again (`12s`).
+pub fn ratelimit_headers(s: &super::limits::Standing) -> Vec<(&'static str, String)> {
+    let mut h = Vec::new();
+    if let Some((limit, left, reset)) = s.requests {
+        h.push(("x-ratelimit-limit-requests", limit.to_string()));
+        h.push(("x-ratelimit-remaining-requests", left.to_string()));
+        h.push(("x-ratelimit-reset-requests", format!("{reset}s")));
+    }
+    if let Some((limit, left, reset)) = s.tokens {
+        h.push(("x-ratelimit-limit-tokens", limit.to_string()));
+        h.push(("x-ratelimit-remaining-tokens", left.to_string()));
+        h.push(("x-ratelimit-reset-tokens", format!("{reset}s")));
+    }
+    h
+}
+
+/// Holds a call to its rate limits (`[budgets.limits]`: its user's, its user's teams', its
+/// virtual key's) before its budget: `Ok(None)` when none apply (or the store is down and
+/// `on_error = "fail_open"`), the grant to settle when it ends, or the answer that refuses it.
+pub async fn limit(
+    ledger: &dyn Ledger,
+    cfg: &Config,
+    meta: Option<&RequestMeta>,
+    key: Option<&str>,
+) -> Result<Option<super::limits::Grant>, (ApiError, Refusal)> {
+    let policy = &cfg.budgets;
+    if policy.limits.is_empty() {
+        return Ok(None);
+    }
+    let Some(meta) = meta else {
+        // (The budget decision answers an unreadable body.)
+        return Ok(None);
+    };
+    let user = match (
+        meta.user.as_deref().filter(|u| !u.is_empty()),
+        policy.missing_user,
+    ) {
+        (Some(u), _) => u.to_string(),
+        (None, MissingUser::DefaultUser) => policy.default_user.clone(),
+        (None, _) => String::new(),
+    };
+    let checks = if user.is_empty() {
+        // No user: only the key's limits can apply.
+        policy
+            .limits
+            .checks("", &[], key)
+            .into_iter()
+            .filter(|c| c.key.starts_with("key:"))
+            .collect()
+    } else {
+        policy.limits.checks(&user, policy.teams_of(&user), key)
+    };
+    if checks.is_empty() {
+        return Ok(None);
+    }
+    let tokens = worst_case(meta, cfg).tokens;
+    match ledger.limit(&checks, tokens, now_unix()).await {
+        Ok(Ok(g)) => Ok(Some(g)),
+        Ok(Err(l)) => {
+            let whose = match l.key.split_once(':') {
+                Some(("team", t)) => format!("your team {t:?}'s"),
+                Some(("key", _)) => "your API key's".to_string(),
+                _ => "your".to_string(),
+            };
+            let what = match l.kind {
+                super::limits::Kind::Requests => format!("{} requests per minute", l.limit),
+                super::limits::Kind::Tokens => format!("{} tokens per minute", l.limit),
+                super::limits::Kind::Concurrent => format!("{} calls at once", l.limit),
+            };
+            let mut e = ApiError::new(
+                429,
+                "rate_limit_exceeded",
+                format!(
+                    "Rate limit reached: {whose} limit is {what} ({}). Retry after {} s.",
+                    l.kind.name(),
+                    l.retry_after
+                ),
+            )
+            .code("rate_limit_exceeded");
+            e.retry_after = Some(l.retry_after);
+            let (name, header) = match l.kind {
+                super::limits::Kind::Requests => ("requests", true),
+                super::limits::Kind::Tokens => ("tokens", true),
+                super::limits::Kind::Concurrent => ("", false),
+            };
+            if header {
+                let h = |what: &str| -> &'static str {
+                    match (what, name) {
+                        ("limit", "requests") => "x-ratelimit-limit-requests",
+                        ("remaining", "requests") => "x-ratelimit-remaining-requests",
+                        ("reset", "requests") => "x-ratelimit-reset-requests",
+                        ("limit", _) => "x-ratelimit-limit-tokens",
+                        ("remaining", _) => "x-ratelimit-remaining-tokens",
+                        _ => "x-ratelimit-reset-tokens",
+                    }
+                };
+                e.headers = vec![
+                    (h("limit"), l.limit.to_string()),
+                    (h("remaining"), "0".into()),
+                    (h("reset"), format!("{}s", l.retry_after)),
+                ];
+            }
+            Err((
+                e,
+                Refusal::RateLimited {
+                    user,
+                    limit: l.kind.name(),
+                },
+            ))
+        }
+        Err(StoreDown(why)) if policy.ledger.fail_open => {
+            log::warn!(
+                "rate-limit store unavailable ({why}): letting the call through (fail_open)"
+            );
+            Ok(None)
+        }
+        Err(StoreDown(_)) => Err((
+            ApiError::new(
+                503,
+                "api_error",
+                "The budget store is unavailable, so this proxy cannot check your rate limits. \
+                 Retry shortly.",
+            )
+            .code("budget_store_unavailable"),
+            Refusal::StoreUnavailable,
+        )),
     }
 }
 

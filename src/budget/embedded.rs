@@ -294,6 +294,8 @@ pub struct Embedded {
     /// The zone whose days the rollups count (the budgets' zone when the ledger opened).
     zone: Zone,
     history: Arc<super::history::History>,
+    /// Rate limits: one replica's, in memory.
+    limiter: super::limits::Local,
 }
 
 /// Why the file did not open.
@@ -339,6 +341,7 @@ impl Embedded {
         let ledger = Arc::new(Embedded {
             zone,
             history: Arc::new(super::history::History::new(cfg.path.clone(), zone)),
+            limiter: Default::default(),
             file_lock: Mutex::new(None),
             soft: std::sync::OnceLock::new(),
             errors: std::sync::atomic::AtomicU64::new(0),
@@ -965,6 +968,21 @@ impl Ledger for Embedded {
 
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+
+    async fn limit(
+        &self,
+        checks: &[super::limits::Check],
+        tokens: u64,
+        now: i64,
+    ) -> Result<Result<super::limits::Grant, super::limits::Limited>, super::StoreDown> {
+        Ok(self
+            .limiter
+            .take(checks, tokens, now, super::reservation_id()))
+    }
+
+    fn unlimit(&self, grant: &super::limits::Grant, used: u64, undo: bool) {
+        self.limiter.settle(grant, used, undo);
     }
 
     fn history(&self) -> Arc<super::history::History> {

@@ -12,6 +12,7 @@ mod collector;
 mod decision;
 pub mod embedded;
 pub mod history;
+pub mod limits;
 mod open_calls;
 pub mod policy;
 pub mod redis;
@@ -21,7 +22,9 @@ mod sink;
 mod view;
 
 pub use collector::BudgetCollector;
-pub use decision::{decide, forget_refusal, refused_now, worst_case, Decision, Refusal};
+pub use decision::{
+    decide, forget_refusal, limit, ratelimit_headers, refused_now, worst_case, Decision, Refusal,
+};
 pub use open_calls::{OpenCall, OpenCalls, OpenGuard};
 pub use sink::{actual, soft_hook, LedgerSink};
 pub use view::*;
@@ -303,6 +306,17 @@ pub trait Ledger: Send + Sync {
     }
     /// Forgets the spend of `subject` in the current `window` (an operator's reset).
     async fn reset(&self, subject: &Subject, window: Window, policy: &BudgetPolicy, now: i64);
+    /// Counts a call of `tokens` (its worst case) against the rate limits of `checks` at
+    /// second `now`, or refuses it (counting nothing) with the limit it would pass.
+    async fn limit(
+        &self,
+        checks: &[limits::Check],
+        tokens: u64,
+        now: i64,
+    ) -> Result<Result<limits::Grant, limits::Limited>, StoreDown>;
+    /// Settles a call counted by [`Ledger::limit`]: its tokens become `used`, and it leaves
+    /// the calls in flight; `undo`, it never went and counts nothing. Must not block.
+    fn unlimit(&self, grant: &limits::Grant, used: u64, undo: bool);
     /// `embedded` or `redis`.
     fn backend(&self) -> &'static str;
     /// The reader of this replica's ledger file (its per-call rows and rollups).

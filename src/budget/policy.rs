@@ -55,6 +55,9 @@ pub struct RawBudgets {
     pub teams: BTreeMap<String, RawTeam>,
     #[serde(default)]
     pub ledger: RawLedger,
+    /// Rate limits (requests and tokens per minute, calls in flight).
+    #[serde(default)]
+    pub limits: super::limits::RawLimits,
 }
 
 fn default_user() -> String {
@@ -441,6 +444,7 @@ pub struct BudgetPolicy {
     /// user -> teams they belong to
     pub membership: HashMap<String, Vec<String>>,
     pub ledger: LedgerConfig,
+    pub limits: super::limits::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -640,6 +644,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
         user_caps,
         teams,
         membership,
+        limits: super::limits::compile(&raw.limits)?,
         ledger: LedgerConfig {
             backend,
             path: dir.join(&raw.ledger.path),

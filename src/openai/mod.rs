@@ -225,6 +225,8 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// More headers of the answer (a rate limit's `x-ratelimit-*`).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -236,6 +238,7 @@ impl ApiError {
             code: None,
             param: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 

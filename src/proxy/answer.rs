@@ -101,6 +101,9 @@ pub(super) async fn write_error(
     if let Some(s) = e.retry_after {
         resp.insert_header(header::RETRY_AFTER, s.to_string())?;
     }
+    for (k, v) in &e.headers {
+        resp.insert_header(*k, v)?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;

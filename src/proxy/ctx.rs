@@ -42,6 +42,8 @@ pub struct Ctx {
     pub(crate) identity: Option<crate::auth::Identity>,
     /// Lists the call on the admin page's live view while it runs.
     pub(super) live: Option<crate::telemetry::live::LiveGuard>,
+    /// What the call holds of its rate limits, until it ends.
+    pub(super) limit: Option<crate::budget::limits::Held>,
 }
 
 /// A chat request body's way to the upstream.

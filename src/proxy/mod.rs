@@ -352,6 +352,23 @@ impl TokenTap {
         }
         ctx.upstream.status = Some(status);
         ctx.times.ttfb = Some(ctx.times.start.elapsed());
+        // A rate-limited caller learns where it stands on every answer: tokentap's limit, or
+        // the upstream's own where that one leaves less.
+        if let Some(h) = &ctx.limit {
+            let headers = crate::budget::ratelimit_headers(&h.grant.standing);
+            for triple in headers.chunks(3) {
+                let left = |name: &str| -> Option<u64> {
+                    resp.headers.get(name)?.to_str().ok()?.trim().parse().ok()
+                };
+                let (ours, theirs) = (triple[1].1.parse().ok(), left(triple[1].0));
+                if theirs.is_some_and(|t| ours.is_none_or(|o: u64| t < o)) {
+                    continue;
+                }
+                for (k, v) in triple {
+                    resp.insert_header(*k, v)?;
+                }
+            }
+        }
         // The upstream answered: no attempt sends the body again, and a stream does not keep it.
         ctx.body.forward = None;
         if let Some(api) = ctx.api {
@@ -484,7 +501,39 @@ impl TokenTap {
         if let Err(e) = self.open_stream(ctx) {
             return Err(self.reject(ctx, e));
         }
-        match crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await {
+        // Rate limits first: a call they refuse reserves nothing.
+        let key = ctx.identity.as_ref().map(|i| i.key_id.clone());
+        match crate::budget::limit(
+            &*self.shared.ledger,
+            &cfg,
+            ctx.meta.as_ref(),
+            key.as_deref(),
+        )
+        .await
+        {
+            Ok(grant) => {
+                ctx.limit = grant
+                    .map(|g| crate::budget::limits::Held::new(Arc::clone(&self.shared.ledger), g))
+            }
+            Err((e, why)) => {
+                ctx.budget_decision = Some("refused");
+                match &why {
+                    Refusal::RateLimited { user, limit } => {
+                        self.shared.calls.rate_limited(Some(user.as_str()), limit)
+                    }
+                    _ => self.shared.calls.budget_rejected(None, "", why.reason()),
+                }
+                return Err(self.reject(ctx, e));
+            }
+        }
+        let decision = crate::budget::decide(&*self.shared.ledger, &cfg, ctx.meta.as_ref()).await;
+        if matches!(decision, Decision::Refuse(..)) {
+            // Refused by its budget: it never went, and counts nothing against its limits.
+            if let Some(h) = ctx.limit.take() {
+                h.undo();
+            }
+        }
+        match decision {
             Decision::Allow(res) => {
                 ctx.budget_decision = Some(if res.is_some() {
                     "allowed"
@@ -593,6 +642,7 @@ impl ProxyHttp for TokenTap {
             user_stream: None,
             identity: None,
             live: None,
+            limit: None,
         })
     }
 
@@ -913,6 +963,9 @@ impl ProxyHttp for TokenTap {
         let t = Instant::now();
         ctx.response.stream_active = None;
         let rec = record::build(session, e, ctx);
+        if let Some(h) = ctx.limit.take() {
+            h.settle(crate::budget::actual(&rec).tokens);
+        }
         self.shared.sinks.record(Arc::new(rec));
         ctx.live = None;
         let total = ctx.times.overhead + t.elapsed();

@@ -278,6 +278,8 @@ pub struct CallMetrics {
     overhead: Histogram,
     /// (user label, team, reason) -> budget refusals
     rejections: DashMap<(Arc<str>, String, &'static str), AtomicU64>,
+    /// (user label, limit) -> calls refused by a rate limit
+    rate_limited: DashMap<(Arc<str>, &'static str), AtomicU64>,
     /// Calls let through unchecked because the budget store was down (fail_open).
     fail_open: AtomicU64,
     /// (user label, team, window) -> soft thresholds passed
@@ -292,7 +294,7 @@ pub struct CallMetrics {
 }
 
 /// (name, help, type, label names) of every family this collector exposes.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 18] = [
     ("gen_ai_client_operation_duration_seconds", "Duration of metered calls as the client saw them, by operation, model and error type.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"]),
     ("gen_ai_client_token_usage", "Tokens per metered call (input includes cached and cache-write tokens; output includes reasoning tokens).", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"]),
     ("gen_ai_server_time_to_first_token_seconds", "Time to the first content token of streamed chat calls.", MetricType::HISTOGRAM, &["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]),
@@ -310,6 +312,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 17] = [
     ("tokentap_budget_fail_open_total", "Calls let through without a budget check because the budget store was unreachable (on_error = fail_open).", MetricType::COUNTER, &[]),
     ("tokentap_budget_soft_threshold_crossed_total", "Times settled spend passed a soft threshold, by user (or team, for a team cap) and window.", MetricType::COUNTER, &["user", "team", "window"]),
     ("tokentap_unmetered_requests_total", "Requests forwarded unmetered (no metered API serves their path), by method and path class.", MetricType::COUNTER, &["method", "path_class"]),
+    ("tokentap_rate_limited_total", "Calls refused by a rate limit, by user and limit (requests_per_minute, tokens_per_minute, concurrent).", MetricType::COUNTER, &["user", "limit"]),
 ];
 
 impl CallMetrics {
@@ -334,6 +337,7 @@ impl CallMetrics {
             upstream_errors: Default::default(),
             overhead: histogram(&OVERHEAD_BUCKETS),
             rejections: DashMap::new(),
+            rate_limited: DashMap::new(),
             fail_open: AtomicU64::new(0),
             soft: DashMap::new(),
             in_flight: Arc::new(AtomicI64::new(0)),
@@ -458,6 +462,15 @@ impl CallMetrics {
         let user = self.labels.load().user(user, true);
         self.rejections
             .entry((user, team.to_string(), reason))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call refused by a rate limit (`limit`: requests_per_minute, ...).
+    pub fn rate_limited(&self, user: Option<&str>, limit: &'static str) {
+        let user = self.labels.load().user(user, true);
+        self.rate_limited
+            .entry((user, limit))
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
     }
@@ -711,6 +724,13 @@ impl Collector for CallMetrics {
             let (method, class) = r.key();
             fams[16].mut_metric().push(counter(
                 vec![label("method", method), label("path_class", class)],
+                r.value().load(Ordering::Relaxed) as f64,
+            ));
+        }
+        for r in self.rate_limited.iter() {
+            let (user, limit) = r.key();
+            fams[17].mut_metric().push(counter(
+                vec![label("user", user), label("limit", limit)],
                 r.value().load(Ordering::Relaxed) as f64,
             ));
         }

@@ -962,3 +962,107 @@ pub fn caps_hold_under_64_concurrent_calls(mock: &Mock, taps: &[&Tap], user: &st
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A rate-limited user's calls: `n` one after the other, call `i` to `addrs[i % len]`; their
+/// answers.
+pub fn calls_in_turn(addrs: &[SocketAddr], user: &str, n: usize) -> Vec<Resp> {
+    let body = chat_body(CAP_MODEL, user, false, r#","max_tokens":20"#);
+    (0..n)
+        .map(|i| post_chat(addrs[i % addrs.len()], &[], &body))
+        .collect()
+}
+
+/// Issue 24: a user limited to 5 requests a minute gets exactly 5 calls through, however
+/// many replicas they call, and 429 `rate_limit_exceeded` with `Retry-After` for the rest,
+/// none of which reaches the upstream.
+pub fn five_a_minute_hold(mock: &Mock, taps: &[&Tap], user: &str) {
+    let before = mock.received();
+    let addrs: Vec<SocketAddr> = taps.iter().map(|t| t.addr).collect();
+    let answers = calls_in_turn(&addrs, user, 12);
+    let ok: Vec<&Resp> = answers.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(
+        ok.len(),
+        5,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        mock.received() - before,
+        5,
+        "a refused call reached the upstream"
+    );
+    // Every answer tells where the caller stands.
+    for (i, r) in ok.iter().enumerate() {
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("5"));
+        let left = (4 - i).to_string();
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some(left.as_str())
+        );
+        assert!(r
+            .header("x-ratelimit-reset-requests")
+            .unwrap()
+            .ends_with('s'));
+    }
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_eq!(r.status, 429);
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "rate_limit_exceeded", "{e}");
+        assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+        assert!(e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("requests_per_minute"));
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    }
+}
+
+/// Issue 24: a tokens-per-minute limit holds under 64 calls at once (spread over `taps`):
+/// the calls let through were counted at their worst case, so what they used stays within
+/// the limit, and every other call is refused before the upstream.
+pub fn tokens_a_minute_hold_under_64_calls(mock: &Mock, taps: &[&Tap], user: &str, limit: u64) {
+    let before = mock.received();
+    let body = chat_body(CAP_MODEL, user, false, r#","max_tokens":20"#);
+    let addrs: Vec<SocketAddr> = taps.iter().map(|t| t.addr).collect();
+    let answers = chats_at_once(
+        64,
+        |i| addrs[i % addrs.len()],
+        &[("x-mock-delay-ms", "100")],
+        &body,
+    );
+    let ok: Vec<&Resp> = answers.iter().filter(|r| r.status == 200).collect();
+    assert!(
+        !ok.is_empty() && ok.len() < 64,
+        "{} of 64 through",
+        ok.len()
+    );
+    assert_eq!(mock.received() - before, ok.len() as u64);
+    // The worst case each call was counted at: what the first one let through left.
+    let worst = ok
+        .iter()
+        .map(|r| {
+            let left: u64 = r
+                .header("x-ratelimit-remaining-tokens")
+                .unwrap()
+                .parse()
+                .unwrap();
+            limit - left
+        })
+        .min()
+        .unwrap();
+    assert!(
+        ok.len() as u64 * worst <= limit,
+        "{} calls of {worst} tokens",
+        ok.len()
+    );
+    assert!(
+        (ok.len() as u64 + 1) * worst > limit,
+        "fewer through than the limit allows"
+    );
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"]["type"], "rate_limit_exceeded");
+    }
+}

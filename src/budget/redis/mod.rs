@@ -60,6 +60,8 @@ const FOLLOW_TOP: isize = 1000;
 /// The Lua scripts, in files of their own beside this one (each says what its KEYS and ARGV
 /// are): reserve a call's worst case against every cap at once, settle it, renew its lease.
 const RESERVE: &str = include_str!("reserve.lua");
+const LIMIT: &str = include_str!("limit.lua");
+const UNLIMIT: &str = include_str!("unlimit.lua");
 const SETTLE: &str = include_str!("settle.lua");
 const RENEW: &str = include_str!("renew.lua");
 /// Ships a batch of this replica's call rows to the shared reports (see `shared.rs`).
@@ -104,6 +106,8 @@ struct Inner {
     timeout: Duration,
     reserve: Script,
     settle: Script,
+    limit: Script,
+    unlimit: Script,
     renew: Script,
     /// Per-call rows for reports, and the outbox, go to this replica's embedded file.
     rows: Arc<Embedded>,
@@ -182,6 +186,8 @@ impl RedisLedger {
             timeout: target.timeout,
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
+            limit: Script::new(LIMIT),
+            unlimit: Script::new(UNLIMIT),
             renew: Script::new(RENEW),
             rows,
             errors: AtomicU64::new(0),
@@ -452,6 +458,11 @@ impl Inner {
                 let _ = self.failed("connect", &e);
             }
         }
+    }
+
+    /// A subject's rate-limit counts (`user:…`, `team:…`, `key:…`).
+    fn limit_key(&self, subject_key: &str) -> String {
+        format!("{}:rl:{subject_key}", self.prefix)
     }
 
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {
@@ -1067,6 +1078,101 @@ impl Ledger for RedisLedger {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+
+    async fn limit(
+        &self,
+        checks: &[crate::budget::limits::Check],
+        tokens: u64,
+        now: i64,
+    ) -> Result<Result<crate::budget::limits::Grant, crate::budget::limits::Limited>, StoreDown>
+    {
+        use crate::budget::limits::{Grant, Kind, Limited, Standing};
+        let inner = &self.inner;
+        let id = super::reservation_id();
+        let lease = now + inner.lease.as_secs().max(1) as i64;
+        let mut inv = inner.limit.prepare_invoke();
+        for c in checks {
+            inv.key(inner.limit_key(&c.key))
+                .key(inner.limit_key(&c.key) + ":flight");
+        }
+        inv.arg(now).arg(&id).arg(clamp(tokens)).arg(lease);
+        for c in checks {
+            let v = |o: Option<u64>| o.map_or(-1, clamp);
+            inv.arg(v(c.limit.requests_per_minute))
+                .arg(v(c.limit.tokens_per_minute))
+                .arg(v(c.limit.concurrent));
+        }
+        let mut con = inner.con("limit")?;
+        let reply: Vec<i64> =
+            match tokio::time::timeout(inner.timeout, inv.invoke_async(&mut con)).await {
+                Ok(Ok(v)) => {
+                    inner.came_up();
+                    v
+                }
+                Ok(Err(e)) => return Err(inner.failed("limit", &e)),
+                Err(_) => return Err(inner.failed("limit", &"timed out")),
+            };
+        let n = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        if reply.first() == Some(&0) {
+            let first = checks.first().map(|c| c.limit).unwrap_or_default();
+            return Ok(Ok(Grant {
+                id,
+                checks: checks.to_vec(),
+                second: now,
+                tokens,
+                standing: Standing {
+                    requests: first
+                        .requests_per_minute
+                        .map(|l| (l, l.saturating_sub(n(1)), n(3))),
+                    tokens: first
+                        .tokens_per_minute
+                        .map(|l| (l, l.saturating_sub(n(2)), n(4))),
+                },
+            }));
+        }
+        let kind = match n(0) {
+            1 => Kind::Requests,
+            2 => Kind::Tokens,
+            _ => Kind::Concurrent,
+        };
+        let at = (n(1) as usize).saturating_sub(1);
+        Ok(Err(Limited {
+            key: checks.get(at).map(|c| c.key.clone()).unwrap_or_default(),
+            kind,
+            limit: n(2),
+            retry_after: n(3).max(1),
+        }))
+    }
+
+    fn unlimit(&self, grant: &crate::budget::limits::Grant, used: u64, undo: bool) {
+        let inner = Arc::clone(&self.inner);
+        let g = grant.clone();
+        self.rt.spawn(async move {
+            let mut inv = inner.unlimit.prepare_invoke();
+            for c in &g.checks {
+                inv.key(inner.limit_key(&c.key))
+                    .key(inner.limit_key(&c.key) + ":flight");
+            }
+            inv.arg(g.second)
+                .arg(&g.id)
+                .arg(clamp(g.tokens))
+                .arg(clamp(used))
+                .arg(if undo { 1 } else { 0 });
+            let Ok(mut con) = inner.con("unlimit") else {
+                // (Its counts leave the minute by themselves, its lease ends.)
+                return;
+            };
+            match tokio::time::timeout(inner.timeout * 4, inv.invoke_async::<i64>(&mut con)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    inner.failed("unlimit", &e);
+                }
+                Err(_) => {
+                    inner.failed("unlimit", &"timed out");
+                }
+            }
+        });
     }
 
     fn history(&self) -> Arc<crate::budget::history::History> {
