@@ -38,7 +38,15 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         Backend::Redis => RedisLedger::open(&config.budgets.ledger, config.budgets.offset())?,
         Backend::Embedded => Embedded::open_in(&config.budgets.ledger, config.budgets.offset())?,
     };
-    ledger.set_soft_hook(crate::budget::soft_hook(Arc::clone(&calls)));
+    // Budget alerts: raised by the ledger's settles, kept in its file until delivered.
+    let alerts = crate::budget::alerts::Alerts::new(
+        &config.budgets.alerts,
+        config.budgets.ledger.path.clone(),
+    );
+    ledger.set_soft_hook(crate::budget::soft_hook(
+        Arc::clone(&calls),
+        Arc::clone(&alerts),
+    ));
     // The calls holding a reservation: the proxy opens them, the ledger sink settles them by
     // request id, the drain deadline and the lease renewal walk them.
     let open_calls = Arc::new(crate::budget::OpenCalls::default());
@@ -47,6 +55,16 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
         open: Arc::clone(&open_calls),
         membership: arc_swap::ArcSwap::from_pointee(config.budgets.membership.clone()),
     }));
+    sinks.push(Box::new(crate::budget::alerts::AlertsSink(Arc::clone(
+        &alerts,
+    ))));
+    {
+        let ledger = Arc::clone(&ledger);
+        alerts.start(Arc::new(move |a: &crate::budget::alerts::Alert| {
+            let (ledger, id, until) = (Arc::clone(&ledger), a.id.clone(), a.window_end);
+            Box::pin(async move { ledger.claim_alert(&id, until).await })
+        }));
+    }
     // Last: at shutdown the ledger is flushed before spans wait on a collector.
     let traces = crate::telemetry::traces::TraceSink::new(&config)?;
     let trace_counters = traces.counters.clone();
@@ -67,6 +85,9 @@ pub fn run(config: Config, config_path: PathBuf, log_from_env: bool) -> Result<(
             Arc::clone(&config),
             Arc::clone(&ledger),
         )))
+        .map_err(|e| e.to_string())?;
+    registry
+        .register(Box::new(alerts.counts.clone()))
         .map_err(|e| e.to_string())?;
     trace_counters
         .register(registry)

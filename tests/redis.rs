@@ -743,3 +743,37 @@ fn rate_limits_follow_on_error_when_redis_is_gone() {
     assert_eq!(r.json()["error"]["code"], "budget_store_unavailable");
     assert_eq!(calls_in_turn(&[open.addr], "u", 1)[0].status, 200);
 }
+
+/// Issue 24: with two replicas sharing Redis, each threshold crossed is POSTed once: the
+/// settle that crosses it runs once, on one replica, and a marker in Redis keeps the 100 %
+/// of a refusal (which either replica may find) to one.
+#[test]
+fn budget_alerts_are_posted_once_by_two_replicas() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let hooks = Hooks::start(1);
+    let extra = format!(
+        "[budgets.users.al]\ndaily = {{ tokens = 200 }}\n{}",
+        alerts_config(&hooks, "[0.5, 0.8, 1.0]")
+    );
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", &extra));
+    let b = Tap::start(&mock.url(), &config(&redis, "fail_closed", &extra));
+    calls_until_refused(&[a.addr, b.addr], "al");
+    // Refused on both replicas too: the 100 % is still raised once.
+    calls_until_refused(&[b.addr, a.addr], "al");
+    assert_eq!(thresholds_of(&hooks.wait("/hook", 3)), ["0.5", "0.8", "1"]);
+    hooks.wait("/slack", 3);
+    let delivered = |t: &Tap, th: &str| {
+        t.metric(&format!(
+            "tokentap_budget_alerts_total{{outcome=\"delivered\",threshold=\"{th}\"}}"
+        ))
+    };
+    for th in ["0.5", "0.8", "1"] {
+        let start = Instant::now();
+        while delivered(&a, th) + delivered(&b, th) != 1.0 {
+            assert!(start.elapsed() < PATIENCE, "{th}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(hooks.taken("/hook").len(), 3);
+}

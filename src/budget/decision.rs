@@ -321,8 +321,27 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
             Decision::Allow(Some(Arc::new(r)))
         }
         Ok(Err(rej)) => {
-            if !rej.in_flight {
-                note_refusal(&rej, now);
+            // The first refusal for what was spent in this window: the cap is reached (its
+            // 100 % alert, which spend alone never reaches: reservations stop it short).
+            if !rej.in_flight && note_refusal(&rej, now) {
+                let caps = policy.caps_for(&user);
+                let cap = caps
+                    .iter()
+                    .find(|(s, c)| *s == rej.subject && c.window == rej.window);
+                if let Some((s, c)) = cap.filter(|(_, c)| c.alerts.contains(&1000)) {
+                    let (h, end) = super::hold(s, c, now, policy.offset());
+                    let (spent, _) = ledger.spend(s, c.window, policy, now).await;
+                    ledger.raise(super::alerts::Alert::new(
+                        &h.key,
+                        h.window,
+                        h.start,
+                        end,
+                        "1".into(),
+                        spent,
+                        &h.alert,
+                        now,
+                    ));
+                }
             }
             let team = match &rej.subject {
                 Subject::Team(t) => t.clone(),
@@ -392,18 +411,21 @@ static REFUSED: std::sync::LazyLock<dashmap::DashMap<(String, Window), i64>> =
 const REFUSED_MAX: usize = 10_000;
 static REFUSED_SWEPT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
-fn note_refusal(rej: &super::Rejection, now: i64) {
+/// Notes a cap's refusal; true when it is the first in its window (on this replica).
+fn note_refusal(rej: &super::Rejection, now: i64) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     if REFUSED.len() >= REFUSED_MAX {
         if REFUSED_SWEPT.swap(now, Relaxed) == now {
-            return;
+            return false;
         }
         REFUSED.retain(|_, until| *until > now);
         if REFUSED.len() >= REFUSED_MAX {
-            return;
+            return false;
         }
     }
-    REFUSED.insert((rej.subject.key(), rej.window), rej.resets_at);
+    REFUSED
+        .insert((rej.subject.key(), rej.window), rej.resets_at)
+        .is_none_or(|until| until <= now)
 }
 
 /// An operator reset `subject`'s spend on `window`: its cap is no longer reached.

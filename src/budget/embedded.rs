@@ -495,8 +495,8 @@ impl Embedded {
         Ok(Reservation::new(policy, user, holds, worst))
     }
 
-    fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<Hold> {
-        let mut crossed_holds = Vec::new();
+    fn settle_now(&self, r: &Reservation, actual: Amount, now: i64) -> Vec<super::alerts::Alert> {
+        let mut raised = Vec::new();
         // A call that ran across a window's end is charged to the window it ended in.
         let mut st = self.lock();
         for h in &r.holds {
@@ -514,12 +514,15 @@ impl Embedded {
                     window: h.window,
                 });
             }
-            // A soft threshold only signals.
-            if h.passes_soft(before, after) {
-                crossed_holds.push(h.clone());
+            // A threshold passed raises an alert (a soft threshold only signals).
+            for t in h.alert.crossed(before, after) {
+                let (start, end) = h.window.bounds(now, r.offset);
+                raised.push(super::alerts::Alert::new(
+                    &h.key, h.window, start, end, t, after, &h.alert, now,
+                ));
             }
         }
-        crossed_holds
+        raised
     }
 
     /// Keeps a settle the Redis ledger could not deliver (written with the next flush).
@@ -827,9 +830,9 @@ impl Ledger for Embedded {
     }
 
     fn settle(&self, r: &Reservation, actual: Amount, now: i64) {
-        let crossed = self.settle_now(r, actual, now);
+        let raised = self.settle_now(r, actual, now);
         if let Some(hook) = self.soft.get() {
-            crossed.iter().for_each(|h| hook(&h.key, h.window));
+            raised.into_iter().for_each(|a| hook(a));
         }
     }
 
@@ -968,6 +971,12 @@ impl Ledger for Embedded {
 
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+
+    fn raise(&self, alert: super::alerts::Alert) {
+        if let Some(hook) = self.soft.get() {
+            hook(alert);
+        }
     }
 
     async fn limit(

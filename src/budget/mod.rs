@@ -8,6 +8,7 @@
 //! Concurrent first requests therefore cannot overshoot a cap by more than one call's worst
 //! case, whatever their number.
 
+pub mod alerts;
 mod collector;
 mod decision;
 pub mod embedded;
@@ -81,6 +82,8 @@ pub struct Hold {
     /// differ: where the zone's offset changes by half an hour, Lord Howe's, the hours before
     /// and after the change overlap, and the offset at `start` is the one before.)
     pub end: i64,
+    /// What its settles raise alerts at.
+    pub alert: alerts::Thresholds,
 }
 
 impl Hold {
@@ -112,8 +115,9 @@ impl Reservation {
     }
 }
 
-/// Told when settled spend passes a cap's soft threshold.
-pub type SoftHook = Arc<dyn Fn(&str, Window) + Send + Sync>;
+/// Told of every alert a settle raises (a threshold of a cap passed: a fraction of it, or
+/// its soft threshold).
+pub type SoftHook = Arc<dyn Fn(alerts::Alert) + Send + Sync>;
 
 /// The hold a cap takes on a call made at `now`, and the end of its window.
 pub fn hold(subject: &Subject, cap: &policy::Cap, now: i64, zone: policy::Zone) -> (Hold, i64) {
@@ -126,6 +130,13 @@ pub fn hold(subject: &Subject, cap: &policy::Cap, now: i64, zone: policy::Zone) 
             soft_tokens: cap.soft_tokens,
             start,
             end,
+            alert: alerts::Thresholds {
+                cap_usd: cap.usd.map(|p| p.0),
+                cap_tokens: cap.tokens,
+                at: cap.alerts.clone(),
+                soft_usd: cap.soft_usd.map(|p| p.0),
+                soft_tokens: cap.soft_tokens,
+            },
         },
         end,
     )
@@ -317,6 +328,13 @@ pub trait Ledger: Send + Sync {
     /// Settles a call counted by [`Ledger::limit`]: its tokens become `used`, and it leaves
     /// the calls in flight; `undo`, it never went and counts nothing. Must not block.
     fn unlimit(&self, grant: &limits::Grant, used: u64, undo: bool);
+    /// Whether this replica is the one to raise alert `id` (a marker until `until`, Unix
+    /// seconds, in the shared store; `true` without one).
+    async fn claim_alert(&self, _id: &str, _until: i64) -> bool {
+        true
+    }
+    /// Raises an alert found outside a settle (a cap that refused a call is at 100 %).
+    fn raise(&self, _alert: alerts::Alert) {}
     /// `embedded` or `redis`.
     fn backend(&self) -> &'static str;
     /// The reader of this replica's ledger file (its per-call rows and rollups).
@@ -381,6 +399,7 @@ mod tests {
             tokens: Some(1),
             soft_usd: None,
             soft_tokens: None,
+            alerts: Vec::new(),
         };
         let change = 1_791_041_400; // 2026-10-03T15:30:00Z
         let now = change + 600;

@@ -58,6 +58,9 @@ pub struct RawBudgets {
     /// Rate limits (requests and tokens per minute, calls in flight).
     #[serde(default)]
     pub limits: super::limits::RawLimits,
+    /// Budget alerts: thresholds and webhooks.
+    #[serde(default)]
+    pub alerts: super::alerts::RawAlerts,
 }
 
 fn default_user() -> String {
@@ -100,6 +103,9 @@ pub struct RawCap {
     /// Soft threshold in USD: passing it is signalled (log, metric), not refused.
     pub soft_usd: Option<UsdValue>,
     pub soft_tokens: Option<u64>,
+    /// Fractions of the cap that raise an alert when spend passes them (default:
+    /// `budgets.alerts.thresholds`).
+    pub alerts: Option<Vec<f64>>,
 }
 
 /// A USD amount: a TOML number or a decimal string (the price table's type).
@@ -411,6 +417,8 @@ pub struct Cap {
     pub tokens: Option<u64>,
     pub soft_usd: Option<Pico>,
     pub soft_tokens: Option<u64>,
+    /// Alert thresholds, in thousandths of the cap (800: 80 %).
+    pub alerts: Vec<u32>,
 }
 
 /// Who a cap belongs to.
@@ -445,6 +453,7 @@ pub struct BudgetPolicy {
     pub membership: HashMap<String, Vec<String>>,
     pub ledger: LedgerConfig,
     pub limits: super::limits::Limits,
+    pub alerts: super::alerts::AlertsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,6 +521,8 @@ impl BudgetPolicy {
 }
 
 pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, String> {
+    let default_alerts = super::alerts::per_mille(&raw.alerts.thresholds)
+        .map_err(|e| format!("budgets.alerts.thresholds: {e}"))?;
     let caps = |key: &str, m: &BTreeMap<String, RawCap>| -> Result<Vec<Cap>, String> {
         let mut v = Vec::new();
         for (w, c) in m {
@@ -524,12 +535,19 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
                         .map_err(|e| format!("{key}.{w}.{f}: {e}")),
                 }
             };
+            let alerts = match &c.alerts {
+                Some(f) => {
+                    super::alerts::per_mille(f).map_err(|e| format!("{key}.{w}.alerts: {e}"))?
+                }
+                None => default_alerts.clone(),
+            };
             let cap = Cap {
                 window,
                 usd: usd("usd", &c.usd)?,
                 tokens: c.tokens,
                 soft_usd: usd("soft_usd", &c.soft_usd)?,
                 soft_tokens: c.soft_tokens,
+                alerts,
             };
             if cap.usd.is_none()
                 && cap.tokens.is_none()
@@ -645,6 +663,7 @@ pub fn compile(raw: &RawBudgets, dir: &std::path::Path) -> Result<BudgetPolicy, 
         teams,
         membership,
         limits: super::limits::compile(&raw.limits)?,
+        alerts: super::alerts::compile(&raw.alerts)?,
         ledger: LedgerConfig {
             backend,
             path: dir.join(&raw.ledger.path),

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use super::policy::Window;
 use super::{now_unix, Amount, CallRow, Ledger, OpenCalls, SoftHook};
 use crate::meter::UsageRecord;
 /// What a record settles: its cost and tokens (zero when the upstream billed nothing).
@@ -24,12 +23,18 @@ pub struct LedgerSink {
     pub membership: arc_swap::ArcSwap<std::collections::HashMap<String, Vec<String>>>,
 }
 
-/// The soft-threshold signal: a warning in the log and
-/// `tokentap_budget_soft_threshold_crossed_total`.
-pub fn soft_hook(calls: Arc<crate::telemetry::calls::CallMetrics>) -> SoftHook {
-    Arc::new(move |key: &str, window: Window| {
-        log::warn!("budget: {key} passed the soft threshold of its {window} budget");
-        calls.soft_threshold_crossed(key, &window.name());
+/// Where the alerts settles raise go: a soft threshold to
+/// `tokentap_budget_soft_threshold_crossed_total`, and every alert to `alerts` (logged,
+/// counted, delivered to the webhooks).
+pub fn soft_hook(
+    calls: Arc<crate::telemetry::calls::CallMetrics>,
+    alerts: Arc<super::alerts::Alerts>,
+) -> SoftHook {
+    Arc::new(move |a: super::alerts::Alert| {
+        if a.threshold == "soft" {
+            calls.soft_threshold_crossed(&a.subject, &a.window);
+        }
+        alerts.raise(a);
     })
 }
 

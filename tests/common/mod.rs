@@ -1066,3 +1066,137 @@ pub fn tokens_a_minute_hold_under_64_calls(mock: &Mock, taps: &[&Tap], user: &st
         assert_eq!(r.json()["error"]["type"], "rate_limit_exceeded");
     }
 }
+
+/// A webhook receiver on a free loopback port: answers each POST with 500 while `fail` is
+/// above zero (counting it down), then 200; keeps the bodies it answered 200 to.
+pub struct Hooks {
+    pub addr: SocketAddr,
+    pub fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub taken: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+}
+
+impl Hooks {
+    pub fn start(fail: usize) -> Hooks {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let fail = std::sync::Arc::new(AtomicUsize::new(fail));
+        let attempts = std::sync::Arc::new(AtomicUsize::new(0));
+        let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (f, a, t) = (fail.clone(), attempts.clone(), taken.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let (f, a, t) = (f.clone(), a.clone(), t.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        r.read_exact(&mut body).unwrap();
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let failing = f
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        let status = if failing {
+                            "500 Internal Server Error"
+                        } else {
+                            "200 OK"
+                        };
+                        if !failing {
+                            let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            t.lock().unwrap().push((path, v));
+                        }
+                        let _ = write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        Hooks {
+            addr,
+            fail,
+            attempts,
+            taken,
+        }
+    }
+
+    /// What was taken on `path`.
+    pub fn taken(&self, path: &str) -> Vec<Value> {
+        self.taken
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Waits until `path` has taken `n` POSTs; returns them.
+    pub fn wait(&self, path: &str, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let t = self.taken(path);
+            if t.len() >= n {
+                return t;
+            }
+            assert!(
+                start.elapsed() < PATIENCE * 2,
+                "{path} took {} of {n}: {t:?}",
+                t.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The config of budget alerts to `hooks` (generic on /hook, Slack's on /slack).
+pub fn alerts_config(hooks: &Hooks, thresholds: &str) -> String {
+    format!(
+        "[budgets.alerts]\nthresholds = {thresholds}\nwebhooks = [{{ url = \"http://{0}/hook\" }}, \
+         {{ url = \"http://{0}/slack\", format = \"slack\" }}]\n",
+        hooks.addr
+    )
+}
+
+/// Calls of `user` through `addrs` in turn until one is refused (429); how many went.
+pub fn calls_until_refused(addrs: &[SocketAddr], user: &str) -> usize {
+    let body = chat_body(CAP_MODEL, user, false, r#","max_tokens":20"#);
+    for i in 0..200 {
+        let r = post_chat(addrs[i % addrs.len()], &[], &body);
+        if r.status == 429 {
+            return i;
+        }
+        assert_eq!(r.status, 200);
+    }
+    panic!("never refused");
+}
+
+/// The thresholds of the generic alerts taken, sorted.
+pub fn thresholds_of(alerts: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = alerts
+        .iter()
+        .map(|a| a["threshold"].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}

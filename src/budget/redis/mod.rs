@@ -77,6 +77,12 @@ struct SettleCall {
     args: Vec<String>,
     /// Per hold: subject key, window, window start (to follow spend and signal soft caps).
     holds: Vec<(String, String, i64)>,
+    /// Per hold: its window's end and what it alerts at; and what the call cost (a settle
+    /// kept by an older tokentap has neither: it raises no alert).
+    #[serde(default)]
+    alerts: Vec<(i64, crate::budget::alerts::Thresholds)>,
+    #[serde(default)]
+    actual: (u64, u64),
 }
 
 pub struct RedisLedger {
@@ -283,7 +289,9 @@ impl RedisLedger {
             id: r.id.clone(),
             keys,
             args,
+            alerts: r.holds.iter().map(|h| (h.end, h.alert.clone())).collect(),
             holds,
+            actual: (actual.pico, actual.tokens),
         }
     }
 
@@ -633,10 +641,42 @@ impl Inner {
                 tokens: (*st).max(0) as u64,
             };
             self.follow(key, window, *start, spent);
-            if *crossed == 1 {
-                if let Some(hook) = self.soft.get() {
-                    hook(key, window);
+            // The script added the call's cost to this counter atomically: what it held
+            // before is known, and exactly one settle (on one replica) passes each threshold.
+            let before = Amount {
+                pico: spent.pico.saturating_sub(call.actual.0),
+                tokens: spent.tokens.saturating_sub(call.actual.1),
+            };
+            let hook = self.soft.get();
+            match (call.alerts.get(i), hook) {
+                (Some((end, t)), Some(hook)) => {
+                    for label in t.crossed(before, spent) {
+                        hook(crate::budget::alerts::Alert::new(
+                            key,
+                            window,
+                            *start,
+                            *end,
+                            label,
+                            spent,
+                            t,
+                            crate::budget::now_unix(),
+                        ));
+                    }
                 }
+                // Kept by an older tokentap: the script's own soft signal.
+                (None, Some(hook)) if *crossed == 1 => {
+                    hook(crate::budget::alerts::Alert::new(
+                        key,
+                        window,
+                        *start,
+                        i64::MAX,
+                        "soft".into(),
+                        spent,
+                        &Default::default(),
+                        crate::budget::now_unix(),
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -1078,6 +1118,33 @@ impl Ledger for RedisLedger {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+
+    fn raise(&self, alert: crate::budget::alerts::Alert) {
+        if let Some(hook) = self.inner.soft.get() {
+            hook(alert);
+        }
+    }
+
+    async fn claim_alert(&self, id: &str, until: i64) -> bool {
+        let inner = &self.inner;
+        let Ok(mut con) = inner.con("alert") else {
+            // Raised rather than lost; another replica may raise it too.
+            return true;
+        };
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{}:alerted:{id}", inner.prefix))
+            .arg(1)
+            .arg("NX");
+        if until != i64::MAX {
+            set.arg("EXAT")
+                .arg(until.max(crate::budget::now_unix() + 1));
+        }
+        match tokio::time::timeout(inner.timeout, set.query_async::<Option<String>>(&mut con)).await
+        {
+            Ok(Ok(v)) => v.is_some(),
+            _ => true,
+        }
     }
 
     async fn limit(
