@@ -188,6 +188,16 @@ budgets = dashboard("tokentap-budgets", "tokentap / Budgets",
           [dict(target(f'sum by (user, team, window) (tokentap_budget_soft_threshold_crossed_total{{{USEL}}})',
                        "{{user}} {{team}} {{window}}", instant=True), format="table")], kind="table",
           extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+    panel("Rate-limited calls per second", "Calls refused by a rate limit ([budgets.limits]) before "
+          "the upstream saw them, by user and limit (requests_per_minute, tokens_per_minute, "
+          "concurrent).", "reqps",
+          [target(f'sum by (user, limit) (rate(tokentap_rate_limited_total{{{USEL}}}[{RI}]))',
+                  "{{user}} {{limit}}")]),
+    panel("Budget alerts in range", "Alerts raised (a threshold of a cap passed: 0.8, 1, soft, ...) "
+          "and their delivery to the webhooks: delivered, or failed rounds (retried).", "short",
+          [target('sum by (threshold, outcome) (increase(tokentap_budget_alerts_total[$__range]))',
+                  "{{threshold}} {{outcome}}", instant=True)],
+          kind="bargauge", extra={"options": {"orientation": "horizontal", "displayMode": "basic"}}),
     panel("Ledger errors in range", "Times the ledger could not persist spend or reach its store. "
           "Anything above zero needs attention: budgets may be enforced on stale figures.", "short",
           [target('sum(increase(tokentap_ledger_errors_total[$__range]))', "errors", instant=True)],

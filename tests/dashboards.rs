@@ -194,11 +194,25 @@ fn traffic(tap: &Tap, wave: usize) -> u64 {
             s => panic!("capped user got {s}"),
         }
     }
+    // A user limited to one call a minute: the second (and the next wave's) is refused.
+    for _ in 0..2 {
+        let body = chat_body(MODELS[0], "limited", false, r#","max_tokens":5"#);
+        let resp = post_chat(tap.addr, &[], &body);
+        match resp.status {
+            200 => {
+                let (p, c) = received_usage(&resp).unwrap();
+                tokens += p + c;
+            }
+            429 => assert_eq!(resp.json()["error"]["type"], "rate_limit_exceeded"),
+            s => panic!("limited user got {s}"),
+        }
+    }
     tokens
 }
 
-/// Budgets for the traffic: one capped user (one call's worth a day), everyone else free.
-const BUDGETS: &str = "[budgets]\nmissing_user = \"allow\"\n[budgets.users.capped]\ndaily = { usd = \"0.0002\", soft_usd = \"0.0001\" }\n";
+/// Budgets for the traffic: one capped user (one call's worth a day, whose soft threshold
+/// raises an alert), one limited to a call a minute, everyone else free.
+const BUDGETS: &str = "[budgets]\nmissing_user = \"allow\"\n[budgets.users.capped]\ndaily = { usd = \"0.0002\", soft_usd = \"0.0001\" }\n[budgets.limits]\nusers.limited = { requests_per_minute = 1 }\n";
 
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "30s")
@@ -226,7 +240,7 @@ fn every_dashboard_panel_returns_data_and_counters_match_what_clients_got() {
     let mut seen_tokens = traffic(&tap, 0);
     std::thread::sleep(Duration::from_millis(2500));
     seen_tokens += traffic(&tap, 1);
-    let calls = 2 * (12 + 6 + 2);
+    let calls = 2 * (12 + 6 + 2 + 2);
     let recs = tap.wait_records(calls);
     assert_eq!(recs.len(), calls);
 
