@@ -66,6 +66,12 @@ fn each_threshold_is_posted_once_also_when_the_receiver_fails_first() {
     // Delivered once each: more calls (refused) raise nothing new.
     calls_until_refused(&[tap.addr], "al");
     assert_eq!(hooks.taken("/hook").len(), 3);
+    // The admin page lists them.
+    let listed = request(tap.admin, "GET", "/admin/api/alerts", &[], b"").json();
+    assert_eq!(listed["webhooks"], 2);
+    let alerts = listed["alerts"].as_array().unwrap();
+    assert_eq!(thresholds_of(alerts), ["0.5", "0.8", "1"]);
+    assert!(alerts.iter().all(|a| a["delivered"] == true), "{listed}");
 }
 
 #[test]

@@ -28,6 +28,12 @@ fn a_user_limited_to_five_requests_a_minute_gets_exactly_five_through() {
         tap.metric("tokentap_rate_limited_total{user=\"alice\",limit=\"requests_per_minute\"}")
             >= 7.0
     );
+    // The admin page shows the limits a user is held to.
+    let u = request(tap.admin, "GET", "/admin/api/users/alice", &[], b"").json();
+    assert_eq!(u["limits"][0]["subject"], "user:alice");
+    assert_eq!(u["limits"][0]["requests_per_minute"], 5);
+    let b = request(tap.admin, "GET", "/admin/api/users/bob", &[], b"").json();
+    assert_eq!(b["limits"], serde_json::json!([]));
 }
 
 #[test]

@@ -431,7 +431,35 @@ impl Admin {
                 .or_insert_with(|| vec![Totals::default(); 30])[i as usize]
                 .add(&t);
         }
+        // The rate limits the subject is held to (a user: their own or the default, and their
+        // teams').
+        let limits = &policy.limits;
+        let checks = match dim {
+            Dim::Team => limits
+                .teams
+                .get(name)
+                .map(|l| {
+                    vec![crate::budget::limits::Check {
+                        key: format!("team:{name}"),
+                        limit: *l,
+                    }]
+                })
+                .unwrap_or_default(),
+            _ => limits.checks(name, policy.teams_of(name), None),
+        };
+        let limits: Vec<Value> = checks
+            .iter()
+            .map(|c| {
+                json!({
+                    "subject": c.key,
+                    "requests_per_minute": c.limit.requests_per_minute,
+                    "tokens_per_minute": c.limit.tokens_per_minute,
+                    "concurrent": c.limit.concurrent,
+                })
+            })
+            .collect();
         let mut v = json!({
+            "limits": limits,
             "kind": if dim == Dim::Team { "team" } else { "user" },
             "name": name,
             "zone": zone.name(),
@@ -485,6 +513,32 @@ impl Admin {
                     "backend": self.ledger.backend(),
                     "calls": calls,
                     "next": next.map(|n| n.to_string()),
+                }),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        }
+    }
+
+    /// `/admin/api/alerts`: the newest budget alerts this replica raised.
+    pub(super) async fn alerts(&self, query: &str) -> Response<Vec<u8>> {
+        let limit = match param(query, "limit").map(|l| l.parse::<usize>()) {
+            None => 50,
+            Some(Ok(l)) if (1..=500).contains(&l) => l,
+            Some(_) => return error(StatusCode::BAD_REQUEST, "limit: 1 to 500"),
+        };
+        let h = self.ledger.history();
+        let cfg = self.config.load();
+        match blocking(move || h.alerts(limit)).await {
+            Ok(list) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "scope": "replica",
+                    "webhooks": cfg.budgets.alerts.webhooks.len(),
+                    "alerts": list.iter().map(|(a, delivered)| {
+                        let mut v = a.generic();
+                        v["delivered"] = json!(delivered);
+                        v
+                    }).collect::<Vec<_>>(),
                 }),
             ),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),

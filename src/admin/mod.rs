@@ -447,12 +447,13 @@ impl Admin {
             ["users", u, "calls"] => self.calls(Dim::User, u, query).await,
             ["teams", t, "calls"] => self.calls(Dim::Team, t, query).await,
             ["live"] => self.live(),
+            ["alerts"] => self.alerts(query).await,
             ["status"] => self.status().await,
             ["spend"] => self.spend(query).await,
             _ => error(
                 StatusCode::NOT_FOUND,
                 "admin API: overview, budgets, users/{user}[/calls], teams/{team}[/calls], live, \
-                 status, spend (docs/admin-page.md)",
+                 alerts, status, spend (docs/admin-page.md)",
             ),
         }
     }

@@ -258,6 +258,31 @@ impl History {
         })
     }
 
+    /// The newest `limit` budget alerts this replica raised (`budgets.alerts`), with whether
+    /// every webhook took them: (alert, delivered).
+    pub fn alerts(&self, limit: usize) -> Result<Vec<(super::alerts::Alert, bool)>, String> {
+        self.with(|db| {
+            let exists = db
+                .prepare_cached(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'",
+                )?
+                .exists([])?;
+            if !exists {
+                return Ok(Vec::new());
+            }
+            let mut q = db.prepare_cached(
+                "SELECT payload, delivered FROM alerts ORDER BY rowid DESC LIMIT ?1",
+            )?;
+            let rows = q.query_map(params![limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+            })?;
+            Ok(rows
+                .flatten()
+                .filter_map(|(p, d)| Some((serde_json::from_str(&p).ok()?, d)))
+                .collect())
+        })
+    }
+
     /// Calls since `since` (Unix seconds) that the upstream failed: an error status of its
     /// own, a broken connection, no answer in time.
     pub fn upstream_errors_since(&self, since: i64) -> Result<u64, String> {

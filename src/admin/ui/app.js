@@ -498,9 +498,26 @@
     });
     onLeave(() => clearTimeout(debounce));
 
+    const alertsHolder = h('section', { class: 'panel', id: 'alerts' });
     show(h('div', { class: 'title-row' }, h('h1', null, 'Budgets'),
       h('span', { class: 'muted' }, 'every cap of every capped user and team')),
-    h('div', { class: 'toolbar' }, h('label', { for: 'budget-filter' }, 'Filter '), filter), holder);
+    h('div', { class: 'toolbar' }, h('label', { for: 'budget-filter' }, 'Filter '), filter), holder,
+    alertsHolder);
+    // The alerts this replica raised (a threshold of a cap passed), newest first.
+    const alerts = await api('/admin/api/alerts?limit=20');
+    if (!alive()) return;
+    const list = alerts.alerts || [];
+    alertsHolder.replaceChildren(h('h2', null, 'Recent budget alerts'),
+      list.length ? h('div', { class: 'scroll' }, table({ class: 'data', data: { alerts: '1' } },
+        [['Raised'], ['Subject'], ['Window'], ['Threshold'], ['Spent', 'num'], ['Delivered']],
+        list.map((a) => h('tr', { data: { alertId: a.id } },
+          fig('td', 'at', a.at, time(a.at)),
+          h('td', null, a.subject.kind + ' ', a.subject.kind === 'team' ? teamLink(a.subject.name) : userLink(a.subject.name)),
+          fig('td', 'window', a.window, a.window),
+          fig('td', 'threshold', a.threshold, a.threshold === 'soft' ? 'soft threshold' : Math.round(Number(a.threshold) * 100) + ' %'),
+          fig('td', 'spent_usd', a.spent_usd, a.cap_tokens != null && a.cap_usd == null ? int(a.spent_tokens) + ' tokens' : usd(a.spent_usd), 'num'),
+          fig('td', 'delivered', a.delivered, alerts.webhooks ? (a.delivered ? 'yes' : 'retrying') : 'no webhook')))))
+        : h('p', { class: 'empty' }, 'No budget alerts raised on this replica.'));
     await load();
   }
 
@@ -583,6 +600,15 @@
           h('div', { class: 'stat' }, h('span', { class: 'label' }, 'Tokens'), fig('span', 'tokens', totals.tokens, int(totals.tokens))))),
       h('section', { class: 'panel' }, h('h2', null, 'Caps'),
         d.caps && d.caps.length ? budgetTable(d.caps, null) : h('p', { class: 'empty' }, 'No caps.')),
+      h('section', { class: 'panel', id: 'limits' }, h('h2', null, 'Rate limits'),
+        d.limits && d.limits.length ? table({ class: 'data', data: { limits: '1' } },
+          [['Held to'], ['Requests / min', 'num'], ['Tokens / min', 'num'], ['At once', 'num']],
+          d.limits.map((l) => h('tr', { data: { subject: l.subject } },
+            h('td', null, l.subject),
+            fig('td', 'requests_per_minute', l.requests_per_minute, l.requests_per_minute == null ? '—' : int(l.requests_per_minute), 'num'),
+            fig('td', 'tokens_per_minute', l.tokens_per_minute, l.tokens_per_minute == null ? '—' : int(l.tokens_per_minute), 'num'),
+            fig('td', 'concurrent', l.concurrent, l.concurrent == null ? '—' : int(l.concurrent), 'num'))))
+          : h('p', { class: 'empty' }, 'No rate limits.')),
       h('section', { class: 'panel' }, h('h2', null, 'Spend per model per day, last 30 days'),
         models.length ? chartBox : h('p', { class: 'empty' }, 'No spend in the last 30 days.')),
       h('section', { class: 'panel' }, h('h2', null, 'Recent calls'), callsHolder));
