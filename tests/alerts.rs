@@ -131,3 +131,27 @@ fn thresholds_change_by_hot_reload() {
     }
     assert_eq!(thresholds_of(&hooks.wait("/hook", 1)), ["0.1"]);
 }
+
+/// 100 % is the cap being reached, not one call too large for it: a call refused at a low
+/// spend raises nothing; the 100 % alert comes when spend is past the cap's other thresholds.
+#[test]
+fn one_oversized_call_refused_at_a_low_spend_is_not_the_cap_reached() {
+    let mock = Mock::start();
+    let hooks = Hooks::start(0);
+    let tap = Tap::start(
+        &mock.url(),
+        &format!(
+            "{TEST_PRICING}\n{CAP}{}",
+            alerts_config(&hooks, "[0.8, 1.0]")
+        ),
+    );
+    let big = chat_body(CAP_MODEL, "al", false, r#","max_tokens":150"#);
+    assert_eq!(post_chat(tap.addr, &[], &big).status, 200);
+    let huge = chat_body(CAP_MODEL, "al", false, r#","max_tokens":500"#);
+    assert_eq!(post_chat(tap.addr, &[], &huge).status, 429);
+    calls_until_refused(&[tap.addr], "al");
+    let taken = hooks.wait("/hook", 2);
+    assert_eq!(thresholds_of(&taken), ["0.8", "1"]);
+    let full = taken.iter().find(|a| a["threshold"] == "1").unwrap();
+    assert!(full["spent_tokens"].as_u64().unwrap() >= 160, "{full}");
+}

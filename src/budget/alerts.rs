@@ -73,9 +73,9 @@ pub struct AlertsConfig {
 pub fn per_mille(fractions: &[f64]) -> Result<Vec<u32>, String> {
     let mut v = Vec::new();
     for f in fractions {
-        if !(*f > 0.0 && *f <= 1.0) {
+        if !(*f >= 0.001 && *f <= 1.0) {
             return Err(format!(
-                "{f} is not a fraction of the cap: give 0 < f <= 1 (0.8 is 80 %)"
+                "{f} is not a fraction of the cap: give 0.001 <= f <= 1 (0.8 is 80 %)"
             ));
         }
         v.push((f * 1000.0).round() as u32);
@@ -244,6 +244,12 @@ impl Alert {
             (None, Some(c)) => format!("{} of {} tokens", self.spent_tokens, c),
             _ => format!("${}", usd(self.spent_pico)),
         };
+        // Slack reads `<...>` as links and mentions (`<!channel>`) and `&` as an entity: a
+        // user id is the caller's to choose.
+        let name = name
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
         serde_json::json!({
             "text": format!("tokentap: {kind} {name} {what} its {} budget ({amount}).", self.window)
         })
@@ -301,11 +307,28 @@ impl Alerts {
         self.counts.with_label_values(&[threshold, outcome]).inc();
     }
 
-    /// An alert a ledger found: never blocks.
+    /// An alert a ledger found: never blocks. (Logged and counted by the deliverer, once it
+    /// is this replica's to raise and not raised before.)
     pub fn raise(&self, a: Alert) {
         if a.threshold == "soft" && !self.config.load().soft {
             return;
         }
+        if self.tx.try_send(a).is_err() {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_multiple_of(100) {
+                log::error!(
+                    "budget alerts: {} alerts dropped (the deliverer is not keeping up, or \
+                     did not start)",
+                    n + 1
+                );
+            }
+        }
+    }
+
+    /// Logs and counts an alert this replica raises.
+    fn raised(&self, a: &Alert) {
         log::warn!(
             "budget alert: {} reached {} of its {} budget (spent {} USD, {} tokens)",
             a.subject,
@@ -319,10 +342,6 @@ impl Alerts {
             a.spent_tokens
         );
         self.count(&a.threshold, "raised");
-        if self.tx.try_send(a).is_err() {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
     }
 
     /// Starts the deliverer: it keeps each alert in the ledger file until delivered, and
@@ -442,6 +461,7 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
             if matches!(kept, Some(Ok(0))) {
                 continue;
             }
+            alerts.raised(&a);
             pending.push(Pending {
                 alert: a,
                 done: Vec::new(),
@@ -457,8 +477,14 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
         for p in pending.iter_mut().filter(|p| p.due <= now) {
             let mut all = true;
             for w in &webhooks {
-                if p.done.contains(&w.url) {
+                // (Noted by a digest: a webhook's URL is a secret, kept out of the file.)
+                let mark = url_mark(&w.url);
+                if p.done.contains(&mark) {
                     continue;
+                }
+                if alerts.stop.load(std::sync::atomic::Ordering::Acquire) {
+                    // Shutting down: what is not delivered stays in the file.
+                    return;
                 }
                 let body = match w.format {
                     Format::Generic => p.alert.generic(),
@@ -474,7 +500,7 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
                     .block_on(async { tokio::time::timeout(Duration::from_secs(10), send).await })
                 {
                     Ok(Ok(r)) if r.status().is_success() => {
-                        p.done.push(w.url.clone());
+                        p.done.push(mark);
                         if let Some(c) = db.as_ref() {
                             let _ = c.execute(
                                 "UPDATE alerts SET done = ?2 WHERE id = ?1",
@@ -502,7 +528,12 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
                 }
             }
             if all {
-                alerts.count(&p.alert.threshold, "delivered");
+                let outcome = if webhooks.is_empty() {
+                    "no_webhook"
+                } else {
+                    "delivered"
+                };
+                alerts.count(&p.alert.threshold, outcome);
                 if let Some(c) = db.as_ref() {
                     let _ = c.execute(
                         "UPDATE alerts SET delivered = 1 WHERE id = ?1",
@@ -538,6 +569,16 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
     }
 }
 
+/// How the file notes that a webhook took an alert: a digest of its URL.
+fn url_mark(url: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(url.as_bytes())
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The webhooks' client: HTTP/1.1, and HTTPS verified against the system's roots (ring, as
 /// the rest of tokentap).
 fn http_client() -> Result<reqwest::Client, String> {
@@ -555,6 +596,7 @@ fn http_client() -> Result<reqwest::Client, String> {
     .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())
 }

@@ -321,27 +321,9 @@ pub async fn decide(ledger: &dyn Ledger, cfg: &Config, meta: Option<&RequestMeta
             Decision::Allow(Some(Arc::new(r)))
         }
         Ok(Err(rej)) => {
-            // The first refusal for what was spent in this window: the cap is reached (its
-            // 100 % alert, which spend alone never reaches: reservations stop it short).
-            if !rej.in_flight && note_refusal(&rej, now) {
-                let caps = policy.caps_for(&user);
-                let cap = caps
-                    .iter()
-                    .find(|(s, c)| *s == rej.subject && c.window == rej.window);
-                if let Some((s, c)) = cap.filter(|(_, c)| c.alerts.contains(&1000)) {
-                    let (h, end) = super::hold(s, c, now, policy.offset());
-                    let (spent, _) = ledger.spend(s, c.window, policy, now).await;
-                    ledger.raise(super::alerts::Alert::new(
-                        &h.key,
-                        h.window,
-                        h.start,
-                        end,
-                        "1".into(),
-                        spent,
-                        &h.alert,
-                        now,
-                    ));
-                }
+            if !rej.in_flight {
+                note_refusal(&rej, now);
+                full_alert(ledger, policy, &user, &rej, now).await;
             }
             let team = match &rej.subject {
                 Subject::Team(t) => t.clone(),
@@ -410,6 +392,72 @@ static REFUSED: std::sync::LazyLock<dashmap::DashMap<(String, Window), i64>> =
 /// are dropped at most once a second, and refusals beyond are not kept.
 const REFUSED_MAX: usize = 10_000;
 static REFUSED_SWEPT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The 100 % alert of a cap (spend alone never reaches a cap: reservations stop it short):
+/// raised when the cap refuses a call for what was spent, with the spend at or past the cap's
+/// highest other threshold (and at least half of it: one oversized call refused at a low spend
+/// is not the cap being reached). Once per cap and window on this replica (and, deduplicated
+/// by the deliverer, across replicas).
+async fn full_alert(
+    ledger: &dyn Ledger,
+    policy: &super::policy::BudgetPolicy,
+    user: &str,
+    rej: &super::Rejection,
+    now: i64,
+) {
+    let caps = policy.caps_for(user);
+    let Some((s, c)) = caps
+        .iter()
+        .find(|(s, c)| *s == rej.subject && c.window == rej.window && c.alerts.contains(&1000))
+    else {
+        return;
+    };
+    let (h, end) = super::hold(s, c, now, policy.offset());
+    let key = (h.key.clone(), h.window, h.start);
+    if FULL.contains_key(&key) {
+        return;
+    }
+    let spend = ledger.spend(s, c.window, policy, now);
+    let Ok((spent, _)) = tokio::time::timeout(std::time::Duration::from_secs(1), spend).await
+    else {
+        return;
+    };
+    let at = c
+        .alerts
+        .iter()
+        .filter(|t| **t < 1000)
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .max(500);
+    let level = |cap: u64| (u128::from(cap) * u128::from(at) / 1000) as u64;
+    let near = if rej.tokens {
+        c.tokens.is_some_and(|cap| spent.tokens >= level(cap))
+    } else {
+        c.usd.is_some_and(|cap| spent.pico >= level(cap.0))
+    };
+    if !near {
+        return;
+    }
+    if FULL.len() >= REFUSED_MAX {
+        FULL.retain(|_, until| *until > now);
+    }
+    FULL.insert(key, end);
+    ledger.raise(super::alerts::Alert::new(
+        &h.key,
+        h.window,
+        h.start,
+        end,
+        "1".into(),
+        spent,
+        &h.alert,
+        now,
+    ));
+}
+
+/// The caps whose 100 % alert this replica raised, until their window ends.
+static FULL: std::sync::LazyLock<dashmap::DashMap<(String, Window, i64), i64>> =
+    std::sync::LazyLock::new(dashmap::DashMap::new);
 
 /// Notes a cap's refusal; true when it is the first in its window (on this replica).
 fn note_refusal(rej: &super::Rejection, now: i64) -> bool {

@@ -279,6 +279,7 @@ impl Window {
 #[derive(Default)]
 pub struct Local {
     windows: std::sync::Mutex<HashMap<String, Window>>,
+    swept: std::sync::atomic::AtomicI64,
 }
 
 /// The standing of `w` after a call, under `limit`.
@@ -313,7 +314,9 @@ impl Local {
         id: String,
     ) -> Result<Grant, Limited> {
         let mut all = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if all.len() > 50_000 {
+        // Subjects idle for a minute leave memory: swept at most once a second (ids are the
+        // callers' to choose, and a sweep walks them all).
+        if all.len() > 10_000 && self.swept.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
             all.retain(|_, w| w.in_flight > 0 || w.last > now - 60);
         }
         for c in checks {

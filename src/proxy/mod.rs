@@ -579,6 +579,18 @@ impl TokenTap {
         Ok(())
     }
 
+    /// The body as it goes; a call refused while preparing it never went, and counts nothing
+    /// against its rate limits.
+    fn forward_or_undo(&self, ctx: &mut Ctx) -> Result<()> {
+        let r = self.prepare_forward(ctx);
+        if r.is_err() {
+            if let Some(h) = ctx.limit.take() {
+                h.undo();
+            }
+        }
+        r
+    }
+
     /// Keeps the call's reservation until its record settles it (or its guard does).
     fn hold(&self, ctx: &mut Ctx, res: Option<Arc<Reservation>>) {
         let Some(res) = res else { return };
@@ -673,7 +685,7 @@ impl ProxyHttp for TokenTap {
             }
             if r.is_ok() && std::mem::take(&mut ctx.body.decide) {
                 r = match self.decide_call(ctx).await {
-                    Ok(()) => self.prepare_forward(ctx).map(|_| false),
+                    Ok(()) => self.forward_or_undo(ctx).map(|_| false),
                     Err(e) => Err(e),
                 };
             }
@@ -780,7 +792,7 @@ impl ProxyHttp for TokenTap {
         let mut r = self.on_request_body(body, end_of_stream, ctx);
         if r.is_ok() && std::mem::take(&mut ctx.body.decide) {
             r = match self.decide_call(ctx).await {
-                Ok(()) => self.prepare_forward(ctx),
+                Ok(()) => self.forward_or_undo(ctx),
                 Err(e) => Err(e),
             };
             if r.is_ok() {

@@ -1,14 +1,16 @@
 -- Rate limits: counts a call against every check's limits, or refuses it counting nothing.
 -- KEYS: per check, its per-second counts (a hash: field 'r<second>' requests, 't<second>'
 -- tokens) and its calls in flight (a sorted set: grant id by lease end).
--- ARGV: now (Unix second), grant id, the call's tokens (its worst case), lease end (second),
--- then per check: requests per minute, tokens per minute, calls in flight (-1: no limit).
+-- ARGV: (unused), grant id, the call's tokens (its worst case), a call in flight's lease
+-- (seconds), then per check: requests per minute, tokens per minute, calls in flight (-1: no
+-- limit). Seconds are Redis's own (TIME), the same for every replica.
 -- A minute is the last 60 whole seconds: a count lives from its second until 60 later.
--- Returns {0, requests, tokens, requests reset, tokens reset} of the first check after
--- counting, or {kind, check index, limit, retry after} when refused (kind 1 requests,
--- 2 tokens, 3 calls in flight).
-local now, id = tonumber(ARGV[1]), ARGV[2]
-local tokens, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- Returns {0, requests, tokens, requests reset, tokens reset, the second counted in} of the
+-- first check after counting, or {kind, check index, limit, retry after} when refused (kind
+-- 1 requests, 2 tokens, 3 calls in flight).
+local now = tonumber(redis.call('TIME')[1])
+local id, tokens = ARGV[2], tonumber(ARGV[3])
+local lease = now + tonumber(ARGV[4])
 local n = #KEYS / 2
 local first = nil
 
@@ -55,7 +57,7 @@ for i = 1, n do
     if redis.call('ZCARD', f) + 1 > conc then return {3, i, conc, 1} end
   end
   if i == 1 then
-    first = {0, req + 1, tok + tokens, rmin + 60 - now, tmin + 60 - now}
+    first = {0, req + 1, tok + tokens, rmin + 60 - now, tmin + 60 - now, now}
   end
 end
 for i = 1, n do

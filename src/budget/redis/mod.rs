@@ -468,9 +468,11 @@ impl Inner {
         }
     }
 
-    /// A subject's rate-limit counts (`user:…`, `team:…`, `key:…`).
-    fn limit_key(&self, subject_key: &str) -> String {
-        format!("{}:rl:{subject_key}", self.prefix)
+    /// A subject's (`user:…`, `team:…`, `key:…`) rate-limit counts (`w`: per second) or calls
+    /// in flight (`f`). The kind comes before the subject, whose id is the caller's to choose:
+    /// no id can name another's key.
+    fn limit_key(&self, kind: &str, subject_key: &str) -> String {
+        format!("{}:rl:{kind}:{subject_key}", self.prefix)
     }
 
     fn key(&self, subject_key: &str, window: Window, start: i64) -> String {
@@ -1137,8 +1139,9 @@ impl Ledger for RedisLedger {
             .arg(1)
             .arg("NX");
         if until != i64::MAX {
-            set.arg("EXAT")
-                .arg(until.max(crate::budget::now_unix() + 1));
+            // (EX, not EXAT: Redis before 6.2 has no EXAT.)
+            set.arg("EX")
+                .arg((until - crate::budget::now_unix()).max(1));
         }
         match tokio::time::timeout(inner.timeout, set.query_async::<Option<String>>(&mut con)).await
         {
@@ -1157,11 +1160,11 @@ impl Ledger for RedisLedger {
         use crate::budget::limits::{Grant, Kind, Limited, Standing};
         let inner = &self.inner;
         let id = super::reservation_id();
-        let lease = now + inner.lease.as_secs().max(1) as i64;
+        let lease = inner.lease.as_secs().max(1) as i64;
         let mut inv = inner.limit.prepare_invoke();
         for c in checks {
-            inv.key(inner.limit_key(&c.key))
-                .key(inner.limit_key(&c.key) + ":flight");
+            inv.key(inner.limit_key("w", &c.key))
+                .key(inner.limit_key("f", &c.key));
         }
         inv.arg(now).arg(&id).arg(clamp(tokens)).arg(lease);
         for c in checks {
@@ -1186,7 +1189,8 @@ impl Ledger for RedisLedger {
             return Ok(Ok(Grant {
                 id,
                 checks: checks.to_vec(),
-                second: now,
+                // The second Redis counted it in (its clock, not this replica's).
+                second: reply.get(5).copied().unwrap_or(now),
                 tokens,
                 standing: Standing {
                     requests: first
@@ -1218,16 +1222,26 @@ impl Ledger for RedisLedger {
         self.rt.spawn(async move {
             let mut inv = inner.unlimit.prepare_invoke();
             for c in &g.checks {
-                inv.key(inner.limit_key(&c.key))
-                    .key(inner.limit_key(&c.key) + ":flight");
+                inv.key(inner.limit_key("w", &c.key))
+                    .key(inner.limit_key("f", &c.key));
             }
             inv.arg(g.second)
                 .arg(&g.id)
                 .arg(clamp(g.tokens))
                 .arg(clamp(used))
                 .arg(if undo { 1 } else { 0 });
-            let Ok(mut con) = inner.con("unlimit") else {
-                // (Its counts leave the minute by themselves, its lease ends.)
+            // Not connected: tried again a few times (the script did not run); after that its
+            // counts leave the minute by themselves and its lease ends. (A reply lost after it
+            // ran is not retried: correcting the tokens twice would be wrong.)
+            let mut con = None;
+            for wait in [0u64, 1, 2, 4] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if let Ok(c) = inner.con("unlimit") {
+                    con = Some(c);
+                    break;
+                }
+            }
+            let Some(mut con) = con else {
                 return;
             };
             match tokio::time::timeout(inner.timeout * 4, inv.invoke_async::<i64>(&mut con)).await {

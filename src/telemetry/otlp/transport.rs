@@ -51,11 +51,17 @@ impl Exporter {
                 metadata: tonic::metadata::MetadataMap::from_headers(headers),
             },
             Protocol::HttpProtobuf => Client::Http {
-                client: reqwest::Client::builder()
-                    .timeout(cfg.timeout)
-                    .user_agent(USER_AGENT)
-                    .build()
-                    .map_err(|e| format!("traces: cannot build the HTTP client: {e}"))?,
+                client: {
+                    // reqwest's rustls (for the alerts' https webhooks) takes the process's
+                    // crypto provider: ring, as the rest of tokentap.
+                    let _ =
+                        tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+                    reqwest::Client::builder()
+                }
+                .timeout(cfg.timeout)
+                .user_agent(USER_AGENT)
+                .build()
+                .map_err(|e| format!("traces: cannot build the HTTP client: {e}"))?,
                 url: cfg.endpoint.clone(),
                 headers,
             },
