@@ -284,8 +284,9 @@ impl Alerts {
                 prometheus::Opts::new(
                     "tokentap_budget_alerts_total",
                     "Budget alerts by threshold (0.8, 1, soft, ...) and outcome: raised (found \
-                     and logged), delivered (every webhook took it), failed (a delivery round \
-                     that did not reach every webhook; retried).",
+                     and logged), delivered (every webhook took it), no_webhook (none is \
+                     configured), failed (a delivery round that did not reach every webhook; \
+                     retried).",
                 ),
                 &["threshold", "outcome"],
             )
