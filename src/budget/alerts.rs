@@ -270,6 +270,9 @@ pub struct Alerts {
     file: PathBuf,
 }
 
+/// How long after its window's end an alert is still tried (a week).
+const EXPIRE_S: i64 = 7 * 86_400;
+
 /// Alerts waiting for the deliverer at most (beyond, counted as dropped: a crossing is rare,
 /// thousands at once are a fault).
 const QUEUE: usize = 10_000;
@@ -286,7 +289,7 @@ impl Alerts {
                     "Budget alerts by threshold (0.8, 1, soft, ...) and outcome: raised (found \
                      and logged), delivered (every webhook took it), no_webhook (none is \
                      configured), failed (a delivery round that did not reach every webhook; \
-                     retried).",
+                     retried), expired (given up a week after its window ended).",
                 ),
                 &["threshold", "outcome"],
             )
@@ -473,6 +476,23 @@ fn deliver_loop(alerts: &Alerts, rx: std::sync::mpsc::Receiver<Alert>, claim: Cl
         if stopping {
             return;
         }
+        // An alert no webhook took within a week of its window's end is given up (counted
+        // and logged): its news is stale, and the file must not grow for ever.
+        let unix = super::now_unix();
+        pending.retain(|p| {
+            let stale = p.alert.window_end != i64::MAX && p.alert.window_end + EXPIRE_S < unix;
+            if stale {
+                alerts.count(&p.alert.threshold, "expired");
+                log::error!("budget alert {}: given up, no webhook took it", p.alert.id);
+                if let Some(c) = db.as_ref() {
+                    let _ = c.execute(
+                        "DELETE FROM alerts WHERE id = ?1",
+                        rusqlite::params![p.alert.id],
+                    );
+                }
+            }
+            !stale
+        });
         let webhooks = alerts.config.load().webhooks.clone();
         let now = std::time::Instant::now();
         for p in pending.iter_mut().filter(|p| p.due <= now) {
