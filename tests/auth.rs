@@ -19,21 +19,8 @@ fn keys(config: &Path, args: &[&str]) -> String {
     tokentap_cli(&all, config)
 }
 
-/// Issues a key; returns (key, id).
 fn issue(tap: &Tap, user: &str) -> (String, String) {
-    let old = tap.config_hash();
-    let out = keys(&tap.config, &["create", "--user", user]);
-    let key = out.lines().next().unwrap().trim().to_string();
-    assert!(key.starts_with("tt-"), "{out}");
-    let id = out
-        .split("(key ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    // The keys file is config: tokentap reloads on its own.
-    tap.wait_config_change(&old);
-    (key, id)
+    issue_key(tap, user)
 }
 
 fn call(tap: &Tap, key: Option<&str>, user: Option<&str>) -> Resp {

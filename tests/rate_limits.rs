@@ -147,17 +147,8 @@ fn a_virtual_keys_limit_holds_whoever_the_body_names() {
             limits("")
         ))
         .start();
-    // The key and its id (the keys file is config: tokentap reloads on its own).
+    let (key, id) = issue_key(&tap, "kim");
     let old = tap.config_hash();
-    let out = tokentap_cli(&["keys", "create", "--user", "kim"], &tap.config);
-    let key = out.lines().next().unwrap().trim().to_string();
-    let id = out
-        .split("(key ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    let old = tap.wait_config_change(&old);
     let text = std::fs::read_to_string(&tap.config).unwrap().replace(
         "[budgets.limits]\n",
         &format!("[budgets.limits]\nkeys.{id} = {{ requests_per_minute = 1 }}\n"),

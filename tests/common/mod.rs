@@ -1219,3 +1219,20 @@ pub fn thresholds_of(alerts: &[Value]) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Issues a virtual key for `user` (`tokentap keys create`) and waits until the running
+/// tokentap has it (the keys file is config: it reloads on its own); returns (key, id).
+pub fn issue_key(tap: &Tap, user: &str) -> (String, String) {
+    let old = tap.config_hash();
+    let out = tokentap_cli(&["keys", "create", "--user", user], &tap.config);
+    let key = out.lines().next().unwrap().trim().to_string();
+    assert!(key.starts_with("tt-"), "{out}");
+    let id = out
+        .split("(key ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    tap.wait_config_change(&old);
+    (key, id)
+}
