@@ -234,10 +234,9 @@ fn spawn_lease_renewal(shared: &Arc<Shared>) {
         .spawn(move || loop {
             std::thread::sleep(every);
             let Some(shared) = weak.upgrade() else { return };
-            let held = shared.open_calls.held();
-            if !held.is_empty() {
-                shared.ledger.renew(&held);
-            }
+            // (Also with no reservation held: a ledger may hold other leases, the calls in
+            // flight of a rate limit.)
+            shared.ledger.renew(&shared.open_calls.held());
         })
         .expect("spawn lease renewal");
 }

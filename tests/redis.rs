@@ -777,3 +777,37 @@ fn budget_alerts_are_posted_once_by_two_replicas() {
     }
     assert_eq!(hooks.taken("/hook").len(), 3);
 }
+
+/// Issue 24: a call in flight longer than the lease still counts against a calls-in-flight
+/// limit: its lease is renewed while it runs, as reservations' are.
+#[test]
+fn a_stream_longer_than_the_lease_keeps_its_concurrent_slot() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let extra = "reservation_ttl_s = 2\n[budgets.limits]\nusers.cory = { concurrent = 1 }\n";
+    let a = Tap::start(&mock.url(), &config(&redis, "fail_closed", extra));
+    let addr = a.addr;
+    let stream = std::thread::spawn(move || {
+        post_chat(
+            addr,
+            &[("x-mock-chunks", "60"), ("x-mock-delay-ms", "100")],
+            &chat_body(MODEL, "cory", true, ""),
+        )
+    });
+    // Past three leases of its own.
+    let start = Instant::now();
+    loop {
+        let live = request(a.admin, "GET", "/admin/api/live", &[], b"").json();
+        if live["calls"][0]["elapsed_ms"].as_u64().unwrap_or(0) > 4_500 {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the stream never ran that long: {live}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = calls_in_turn(&[a.addr], "cory", 1).remove(0);
+    assert_eq!(r.status, 429, "the stream's slot was lost with its lease");
+    assert_eq!(stream.join().unwrap().status, 200);
+}

@@ -114,6 +114,9 @@ struct Inner {
     settle: Script,
     limit: Script,
     unlimit: Script,
+    /// The rate-limit grants with calls-in-flight leases, by id: their flight sets, renewed
+    /// with the reservations' leases while the call runs.
+    flights: dashmap::DashMap<String, Vec<String>>,
     renew: Script,
     /// Per-call rows for reports, and the outbox, go to this replica's embedded file.
     rows: Arc<Embedded>,
@@ -194,6 +197,7 @@ impl RedisLedger {
             settle: Script::new(SETTLE),
             limit: Script::new(LIMIT),
             unlimit: Script::new(UNLIMIT),
+            flights: Default::default(),
             renew: Script::new(RENEW),
             rows,
             errors: AtomicU64::new(0),
@@ -884,7 +888,7 @@ impl Ledger for RedisLedger {
 
     fn renew(&self, held: &[Arc<Reservation>]) {
         let inner = Arc::clone(&self.inner);
-        let calls: Vec<(Vec<String>, String)> = held
+        let mut calls: Vec<(Vec<String>, String)> = held
             .iter()
             .filter(|r| !r.holds.is_empty())
             .map(|r| {
@@ -896,6 +900,13 @@ impl Ledger for RedisLedger {
                 (keys, lease_member(r))
             })
             .collect();
+        // The calls in flight of rate limits: the same script moves their deadlines on.
+        calls.extend(
+            inner
+                .flights
+                .iter()
+                .map(|e| (e.value().clone(), e.key().clone())),
+        );
         if calls.is_empty() {
             return;
         }
@@ -1185,6 +1196,14 @@ impl Ledger for RedisLedger {
             };
         let n = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         if reply.first() == Some(&0) {
+            let flights: Vec<String> = checks
+                .iter()
+                .filter(|c| c.limit.concurrent.is_some())
+                .map(|c| inner.limit_key("f", &c.key))
+                .collect();
+            if !flights.is_empty() {
+                inner.flights.insert(id.clone(), flights);
+            }
             let first = checks.first().map(|c| c.limit).unwrap_or_default();
             return Ok(Ok(Grant {
                 id,
@@ -1217,6 +1236,7 @@ impl Ledger for RedisLedger {
     }
 
     fn unlimit(&self, grant: &crate::budget::limits::Grant, used: u64, undo: bool) {
+        self.inner.flights.remove(&grant.id);
         let inner = Arc::clone(&self.inner);
         let g = grant.clone();
         self.rt.spawn(async move {
