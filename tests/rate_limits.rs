@@ -67,16 +67,7 @@ fn a_concurrent_calls_limit_holds_with_streams_and_frees_when_they_end() {
     };
     let (a, b) = (stream("sam"), stream("sue"));
     // Both streams in flight (the admin page's live view lists them).
-    let start = Instant::now();
-    while request(tap.admin, "GET", "/admin/api/live", &[], b"").json()["calls"]
-        .as_array()
-        .unwrap()
-        .len()
-        < 2
-    {
-        assert!(start.elapsed() < PATIENCE, "the streams never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_live(&tap, "both streams in flight", |c| c.len() == 2);
     let third = calls_in_turn(&[tap.addr], "sam", 1).remove(0);
     assert_eq!(third.status, 429);
     let e = third.json();

@@ -705,15 +705,7 @@ fn rate_limits_hold_across_two_replicas_sharing_redis() {
             &chat_body(MODEL, "cory", true, ""),
         )
     });
-    let start = Instant::now();
-    while request(a.admin, "GET", "/admin/api/live", &[], b"").json()["calls"]
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(start.elapsed() < PATIENCE, "the stream never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_live(&a, "the stream in flight", |c| !c.is_empty());
     assert_eq!(calls_in_turn(&[b.addr], "cory", 1)[0].status, 429);
     assert_eq!(stream.join().unwrap().status, 200);
     // Its end reaches Redis off the call's path: b lets the next one through soon after.
@@ -795,18 +787,10 @@ fn a_stream_longer_than_the_lease_keeps_its_concurrent_slot() {
         )
     });
     // Past three leases of its own.
-    let start = Instant::now();
-    loop {
-        let live = request(a.admin, "GET", "/admin/api/live", &[], b"").json();
-        if live["calls"][0]["elapsed_ms"].as_u64().unwrap_or(0) > 4_500 {
-            break;
-        }
-        assert!(
-            start.elapsed() < PATIENCE,
-            "the stream never ran that long: {live}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_live(&a, "the stream past three leases", |c| {
+        c.first()
+            .is_some_and(|c| c["elapsed_ms"].as_u64().unwrap_or(0) > 4_500)
+    });
     let r = calls_in_turn(&[a.addr], "cory", 1).remove(0);
     assert_eq!(r.status, 429, "the stream's slot was lost with its lease");
     assert_eq!(stream.join().unwrap().status, 200);

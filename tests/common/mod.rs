@@ -1236,3 +1236,18 @@ pub fn issue_key(tap: &Tap, user: &str) -> (String, String) {
     tap.wait_config_change(&old);
     (key, id)
 }
+
+/// Waits until the admin page's live view of `tap` shows calls for which `done` holds (the
+/// calls in flight, as `/admin/api/live` lists them); returns them.
+pub fn wait_live(tap: &Tap, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let live = request(tap.admin, "GET", "/admin/api/live", &[], b"").json();
+        let calls = live["calls"].as_array().cloned().unwrap_or_default();
+        if done(&calls) {
+            return calls;
+        }
+        assert!(start.elapsed() < PATIENCE, "never {what}: {live}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
