@@ -459,21 +459,19 @@ async fn full_alert(
 static FULL: std::sync::LazyLock<dashmap::DashMap<(String, Window, i64), i64>> =
     std::sync::LazyLock::new(dashmap::DashMap::new);
 
-/// Notes a cap's refusal; true when it is the first in its window (on this replica).
-fn note_refusal(rej: &super::Rejection, now: i64) -> bool {
+/// Notes a cap's refusal (kept until its window resets).
+fn note_refusal(rej: &super::Rejection, now: i64) {
     use std::sync::atomic::Ordering::Relaxed;
     if REFUSED.len() >= REFUSED_MAX {
         if REFUSED_SWEPT.swap(now, Relaxed) == now {
-            return false;
+            return;
         }
         REFUSED.retain(|_, until| *until > now);
         if REFUSED.len() >= REFUSED_MAX {
-            return false;
+            return;
         }
     }
-    REFUSED
-        .insert((rej.subject.key(), rej.window), rej.resets_at)
-        .is_none_or(|until| until <= now)
+    REFUSED.insert((rej.subject.key(), rej.window), rej.resets_at);
 }
 
 /// An operator reset `subject`'s spend on `window`: its cap is no longer reached.

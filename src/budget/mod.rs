@@ -86,15 +86,6 @@ pub struct Hold {
     pub alert: alerts::Thresholds,
 }
 
-impl Hold {
-    /// Whether going from `before` to `after` passes one of this hold's soft thresholds.
-    pub fn passes_soft(&self, before: Amount, after: Amount) -> bool {
-        let crossed = |soft: Option<u64>, b: u64, a: u64| soft.is_some_and(|s| b <= s && a > s);
-        crossed(self.soft_usd, before.pico, after.pico)
-            || crossed(self.soft_tokens, before.tokens, after.tokens)
-    }
-}
-
 impl Reservation {
     /// A new reservation of `worst` for `user`, holding `holds`.
     pub fn new(policy: &BudgetPolicy, user: &str, holds: Vec<Hold>, worst: Amount) -> Self {
